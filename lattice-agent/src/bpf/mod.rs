@@ -1,0 +1,388 @@
+//! Loads the eBPF interceptor, configures it, attaches it to a cgroup and
+//! (optionally) pins it, and exposes the original-destination map.
+
+mod checks;
+mod orig_dst_map;
+mod raw_link;
+
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, MapError, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, ProgramError,
+        links::{FdLink, PinnedLink},
+    },
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+use lattice_common::{Config, names};
+pub use orig_dst_map::OrigDstMap;
+
+/// The eBPF object built by build.rs from the lattice-ebpf crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lattice-ebpf"));
+
+/// aya-log's ring buffer; pinned with the other maps so a restarted agent
+/// still receives the log lines of programs it did not load itself.
+const AYA_LOGS: &str = "AYA_LOGS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("--cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+    #[error("--pin {path}: {reason}")]
+    PinDir { path: PathBuf, reason: String },
+    #[error("missing capability {capability}: {detail}")]
+    Capability {
+        capability: &'static str,
+        detail: String,
+    },
+    #[error("too many prefixes in --cidr: {count} {family} prefixes, at most {max}")]
+    TooManyPrefixes {
+        family: &'static str,
+        count: usize,
+        max: u32,
+    },
+    #[error("loading the eBPF object")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "attaching {name} to {cgroup} (the kernel needs CONFIG_CGROUP_BPF, Linux >= 5.8, and CAP_NET_ADMIN)"
+    )]
+    Attach {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning {path}: {detail}")]
+    Pin { path: PathBuf, detail: String },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+}
+
+/// What to intercept and where to send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptConfig {
+    pub cgroup: PathBuf,
+    pub v4_prefixes: Vec<Ipv4Net>,
+    pub v6_prefixes: Vec<Ipv6Net>,
+    pub proxy_port: u16,
+    pub exempt_uid: u32,
+    pub pin: Option<PathBuf>,
+}
+
+/// The attached interceptor. Dropping it detaches the programs, unless they
+/// are pinned: pinned interception outlives the agent and fails closed.
+pub struct Interceptor {
+    /// Owns the programs and their unpinned links.
+    ebpf: Ebpf,
+    /// Links found or created in the pin directory; held only for logging.
+    pinned: Vec<&'static str>,
+    orig_dst: std::sync::Arc<OrigDstMap>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Interceptor {
+    pub fn attach(cfg: &InterceptConfig) -> Result<Self, BpfError> {
+        checks::cgroup_v2_dir(&cfg.cgroup)?;
+        if let Some(dir) = &cfg.pin {
+            checks::bpffs_dir(dir)?;
+        }
+        checks::capabilities()?;
+        checks::raise_memlock_rlimit();
+
+        let mut ebpf = load(cfg)?;
+        write_config(&mut ebpf, cfg)?;
+        // Before attaching, so the first redirect's log line is not lost.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF logs unavailable");
+                None
+            }
+        };
+        let cgroup = File::open(&cfg.cgroup).map_err(|e| BpfError::Cgroup {
+            path: cfg.cgroup.clone(),
+            reason: e.to_string(),
+        })?;
+        let pinned = attach_all(&mut ebpf, &cgroup, cfg)?;
+
+        let peer_map = ebpf
+            .take_map(names::ORIG_DST_BY_PEER)
+            .ok_or(BpfError::MissingMap(names::ORIG_DST_BY_PEER))?;
+        let orig_dst = OrigDstMap::new(peer_map).map_err(|source| BpfError::Map {
+            name: names::ORIG_DST_BY_PEER,
+            source,
+        })?;
+        tracing::info!(
+            cgroup = %cfg.cgroup.display(),
+            proxy_port = cfg.proxy_port,
+            exempt_uid = cfg.exempt_uid,
+            v4 = ?cfg.v4_prefixes,
+            v6 = ?cfg.v6_prefixes,
+            pinned = ?cfg.pin,
+            "interceptor attached"
+        );
+        Ok(Self {
+            ebpf,
+            pinned,
+            orig_dst: std::sync::Arc::new(orig_dst),
+            logger,
+        })
+    }
+
+    /// Lookup of original destinations for the proxy.
+    pub fn orig_dst(&self) -> std::sync::Arc<OrigDstMap> {
+        self.orig_dst.clone()
+    }
+
+    /// The eBPF log reader, to be polled on the runtime (see `telemetry`).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
+    /// Detaches unpinned programs (pinned ones stay, by design).
+    pub fn detach(self) {
+        let Self { ebpf, pinned, .. } = self;
+        drop(ebpf);
+        if pinned.is_empty() {
+            tracing::info!("interceptor detached");
+        } else {
+            tracing::info!(links = ?pinned, "agent stopped; pinned interception stays attached");
+        }
+    }
+}
+
+fn load(cfg: &InterceptConfig) -> Result<Ebpf, BpfError> {
+    let mut loader = EbpfLoader::new();
+    let pin_paths: Vec<(&'static str, PathBuf)> = match &cfg.pin {
+        Some(dir) => names::PINNED_MAPS
+            .iter()
+            .chain(std::iter::once(&AYA_LOGS))
+            .map(|name| (*name, map_pin_path(dir, name)))
+            .collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &pin_paths {
+        // Reuses the map pinned there by an earlier agent, or creates and pins it.
+        loader.map_pin_path(name, path.as_path());
+    }
+    // Debug lines cost a ring-buffer write per connection: only emit them
+    // from the kernel when someone will read them.
+    let level: u8 = if tracing::enabled!(target: "lattice_ebpf", tracing::Level::DEBUG) {
+        4
+    } else {
+        3
+    };
+    loader.override_global("AYA_LOG_LEVEL", &level, false);
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+fn map_pin_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("map_{name}"))
+}
+
+fn link_pin_path(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("link_{program}"))
+}
+
+/// Writes the config entry and makes the prefix tries hold exactly the
+/// configured prefixes (pinned maps may hold a previous agent's set).
+fn write_config(ebpf: &mut Ebpf, cfg: &InterceptConfig) -> Result<(), BpfError> {
+    let map_err = |name| move |source| BpfError::Map { name, source };
+    let mut config: Array<_, Config> = ebpf
+        .map_mut(names::CONFIG)
+        .ok_or(BpfError::MissingMap(names::CONFIG))?
+        .try_into()
+        .map_err(map_err(names::CONFIG))?;
+    config
+        .set(
+            0,
+            Config {
+                proxy_port: cfg.proxy_port,
+                _pad: 0,
+                exempt_uid: cfg.exempt_uid,
+            },
+            0,
+        )
+        .map_err(map_err(names::CONFIG))?;
+
+    let v4: Vec<Key<[u8; 4]>> = cfg
+        .v4_prefixes
+        .iter()
+        .map(|n| Key::new(u32::from(n.prefix_len()), n.network().octets()))
+        .collect();
+    let v6: Vec<Key<[u8; 16]>> = cfg
+        .v6_prefixes
+        .iter()
+        .map(|n| Key::new(u32::from(n.prefix_len()), n.network().octets()))
+        .collect();
+    replace_prefixes(ebpf, names::V4_PREFIXES, &v4)?;
+    replace_prefixes(ebpf, names::V6_PREFIXES, &v6)
+}
+
+fn replace_prefixes<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    wanted: &[Key<[u8; N]>],
+) -> Result<(), BpfError>
+where
+    [u8; N]: aya::Pod,
+{
+    let map_err = |source| BpfError::Map { name, source };
+    let mut trie: LpmTrie<_, [u8; N], u8> = ebpf
+        .map_mut(name)
+        .ok_or(BpfError::MissingMap(name))?
+        .try_into()
+        .map_err(map_err)?;
+    if wanted.len() > lattice_common::PREFIX_CAPACITY as usize {
+        return Err(BpfError::TooManyPrefixes {
+            family: if N == 4 { "IPv4" } else { "IPv6" },
+            count: wanted.len(),
+            max: lattice_common::PREFIX_CAPACITY,
+        });
+    }
+    let existing: Vec<Key<[u8; N]>> = trie.keys().collect::<Result<_, _>>().map_err(map_err)?;
+    for key in existing {
+        let keep = wanted
+            .iter()
+            .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data());
+        if !keep {
+            trie.remove(&key).map_err(map_err)?;
+        }
+    }
+    for key in wanted {
+        trie.insert(key, 1, 0).map_err(map_err)?;
+    }
+    Ok(())
+}
+
+/// Loads and attaches every program. Returns the names of pinned links.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    cfg: &InterceptConfig,
+) -> Result<Vec<&'static str>, BpfError> {
+    let mut pinned = Vec::new();
+    for name in [
+        names::PROG_CONNECT4,
+        names::PROG_CONNECT6,
+        names::PROG_SOCK_OPS,
+        names::PROG_GETSOCKOPT,
+    ] {
+        let program = ebpf.program_mut(name).ok_or(BpfError::Program {
+            name,
+            source: ProgramError::UnexpectedProgramType,
+        })?;
+        let prog_err = |source| BpfError::Program { name, source };
+        let link_path = cfg.pin.as_deref().map(|dir| link_pin_path(dir, name));
+        if let Some(path) = &link_path
+            && path.exists()
+        {
+            // A previous agent's link: the program it holds stays attached
+            // and shares our (pinned) maps. Attaching again would run both.
+            PinnedLink::from_pin(path).map_err(|e| BpfError::Pin {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+            tracing::info!(program = name, path = %path.display(), "reusing pinned link");
+            pinned.push(name);
+            continue;
+        }
+        let attach_err = |source: ProgramError| BpfError::Attach {
+            name,
+            cgroup: cfg.cgroup.clone(),
+            source: std::io::Error::other(source),
+        };
+        match program {
+            aya::programs::Program::CgroupSockAddr(p) => {
+                p.load().map_err(prog_err)?;
+                let id = p
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(attach_err)?;
+                if let Some(path) = &link_path {
+                    let link: FdLink = p.take_link(id).map_err(prog_err)?.try_into().map_err(
+                        |e: aya::programs::links::LinkError| BpfError::Pin {
+                            path: path.clone(),
+                            detail: e.to_string(),
+                        },
+                    )?;
+                    pin_link(link, path)?;
+                }
+            }
+            aya::programs::Program::SockOps(p) => {
+                p.load().map_err(prog_err)?;
+                let id = p
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(attach_err)?;
+                if let Some(path) = &link_path {
+                    let link: FdLink = p.take_link(id).map_err(prog_err)?.try_into().map_err(
+                        |e: aya::programs::links::LinkError| BpfError::Pin {
+                            path: path.clone(),
+                            detail: e.to_string(),
+                        },
+                    )?;
+                    pin_link(link, path)?;
+                }
+            }
+            aya::programs::Program::CgroupSockopt(p) => {
+                p.load().map_err(prog_err)?;
+                match &link_path {
+                    Some(path) => {
+                        let prog_fd = p.fd().map_err(prog_err)?;
+                        raw_link::attach_and_pin(
+                            prog_fd.as_fd(),
+                            cgroup.as_fd(),
+                            raw_link::BPF_CGROUP_GETSOCKOPT,
+                            path,
+                        )
+                        .map_err(|source| BpfError::Attach {
+                            name,
+                            cgroup: cfg.cgroup.clone(),
+                            source,
+                        })?;
+                    }
+                    None => {
+                        p.attach(cgroup, CgroupAttachMode::Single)
+                            .map_err(attach_err)?;
+                    }
+                }
+            }
+            _ => {
+                return Err(BpfError::Program {
+                    name,
+                    source: ProgramError::UnexpectedProgramType,
+                });
+            }
+        }
+        if link_path.is_some() {
+            pinned.push(name);
+        }
+        tracing::debug!(program = name, "attached");
+    }
+    Ok(pinned)
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), BpfError> {
+    link.pin(path).map_err(|e| BpfError::Pin {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! lattice-agent: loads the cgroup eBPF interceptor and runs the transparent
+//! SigV4 signing proxy for Amazon VPC Lattice.
+//!
+//! Request path, top to bottom: accept → original destination (`orig_dst`)
+//! → credentials → sign → forward → respond (`proxy`).
+
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod mode;
+pub mod orig_dst;
+pub mod privilege;
+pub mod relay;
+pub mod telemetry;

@@ -1,0 +1,185 @@
+//! Map key and value types shared by the lattice eBPF programs and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields so the byte layout
+//! is identical on both sides and padding is always zeroed (hash map keys are
+//! compared bytewise by the kernel).
+#![no_std]
+
+/// Names of the maps and programs in the eBPF object; both sides use these.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const V4_PREFIXES: &str = "V4_PREFIXES";
+    pub const V6_PREFIXES: &str = "V6_PREFIXES";
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    pub const ORIG_DST_BY_PEER: &str = "ORIG_DST_BY_PEER";
+
+    pub const PROG_CONNECT4: &str = "lattice_connect4";
+    pub const PROG_CONNECT6: &str = "lattice_connect6";
+    pub const PROG_SOCK_OPS: &str = "lattice_sock_ops";
+    pub const PROG_GETSOCKOPT: &str = "lattice_getsockopt";
+
+    /// All maps the agent pins with `--pin`, in a stable order.
+    pub const PINNED_MAPS: [&str; 5] = [
+        CONFIG,
+        V4_PREFIXES,
+        V6_PREFIXES,
+        ORIG_DST_BY_COOKIE,
+        ORIG_DST_BY_PEER,
+    ];
+}
+
+/// Capacity of the original-destination maps. Both are LRU maps, so a burst of
+/// connections that are never accepted cannot grow them without bound.
+pub const ORIG_DST_CAPACITY: u32 = 65_536;
+/// Capacity of each prefix trie.
+pub const PREFIX_CAPACITY: u32 = 64;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Runtime configuration, the single entry of the `CONFIG` array map.
+///
+/// A map (rather than read-only globals) so a restarted agent can reconcile
+/// the configuration of programs it finds pinned without reattaching them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Loopback port of the signing proxy, host byte order. 0 = disabled.
+    pub proxy_port: u16,
+    pub _pad: u16,
+    /// Connections made by this UID (initial user namespace) are never redirected.
+    pub exempt_uid: u32,
+}
+
+/// An IP address and TCP port. IPv4 addresses are stored IPv4-mapped
+/// (`::ffff:a.b.c.d`) so one key type serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    /// Address bytes in network order.
+    pub addr: [u8; 16],
+    /// Port, host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`: the family the application used.
+    pub family: u16,
+}
+
+impl SockAddr {
+    pub const fn v4(addr: [u8; 4], port: u16) -> Self {
+        Self {
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+            ],
+            port,
+            family: AF_INET,
+        }
+    }
+
+    pub const fn v6(addr: [u8; 16], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            family: AF_INET6,
+        }
+    }
+
+    /// The key under which a client's address is stored: family-independent,
+    /// so a v4 client seen by a dual-stack listener matches too.
+    pub const fn peer_key(mut self) -> Self {
+        if is_v4_mapped(&self.addr) {
+            self.family = AF_INET;
+        } else {
+            self.family = AF_INET6;
+        }
+        self
+    }
+}
+
+impl From<core::net::SocketAddr> for SockAddr {
+    fn from(sa: core::net::SocketAddr) -> Self {
+        match sa {
+            core::net::SocketAddr::V4(v4) => Self::v4(v4.ip().octets(), v4.port()),
+            core::net::SocketAddr::V6(v6) => Self::v6(v6.ip().octets(), v6.port()),
+        }
+    }
+}
+
+impl SockAddr {
+    /// The address as the application named it: IPv4 when it was an IPv4
+    /// (or IPv4-mapped) destination, IPv6 otherwise.
+    pub fn to_socket_addr(&self) -> core::net::SocketAddr {
+        let ip6 = core::net::Ipv6Addr::from(self.addr);
+        match ip6.to_ipv4_mapped() {
+            Some(v4) => core::net::SocketAddr::new(v4.into(), self.port),
+            None => core::net::SocketAddr::new(ip6.into(), self.port),
+        }
+    }
+}
+
+/// True for `::ffff:a.b.c.d`.
+pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, repr(C), every bit pattern valid, padding explicit.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SockAddr {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_is_stored_mapped() {
+        let a = SockAddr::v4([169, 254, 171, 33], 80);
+        assert!(is_v4_mapped(&a.addr));
+        assert_eq!(&a.addr[12..], &[169, 254, 171, 33]);
+        assert_eq!(a.family, AF_INET);
+    }
+
+    #[test]
+    fn peer_key_ignores_socket_family() {
+        let mut from_v6_socket = SockAddr::v4([127, 0, 0, 1], 40000);
+        from_v6_socket.family = AF_INET6;
+        assert_eq!(
+            from_v6_socket.peer_key(),
+            SockAddr::v4([127, 0, 0, 1], 40000).peer_key()
+        );
+        let v6 = SockAddr::v6([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 1);
+        assert_eq!(v6.peer_key().family, AF_INET6);
+    }
+
+    #[test]
+    fn socket_addr_round_trip() {
+        let v4: core::net::SocketAddr = "169.254.171.33:80".parse().unwrap();
+        assert_eq!(SockAddr::from(v4).to_socket_addr(), v4);
+        let v6: core::net::SocketAddr = "[fd00:ec2:80::33]:443".parse().unwrap();
+        assert_eq!(SockAddr::from(v6).to_socket_addr(), v6);
+        let mapped: core::net::SocketAddr = "[::ffff:169.254.171.33]:80".parse().unwrap();
+        assert_eq!(SockAddr::from(mapped).to_socket_addr(), v4);
+        assert_eq!(
+            SockAddr::from(mapped).peer_key(),
+            SockAddr::from(v4).peer_key()
+        );
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<SockAddr>(), 20);
+        assert_eq!(core::mem::size_of::<Config>(), 8);
+    }
+}
