@@ -1,0 +1,130 @@
+//! `cargo xtask <command>`: the project's tasks (the alias is in
+//! .cargo/config.toml). Every command first runs `setup`, so one command on
+//! a fresh machine is enough.
+
+mod cmd;
+mod demo;
+mod ebpf;
+mod image;
+mod setup;
+mod test;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "lattice project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Make this machine ready to build and test: nightly rust-src,
+    /// bpf-linker, Debian packages, the Python test venv.
+    Setup,
+    /// Build only the eBPF object and print its path.
+    BuildEbpf {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: cargo fmt --check, clippy -D warnings, cargo test.
+    Test {
+        /// Passed to `cargo test` after its own arguments, e.g. a test name
+        /// filter, or `-- --nocapture`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the end-to-end demo on this machine.
+    Demo,
+    /// Build the lattice-agent OCI image into <target>/image/.
+    Image,
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse().command) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    let ws = Workspace::locate()?;
+    let ready = setup::run(&ws)?;
+    match task {
+        Task::Setup => Ok(()),
+        Task::BuildEbpf { release } => {
+            let object = ebpf::build(&ws, &ready, release)?;
+            println!("{}", object.display());
+            Ok(())
+        }
+        Task::Test { args } => test::run(&ws, &ready, &args),
+        Task::Demo => demo::run(&ws, &ready),
+        Task::Image => {
+            image::build_image(&ws.root, &ws.target_dir)?;
+            Ok(())
+        }
+    }
+}
+
+/// Where things are; computed once so every step agrees.
+pub struct Workspace {
+    /// The repository root (the workspace Cargo.toml).
+    pub root: PathBuf,
+    /// cargo's target dir: CARGO_TARGET_DIR if set, else `<root>/target`.
+    pub target_dir: PathBuf,
+    /// CARGO_HOME, else ~/.cargo: bpf-linker is cached and linked there.
+    pub cargo_home: PathBuf,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        // xtask/ sits directly in the workspace root.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask has no parent directory")?
+            .to_path_buf();
+        let cwd = env::current_dir().context("reading the current directory")?;
+        // cargo resolves a relative CARGO_TARGET_DIR against the current dir.
+        let target_dir = env::var_os("CARGO_TARGET_DIR")
+            .filter(|dir| !dir.is_empty())
+            .map_or_else(|| root.join("target"), |dir| cwd.join(dir));
+        let cargo_home = match env::var_os("CARGO_HOME").filter(|dir| !dir.is_empty()) {
+            Some(dir) => cwd.join(dir),
+            None => env::home_dir()
+                .context("neither CARGO_HOME nor HOME is set")?
+                .join(".cargo"),
+        };
+        Ok(Self {
+            root,
+            target_dir,
+            cargo_home,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Task};
+
+    /// Everything after the first `--` reaches `cargo test` verbatim,
+    /// including a second `--` for the test harness.
+    #[test]
+    fn test_args_pass_through() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "filter", "--", "--nocapture"])
+            .expect("parses");
+        let Task::Test { args } = cli.command else {
+            panic!("not the test task");
+        };
+        assert_eq!(args, ["filter", "--", "--nocapture"]);
+    }
+}

@@ -1,0 +1,69 @@
+//! `cargo xtask test`: every check CI runs, in order. All steps run even
+//! after a failure (a formatting slip should not hide a failing test), and
+//! the summary names each step that failed.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::{Workspace, cmd, setup::Ready};
+
+/// On the host the eBPF crate fails with "duplicate lang item"; it is
+/// checked by the nested bpfel build in lattice-agent's build.rs instead.
+const HOST_EXCLUDE: [&str; 2] = ["--exclude", "lattice-ebpf"];
+
+struct Step {
+    name: &'static str,
+    args: Vec<String>,
+}
+
+pub fn run(ws: &Workspace, ready: &Ready, test_args: &[String]) -> Result<()> {
+    let mut failed = Vec::new();
+    for step in steps(test_args) {
+        eprintln!("==> {}", step.name);
+        if let Err(err) = run_step(ws, ready, &step) {
+            eprintln!("==> {} FAILED: {err:#}", step.name);
+            failed.push(step.name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("failed step(s): {}", failed.join(", "));
+    }
+    eprintln!("==> all steps passed");
+    Ok(())
+}
+
+fn steps(test_args: &[String]) -> Vec<Step> {
+    let strings = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let mut clippy = strings(&["clippy", "--workspace", "--all-targets"]);
+    clippy.extend(strings(&HOST_EXCLUDE));
+    clippy.extend(strings(&["--", "-D", "warnings"]));
+    let mut test = strings(&["test", "--workspace", "--no-fail-fast"]);
+    test.extend(strings(&HOST_EXCLUDE));
+    test.extend(test_args.iter().cloned());
+    vec![
+        Step {
+            name: "fmt",
+            args: strings(&["fmt", "--all", "--check"]),
+        },
+        Step {
+            name: "clippy",
+            args: clippy,
+        },
+        Step {
+            name: "test",
+            args: test,
+        },
+    ]
+}
+
+/// One cargo invocation from the workspace root, with bpf-linker on PATH
+/// (lattice-agent's build.rs needs it) and the venv for the test servers.
+fn run_step(ws: &Workspace, ready: &Ready, step: &Step) -> Result<()> {
+    let mut cargo = Command::new("cargo");
+    cmd::without_cargo_run_env(&mut cargo)
+        .current_dir(&ws.root)
+        .args(&step.args);
+    ready.apply(&mut cargo)?;
+    cmd::run(&mut cargo)
+}
