@@ -1,0 +1,105 @@
+//! Running `lattice-agent run` inside a pod.
+
+use std::{ffi::OsStr, path::PathBuf, process::ExitStatus, time::Duration};
+
+use crate::{
+    pod::{Pod, sibling_of_test_dir},
+    spawn::{ChildGuard, PodCommand, Stream},
+};
+
+/// How long the agent may take to load, attach and bind.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long it may take to detach and exit on SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The line the agent logs once it serves.
+pub const READY_LINE: &str = "lattice-agent ready";
+
+/// The lattice-agent binary: `$LATTICE_AGENT_BIN`, else the one cargo built
+/// next to the tests (target/debug/lattice-agent).
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("LATTICE_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| sibling_of_test_dir("lattice-agent"));
+    assert!(
+        path.is_file(),
+        "lattice-agent binary {} missing: build it: cargo build -p lattice-agent \
+         (or set LATTICE_AGENT_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// `lattice-agent run --cgroup <pod cgroup> ARGS...`, placed inside the pod
+/// netns (its proxy listens on the pod's loopback), outside the cgroup, as
+/// root (it switches to the exempt UID itself after attaching).
+pub fn agent_command<I, S>(pod: &Pod, args: I) -> PodCommand
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    pod.command(agent_bin())
+        .in_cgroup(false)
+        .arg("run")
+        .arg("--cgroup")
+        .arg(pod.cgroup_path())
+        .args(args)
+}
+
+/// A running agent. Its stderr is kept for assertions (and printed if the
+/// test fails); dropping it kills the agent if still running.
+pub struct Agent {
+    child: ChildGuard,
+}
+
+impl Agent {
+    /// Starts `lattice-agent run --cgroup <pod cgroup> ARGS...` and waits
+    /// for it to be ready.
+    pub fn start<I, S>(pod: &Pod, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Self::spawn(&agent_command(pod, args))
+    }
+
+    /// Starts an agent placed as `cmd` says and waits for it to be ready.
+    pub fn spawn(cmd: &PodCommand) -> Self {
+        let mut child = cmd.spawn();
+        child.wait_for(Stream::Stderr, READY_LINE, READY_TIMEOUT);
+        Self { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.pid()
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> String {
+        self.child.stderr()
+    }
+
+    /// SIGTERM, then waits for the exit; panics (with the log) if it does
+    /// not exit within [`STOP_TIMEOUT`].
+    pub fn stop(&mut self) -> ExitStatus {
+        self.child.signal(libc::SIGTERM);
+        match self.child.wait_timeout(STOP_TIMEOUT) {
+            Some(status) => {
+                // Collects the last log lines (the pipe is drained to EOF).
+                self.child.output(status);
+                status
+            }
+            None => {
+                self.child.kill();
+                panic!(
+                    "agent ignored SIGTERM for {STOP_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// SIGKILL (a crash: no cleanup runs in the agent).
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill()
+    }
+}

@@ -1,0 +1,177 @@
+//! An application in a test pod: connects where it is told and prints what
+//! it got, so tests can tell where a connection really ended up.
+//!
+//! Usage:
+//!   lattice-test-client tcp ADDR:PORT          connect, read to EOF, print it
+//!   lattice-test-client tcp-mapped A.B.C.D:PORT  same, AF_INET6 socket to ::ffff:A.B.C.D
+//!   lattice-test-client udp ADDR:PORT          send "ping", print the reply (2 s)
+//!   lattice-test-client many ADDR:PORT N       N sequential connections
+//!
+//! `tcp` also prints `client local=<addr> peer=<addr>` to stderr.
+//! Connect errors print `error: <ErrorKind>: <message>` and exit 2.
+//!
+//! Safety net: it refuses (exit 3) to send anything to an address that is
+//! neither loopback nor one of the current network namespace's own
+//! addresses. Every test destination is on the pod netns' `lo`; run by
+//! mistake in the host namespace, a Lattice address would leave the machine.
+
+use std::{
+    io::Read,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["tcp", addr] => with_addr(addr, |a| tcp_once(a, false)),
+        ["tcp-mapped", addr] => with_addr(addr, |a| tcp_once(a, true)),
+        ["udp", addr] => with_addr(addr, udp),
+        ["many", addr, n] => match n.parse() {
+            Ok(n) => with_addr(addr, |a| many(a, n)),
+            Err(_) => usage(),
+        },
+        _ => usage(),
+    }
+}
+
+fn usage() -> ExitCode {
+    eprintln!("usage: lattice-test-client tcp|tcp-mapped|udp ADDR:PORT | many ADDR:PORT N");
+    ExitCode::from(64)
+}
+
+fn with_addr(addr: &str, f: impl FnOnce(SocketAddr) -> ExitCode) -> ExitCode {
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        eprintln!("bad address {addr:?}");
+        return ExitCode::from(64);
+    };
+    if !addr.ip().is_loopback() && !is_local_address(addr.ip()) {
+        println!("error: refusing to connect to {addr}: not an address of this network namespace");
+        return ExitCode::from(3);
+    }
+    f(addr)
+}
+
+/// True when `ip` is assigned in this network namespace, so traffic to it
+/// (redirected or not) stays on the machine. Binding to an address succeeds
+/// only for local ones, unless ip_nonlocal_bind is on: then we cannot tell,
+/// and refusing is the safe answer. (Binding sends nothing.)
+fn is_local_address(ip: IpAddr) -> bool {
+    let sysctl = match ip {
+        IpAddr::V4(_) => "/proc/sys/net/ipv4/ip_nonlocal_bind",
+        IpAddr::V6(_) => "/proc/sys/net/ipv6/ip_nonlocal_bind",
+    };
+    let nonlocal_bind = std::fs::read_to_string(sysctl).map_or(true, |v| v.trim() != "0");
+    !nonlocal_bind && UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+fn connect(addr: SocketAddr, mapped: bool) -> std::io::Result<TcpStream> {
+    let target = match (addr, mapped) {
+        // std opens an AF_INET6 socket for a V6 address: that is the point.
+        (SocketAddr::V4(v4), true) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        (a, _) => a,
+    };
+    let stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+fn read_all(addr: SocketAddr, mapped: bool, verbose: bool) -> std::io::Result<String> {
+    let mut stream = connect(addr, mapped)?;
+    if verbose {
+        // Lets a test match this connection with what the service saw: a
+        // different port there means something (the relay) sat in between.
+        if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
+            eprintln!("client local={local} peer={peer}");
+        }
+    }
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn tcp_once(addr: SocketAddr, mapped: bool) -> ExitCode {
+    if mapped && !matches!(addr, SocketAddr::V4(_)) {
+        eprintln!("tcp-mapped takes an IPv4 address");
+        return ExitCode::from(64);
+    }
+    match read_all(addr, mapped, true) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error: {:?}: {e}", e.kind());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn udp(addr: SocketAddr) -> ExitCode {
+    let local: SocketAddr = match addr.ip() {
+        IpAddr::V4(_) => SocketAddrV4::new([0, 0, 0, 0].into(), 0).into(),
+        IpAddr::V6(_) => SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0).into(),
+    };
+    let result = (|| {
+        let socket = UdpSocket::bind(local)?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send(b"ping")?;
+        let mut buf = [0u8; 2048];
+        let n = socket.recv(&mut buf)?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })();
+    match result {
+        Ok(reply) => {
+            println!("{reply}");
+            ExitCode::SUCCESS
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            println!("error: timeout");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            println!("error: {:?}: {e}", e.kind());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn many(addr: SocketAddr, n: usize) -> ExitCode {
+    let mut ok = 0usize;
+    let mut failed = 0usize;
+    let mut first_error = None;
+    for _ in 0..n {
+        match read_all(addr, false, false) {
+            Ok(text) if !text.is_empty() => ok += 1,
+            Ok(_) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| "empty reply".to_owned());
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{:?}: {e}", e.kind()));
+            }
+        }
+    }
+    println!("ok={ok} failed={failed}");
+    if let Some(e) = first_error {
+        println!("first error: {e}");
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

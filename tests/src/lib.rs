@@ -1,0 +1,56 @@
+//! Test fixtures for lattice's integration tests against the real kernel.
+//!
+//! The central piece is [`Pod`]: a network namespace plus a cgroup v2
+//! directory of the test's own, standing in for a Kubernetes pod. Test
+//! traffic only ever goes to loopback or to addresses on the pod netns'
+//! `lo`, so nothing can leave the machine. Everything created here has a
+//! unique name (`lat-<pid>-<n>`) and is removed by an RAII guard, also when
+//! the test panics; several test runs may share the machine.
+//!
+//! Modules, one job each:
+//! - [`netns`]: the network namespace (`ip netns add/del`) and its addresses;
+//! - [`cgroup`]: finding the cgroup2 mount, a test cgroup directory;
+//! - [`spawn`]: starting processes inside a pod (netns, cgroup, UID), guards;
+//! - [`pod`]: the pod fixture tying these together, plus the test binaries;
+//! - [`agent`]: running `lattice-agent` in a pod;
+//! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
+//! - [`bpffs`]: a private bpffs mount for `--pin`.
+
+pub mod agent;
+pub mod bpffs;
+pub mod bpftool;
+pub mod cgroup;
+pub mod netns;
+pub mod pod;
+pub mod spawn;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use agent::{Agent, agent_bin};
+pub use bpffs::Bpffs;
+pub use pod::{Pod, test_bin};
+pub use spawn::{ChildGuard, Output, PodCommand};
+
+/// A name nothing else on the machine uses: `lat-<pid>-<n>`, with a counter
+/// shared by every fixture of this process (tests run in parallel threads).
+pub fn unique_name() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "lat-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// True when a privileged test may run. Without root it is skipped loudly,
+/// except under `CI=true`, where a skip would hide a broken setup: it panics.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: privileged tests must not be skipped under CI (run as root)");
+    }
+    eprintln!("\n*** SKIPPED (needs root): {test} ***\n");
+    false
+}

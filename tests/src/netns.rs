@@ -1,0 +1,142 @@
+//! A network namespace of the test's own, created with `ip netns add` so it
+//! has a path (/run/netns/NAME) other tools and `setns` can use.
+//!
+//! Commands run inside it with `nsenter --net=PATH`, not `ip netns exec`:
+//! the latter remounts /sys and hides the cgroup2 mount.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+pub struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Creates the namespace and brings its `lo` up.
+    pub fn new(name: &str) -> Self {
+        run(Command::new("ip").args(["netns", "add", name]));
+        // The guard exists from here on, so a failure below still cleans up.
+        let ns = Self {
+            name: name.to_owned(),
+            path: PathBuf::from("/run/netns").join(name),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Runs a command inside the namespace and panics if it fails.
+    pub fn exec(&self, argv: &[&str]) {
+        run(Command::new("nsenter")
+            .arg(format!("--net={}", self.path.display()))
+            .arg("--")
+            .args(argv));
+    }
+
+    /// Adds an address on the namespace's `lo` (no dummy links on this
+    /// kernel; `lo` also guarantees the traffic stays inside). IPv6
+    /// addresses get `nodad` so they are usable at once.
+    pub fn add_lo_addr(&self, cidr: &str) {
+        let mut argv = vec!["ip", "addr", "add", cidr, "dev", "lo"];
+        if cidr.contains(':') {
+            argv.push("nodad");
+        }
+        self.exec(&argv);
+    }
+
+    /// A TCP listener bound inside the namespace, usable from any thread.
+    /// Bound on a short-lived helper thread because setns affects only the
+    /// calling thread, and the test thread must stay in the host namespace.
+    pub fn listen_tcp(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let ns = File::open(&self.path)?;
+        std::thread::spawn(move || {
+            // SAFETY: setns on a valid namespace fd; affects this thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpListener::bind(addr)
+        })
+        .join()
+        .expect("listener thread panicked")
+    }
+
+    /// PIDs of processes still inside the namespace (`ip netns pids`).
+    fn pids(&self) -> Vec<i32> {
+        Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Anything still running in the namespace was started by this test
+        // (the name is unique): kill it, so the namespace really goes away
+        // instead of living on, unnamed, with a process inside.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "lattice-tests: netns {}: processes {pids:?} survive SIGKILL",
+                    self.name
+                );
+                break;
+            }
+            for pid in pids {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "lattice-tests: ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("lattice-tests: ip netns del {}: {e}", self.name),
+        }
+    }
+}
+
+/// Runs a setup command, panicking with its stderr if it fails.
+pub(crate) fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
