@@ -1,6 +1,6 @@
 //! Command line. Every flag can also be set from a `LATTICE_…` env var.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -21,10 +21,31 @@ pub struct Cli {
 pub enum Command {
     /// Attach the interceptor to a cgroup and serve the signing proxy.
     Run(RunArgs),
+    /// Kubernetes sidecar: find this pod's cgroup, then behave as `run`.
+    Sidecar(SidecarArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// cgroup v2 directory whose processes are intercepted (e.g. the pod's cgroup).
+    #[arg(long, env = "LATTICE_CGROUP")]
+    pub cgroup: PathBuf,
+    #[command(flatten)]
+    pub intercept: InterceptArgs,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SidecarArgs {
+    /// UID of this pod (downward API `metadata.uid`).
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: String,
+
+    /// Where the node's cgroup v2 tree is mounted in this container (a
+    /// hostPath mount of /sys/fs/cgroup).
+    #[arg(long, env = "LATTICE_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
     #[command(flatten)]
     pub intercept: InterceptArgs,
     #[command(flatten)]
@@ -33,10 +54,6 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct InterceptArgs {
-    /// cgroup v2 directory whose processes are intercepted (e.g. the pod's cgroup).
-    #[arg(long, env = "LATTICE_CGROUP")]
-    pub cgroup: PathBuf,
-
     /// Destination prefix to intercept, IPv4 or IPv6; repeat for several.
     /// Defaults to the VPC Lattice ranges 169.254.171.0/24 and fd00:ec2:80::/64.
     #[arg(
@@ -77,8 +94,79 @@ pub struct InterceptArgs {
 }
 
 /// Signing-proxy flags.
-#[derive(Debug, Args)]
-pub struct ProxyArgs {}
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// SigV4 service name to sign for.
+    #[arg(long, env = "LATTICE_SERVICE", default_value = "vpc-lattice-svcs")]
+    pub service: String,
+
+    /// Region to sign for; defaults to AWS_REGION / the AWS config's region.
+    #[arg(long, env = "LATTICE_REGION")]
+    pub region: Option<String>,
+
+    /// Sign with SigV4A (ECDSA, region set `*`) instead of SigV4.
+    #[arg(long, env = "LATTICE_SIGV4A")]
+    pub sigv4a: bool,
+
+    /// Assume this IAM role (STS AssumeRole) on top of the default credential chain.
+    #[arg(long, env = "LATTICE_ROLE_ARN")]
+    pub role_arn: Option<String>,
+
+    /// Session name for --role-arn.
+    #[arg(
+        long,
+        env = "LATTICE_ROLE_SESSION_NAME",
+        default_value = "lattice-agent"
+    )]
+    pub role_session_name: String,
+
+    /// Sign the body's SHA-256 instead of UNSIGNED-PAYLOAD. Buffers each
+    /// request body, up to --max-signed-body (larger ones get 413).
+    #[arg(long, env = "LATTICE_SIGN_PAYLOAD")]
+    pub sign_payload: bool,
+
+    /// Largest body buffered under --sign-payload (bytes; KiB/MiB/GiB suffixes allowed).
+    #[arg(long, env = "LATTICE_MAX_SIGNED_BODY", default_value = "10MiB", value_parser = crate::proxy::units::parse_bytes)]
+    pub max_signed_body: u64,
+
+    /// Connect to the original destination with TLS; SNI and the certificate
+    /// name come from the request's Host.
+    #[arg(long, env = "LATTICE_UPSTREAM_TLS")]
+    pub upstream_tls: bool,
+
+    /// Extra PEM CA certificates trusted for --upstream-tls (besides the webpki roots).
+    #[arg(long, env = "LATTICE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Upper bound on connecting (and TLS handshake) to the original destination.
+    #[arg(long, env = "LATTICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::proxy::units::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Upper bound from forwarding a request to its response headers (0 = none).
+    #[arg(long, env = "LATTICE_REQUEST_TIMEOUT", default_value = "60s", value_parser = crate::proxy::units::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Close client and pooled upstream connections idle this long.
+    #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::proxy::units::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On shutdown, how long in-flight requests may take to finish.
+    #[arg(long, env = "LATTICE_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::proxy::units::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    #[arg(long, env = "LATTICE_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = crate::proxy::units::parse_bytes)]
+    pub max_header_bytes: u64,
+
+    /// Log each canonical request and string-to-sign (signature, security
+    /// token and Authorization redacted).
+    #[arg(long, env = "LATTICE_LOG_SIGNING")]
+    pub log_signing: bool,
+
+    /// Address of the admin server: /healthz, /readyz, /metrics.
+    #[arg(long, env = "LATTICE_ADMIN_ADDR", default_value = "127.0.0.1:15090")]
+    pub admin_addr: std::net::SocketAddr,
+}
 
 #[derive(Debug, Args)]
 pub struct TelemetryArgs {

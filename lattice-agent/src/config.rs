@@ -2,7 +2,12 @@
 
 use ipnet::IpNet;
 
-use crate::{bpf::InterceptConfig, cli::RunArgs};
+use std::path::PathBuf;
+
+use crate::{
+    bpf::InterceptConfig,
+    cli::{InterceptArgs, ProxyArgs},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -13,6 +18,9 @@ pub enum ConfigError {
 #[derive(Debug)]
 pub struct RunConfig {
     pub intercept: InterceptConfig,
+    /// Signing-proxy flags; resolved into `ProxyConfig` once the credential
+    /// chain has told us the region.
+    pub proxy: ProxyArgs,
     /// Attach only; a proxy of the user's own serves the port.
     pub intercept_only: bool,
     /// Skip the switch to the exempt UID (tests that need root afterwards).
@@ -20,8 +28,8 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
-        let i = &args.intercept;
+    /// `cgroup` comes from `run --cgroup` or from the sidecar's discovery.
+    pub fn new(cgroup: PathBuf, i: &InterceptArgs, proxy: &ProxyArgs) -> Result<Self, ConfigError> {
         if i.cidrs.is_empty() {
             return Err(ConfigError::NoPrefixes);
         }
@@ -37,13 +45,14 @@ impl RunConfig {
         }
         Ok(Self {
             intercept: InterceptConfig {
-                cgroup: i.cgroup.clone(),
+                cgroup,
                 v4_prefixes,
                 v6_prefixes,
                 proxy_port: i.proxy_port,
                 exempt_uid: i.exempt_uid,
                 pin: i.pin.clone(),
             },
+            proxy: proxy.clone(),
             intercept_only: i.intercept_only,
             keep_privileges: i.keep_privileges,
         })
@@ -59,8 +68,10 @@ mod tests {
 
     fn run_config(args: &[&str]) -> RunConfig {
         let cli = Cli::try_parse_from(args).expect("parses");
-        let Command::Run(run) = cli.command;
-        RunConfig::from_args(&run).expect("valid")
+        let Command::Run(run) = cli.command else {
+            panic!("not `run`")
+        };
+        RunConfig::new(run.cgroup, &run.intercept, &run.proxy).expect("valid")
     }
 
     #[test]

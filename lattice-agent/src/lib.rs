@@ -4,11 +4,16 @@
 //! Request path, top to bottom: accept → original destination (`orig_dst`)
 //! → credentials → sign → forward → respond (`proxy`).
 
+pub mod admin;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+pub mod credentials;
+pub mod metrics;
 pub mod mode;
 pub mod orig_dst;
+pub mod pod_cgroup;
 pub mod privilege;
-pub mod relay;
+pub mod proxy;
+pub mod sign;
 pub mod telemetry;

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     }
     let result = match &cli.command {
         Command::Run(args) => mode::run(args),
+        Command::Sidecar(args) => mode::sidecar(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,5 @@
-//! `run`: bind the proxy's listeners, attach the interceptor, drop
-//! privileges, serve until SIGTERM/SIGINT, detach.
+//! `run` and `sidecar`: bind the proxy's listeners, attach the
+//! interceptor, drop privileges, serve until SIGTERM/SIGINT, drain, detach.
 
 use std::{
     io,
@@ -9,7 +9,20 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{bpf::Interceptor, cli::RunArgs, config::RunConfig, privilege, relay, telemetry};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin,
+    bpf::Interceptor,
+    cli::{RunArgs, SidecarArgs},
+    config::RunConfig,
+    credentials::{self, CredentialsCache, CredentialsConfig},
+    metrics::Metrics,
+    orig_dst::OriginalDestination,
+    pod_cgroup, privilege,
+    proxy::{self, ProxyConfig},
+    telemetry,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -24,14 +37,38 @@ pub enum ListenError {
     },
 }
 
+/// `run`: the interceptor on `--cgroup`.
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let cfg = RunConfig::from_args(args)?;
+    serve(RunConfig::new(
+        args.cgroup.clone(),
+        &args.intercept,
+        &args.proxy,
+    )?)
+}
+
+/// `sidecar`: the interceptor on this pod's own cgroup.
+pub fn sidecar(args: &SidecarArgs) -> anyhow::Result<()> {
+    let cgroup = pod_cgroup::find_own_pod_cgroup(&args.cgroup_root, &args.pod_uid)?;
+    tracing::info!(cgroup = %cgroup.display(), pod_uid = %args.pod_uid, "found the pod's cgroup");
+    serve(RunConfig::new(cgroup, &args.intercept, &args.proxy)?)
+}
+
+/// Binds, attaches, drops privileges, then serves until SIGTERM/SIGINT:
+/// stop accepting, drain, detach.
+fn serve(cfg: RunConfig) -> anyhow::Result<()> {
     // Bind before attaching: interception without a listener would make
-    // every Lattice connection fail.
-    let listeners = if cfg.intercept_only {
-        Vec::new()
+    // every Lattice connection fail. Binding while still privileged also
+    // lets --admin-addr use a low port.
+    let (listeners, admin) = if cfg.intercept_only {
+        (Vec::new(), None)
     } else {
-        bind_loopback(cfg.intercept.proxy_port)?
+        let admin = std::net::TcpListener::bind(cfg.proxy.admin_addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| admin::AdminBindError {
+                addr: cfg.proxy.admin_addr,
+                source,
+            })?;
+        (bind_loopback(cfg.intercept.proxy_port)?, Some(admin))
     };
     let mut interceptor = Interceptor::attach(&cfg.intercept)?;
     let logger = interceptor.take_logger();
@@ -44,29 +81,83 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let orig_dst = interceptor.orig_dst();
+    let served = runtime.block_on(async {
         if let Some(logger) = logger {
             telemetry::spawn_ebpf_log_forwarder(logger);
         }
-        let listeners = listeners
-            .into_iter()
-            .map(tokio::net::TcpListener::from_std)
-            .collect::<io::Result<Vec<_>>>()
-            .context("registering listeners")?;
-        let orig_dst: Arc<dyn crate::orig_dst::OriginalDestination> = interceptor.orig_dst();
-        let serving = tokio::spawn(relay::serve(listeners, orig_dst));
-        tracing::info!(
-            proxy_port = cfg.intercept.proxy_port,
-            intercept_only = cfg.intercept_only,
-            "lattice-agent ready"
-        );
-        let signal = shutdown_signal().await?;
-        tracing::info!(signal, "shutting down");
-        serving.abort();
-        anyhow::Ok(())
-    })?;
+        match admin {
+            None => {
+                tracing::info!(
+                    proxy_port = cfg.intercept.proxy_port,
+                    "lattice-agent ready (intercept only)"
+                );
+                let signal = shutdown_signal().await?;
+                tracing::info!(signal, "shutting down");
+                Ok(())
+            }
+            Some(admin) => serve_proxy(&cfg, listeners, admin, orig_dst).await,
+        }
+    });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     interceptor.detach();
+    served
+}
+
+/// The signing proxy and the admin server, until a signal and the drain.
+async fn serve_proxy(
+    cfg: &RunConfig,
+    listeners: Vec<std::net::TcpListener>,
+    admin: std::net::TcpListener,
+    orig_dst: Arc<dyn OriginalDestination>,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let aws = credentials::default_chain(&CredentialsConfig {
+        region: cfg.proxy.region.clone(),
+        role_arn: cfg.proxy.role_arn.clone(),
+        role_session_name: Some(cfg.proxy.role_session_name.clone()),
+    })
+    .await;
+    let proxy_cfg = Arc::new(ProxyConfig::from_args(&cfg.proxy, aws.region)?);
+    let creds = CredentialsCache::spawn(aws.provider, Arc::clone(&metrics), shutdown.clone());
+
+    let readiness = Arc::new(admin::Readiness::new(Arc::clone(&creds)));
+    readiness.set_attached(true);
+    let admin = tokio::net::TcpListener::from_std(admin).context("registering --admin-addr")?;
+    let admin_task = tokio::spawn(admin::serve(
+        admin,
+        Arc::clone(&readiness),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
+
+    let listeners = listeners
+        .into_iter()
+        .map(tokio::net::TcpListener::from_std)
+        .collect::<io::Result<Vec<_>>>()
+        .context("registering listeners")?;
+    let proxy = tokio::spawn(proxy::serve(
+        proxy_cfg,
+        listeners,
+        orig_dst,
+        creds,
+        metrics,
+        shutdown.clone(),
+    ));
+    readiness.set_listening(true);
+    tracing::info!(
+        proxy_port = cfg.intercept.proxy_port,
+        admin_addr = %cfg.proxy.admin_addr,
+        "lattice-agent ready"
+    );
+
+    let signal = shutdown_signal().await?;
+    tracing::info!(signal, "shutting down: draining in-flight requests");
+    readiness.set_listening(false);
+    shutdown.cancel();
+    proxy.await.context("proxy task")??;
+    admin_task.await.context("admin task")?;
     Ok(())
 }
 

@@ -66,10 +66,14 @@ pub struct SockAddr {
 
 impl SockAddr {
     pub const fn v4(addr: [u8; 4], port: u16) -> Self {
+        // `::ffff:a.b.c.d` built from one integer, not a byte array literal:
+        // the literal's ten zero bytes compile to a call to aya-ebpf's
+        // `memset` loop, whose variable-offset stack stores the verifier only
+        // accepts with CAP_PERFMON. This way CAP_BPF + CAP_NET_ADMIN suffice
+        // (tests/tests/least_privilege.rs guards it).
+        let mapped = (0xffff_u128 << 32) | u32::from_be_bytes(addr) as u128;
         Self {
-            addr: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
-            ],
+            addr: mapped.to_be_bytes(),
             port,
             family: AF_INET,
         }

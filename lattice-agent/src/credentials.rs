@@ -1,0 +1,314 @@
+//! AWS credentials: the aws-config default chain (env, profile, IRSA web
+//! identity, container credentials / EKS Pod Identity, IMDSv2), optionally
+//! with `--role-arn` AssumeRole on top, cached and refreshed in the
+//! background ahead of expiry. Requests only ever read the cache.
+
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use aws_config::{BehaviorVersion, sts::AssumeRoleProvider};
+use aws_credential_types::{
+    Credentials,
+    provider::{ProvideCredentials, SharedCredentialsProvider},
+};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use aws_types::region::Region;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Refresh this long before expiry (or at half the remaining lifetime, for
+/// short-lived credentials).
+const REFRESH_LEAD: Duration = Duration::from_secs(5 * 60);
+/// Re-read credentials without an expiry this often (rotated profile files).
+const STATIC_REFRESH: Duration = Duration::from_secs(15 * 60);
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Upper bound on one provider call (the chain has its own, shorter ones).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to build the provider chain.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialsConfig {
+    /// `--region`: region for STS calls and for signing; else the chain's.
+    pub region: Option<String>,
+    pub role_arn: Option<String>,
+    pub role_session_name: Option<String>,
+}
+
+/// The resolved provider and region.
+#[derive(Debug, Clone)]
+pub struct AwsSetup {
+    pub provider: SharedCredentialsProvider,
+    /// `--region`, else AWS_REGION / AWS_DEFAULT_REGION / profile / IMDS.
+    pub region: Option<String>,
+}
+
+/// Builds the default chain (plus AssumeRole) from the process environment.
+/// Does not fetch credentials.
+pub async fn default_chain(cfg: &CredentialsConfig) -> AwsSetup {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+    if let Some(r) = &cfg.region {
+        loader = loader.region(Region::new(r.clone()));
+    }
+    let sdk = loader.load().await;
+    let region = sdk.region().map(|r| r.as_ref().to_owned());
+    let base = sdk.credentials_provider().unwrap_or_else(|| {
+        // Only without the credential feature set; keep the proxy up (503s).
+        SharedCredentialsProvider::new(NoProvider)
+    });
+    let provider = match &cfg.role_arn {
+        None => base,
+        Some(arn) => {
+            let mut b = AssumeRoleProvider::builder(arn.clone()).configure(&sdk);
+            if let Some(name) = &cfg.role_session_name {
+                b = b.session_name(name.clone());
+            }
+            SharedCredentialsProvider::new(b.build_from_provider(base).await)
+        }
+    };
+    AwsSetup { provider, region }
+}
+
+#[derive(Debug)]
+struct NoProvider;
+
+impl ProvideCredentials for NoProvider {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::ready(Err(
+            aws_credential_types::provider::error::CredentialsError::not_loaded(
+                "no credentials provider configured",
+            ),
+        ))
+    }
+}
+
+/// Why there are no usable credentials; the text is the provider's error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CredentialsUnavailable(pub String);
+
+#[derive(Debug, Default)]
+struct State {
+    current: Option<Credentials>,
+    last_error: Option<String>,
+}
+
+/// Cached credentials, kept fresh by a background task.
+#[derive(Debug)]
+pub struct CredentialsCache {
+    state: RwLock<State>,
+    /// Set once credentials were loaded at least once (for logs).
+    loaded_once: AtomicBool,
+}
+
+impl CredentialsCache {
+    /// Starts the refresher on the current runtime; it stops with `shutdown`.
+    pub fn spawn(
+        provider: SharedCredentialsProvider,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let cache = Arc::new(Self {
+            state: RwLock::new(State::default()),
+            loaded_once: AtomicBool::new(false),
+        });
+        tokio::spawn(refresh_loop(
+            Arc::clone(&cache),
+            provider,
+            metrics,
+            shutdown,
+        ));
+        cache
+    }
+
+    /// A cache holding fixed credentials, with no refresher (tests, benches).
+    pub fn fixed(creds: Credentials) -> Arc<Self> {
+        Arc::new(Self {
+            state: RwLock::new(State {
+                current: Some(creds),
+                last_error: None,
+            }),
+            loaded_once: AtomicBool::new(true),
+        })
+    }
+
+    /// The current credentials, or why there are none. Never blocks on I/O.
+    pub fn current(&self) -> Result<Credentials, CredentialsUnavailable> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        match &state.current {
+            Some(c) if !expired(c, SystemTime::now()) => Ok(c.clone()),
+            Some(_) => Err(CredentialsUnavailable(match &state.last_error {
+                Some(e) => format!("credentials expired; refreshing failed: {e}"),
+                None => "credentials expired; refresh pending".to_owned(),
+            })),
+            None => Err(CredentialsUnavailable(match &state.last_error {
+                Some(e) => e.clone(),
+                None => "credentials not loaded yet".to_owned(),
+            })),
+        }
+    }
+
+    /// Readiness: usable credentials are cached.
+    pub fn is_ready(&self) -> bool {
+        self.current().is_ok()
+    }
+
+    fn store(&self, creds: Credentials) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.current = Some(creds);
+        state.last_error = None;
+    }
+
+    fn store_error(&self, error: String) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.last_error = Some(error);
+    }
+}
+
+fn expired(c: &Credentials, now: SystemTime) -> bool {
+    c.expiry().is_some_and(|e| e <= now)
+}
+
+/// When to fetch again after a successful fetch.
+fn refresh_delay(expiry: Option<SystemTime>, now: SystemTime) -> Duration {
+    let Some(expiry) = expiry else {
+        return STATIC_REFRESH;
+    };
+    let remaining = expiry.duration_since(now).unwrap_or_default();
+    let lead = REFRESH_LEAD.min(remaining / 2);
+    remaining.saturating_sub(lead).max(Duration::from_secs(1))
+}
+
+async fn refresh_loop(
+    cache: Arc<CredentialsCache>,
+    provider: SharedCredentialsProvider,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let fetched = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = tokio::time::timeout(FETCH_TIMEOUT, provider.provide_credentials()) => r,
+        };
+        let delay = match fetched {
+            Ok(Ok(creds)) => {
+                metrics.count_refresh(true);
+                let expiry = creds.expiry();
+                metrics.credential_expiry.set(
+                    expiry
+                        .and_then(|e| e.duration_since(SystemTime::UNIX_EPOCH).ok())
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+                );
+                let first = !cache.loaded_once.swap(true, Ordering::Relaxed);
+                let delay = refresh_delay(expiry, SystemTime::now());
+                // Never log the credentials themselves; the access key id is
+                // not secret but is left out too.
+                if first {
+                    tracing::info!(refresh_in_s = delay.as_secs(), "credentials loaded");
+                } else {
+                    tracing::debug!(refresh_in_s = delay.as_secs(), "credentials refreshed");
+                }
+                cache.store(creds);
+                backoff = BACKOFF_START;
+                delay
+            }
+            Ok(Err(e)) => {
+                metrics.count_refresh(false);
+                let msg = error_chain(&e);
+                tracing::warn!(error = %msg, retry_in_s = backoff.as_secs(), "credential refresh failed");
+                cache.store_error(msg);
+                next_backoff(&mut backoff)
+            }
+            Err(_elapsed) => {
+                metrics.count_refresh(false);
+                let msg = format!(
+                    "credential provider did not answer within {}s",
+                    FETCH_TIMEOUT.as_secs()
+                );
+                tracing::warn!(error = %msg, retry_in_s = backoff.as_secs(), "credential refresh failed");
+                cache.store_error(msg);
+                next_backoff(&mut backoff)
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn next_backoff(backoff: &mut Duration) -> Duration {
+    let now = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    now
+}
+
+/// `error: cause: cause`, on one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_ahead_of_expiry() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(refresh_delay(Some(now + hour), now), hour - REFRESH_LEAD);
+        assert_eq!(
+            refresh_delay(Some(now + Duration::from_secs(10)), now),
+            Duration::from_secs(5)
+        );
+        assert_eq!(refresh_delay(Some(now), now), Duration::from_secs(1));
+        assert_eq!(refresh_delay(None, now), STATIC_REFRESH);
+    }
+
+    #[test]
+    fn expired_credentials_are_not_served() {
+        let c = Credentials::new(
+            "AKID",
+            "SECRET",
+            None,
+            Some(SystemTime::now() - Duration::from_secs(1)),
+            "t",
+        );
+        let cache = CredentialsCache::fixed(c);
+        let err = cache.current().unwrap_err();
+        assert!(err.0.contains("expired"), "{err}");
+        assert!(!cache.is_ready());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_max() {
+        let mut b = BACKOFF_START;
+        let seq: Vec<u64> = (0..7).map(|_| next_backoff(&mut b).as_secs()).collect();
+        assert_eq!(seq, [1, 2, 4, 8, 16, 30, 30]);
+    }
+}

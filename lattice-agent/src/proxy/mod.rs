@@ -1,0 +1,291 @@
+//! The signing proxy. One request, top to bottom ([`handle`]):
+//! accept (server) → original destination → credentials → sign → forward
+//! (upstream) → respond.
+
+pub mod body;
+pub mod errors;
+pub mod headers;
+pub mod server;
+pub mod units;
+pub mod upstream;
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use http::{HeaderValue, Request, Response, Uri, Version, header::HOST};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use self::{
+    body::{Guarded, ProxyBody, boxed},
+    errors::RequestError,
+    server::ConnCtx,
+    upstream::{Protocol, TlsConfigError, TlsConfigs, Upstream, UpstreamConfig},
+};
+use crate::{
+    cli::ProxyArgs,
+    credentials::CredentialsCache,
+    metrics::Metrics,
+    orig_dst::OriginalDestination,
+    sign::{self, Algorithm, Payload, RequestToSign, SigningConfig},
+};
+
+/// The proxy's settings, built once from [`ProxyArgs`].
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub signing: SigningConfig,
+    pub sign_payload: bool,
+    pub max_signed_body: u64,
+    pub upstream_tls: Option<TlsConfigs>,
+    pub connect_timeout: Duration,
+    /// `None`: no limit.
+    pub request_timeout: Option<Duration>,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_header_bytes: u64,
+    pub log_signing: bool,
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no AWS region: pass --region (LATTICE_REGION) or set AWS_REGION / a profile region")]
+    NoRegion,
+    #[error("--upstream-tls: {0}")]
+    Tls(#[from] TlsConfigError),
+    #[error("--{flag} must be greater than zero")]
+    Zero { flag: &'static str },
+}
+
+impl ProxyConfig {
+    /// `region` is the one the credential chain resolved; `--region` wins.
+    pub fn from_args(args: &ProxyArgs, region: Option<String>) -> Result<Self, ProxyError> {
+        let region = args
+            .region
+            .clone()
+            .or(region)
+            .filter(|r| !r.is_empty())
+            .ok_or(ProxyError::NoRegion)?;
+        for (flag, zero) in [
+            ("connect-timeout", args.connect_timeout.is_zero()),
+            ("idle-timeout", args.idle_timeout.is_zero()),
+            ("max-header-bytes", args.max_header_bytes == 0),
+        ] {
+            if zero {
+                return Err(ProxyError::Zero { flag });
+            }
+        }
+        let upstream_tls = if args.upstream_tls {
+            Some(TlsConfigs::new(args.ca_file.as_deref())?)
+        } else {
+            None
+        };
+        Ok(Self {
+            signing: SigningConfig {
+                service: args.service.clone(),
+                region,
+                algorithm: if args.sigv4a {
+                    Algorithm::SigV4a
+                } else {
+                    Algorithm::SigV4
+                },
+            },
+            sign_payload: args.sign_payload,
+            max_signed_body: args.max_signed_body,
+            upstream_tls,
+            connect_timeout: args.connect_timeout,
+            request_timeout: Some(args.request_timeout).filter(|d| !d.is_zero()),
+            idle_timeout: args.idle_timeout,
+            drain_timeout: args.drain_timeout,
+            max_header_bytes: args.max_header_bytes,
+            log_signing: args.log_signing,
+            admin_addr: args.admin_addr,
+        })
+    }
+}
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    cfg: Arc<ProxyConfig>,
+    upstream: Upstream,
+    creds: Arc<CredentialsCache>,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves the proxy on `listeners` until `shutdown` is cancelled, then stops
+/// accepting, drains in-flight requests for up to `--drain-timeout`, and
+/// returns.
+pub async fn serve(
+    cfg: Arc<ProxyConfig>,
+    listeners: Vec<TcpListener>,
+    orig_dst: Arc<dyn OriginalDestination>,
+    creds: Arc<CredentialsCache>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), ProxyError> {
+    let upstream = Upstream::new(UpstreamConfig {
+        tls: cfg.upstream_tls.clone(),
+        connect_timeout: cfg.connect_timeout,
+        idle_timeout: cfg.idle_timeout,
+    });
+    let shared = Arc::new(Shared {
+        cfg,
+        upstream,
+        creds,
+        metrics,
+    });
+    for l in &listeners {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "signing proxy listening");
+        }
+    }
+    server::run(shared, listeners, orig_dst, shutdown).await;
+    Ok(())
+}
+
+/// Answers one request: forwarded and signed, or a `lattice-agent:` error.
+async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let busy = conn.activity.begin();
+    let method = req.method().clone();
+    let client_version = req.version();
+    let resp = match forward(&shared, &conn, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(peer = %conn.peer, error = %e, "request not forwarded");
+            e.into_response()
+        }
+    };
+    shared.metrics.count_request(&method, resp.status());
+    let (mut parts, body) = resp.into_parts();
+    parts.version = if client_version == Version::HTTP_2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    Response::from_parts(parts, boxed(Guarded::new(body, busy)))
+}
+
+async fn forward(
+    shared: &Shared,
+    conn: &ConnCtx,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, RequestError> {
+    let cfg = &shared.cfg;
+
+    // Original destination: the only place we ever connect to.
+    let dst = conn
+        .dst
+        .ok_or(RequestError::NoOriginalDestination { peer: conn.peer })?;
+
+    // Request head: limits, authority, header hygiene.
+    let (mut parts, body) = req.into_parts();
+    if headers::head_size(&parts) > cfg.max_header_bytes {
+        return Err(RequestError::HeadersTooLarge {
+            limit: cfg.max_header_bytes,
+        });
+    }
+    let authority = headers::authority(&parts)?;
+    headers::remove_hop_by_hop(&mut parts.headers);
+    headers::remove_client_signing(&mut parts.headers);
+
+    // Credentials: from the cache only.
+    let creds = shared
+        .creds
+        .current()
+        .map_err(|e| RequestError::NoCredentials(e.0))?;
+
+    // Body: streamed, or buffered and hashed under --sign-payload.
+    let (body, payload) = if cfg.sign_payload {
+        let content_length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        body::buffer_for_signing(body, content_length, cfg.max_signed_body).await?
+    } else {
+        (boxed(body), Payload::Unsigned)
+    };
+
+    // Sign. The query goes upstream in the canonical form that was signed.
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().map(sign::canonical_query);
+    let to_sign = RequestToSign {
+        method: parts.method.as_str(),
+        path: &path,
+        query: query.as_deref(),
+        host: authority.as_str(),
+        payload: &payload,
+    };
+    let signed = sign::sign(&to_sign, &creds, &cfg.signing, SystemTime::now()).map_err(|e| {
+        shared.metrics.signing_failures.inc();
+        RequestError::Signing(e.to_string())
+    })?;
+    if cfg.log_signing
+        && let Some(t) = sign::trace(&to_sign, &signed)
+    {
+        tracing::info!(
+            canonical_request = %t.canonical_request,
+            string_to_sign = %t.string_to_sign,
+            signature = "REDACTED",
+            authorization = "REDACTED",
+            "signed request"
+        );
+    }
+    for (name, value) in signed.headers {
+        parts.headers.insert(name, value);
+    }
+
+    // Forward to the original destination, with the client's authority.
+    let proto = if parts.version == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let target = match &query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path,
+    };
+    parts.uri = Uri::builder()
+        .scheme(shared.upstream.scheme())
+        .authority(authority.clone())
+        .path_and_query(target)
+        .build()
+        .map_err(|e| RequestError::BadRequest(format!("request target: {e}")))?;
+    match proto {
+        Protocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            let host = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| RequestError::BadRequest("invalid authority".into()))?;
+            parts.headers.insert(HOST, host);
+        }
+        Protocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(HOST);
+        }
+    }
+    let upstream_req = Request::from_parts(parts, body);
+    let started = Instant::now();
+    let sent = shared.upstream.send(dst, proto, upstream_req);
+    let resp = match cfg.request_timeout {
+        Some(limit) => tokio::time::timeout(limit, sent)
+            .await
+            .map_err(|_| RequestError::UpstreamTimeout { dst, after: limit })??,
+        None => sent.await?,
+    };
+    shared
+        .metrics
+        .upstream_duration
+        .observe(started.elapsed().as_secs_f64());
+
+    // Respond: the upstream's response as is, minus hop-by-hop headers.
+    let (mut rparts, rbody) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut rparts.headers);
+    Ok(Response::from_parts(rparts, boxed(rbody)))
+}

@@ -1,0 +1,247 @@
+//! Accepting client connections and serving each one: HTTP/1.1 with
+//! keep-alive, or HTTP/2 with prior knowledge (h2c), told apart by the first
+//! bytes. Graceful shutdown: stop accepting, let open connections finish
+//! their requests for up to `--drain-timeout`, then drop them.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{ProxyConfig, Shared};
+use crate::orig_dst::OriginalDestination;
+
+/// One accepted client connection.
+pub(super) struct ConnCtx {
+    pub peer: SocketAddr,
+    /// Where the client was connecting to; `None` answers every request 421.
+    pub dst: Option<SocketAddr>,
+    pub activity: Arc<Activity>,
+}
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    orig_dst: Arc<dyn OriginalDestination>,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
+    let builder = Arc::new(http_builder(&shared.cfg));
+    let mut accepts = JoinSet::new();
+    for listener in listeners {
+        accepts.spawn(accept_loop(
+            listener,
+            Arc::clone(&shared),
+            Arc::clone(&builder),
+            Arc::clone(&orig_dst),
+            tracker.clone(),
+            shutdown.clone(),
+            hard_stop.clone(),
+        ));
+    }
+    while accepts.join_next().await.is_some() {}
+
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        tracing::info!(
+            open,
+            drain_timeout_s = shared.cfg.drain_timeout.as_secs(),
+            "draining connections"
+        );
+    }
+    if tokio::time::timeout(shared.cfg.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain timeout reached; closing remaining connections"
+        );
+        hard_stop.cancel();
+        tracker.wait().await;
+    }
+}
+
+fn http_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let head_limit = usize::try_from(cfg.max_header_bytes)
+        .unwrap_or(usize::MAX)
+        .max(8192);
+    b.http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(head_limit)
+        .header_read_timeout(cfg.idle_timeout);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    orig_dst: Arc<dyn OriginalDestination>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: back off a little.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let dst = orig_dst.original_destination(peer);
+        match dst {
+            Some(_) => {
+                shared.metrics.redirected_connections.inc();
+            }
+            None => {
+                shared.metrics.unknown_destination_connections.inc();
+                tracing::warn!(%peer, "connection without an original destination; answering 421");
+            }
+        };
+        tracker.spawn(serve_connection(
+            Arc::clone(&shared),
+            Arc::clone(&builder),
+            stream,
+            ConnCtx {
+                peer,
+                dst,
+                activity: Arc::new(Activity::new()),
+            },
+            shutdown.clone(),
+            hard_stop.clone(),
+        ));
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: tokio::net::TcpStream,
+    ctx: ConnCtx,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    shared.metrics.open_connections.inc();
+    let _open = scopeguard(|| {
+        shared.metrics.open_connections.dec();
+    });
+    let idle_timeout = shared.cfg.idle_timeout;
+    let activity = Arc::clone(&ctx.activity);
+    let peer = ctx.peer;
+    let ctx = Arc::new(ctx);
+    let svc_shared = Arc::clone(&shared);
+    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let shared = Arc::clone(&svc_shared);
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, Infallible>(super::handle(shared, ctx, req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = hard_stop.cancelled() => return,
+            _ = tick.tick(), if !closing => {
+                if activity.idle_for() >= idle_timeout {
+                    tracing::debug!(%peer, "closing idle client connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Requests in flight on a connection and when it was last busy.
+pub(super) struct Activity {
+    in_flight: AtomicUsize,
+    last_active: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_active: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Marks a request busy until the guard (held by its response body) drops.
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        ActivityGuard(Arc::clone(self))
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.last_active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+pub(super) struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        *self.0.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,372 @@
+//! Small loopback servers the tests run in-process: an h2c upstream that
+//! replays what it got to the verifier over HTTP/1.1, a slow upstream, and a
+//! container-credentials endpoint handing out short-lived keys.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt as _, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use super::{Body, BoxError, full, h1, rfc3339};
+
+async fn serve<F, Fut>(http2_only: bool, handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if http2_only {
+                    b = b.http2_only();
+                } else {
+                    b = b.http1_only();
+                }
+                let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+/// h2c-only upstream: checks it was spoken to over HTTP/2, then replays the
+/// request (`:authority` as Host) to the verifier over HTTP/1.1 and returns
+/// the verifier's answer, with `x-upstream-version` and, when the request
+/// asked with `te: trailers`, a `grpc-status: 0` trailer.
+pub async fn h2_replay_upstream(verifier: SocketAddr) -> SocketAddr {
+    serve(true, move |req: Request<Incoming>| async move {
+        assert_eq!(req.version(), Version::HTTP_2);
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let authority = parts.uri.authority().expect(":authority").to_string();
+        let mut replay = Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.path_and_query().unwrap().as_str())
+            .header("host", authority);
+        for (k, v) in &parts.headers {
+            if k != "te" {
+                replay = replay.header(k, v);
+            }
+        }
+        let replay = replay
+            .header("content-length", body.len())
+            .body(full(body))
+            .unwrap();
+        let mut s = h1(verifier).await;
+        let resp = s.send_request(replay).await.unwrap();
+        let status = resp.status();
+        let data = resp.into_body().collect().await.unwrap().to_bytes();
+        let want_trailers = parts
+            .headers
+            .get("te")
+            .is_some_and(|v| v.as_bytes() == b"trailers");
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(data))];
+        if want_trailers {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static("0"));
+            frames.push(Ok(Frame::trailers(t)));
+        }
+        let mut r =
+            Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync());
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert("x-upstream-version", HeaderValue::from_static("HTTP/2.0"));
+        r
+    })
+    .await
+}
+
+/// HTTP/1.1 upstream answering 200 `slow` after `delay`.
+pub async fn slow_upstream(delay: Duration) -> SocketAddr {
+    serve(false, move |_req| async move {
+        tokio::time::sleep(delay).await;
+        Response::new(full("slow"))
+    })
+    .await
+}
+
+/// What the credentials endpoint does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredsMode {
+    Fail,
+    Serve,
+}
+
+/// One key handed out.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub access_key: String,
+    pub expiry_unix: u64,
+}
+
+/// A container-credentials endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`)
+/// issuing a fresh key per call, valid for `lifetime`; every key is also
+/// written to `keys_file` for the verifier.
+pub struct CredsServer {
+    pub addr: SocketAddr,
+    pub token: String,
+    state: Arc<Mutex<CredsState>>,
+}
+
+struct CredsState {
+    mode: CredsMode,
+    lifetime: Duration,
+    issued: Vec<Issued>,
+    keys: serde_json::Map<String, serde_json::Value>,
+    keys_file: PathBuf,
+}
+
+impl CredsServer {
+    pub async fn start(mode: CredsMode, lifetime: Duration, keys_file: PathBuf) -> Self {
+        std::fs::write(&keys_file, "{}").unwrap();
+        let token = "container-auth-token-0123".to_owned();
+        let state = Arc::new(Mutex::new(CredsState {
+            mode,
+            lifetime,
+            issued: Vec::new(),
+            keys: serde_json::Map::new(),
+            keys_file,
+        }));
+        let st = Arc::clone(&state);
+        let expected = token.clone();
+        let addr = serve(false, move |req: Request<Incoming>| {
+            let st = Arc::clone(&st);
+            let expected = expected.clone();
+            async move {
+                let auth_ok = req
+                    .headers()
+                    .get("authorization")
+                    .is_some_and(|v| v.as_bytes() == expected.as_bytes());
+                if !auth_ok {
+                    let mut r = Response::new(full("bad authorization"));
+                    *r.status_mut() = StatusCode::FORBIDDEN;
+                    return r;
+                }
+                let mut s = st.lock().unwrap();
+                if s.mode == CredsMode::Fail {
+                    let mut r = Response::new(full("credentials temporarily unavailable"));
+                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    return r;
+                }
+                let n = s.issued.len();
+                let ak = format!("ASIATEST{n:06}");
+                let sk = format!("container/secret/{n}/abcdefghijklmnopqrstuvwxyz");
+                let tok = format!("container-session-token-{n}-0123456789");
+                let expiry = SystemTime::now() + s.lifetime;
+                let expiry_unix = expiry
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                s.keys
+                    .insert(ak.clone(), serde_json::json!({"secret": sk, "token": tok}));
+                let tmp = s.keys_file.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::Value::Object(s.keys.clone()).to_string())
+                    .unwrap();
+                std::fs::rename(&tmp, &s.keys_file).unwrap();
+                s.issued.push(Issued {
+                    access_key: ak.clone(),
+                    expiry_unix,
+                });
+                let body = serde_json::json!({
+                    "AccessKeyId": ak,
+                    "SecretAccessKey": sk,
+                    "Token": tok,
+                    "Expiration": rfc3339(expiry),
+                });
+                let mut r = Response::new(full(body.to_string()));
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/json"));
+                r
+            }
+        })
+        .await;
+        Self { addr, token, state }
+    }
+
+    pub fn set_mode(&self, mode: CredsMode) {
+        self.state.lock().unwrap().mode = mode;
+    }
+
+    pub fn issued(&self) -> Vec<Issued> {
+        self.state.lock().unwrap().issued.clone()
+    }
+
+    /// Secret values handed out so far (for log scans).
+    pub fn secrets(&self) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        s.keys
+            .values()
+            .flat_map(|v| {
+                [
+                    v["secret"].as_str().unwrap().to_owned(),
+                    v["token"].as_str().unwrap().to_owned(),
+                ]
+            })
+            .collect()
+    }
+}
+
+/// A CA and a leaf certificate for `names`, made with the openssl CLI in
+/// `dir`: returns (ca.pem, leaf.pem, leaf.key). None when openssl is missing.
+pub fn make_certs(dir: &std::path::Path, names: &[&str]) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    use std::process::Command;
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .ok()?;
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=lattice test CA",
+    ])?;
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=lattice test leaf",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ])?;
+    Some((
+        dir.join("ca.pem"),
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+    ))
+}
+
+/// TLS upstream (ALPN h2 and http/1.1) answering
+/// `sni=<SNI> alpn=<ALPN> version=<HTTP version> authority=<Host or :authority>`.
+pub async fn tls_upstream(cert: &std::path::Path, key: &std::path::Path) -> SocketAddr {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (_, session) = tls.get_ref();
+                let sni = session.server_name().unwrap_or("-").to_owned();
+                let alpn = session
+                    .alpn_protocol()
+                    .map_or("-".to_owned(), |a| String::from_utf8_lossy(a).into_owned());
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let authority = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .or_else(|| {
+                            req.headers()
+                                .get("host")
+                                .map(|h| h.to_str().unwrap().to_owned())
+                        })
+                        .unwrap_or_default();
+                    let text = format!(
+                        "sni={sni} alpn={alpn} version={:?} authority={authority}",
+                        req.version()
+                    );
+                    async move { Ok::<_, Infallible>(Response::new(full(text))) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
