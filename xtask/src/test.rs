@@ -38,6 +38,10 @@ fn steps(test_args: &[String]) -> Vec<Step> {
     let mut clippy = strings(&["clippy", "--workspace", "--all-targets"]);
     clippy.extend(strings(&HOST_EXCLUDE));
     clippy.extend(strings(&["--", "-D", "warnings"]));
+    // The integration tests run the agent and test binaries from target/;
+    // build them explicitly rather than rely on what `cargo test` builds.
+    let mut build = strings(&["build", "--workspace", "--bins"]);
+    build.extend(strings(&HOST_EXCLUDE));
     let mut test = strings(&["test", "--workspace", "--no-fail-fast"]);
     test.extend(strings(&HOST_EXCLUDE));
     test.extend(test_args.iter().cloned());
@@ -49,6 +53,10 @@ fn steps(test_args: &[String]) -> Vec<Step> {
         Step {
             name: "clippy",
             args: clippy,
+        },
+        Step {
+            name: "build",
+            args: build,
         },
         Step {
             name: "test",
