@@ -317,13 +317,7 @@ fn attach_all(
                     .attach(cgroup, CgroupAttachMode::Single)
                     .map_err(attach_err)?;
                 if let Some(path) = &link_path {
-                    let link: FdLink = p.take_link(id).map_err(prog_err)?.try_into().map_err(
-                        |e: aya::programs::links::LinkError| BpfError::Pin {
-                            path: path.clone(),
-                            detail: e.to_string(),
-                        },
-                    )?;
-                    pin_link(link, path)?;
+                    pin_link(p.take_link(id).map_err(prog_err)?, path)?;
                 }
             }
             aya::programs::Program::SockOps(p) => {
@@ -332,13 +326,7 @@ fn attach_all(
                     .attach(cgroup, CgroupAttachMode::Single)
                     .map_err(attach_err)?;
                 if let Some(path) = &link_path {
-                    let link: FdLink = p.take_link(id).map_err(prog_err)?.try_into().map_err(
-                        |e: aya::programs::links::LinkError| BpfError::Pin {
-                            path: path.clone(),
-                            detail: e.to_string(),
-                        },
-                    )?;
-                    pin_link(link, path)?;
+                    pin_link(p.take_link(id).map_err(prog_err)?, path)?;
                 }
             }
             aya::programs::Program::CgroupSockopt(p) => {
@@ -379,10 +367,16 @@ fn attach_all(
     Ok(pinned)
 }
 
-fn pin_link(link: FdLink, path: &Path) -> Result<(), BpfError> {
-    link.pin(path).map_err(|e| BpfError::Pin {
+/// Pins a link the agent owns (taken from its program) at `path`.
+fn pin_link<L>(link: L, path: &Path) -> Result<(), BpfError>
+where
+    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
+{
+    let pin_err = |detail: String| BpfError::Pin {
         path: path.to_owned(),
-        detail: e.to_string(),
-    })?;
+        detail,
+    };
+    let link: FdLink = link.try_into().map_err(|e| pin_err(e.to_string()))?;
+    link.pin(path).map_err(|e| pin_err(e.to_string()))?;
     Ok(())
 }
