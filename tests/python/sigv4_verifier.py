@@ -6,6 +6,11 @@ SigV4Auth and answers:
   200 + JSON echo (method, path, body length, body SHA-256, ...) on success,
   403 + a one-line reason on any mismatch.
 
+A connection that opens with the HTTP/2 preface is served as h2c (prior
+knowledge, as gRPC clients do; needs the `h2` package): each stream is
+verified the same way, and a request with `te: trailers` gets a
+`grpc-status: 0` trailer. The echo's "http_version" says which it was.
+
 Bodies are read in bounded chunks (Content-Length or chunked, trailers too)
 and hashed as they stream; nothing is held whole.
 
@@ -16,17 +21,33 @@ Credentials it accepts, any combination:
   --moto-sts-port N    runs moto's server in this process on 127.0.0.1:N and
                        accepts the credentials its STS issued (looked up in
                        moto's STS backend, the way AWS looks up a key)
+  --container-creds-port N   also serves a container-credentials endpoint
+                       (AWS_CONTAINER_CREDENTIALS_FULL_URI) on 127.0.0.1:N
+                       that hands out a fresh key per call, valid for
+                       --container-creds-lifetime seconds, to callers whose
+                       Authorization is --container-creds-token; it answers
+                       500 while the file --container-creds-fail-while
+                       exists. Each key issued is accepted and printed as
+                       "ISSUED <json>" (with its secret: for log scans).
 
 Prints "LISTENING <port>" on stdout once serving (--port 0 picks one).
+--host picks the address (default 127.0.0.1; IPv6 works). --log-requests
+prints one "REQUEST <json>" line per request on stdout: status, reason and
+the headers received, with the signature and security token redacted.
 """
 
 import argparse
 import hashlib
 import hmac
 import json
+import os
 import re
+import socket
+import socketserver
 import sys
 import threading
+import time
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from botocore.auth import SigV4Auth
@@ -48,6 +69,7 @@ class Keys:
             self.fixed[args.access_key] = (args.secret_key, args.token)
         self.keys_file = args.keys_file
         self.moto = args.moto_sts_port is not None
+        self.container = None
 
     def lookup(self, access_key):
         if access_key in self.fixed:
@@ -61,6 +83,10 @@ class Keys:
             if access_key in data:
                 k = data[access_key]
                 return (k["secret"], k.get("token"))
+        if self.container:
+            found = self.container.lookup(access_key)
+            if found:
+                return found
         if self.moto:
             found = moto_lookup(access_key)
             if found:
@@ -78,6 +104,61 @@ def moto_lookup(access_key):
                 if role.access_key_id == access_key:
                     return (role.secret_access_key, role.session_token)
     return None
+
+
+class ContainerCreds:
+    """The keys a container-credentials endpoint handed out."""
+
+    def __init__(self, args):
+        self.token = args.container_creds_token
+        self.lifetime = args.container_creds_lifetime
+        self.fail_while = args.container_creds_fail_while
+        self.lock = threading.Lock()
+        self.issued = {}
+
+    def lookup(self, access_key):
+        with self.lock:
+            return self.issued.get(access_key)
+
+    def issue(self):
+        with self.lock:
+            n = len(self.issued)
+            ak = f"ASIACONTAINER{n:06d}"
+            secret = f"container/secret/{n}/abcdefghijklmnopqrstuvwxyz0123"
+            token = f"container-session-token-{n}-0123456789abcdef"
+            self.issued[ak] = (secret, token)
+        expiry = int(time.time() + self.lifetime)
+        issued = {"access_key": ak, "secret": secret, "token": token, "expiry_unix": expiry}
+        print("ISSUED " + json.dumps(issued), flush=True)
+        return {
+            "AccessKeyId": ak,
+            "SecretAccessKey": secret,
+            "Token": token,
+            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)),
+        }
+
+
+class ContainerCredsHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # quiet
+        pass
+
+    def do_GET(self):
+        creds = self.server.creds
+        if self.headers.get("authorization") != creds.token:
+            return self.answer(403, {"error": "bad authorization token"})
+        if creds.fail_while and os.path.exists(creds.fail_while):
+            return self.answer(500, {"error": "credentials temporarily unavailable"})
+        self.answer(200, creds.issue())
+
+    def answer(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class BodyError(Exception):
@@ -146,6 +227,29 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet
         pass
 
+    def handle_one_request(self):
+        # As BaseHTTPRequestHandler's, but a connection opening with the
+        # HTTP/2 preface (prior knowledge, as gRPC clients do) is served as h2c.
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if self.raw_requestline == H2_PREFACE_LINE:
+            serve_h2(self, self.raw_requestline)
+            self.close_connection = True
+            return
+        if len(self.raw_requestline) > 65536:
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        method = getattr(self, "do_" + self.command, None)
+        if method is None:
+            self.send_error(501, f"unsupported method {self.command!r}")
+            return
+        method()
+        self.wfile.flush()
+
     def handle_any(self):
         cfg = self.server.cfg
         try:
@@ -154,10 +258,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(400, {"error": f"body: {e}"})
         reason = self.verify(cfg, body_sha)
         if reason:
-            return self.reply(403, {"error": reason})
+            # Shaped like Lattice's own denial; "error" holds the reason.
+            return self.reply(403, {"type": "AccessDeniedException", "error": reason})
+        self.reply(200, self.echo(length, body_sha, trailers))
+
+    def echo(self, length, body_sha, trailers):
+        """What the verifier accepted, as the 200 answer's JSON."""
         path, _, query = self.path.partition("?")
-        echo = {
+        return {
             "method": self.command,
+            "http_version": self.request_version,
             "path": path,
             "query": query,
             "host": self.headers.get("host"),
@@ -171,7 +281,6 @@ class Handler(BaseHTTPRequestHandler):
             "signed_headers": self.signed,
             "header_names": sorted({k.lower() for k in self.headers.keys()}),
         }
-        self.reply(200, echo)
 
     def verify(self, cfg, body_sha):
         self.access_key = None
@@ -213,6 +322,8 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
     def reply(self, status, obj):
+        if self.server.cfg.log_requests:
+            self.log_request_line(status, obj.get("error"))
         data = (json.dumps(obj) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -221,12 +332,152 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def log_request_line(self, status, reason):
+        headers = [[k.lower(), redact(k, v)] for k, v in self.headers.items()]
+        line = {
+            "status": status,
+            "reason": reason,
+            "method": self.command,
+            "http_version": self.request_version,
+            "path": self.path,
+            "headers": headers,
+        }
+        print("REQUEST " + json.dumps(line), flush=True)
+
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = handle_any
+
+
+H2_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
+
+
+class H2Stream:
+    """One HTTP/2 request, shaped like a Handler for verify/echo/logging."""
+
+    request_version = "HTTP/2"
+    verify = Handler.verify
+    echo = Handler.echo
+    log_request_line = Handler.log_request_line
+
+    def __init__(self, server, headers):
+        self.server = server
+        self.headers = Message()
+        pseudo = {}
+        for name, value in headers:
+            if name.startswith(":"):
+                pseudo[name] = value
+            else:
+                self.headers[name] = value
+        self.command = pseudo.get(":method", "")
+        self.path = pseudo.get(":path", "")
+        # SigV4 signs the authority as "host" whichever way it travelled.
+        if "host" not in self.headers and ":authority" in pseudo:
+            self.headers["host"] = pseudo[":authority"]
+        self.digest = hashlib.sha256()
+        self.length = 0
+        self.trailers = []
+
+    def answer(self):
+        """(status, JSON object), as Handler.handle_any decides them."""
+        body_sha = self.digest.hexdigest()
+        reason = self.verify(self.server.cfg, body_sha)
+        if reason:
+            return 403, {"type": "AccessDeniedException", "error": reason}
+        return 200, self.echo(self.length, body_sha, self.trailers)
+
+
+def serve_h2(handler, preface_line):
+    """Serves one h2c connection; each request is verified like an HTTP/1.1
+    one and answered with the same JSON, plus a `grpc-status: 0` trailer
+    when the request said `te: trailers`."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import (
+        ConnectionTerminated,
+        DataReceived,
+        RequestReceived,
+        StreamEnded,
+        StreamReset,
+        TrailersReceived,
+    )
+
+    conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn.initiate_connection()
+    streams = {}
+    data = preface_line
+    while data:
+        for event in conn.receive_data(data):
+            if isinstance(event, RequestReceived):
+                streams[event.stream_id] = H2Stream(handler.server, event.headers)
+            elif isinstance(event, DataReceived):
+                stream = streams[event.stream_id]
+                stream.digest.update(event.data)
+                stream.length += len(event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, TrailersReceived):
+                streams[event.stream_id].trailers += [n.lower() for n, _ in event.headers]
+            elif isinstance(event, StreamEnded):
+                h2_reply(conn, event.stream_id, streams.pop(event.stream_id))
+            elif isinstance(event, StreamReset):
+                streams.pop(event.stream_id, None)
+            elif isinstance(event, ConnectionTerminated):
+                handler.wfile.write(conn.data_to_send())
+                return
+        handler.wfile.write(conn.data_to_send())
+        handler.wfile.flush()
+        data = handler.rfile.read1(CHUNK)
+
+
+def h2_reply(conn, stream_id, stream):
+    status, obj = stream.answer()
+    if stream.server.cfg.log_requests:
+        stream.log_request_line(status, obj.get("error"))
+    data = (json.dumps(obj) + "\n").encode()
+    if stream.command == "HEAD":
+        data = b""
+    trailers = stream.headers.get("te") == "trailers"
+    conn.send_headers(
+        stream_id,
+        [
+            (":status", str(status)),
+            ("content-type", "application/json"),
+            ("server", "sigv4-verifier"),
+        ],
+    )
+    step = conn.max_outbound_frame_size
+    for i in range(0, len(data), step):
+        conn.send_data(stream_id, data[i : i + step])
+    if trailers:
+        conn.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+    else:
+        conn.end_stream(stream_id)
+
+
+def redact(name, value):
+    """Header value safe to print: no signature, no token."""
+    name = name.lower()
+    if name == "authorization":
+        head, found, _ = value.partition("Signature=")
+        return head + "Signature=<redacted>" if found else "<redacted>"
+    if name == "x-amz-security-token":
+        return "<redacted>"
+    return value
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self):
+        # Skips HTTPServer's getfqdn(): no reverse DNS lookup of the address.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = self.server_address[0]
+        self.server_port = self.server_address[1]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--log-requests", action="store_true")
     p.add_argument("--region", required=True)
     p.add_argument("--service", default="vpc-lattice-svcs")
     p.add_argument("--access-key")
@@ -234,6 +485,10 @@ def main():
     p.add_argument("--token")
     p.add_argument("--keys-file")
     p.add_argument("--moto-sts-port", type=int)
+    p.add_argument("--container-creds-port", type=int)
+    p.add_argument("--container-creds-token", default="")
+    p.add_argument("--container-creds-lifetime", type=float, default=3600)
+    p.add_argument("--container-creds-fail-while")
     args = p.parse_args()
 
     if args.moto_sts_port is not None:
@@ -241,10 +496,18 @@ def main():
 
         ThreadedMotoServer(ip_address="127.0.0.1", port=args.moto_sts_port, verbose=False).start()
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
+    keys = Keys(args)
+    if args.container_creds_port is not None:
+        keys.container = ContainerCreds(args)
+        creds_server = Server(("127.0.0.1", args.container_creds_port), ContainerCredsHandler)
+        creds_server.creds = keys.container
+        threading.Thread(target=creds_server.serve_forever, daemon=True).start()
+
+    if ":" in args.host:
+        Server.address_family = socket.AF_INET6
+    server = Server((args.host, args.port), Handler)
     server.cfg = args
-    server.keys = Keys(args)
+    server.keys = keys
     print(f"LISTENING {server.server_address[1]}", flush=True)
     # Exit when the parent closes our stdin (no orphans if it dies).
     threading.Thread(target=lambda: (sys.stdin.read(), server.shutdown()), daemon=True).start()

@@ -5,6 +5,7 @@ use std::{ffi::OsStr, path::PathBuf, process::ExitStatus, time::Duration};
 use crate::{
     pod::{Pod, sibling_of_test_dir},
     spawn::{ChildGuard, PodCommand, Stream},
+    verifier::DEMO_CREDENTIALS,
 };
 
 /// How long the agent may take to load, attach and bind.
@@ -16,30 +17,44 @@ pub const READY_LINE: &str = "lattice-agent ready";
 
 /// The lattice-agent binary: `$LATTICE_AGENT_BIN`, else the one cargo built
 /// next to the tests (target/debug/lattice-agent).
+///
+/// Panics with [`find_agent_bin`]'s message when it is missing.
 pub fn agent_bin() -> PathBuf {
+    find_agent_bin().unwrap_or_else(|missing| panic!("{missing}"))
+}
+
+/// [`agent_bin`], or an error saying how to build it. Next to a bin of this
+/// package (the demo, target/release) it is the binary of the same profile.
+pub fn find_agent_bin() -> Result<PathBuf, String> {
     let path = std::env::var_os("LATTICE_AGENT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| sibling_of_test_dir("lattice-agent"));
-    assert!(
-        path.is_file(),
-        "lattice-agent binary {} missing: build it: cargo build -p lattice-agent \
-         (or set LATTICE_AGENT_BIN)",
-        path.display()
-    );
-    path
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "lattice-agent binary {} missing: build it: cargo build -p lattice-agent \
+             (or set LATTICE_AGENT_BIN)",
+            path.display()
+        ))
+    }
 }
 
 /// `lattice-agent run --cgroup <pod cgroup> ARGS...`, placed inside the pod
 /// netns (its proxy listens on the pod's loopback), outside the cgroup, as
-/// root (it switches to the exempt UID itself after attaching).
+/// root (it switches to the exempt UID itself after attaching). It signs
+/// with the static [`DEMO_CREDENTIALS`] and their region, given by
+/// environment as a pod would get them; IMDS is off.
 pub fn agent_command<I, S>(pod: &Pod, args: I) -> PodCommand
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    pod.command(agent_bin())
-        .in_cgroup(false)
-        .arg("run")
+    let mut cmd = pod.command(agent_bin()).in_cgroup(false);
+    for (key, value) in DEMO_CREDENTIALS.agent_env() {
+        cmd = cmd.env(key, value);
+    }
+    cmd.arg("run")
         .arg("--cgroup")
         .arg(pod.cgroup_path())
         .args(args)

@@ -15,6 +15,8 @@
 //! - [`agent`]: running `lattice-agent` in a pod;
 //! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
 //! - [`bpffs`]: a private bpffs mount for `--pin`.
+//! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
+//!   a pod, and the demo credentials.
 
 pub mod agent;
 pub mod bpffs;
@@ -23,6 +25,7 @@ pub mod cgroup;
 pub mod netns;
 pub mod pod;
 pub mod spawn;
+pub mod verifier;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -30,6 +33,7 @@ pub use agent::{Agent, agent_bin};
 pub use bpffs::Bpffs;
 pub use pod::{Pod, test_bin};
 pub use spawn::{ChildGuard, Output, PodCommand};
+pub use verifier::{DEMO_CREDENTIALS, Verifier};
 
 /// A name nothing else on the machine uses: `lat-<pid>-<n>`, with a counter
 /// shared by every fixture of this process (tests run in parallel threads).

@@ -89,8 +89,20 @@ impl Pod {
     /// outside the cgroup (it plays the remote service), as root (port 80).
     /// Returns once every socket is bound.
     pub fn start_service(&self) -> ChildGuard {
+        self.service(&[])
+    }
+
+    /// The same service speaking HTTP/1.1 on its TCP ports (`--http`): the
+    /// reply body names the address reached, the peer, and the SigV4
+    /// credential scope that arrived (`credential=none` if unsigned).
+    pub fn start_http_service(&self) -> ChildGuard {
+        self.service(&["--http"])
+    }
+
+    fn service(&self, args: &[&str]) -> ChildGuard {
         let mut child = self
             .command(test_bin("lattice-test-service"))
+            .args(args)
             .in_cgroup(false)
             .spawn();
         child.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
@@ -122,11 +134,16 @@ pub fn test_bin(name: &str) -> PathBuf {
     path
 }
 
-/// `<dir of current_exe>/../<name>`.
+/// `<name>` in cargo's output dir for the running binary's profile: for a
+/// test (target/debug/deps/<test>) the parent of its dir, for a bin of this
+/// package (target/release/lattice-demo) its own dir.
 pub(crate) fn sibling_of_test_dir(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary has no grandparent dir")
-        .join(name)
+    let dir = exe.parent().expect("binary has no parent dir");
+    let dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("deps dir has no parent")
+    } else {
+        dir
+    };
+    dir.join(name)
 }

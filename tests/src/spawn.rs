@@ -25,6 +25,7 @@ pub struct PodCommand {
     in_netns: bool,
     in_cgroup: bool,
     uid: Option<u32>,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl PodCommand {
@@ -37,6 +38,7 @@ impl PodCommand {
             in_netns: true,
             in_cgroup: true,
             uid: None,
+            envs: Vec::new(),
         }
     }
 
@@ -52,6 +54,13 @@ impl PodCommand {
     {
         self.args
             .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets an environment variable (on top of the inherited environment).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
         self
     }
 
@@ -93,7 +102,9 @@ impl PodCommand {
         });
         let uid = self.uid;
         let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args).stdin(Stdio::null());
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
         // SAFETY: the closure only calls async-signal-safe syscalls on fds
         // it owns and allocates nothing.
         unsafe {

@@ -1,7 +1,9 @@
 //! Interception end to end against the real kernel: lattice-agent attaches
 //! its cgroup programs to a pod's cgroup, and processes in the pod connect
 //! to the pod's "Lattice" addresses (all on the pod netns' `lo`: nothing
-//! leaves the machine).
+//! leaves the machine). Where the agent serves its signing proxy, the pod's
+//! service speaks HTTP and reports the address reached, the peer and the
+//! SigV4 credential that arrived; `--intercept-only` cases use plain TCP.
 //!
 //! Needs root and a built agent (`cargo build -p lattice-agent`). Every test
 //! has its own pod, so they run in parallel.
@@ -9,7 +11,7 @@
 use std::time::Duration;
 
 use lattice_tests::{
-    Agent, Bpffs, Output, Pod,
+    Agent, Bpffs, DEMO_CREDENTIALS, Output, Pod,
     agent::agent_command,
     bpftool::{attached_programs, map_entries},
     cgroup::cgroup2_mount,
@@ -47,6 +49,59 @@ fn assert_reached(out: &Output, local: &str) {
     );
 }
 
+/// An HTTP request the app sent in the clear reached `dest` (its original
+/// destination) through the agent: the service saw the agent's upstream
+/// socket, not the client's, and a SigV4 Authorization header for the demo
+/// credentials and the Lattice service.
+fn assert_signed_at(out: &Output, dest: &str) {
+    assert_reached(out, dest);
+    let creds = DEMO_CREDENTIALS;
+    let credential = out
+        .stdout
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("credential="))
+        .unwrap_or_default();
+    assert!(
+        credential.starts_with(&format!("{}/", creds.access_key_id))
+            && credential.ends_with(&creds.scope_suffix()),
+        "expected a request signed by the agent for {}…{}, got: {out}",
+        creds.access_key_id,
+        creds.scope_suffix()
+    );
+    assert!(
+        out.stdout.contains("method=GET path=/lattice-test "),
+        "method and path must pass through unchanged: {out}"
+    );
+    // A direct connection would show the client's own port as the peer.
+    let client_port = port_of(&out.stderr, "local");
+    let service_peer_port = port_of(&out.stdout, "peer");
+    assert!(
+        client_port.is_some() && service_peer_port.is_some(),
+        "{out}"
+    );
+    assert_ne!(
+        client_port, service_peer_port,
+        "connection did not go through the agent: {out}"
+    );
+}
+
+/// An HTTP request reached `dest` directly: unsigned, and the service's
+/// peer is the client's own socket.
+fn assert_direct_at(out: &Output, dest: &str) {
+    assert_reached(out, dest);
+    assert!(
+        out.stdout.contains("credential=none"),
+        "expected an unsigned request: {out}"
+    );
+    let client_port = port_of(&out.stderr, "local");
+    assert!(client_port.is_some(), "{out}");
+    assert_eq!(
+        client_port,
+        port_of(&out.stdout, "peer"),
+        "expected a direct connection: {out}"
+    );
+}
+
 fn assert_refused(out: &Output) {
     assert!(
         out.code() == Some(2) && out.stdout.contains("error: ConnectionRefused"),
@@ -64,28 +119,19 @@ fn port_of(text: &str, field: &str) -> Option<u16> {
 
 // a.
 #[test]
-fn v4_redirected_through_relay_reaches_original_destination() {
-    if !require_root("v4_redirected_through_relay_reaches_original_destination") {
+fn v4_redirected_through_proxy_reaches_original_destination() {
+    if !require_root("v4_redirected_through_proxy_reaches_original_destination") {
         return;
     }
     let pod = Pod::new();
-    let _service = pod.start_service();
+    let _service = pod.start_http_service();
     let _agent = Agent::start(&pod, ["--proxy-port", "15080"]);
 
-    let out = pod.client(["tcp", "169.254.171.33:80"]).uid(APP_UID).run(T);
-    assert_reached(&out, "169.254.171.33:80");
-    // The service's peer is not the client's socket: the relay sat in
-    // between (a direct connection would show the client's own port).
-    let client_port = port_of(&out.stderr, "local");
-    let service_peer_port = port_of(&out.stdout, "peer");
-    assert!(
-        client_port.is_some() && service_peer_port.is_some(),
-        "{out}"
-    );
-    assert_ne!(
-        client_port, service_peer_port,
-        "connection was not relayed: {out}"
-    );
+    let out = pod
+        .client(["http", "169.254.171.33:80"])
+        .uid(APP_UID)
+        .run(T);
+    assert_signed_at(&out, "169.254.171.33:80");
 }
 
 // b.
@@ -134,35 +180,25 @@ fn original_destination_via_so_original_dst() {
 
 // c.
 #[test]
-fn v6_and_v4_mapped_redirected_through_relay() {
-    if !require_root("v6_and_v4_mapped_redirected_through_relay") {
+fn v6_and_v4_mapped_redirected_through_proxy() {
+    if !require_root("v6_and_v4_mapped_redirected_through_proxy") {
         return;
     }
     let pod = Pod::new();
-    let _service = pod.start_service();
+    let _service = pod.start_http_service();
     let _agent = Agent::start(&pod, ["--proxy-port", "15080"]);
 
     let out = pod
-        .client(["tcp", "[fd00:ec2:80::33]:80"])
+        .client(["http", "[fd00:ec2:80::33]:80"])
         .uid(APP_UID)
         .run(T);
-    assert_reached(&out, "[fd00:ec2:80::33]:80");
-    assert_ne!(
-        port_of(&out.stderr, "local"),
-        port_of(&out.stdout, "peer"),
-        "v6 connection was not relayed: {out}"
-    );
+    assert_signed_at(&out, "[fd00:ec2:80::33]:80");
 
     let out = pod
-        .client(["tcp-mapped", "169.254.171.33:80"])
+        .client(["http-mapped", "169.254.171.33:80"])
         .uid(APP_UID)
         .run(T);
-    assert_reached(&out, "169.254.171.33:80");
-    assert_ne!(
-        port_of(&out.stderr, "local"),
-        port_of(&out.stdout, "peer"),
-        "v4-mapped connection was not relayed: {out}"
-    );
+    assert_signed_at(&out, "169.254.171.33:80");
 }
 
 /// A pod whose interceptor redirects to a port nobody listens on: any
@@ -269,7 +305,7 @@ fn original_destination_maps_empty_after_10000_connections() {
     }
     let pod = Pod::new();
     let bpffs = Bpffs::new();
-    let _service = pod.start_service();
+    let _service = pod.start_http_service();
     let _agent = Agent::start(
         &pod,
         [
@@ -280,13 +316,20 @@ fn original_destination_maps_empty_after_10000_connections() {
         ],
     );
 
+    // One short HTTP request per connection, each redirected, looked up by
+    // the proxy, signed and forwarded.
+    let started = std::time::Instant::now();
     let out = pod
-        .client(["many", "169.254.171.33:80", "10000"])
+        .client(["many-http", "169.254.171.33:80", "10000"])
         .uid(APP_UID)
         .run(Duration::from_secs(300));
+    eprintln!(
+        "10000 HTTP connections through the proxy in {:?}",
+        started.elapsed()
+    );
     assert!(
-        out.success() && out.stdout.contains("ok=10000 failed=0"),
-        "10000 connections through the relay: {out}"
+        out.success() && out.stdout.contains("ok=10000 failed=0 unsigned=0"),
+        "10000 signed requests through the proxy: {out}"
     );
 
     // The counting itself works: the prefix maps hold the two defaults.
@@ -322,9 +365,14 @@ fn sigterm_detaches_everything() {
         return;
     }
     let pod = Pod::new();
-    let _service = pod.start_service();
+    let _service = pod.start_http_service();
     let mut agent = Agent::start(&pod, ["--proxy-port", "15080"]);
     assert_eq!(attached_programs(pod.cgroup_path()), interceptor_programs());
+    let out = pod
+        .client(["http", "169.254.171.33:80"])
+        .uid(APP_UID)
+        .run(T);
+    assert_signed_at(&out, "169.254.171.33:80");
 
     let status = agent.stop();
     assert!(
@@ -338,8 +386,11 @@ fn sigterm_detaches_everything() {
         "programs left attached after SIGTERM"
     );
     // Unpinned: with the agent gone, traffic goes straight out again.
-    let out = pod.client(["tcp", "169.254.171.33:80"]).uid(APP_UID).run(T);
-    assert_reached(&out, "169.254.171.33:80");
+    let out = pod
+        .client(["http", "169.254.171.33:80"])
+        .uid(APP_UID)
+        .run(T);
+    assert_direct_at(&out, "169.254.171.33:80");
 }
 
 // j.
@@ -350,7 +401,7 @@ fn pinned_interception_survives_sigkill_and_is_taken_over() {
     }
     let pod = Pod::new();
     let bpffs = Bpffs::new();
-    let _service = pod.start_service();
+    let _service = pod.start_http_service();
     let args = [
         "--proxy-port".as_ref(),
         "15080".as_ref(),
@@ -359,8 +410,11 @@ fn pinned_interception_survives_sigkill_and_is_taken_over() {
     ];
     let mut agent = Agent::start(&pod, args);
     assert_eq!(attached_programs(pod.cgroup_path()), interceptor_programs());
-    let out = pod.client(["tcp", "169.254.171.33:80"]).uid(APP_UID).run(T);
-    assert_reached(&out, "169.254.171.33:80");
+    let out = pod
+        .client(["http", "169.254.171.33:80"])
+        .uid(APP_UID)
+        .run(T);
+    assert_signed_at(&out, "169.254.171.33:80");
 
     agent.kill();
     assert_eq!(
@@ -378,18 +432,25 @@ fn pinned_interception_survives_sigkill_and_is_taken_over() {
         let path = bpffs.path().join(format!("map_{map}"));
         assert!(path.exists(), "{} not pinned", path.display());
     }
-    // Fail closed: still redirected, nobody serves the port.
-    let out = pod.client(["tcp", "169.254.171.33:80"]).uid(APP_UID).run(T);
+    // Fail closed: still redirected, nobody serves the port; no request
+    // leaves unsigned.
+    let out = pod
+        .client(["http", "169.254.171.33:80"])
+        .uid(APP_UID)
+        .run(T);
     assert_refused(&out);
 
     let mut agent = Agent::start(&pod, args);
-    let out = pod.client(["tcp", "169.254.171.33:80"]).uid(APP_UID).run(T);
-    assert_reached(&out, "169.254.171.33:80");
     let out = pod
-        .client(["tcp", "[fd00:ec2:80::33]:80"])
+        .client(["http", "169.254.171.33:80"])
         .uid(APP_UID)
         .run(T);
-    assert_reached(&out, "[fd00:ec2:80::33]:80");
+    assert_signed_at(&out, "169.254.171.33:80");
+    let out = pod
+        .client(["http", "[fd00:ec2:80::33]:80"])
+        .uid(APP_UID)
+        .run(T);
+    assert_signed_at(&out, "[fd00:ec2:80::33]:80");
     assert_eq!(
         attached_programs(pod.cgroup_path()),
         interceptor_programs(),
@@ -404,7 +465,10 @@ fn pinned_interception_survives_sigkill_and_is_taken_over() {
         agent.log()
     );
     assert_eq!(attached_programs(pod.cgroup_path()), interceptor_programs());
-    let out = pod.client(["tcp", "169.254.171.33:80"]).uid(APP_UID).run(T);
+    let out = pod
+        .client(["http", "169.254.171.33:80"])
+        .uid(APP_UID)
+        .run(T);
     assert_refused(&out);
 
     // Releasing the bpffs (the fixture's cleanup) releases the links.

@@ -1,6 +1,8 @@
-//! `cargo xtask demo`: builds the agent and runs the end-to-end demo, the
-//! `lattice-demo` binary of the lattice-tests package. Until that binary
-//! exists this fails rather than pretend.
+//! `cargo xtask demo`: builds the agent (release) and runs the end-to-end
+//! demo, the `lattice-demo` binary of the lattice-tests package
+//! (tests/src/bin/lattice-demo.rs). The demo finds the release agent next to
+//! itself (or `$LATTICE_AGENT_BIN`) and the Python venv through
+//! `LATTICE_TEST_VENV`, which setup's `Ready` sets; it needs root.
 
 use std::process::Command;
 
@@ -13,7 +15,7 @@ const DEMO_BIN: &str = "lattice-demo";
 pub fn run(ws: &Workspace, ready: &Ready) -> Result<()> {
     // Checked before the (long) release build, which would be wasted.
     if !demo_exists(ws) {
-        bail!("demo arrives with the signing proxy (issue 3)");
+        bail!("tests/src/bin/{DEMO_BIN}.rs is missing from this checkout");
     }
     cmd::run(cargo(ws, ready)?.args(["build", "--release", "--package", "lattice-agent"]))?;
     cmd::run(cargo(ws, ready)?.args([

@@ -6,8 +6,13 @@
 //!   lattice-test-client tcp-mapped A.B.C.D:PORT  same, AF_INET6 socket to ::ffff:A.B.C.D
 //!   lattice-test-client udp ADDR:PORT          send "ping", print the reply (2 s)
 //!   lattice-test-client many ADDR:PORT N       N sequential connections
+//!   lattice-test-client http ADDR:PORT         one HTTP/1.1 GET, print the body
+//!   lattice-test-client http-mapped A.B.C.D:PORT  same over an AF_INET6 socket
+//!   lattice-test-client many-http ADDR:PORT N  N sequential GETs, one connection each
+//!                                              (also counts replies that saw no signature)
 //!
-//! `tcp` also prints `client local=<addr> peer=<addr>` to stderr.
+//! `tcp` and `http` also print `client local=<addr> peer=<addr>` to stderr,
+//! `http` then `http-status=<code>`; a status other than 200 exits 4.
 //! Connect errors print `error: <ErrorKind>: <message>` and exit 2.
 //!
 //! Safety net: it refuses (exit 3) to send anything to an address that is
@@ -16,7 +21,7 @@
 //! mistake in the host namespace, a Lattice address would leave the machine.
 
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
     process::ExitCode,
     time::Duration,
@@ -32,7 +37,13 @@ fn main() -> ExitCode {
         ["tcp-mapped", addr] => with_addr(addr, |a| tcp_once(a, true)),
         ["udp", addr] => with_addr(addr, udp),
         ["many", addr, n] => match n.parse() {
-            Ok(n) => with_addr(addr, |a| many(a, n)),
+            Ok(n) => with_addr(addr, |a| many(a, n, false)),
+            Err(_) => usage(),
+        },
+        ["http", addr] => with_addr(addr, |a| http_once(a, false)),
+        ["http-mapped", addr] => with_addr(addr, |a| http_once(a, true)),
+        ["many-http", addr, n] => match n.parse() {
+            Ok(n) => with_addr(addr, |a| many(a, n, true)),
             Err(_) => usage(),
         },
         _ => usage(),
@@ -40,7 +51,10 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: lattice-test-client tcp|tcp-mapped|udp ADDR:PORT | many ADDR:PORT N");
+    eprintln!(
+        "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
+         | many|many-http ADDR:PORT N"
+    );
     ExitCode::from(64)
 }
 
@@ -82,7 +96,13 @@ fn connect(addr: SocketAddr, mapped: bool) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-fn read_all(addr: SocketAddr, mapped: bool, verbose: bool) -> std::io::Result<String> {
+/// Connects; with `request`, sends it first; reads to EOF.
+fn exchange(
+    addr: SocketAddr,
+    mapped: bool,
+    verbose: bool,
+    request: Option<&[u8]>,
+) -> std::io::Result<String> {
     let mut stream = connect(addr, mapped)?;
     if verbose {
         // Lets a test match this connection with what the service saw: a
@@ -91,9 +111,68 @@ fn read_all(addr: SocketAddr, mapped: bool, verbose: bool) -> std::io::Result<St
             eprintln!("client local={local} peer={peer}");
         }
     }
+    if let Some(request) = request {
+        stream.write_all(request)?;
+    }
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn read_all(addr: SocketAddr, mapped: bool, verbose: bool) -> std::io::Result<String> {
+    exchange(addr, mapped, verbose, None)
+}
+
+/// A GET for `/lattice-test` with the destination as Host, asking the
+/// server to close afterwards (the reply then ends at EOF).
+fn http_request(addr: SocketAddr) -> Vec<u8> {
+    let host = match (addr.ip(), addr.port()) {
+        (IpAddr::V4(ip), 80) => ip.to_string(),
+        (IpAddr::V6(ip), 80) => format!("[{ip}]"),
+        _ => addr.to_string(),
+    };
+    format!(
+        "GET /lattice-test HTTP/1.1\r\nhost: {host}\r\nuser-agent: lattice-test-client\r\n\
+         connection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Status code and body of an HTTP/1.1 response read to EOF.
+fn parse_response(text: &str) -> Option<(u16, &str)> {
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body))
+}
+
+fn http_get(addr: SocketAddr, mapped: bool, verbose: bool) -> Result<(u16, String), String> {
+    let text = exchange(addr, mapped, verbose, Some(&http_request(addr)))
+        .map_err(|e| format!("{:?}: {e}", e.kind()))?;
+    let (status, body) =
+        parse_response(&text).ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+fn http_once(addr: SocketAddr, mapped: bool) -> ExitCode {
+    if mapped && !matches!(addr, SocketAddr::V4(_)) {
+        eprintln!("http-mapped takes an IPv4 address");
+        return ExitCode::from(64);
+    }
+    match http_get(addr, mapped, true) {
+        Ok((status, body)) => {
+            eprintln!("http-status={status}");
+            print!("{body}");
+            if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(4)
+            }
+        }
+        Err(e) => {
+            println!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn tcp_once(addr: SocketAddr, mapped: bool) -> ExitCode {
@@ -148,24 +227,42 @@ fn udp(addr: SocketAddr) -> ExitCode {
     }
 }
 
-fn many(addr: SocketAddr, n: usize) -> ExitCode {
+fn many(addr: SocketAddr, n: usize, http: bool) -> ExitCode {
     let mut ok = 0usize;
     let mut failed = 0usize;
     let mut first_error = None;
+    // HTTP replies of lattice-test-service --http that saw no signature.
+    let mut unsigned = 0usize;
     for _ in 0..n {
-        match read_all(addr, false, false) {
-            Ok(text) if !text.is_empty() => ok += 1,
+        let result = if http {
+            match http_get(addr, false, false) {
+                Ok((200, body)) => Ok(body),
+                Ok((status, body)) => Err(format!("status {status}: {}", body.trim())),
+                Err(e) => Err(e),
+            }
+        } else {
+            read_all(addr, false, false).map_err(|e| format!("{:?}: {e}", e.kind()))
+        };
+        match result {
+            Ok(text) if !text.is_empty() => {
+                ok += 1;
+                unsigned += usize::from(text.contains("credential=none"));
+            }
             Ok(_) => {
                 failed += 1;
                 first_error.get_or_insert_with(|| "empty reply".to_owned());
             }
             Err(e) => {
                 failed += 1;
-                first_error.get_or_insert_with(|| format!("{:?}: {e}", e.kind()));
+                first_error.get_or_insert(e);
             }
         }
     }
-    println!("ok={ok} failed={failed}");
+    if http {
+        println!("ok={ok} failed={failed} unsigned={unsigned}");
+    } else {
+        println!("ok={ok} failed={failed}");
+    }
     if let Some(e) = first_error {
         println!("first error: {e}");
     }
