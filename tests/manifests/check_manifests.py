@@ -11,6 +11,9 @@
             and stripped as in kyverno/pkg/engine/mutate/patch, then the
             kustomize strategic-merge filter Kyverno itself uses, run through
             `kubectl kustomize`) and asserts on the resulting pod specs.
+  container Prints, as JSON, the lattice-agent container and the pod's volumes
+            as deploy/examples/app1-with-sidecar renders them, for
+            tests/tests/sidecar_discovery.rs to start the agent exactly so.
 
 Needs PyYAML and kubernetes-validate (the test venv) and kubectl.
 """
@@ -345,7 +348,10 @@ def assert_sidecar(spec, expected_caps, label):
     for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         check(c.get(probe, {}).get("httpGet") == {"path": path, "port": 15090}, f"{label}: {probe} {c.get(probe)}")
     sc = c["securityContext"]
-    check(sc.get("runAsUser") == 0 and sc.get("runAsNonRoot") is False, f"{label}: starts as root (to hold capabilities)")
+    check(
+        sc.get("runAsUser") == 101 and sc.get("runAsGroup") == 101 and sc.get("runAsNonRoot") is True,
+        f"{label}: runs as UID/GID 101 (the image's user and the exempt UID), runAsNonRoot",
+    )
     check(sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False, f"{label}: privileged/allowPrivilegeEscalation")
     check(sc.get("readOnlyRootFilesystem") is True, f"{label}: readOnlyRootFilesystem")
     check(sc.get("seccompProfile") == {"type": "RuntimeDefault"}, f"{label}: seccompProfile")
@@ -458,16 +464,30 @@ def cmd_kyverno(args):
     kubernetes_validate(args.validator, [injected], "kyverno-mutated examples/app1")
 
 
+def cmd_container(args):
+    deploy = os.path.join(args.workspace, "deploy")
+    docs = find_docs(render(args.kubectl, os.path.join(deploy, "examples", "app1-with-sidecar")), "Deployment")
+    check(len(docs) == 1, "examples/app1-with-sidecar: one Deployment")
+    spec = pod_spec(docs[0])
+    sidecars = [c for c in spec.get("initContainers", []) if c["name"] == SIDECAR]
+    check(len(sidecars) == 1, f"examples/app1-with-sidecar: no {SIDECAR} init container")
+    print(json.dumps({"container": sidecars[0], "volumes": spec.get("volumes", [])}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["validate", "kyverno"])
+    p.add_argument("command", choices=["validate", "kyverno", "container"])
     p.add_argument("--workspace", required=True)
     p.add_argument("--kubectl", default="kubectl")
-    p.add_argument("--validator", required=True, help="path of the kubernetes-validate CLI")
-    p.add_argument("--expected-caps", default="BPF,NET_ADMIN,SETUID,SETGID")
+    p.add_argument("--validator", help="path of the kubernetes-validate CLI (validate, kyverno)")
+    p.add_argument("--expected-caps", help="the measured set, e.g. BPF,NET_ADMIN (kyverno)")
     args = p.parse_args()
     try:
-        {"validate": cmd_validate, "kyverno": cmd_kyverno}[args.command](args)
+        if args.command in ("validate", "kyverno") and not args.validator:
+            fail("--validator is required")
+        if args.command == "kyverno" and not args.expected_caps:
+            fail("--expected-caps is required")
+        {"validate": cmd_validate, "kyverno": cmd_kyverno, "container": cmd_container}[args.command](args)
     except Unsupported as e:
         fail(f"the policy uses something the Kyverno emulation does not implement: {e}")
 

@@ -12,74 +12,16 @@
 
 mod sidecar_support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::process::Command;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-/// $LATTICE_TEST_VENV, else `<target dir>/venv`.
-fn venv() -> PathBuf {
-    if let Some(v) = std::env::var_os("LATTICE_TEST_VENV") {
-        return PathBuf::from(v);
-    }
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-        .join("venv")
-}
-
-struct Tools {
-    python: PathBuf,
-    validator: PathBuf,
-}
-
-/// The tools, or None (skip) when missing outside CI; panics under CI=true.
-fn tools(test: &str) -> Option<Tools> {
-    let venv = venv();
-    let python = venv.join("bin/python");
-    let validator = venv.join("bin/kubernetes-validate");
-    let mut missing = Vec::new();
-    let kubectl_ok = Command::new("kubectl")
-        .args(["kustomize", "--help"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !kubectl_ok {
-        missing.push("kubectl with kustomize (`kubectl kustomize`)".to_owned());
-    }
-    let venv_ok = Command::new(&python)
-        .args(["-c", "import yaml, kubernetes_validate"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !venv_ok || !validator.is_file() {
-        missing.push(format!(
-            "a venv at {} with PyYAML and kubernetes-validate (tests/requirements.txt; `cargo xtask setup`, or set LATTICE_TEST_VENV)",
-            venv.display()
-        ));
-    }
-    if missing.is_empty() {
-        return Some(Tools { python, validator });
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    assert!(
-        !ci,
-        "{test}: missing {}; CI=true forbids skipping",
-        missing.join(", ")
-    );
-    eprintln!("\n*** SKIPPED {test}: missing {} ***\n", missing.join(", "));
-    None
-}
+use sidecar_support::{manifest_tools, workspace};
 
 fn check_manifests(test: &str, command: &str) {
-    let Some(tools) = tools(test) else { return };
+    let Some(tools) = manifest_tools(test) else {
+        return;
+    };
     let workspace = workspace();
-    let caps: Vec<String> = sidecar_support::ROOT_START_CAPS
+    let caps: Vec<String> = sidecar_support::SIDECAR_CAPS
         .iter()
         .map(|c| c.to_uppercase())
         .collect();

@@ -5,6 +5,13 @@
 //! its UID, attaches there and nowhere else, and an app process in the pod
 //! is redirected while the same connect from outside the pod is not.
 //!
+//! And the sidecar as deploy/ runs it: the container rendered from the
+//! manifests (args, env, user, capabilities, probes) started the way
+//! containerd starts it, inside the pod's cgroup: its startupProbe fails
+//! until credentials are there, then passes, and the app's request to a
+//! Lattice address reaches the service signed (the agent's own upstream
+//! connection, from inside the pod, is exempt by its UID).
+//!
 //! Needs root; traffic stays inside the fixture pod's network namespace.
 
 mod sidecar_support;
@@ -27,7 +34,9 @@ use lattice_tests::{
     unique_name,
 };
 use sidecar_support::{
-    CgroupTree, Connect, INTERCEPTOR, attach_types, connect_with, drain, placed, require_tool,
+    CgroupTree, Connect, FileCapsAgent, INTERCEPTOR, assert_signed, assert_unprivileged,
+    attach_types, connect_with, container_start, drain, http_get, manifest_tools, placed,
+    proxy_env, rendered_sidecar, require_tool, serve_one_request, wait_http_ok,
 };
 
 /// The agent's default --proxy-port: nothing listens there with --intercept-only.
@@ -257,5 +266,178 @@ fn unknown_pod_fails_listing_every_path_searched() {
     }
     assert!(out.stderr.contains(&uid), "{out}");
     assert_eq!(attach_types(node.cgroup_path()), Vec::<String>::new());
+    drop(tree);
+}
+
+/// The rendered container's `name=value` env (the downward API's POD_UID
+/// filled in with `pod_uid`; any other valueFrom is an error here).
+fn container_env(container: &serde_json::Value, pod_uid: &str) -> Vec<String> {
+    let mut env = Vec::new();
+    for var in container["env"].as_array().expect("env list") {
+        let name = var["name"].as_str().expect("env name");
+        if let Some(value) = var["value"].as_str() {
+            env.push(format!("{name}={value}"));
+        } else {
+            assert_eq!(
+                (name, &var["valueFrom"]["fieldRef"]["fieldPath"]),
+                ("POD_UID", &serde_json::json!("metadata.uid")),
+                "env {var}: the test cannot fill this in"
+            );
+            env.push(format!("POD_UID={pod_uid}"));
+        }
+    }
+    env
+}
+
+/// The probe's URL inside the pod's netns (the kubelet uses the pod IP;
+/// the admin server listens on 0.0.0.0 per the manifest).
+fn probe_url(container: &serde_json::Value, probe: &str) -> String {
+    let get = &container[probe]["httpGet"];
+    let path = get["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{probe}: {get}"));
+    let port = get["port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{probe}: {get}"));
+    format!("http://127.0.0.1:{port}{path}")
+}
+
+#[test]
+fn sidecar_runs_as_the_manifests_say() {
+    if !preflight("sidecar_runs_as_the_manifests_say") {
+        return;
+    }
+    require_tool("setpriv", "util-linux");
+    require_tool("setcap", "libcap2-bin");
+    require_tool("curl", "curl");
+    let Some(tools) = manifest_tools("sidecar_runs_as_the_manifests_say") else {
+        return;
+    };
+    let rendered = rendered_sidecar(&tools);
+    let container = &rendered["container"];
+    let sc = &container["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+    let uid = sc["runAsUser"].as_u64().expect("runAsUser") as u32;
+    assert_eq!(sc["runAsGroup"].as_u64(), Some(uid.into()), "{sc}");
+    assert_eq!(
+        sc["capabilities"]["drop"],
+        serde_json::json!(["ALL"]),
+        "{sc}"
+    );
+    let caps: Vec<String> = sc["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| c.as_str().expect("capability").to_ascii_lowercase())
+        .collect();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg"))
+        .collect();
+    // The hostPath mount of the node's cgroup tree is where the agent looks
+    // by default; here the simulated tree stands in for it.
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| {
+            rendered["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .any(|v| v["name"] == m["name"] && v["hostPath"]["path"] == "/sys/fs/cgroup")
+        })
+        .expect("a hostPath mount of /sys/fs/cgroup");
+    assert_eq!(
+        mount["mountPath"], "/sys/fs/cgroup",
+        "the agent's default --cgroup-root"
+    );
+
+    let pod_uid = pod_uid();
+    let node = Pod::new();
+    let tree = CgroupTree::new(node.cgroup_path());
+    let pod = tree.mkdir(layout("systemd/burstable", &pod_uid));
+    let sidecar_cg = tree.mkdir(layout("systemd/burstable", &pod_uid).join("lattice-agent"));
+    let app_cg = tree.mkdir(layout("systemd/burstable", &pod_uid).join("app1-v1"));
+    // The image's entrypoint: the agent with the image's file capabilities.
+    let entrypoint = FileCapsAgent::new();
+    let probe = || node.command("curl").build();
+    let start = |with_credentials: bool| {
+        let mut cmd = placed("env", node.netns_path(), &sidecar_cg);
+        cmd.arg("-i")
+            .args(proxy_env(with_credentials))
+            .args(container_env(container, &pod_uid))
+            .arg(format!(
+                "LATTICE_CGROUP_ROOT={}",
+                node.cgroup_path().display()
+            ))
+            .args(container_start(uid, &caps))
+            .arg(entrypoint.path())
+            .args(&args);
+        let mut agent = ChildGuard::spawn(cmd, "lattice-agent (as deployed)".to_owned());
+        agent.wait_for(Stream::Stderr, READY_LINE, READY_TIMEOUT);
+        agent
+    };
+
+    // Without credentials (no IRSA / Pod Identity yet) the startupProbe
+    // fails, so the kubelet would not start the app containers.
+    let mut agent = start(false);
+    let (status, body) = http_get(probe(), &probe_url(container, "startupProbe"));
+    assert_eq!(
+        status, 503,
+        "startupProbe passed without credentials: {body}"
+    );
+    assert!(body.contains("no credentials"), "{body}");
+    let (status, _) = http_get(probe(), &probe_url(container, "livenessProbe"));
+    assert_eq!(status, 200, "livenessProbe");
+    stop(&mut agent);
+    drop(agent);
+
+    // With credentials: the probes pass, the agent runs as the manifest's
+    // UID with no capabilities, and the app's call is signed.
+    let mut agent = start(true);
+    for name in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        wait_http_ok(probe, &probe_url(container, name), Duration::from_secs(10));
+    }
+    assert!(
+        agent.stderr().contains(&*pod.to_string_lossy()),
+        "{}",
+        agent.stderr()
+    );
+    assert_eq!(attach_types(&pod), INTERCEPTOR, "{}", agent.stderr());
+    assert_unprivileged(agent.pid(), uid, &agent.stderr());
+
+    let lattice = SocketAddr::new(LATTICE_V4.parse().unwrap(), 80);
+    let service = node
+        .listen_tcp(lattice)
+        .expect("listen on the Lattice address");
+    let mut curl = placed("curl", node.netns_path(), &app_cg);
+    curl.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://{lattice}/from-app1"),
+    ]);
+    let mut app = ChildGuard::spawn(curl, "curl (app1-v1)".to_owned());
+    let head = serve_one_request(&service, "hello from the service", Duration::from_secs(10));
+    let status = app
+        .wait_timeout(Duration::from_secs(10))
+        .expect("curl hangs");
+    let out = app.output(status);
+    assert!(
+        out.success(),
+        "app request failed:\n{out}\n{}",
+        agent.stderr()
+    );
+    assert_eq!(out.stdout, "hello from the service");
+    assert!(head.starts_with("GET /from-app1 HTTP/1.1"), "{head}");
+    assert_signed(&head);
+
+    stop(&mut agent);
+    assert_eq!(attach_types(&pod), Vec::<String>::new());
+    drop(agent);
     drop(tree);
 }

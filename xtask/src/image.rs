@@ -8,6 +8,10 @@
 //! is used instead, with the shared libraries `ldd` lists copied into the
 //! image at their paths.
 //!
+//! The staged binary gets the file capabilities BPF and NET_ADMIN (`setcap`;
+//! buildah's COPY keeps the security.capability xattr in the layer), so the
+//! image can run as its non-root USER 101: see deploy/Containerfile.
+//!
 //! Incremental: when the archive is newer than the staged binary and the
 //! Containerfile, buildah is not run again.
 //!
@@ -26,14 +30,21 @@ use anyhow::{Context as _, bail, ensure};
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const IMAGE: &str = "lattice-agent";
 const ARCHIVE: &str = "lattice-agent.oci.tar";
+/// The image binary's file capabilities: the sidecar's minimal set (see
+/// tests/tests/least_privilege.rs), granted at exec to the non-root user.
+pub const FILE_CAPS: &str = "cap_bpf,cap_net_admin=ep";
 
 /// Builds (or reuses) the OCI archive and returns its path.
 pub fn build_image(workspace: &Path, target_dir: &Path) -> anyhow::Result<PathBuf> {
-    for tool in ["buildah", "strip"] {
+    for (tool, package) in [
+        ("buildah", "buildah"),
+        ("strip", "binutils"),
+        ("setcap", "libcap2-bin"),
+        ("getcap", "libcap2-bin"),
+    ] {
         ensure!(
             which(tool).is_some(),
-            "`{tool}` not found: install the Debian package {} (`cargo xtask setup` does)",
-            if tool == "strip" { "binutils" } else { tool }
+            "`{tool}` not found: install the Debian package {package} (`cargo xtask setup` does)"
         );
     }
     let out_dir = target_dir.join("image");
@@ -48,7 +59,7 @@ pub fn build_image(workspace: &Path, target_dir: &Path) -> anyhow::Result<PathBu
 
     let (binary, linkage) = build_agent(workspace, target_dir)?;
     let staged = context.join("rootfs").join(IMAGE);
-    if !is_newer(&staged, &binary) {
+    if !is_newer(&staged, &binary) || !has_file_caps(&staged) {
         stage(&binary, linkage, &context)?;
     }
     if is_newer(&archive, &staged) && is_newer(&archive, &containerfile) {
@@ -218,6 +229,10 @@ fn stage(binary: &Path, linkage: Linkage, context: &Path) -> anyhow::Result<()> 
         .with_context(|| format!("copying {} (was it built?)", binary.display()))?;
     // The release profile keeps debug info (for profiling); the image needs none.
     run(Command::new("strip").arg("--strip-debug").arg(&staged))?;
+    // After strip, which writes a new file without the xattr. Needs
+    // CAP_SETFCAP (root), as buildah without a rootless setup does anyway.
+    run(Command::new("setcap").arg(FILE_CAPS).arg(&staged))
+        .context("setting the image binary's file capabilities (needs root)")?;
     if let Linkage::GlibcWithLibraries = linkage {
         for lib in shared_libraries(binary)? {
             let dest = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
@@ -227,6 +242,26 @@ fn stage(binary: &Path, linkage: Linkage, context: &Path) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// True when `path` carries exactly [`FILE_CAPS`] (as `getcap` prints them).
+fn has_file_caps(path: &Path) -> bool {
+    let Ok(out) = Command::new("getcap").arg(path).output() else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some((_, spec)) = text.trim().rsplit_once(' ') else {
+        return false;
+    };
+    sorted_caps(spec) == sorted_caps(FILE_CAPS)
+}
+
+/// "cap_b,cap_a=ep" as (["cap_a", "cap_b"], "ep").
+fn sorted_caps(spec: &str) -> (Vec<&str>, &str) {
+    let (names, flags) = spec.split_once('=').unwrap_or((spec, ""));
+    let mut names: Vec<&str> = names.split(',').collect();
+    names.sort_unstable();
+    (names, flags)
 }
 
 /// Absolute paths `ldd` reports for `binary`, the dynamic loader included.
