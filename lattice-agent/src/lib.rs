@@ -11,6 +11,7 @@ pub mod config;
 pub mod credentials;
 pub mod metrics;
 pub mod mode;
+pub mod nat_orig_dst;
 pub mod orig_dst;
 pub mod pod_cgroup;
 pub mod privilege;

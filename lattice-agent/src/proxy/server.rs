@@ -117,7 +117,11 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let dst = orig_dst.original_destination(peer);
+        // No eBPF record: the connection may have been steered by the seed
+        // setup's iptables NAT rules instead; conntrack knows where it went.
+        let dst = orig_dst
+            .original_destination(peer)
+            .or_else(|| crate::nat_orig_dst::nat_original_destination(&stream));
         match dst {
             Some(_) => {
                 shared.metrics.redirected_connections.inc();
