@@ -2,6 +2,7 @@
 //! .cargo/config.toml). Every command first runs `setup`, so one command on
 //! a fresh machine is enough.
 
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -46,6 +47,13 @@ enum Task {
     Demo,
     /// Build the lattice-agent OCI image into <target>/image/.
     Image,
+    /// Benchmark lattice against direct traffic and iptables interception;
+    /// writes <target>/bench/report.{md,json,png}. Needs root.
+    Bench {
+        /// A short run (about 2 minutes) instead of the full one.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -71,6 +79,7 @@ fn run(task: Task) -> Result<()> {
             image::build_image(&ws.root, &ws.target_dir)?;
             Ok(())
         }
+        Task::Bench { quick } => bench::run(&ws, &ready, quick),
     }
 }
 

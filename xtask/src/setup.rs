@@ -28,6 +28,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "skopeo",       // inspecting the OCI archive in tests
     "binutils",     // strip, for the image
     "musl-tools",   // a static agent binary for the image
+    // `cargo xtask bench`: the seed's NAT rules as a baseline; the chart's font
+    "iptables",
+    "fonts-dejavu-core",
 ];
 
 const REQUIREMENTS: &str = "tests/requirements.txt";

@@ -1,0 +1,237 @@
+//! Micro-benchmarks of the per-request and per-connection work of the proxy:
+//! signing one request (headers only), and finding a connection's original
+//! destination — from the eBPF map (lattice) and, on a map miss, from
+//! conntrack with SO_ORIGINAL_DST (the seed's iptables NAT).
+//!
+//! The lookups need root: they load and attach the real programs to a
+//! cgroup of their own and make real connections, inside a network
+//! namespace the bench unshares for itself (nothing reaches the host's
+//! network; the namespace, its NAT rule and the cgroup go when it ends).
+//! Without root they are skipped with a message.
+
+use std::{
+    fs,
+    hint::black_box,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant, SystemTime},
+};
+
+use aws_credential_types::Credentials;
+use criterion::{Criterion, criterion_group, criterion_main};
+use lattice_agent::{
+    bpf::{InterceptConfig, Interceptor},
+    nat_orig_dst::nat_original_destination,
+    orig_dst::OriginalDestination as _,
+    sign::{self, Algorithm, Payload, RequestToSign, SigningConfig},
+};
+
+fn signing(c: &mut Criterion) {
+    let creds = Credentials::new(
+        "AKIDLATTICEBENCH",
+        "lattice/bench/SECRET+key0123456789abcdefgh",
+        Some("SESSION-TOKEN-lattice-bench".to_owned()),
+        None,
+        "bench",
+    );
+    let req = RequestToSign {
+        method: "GET",
+        path: "/api/v1/items/42",
+        query: Some("limit=10&page=2"),
+        host: "inventory-8080-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws",
+        payload: &Payload::Unsigned,
+    };
+    let mut group = c.benchmark_group("sign");
+    for (name, algorithm) in [("sigv4", Algorithm::SigV4), ("sigv4a", Algorithm::SigV4a)] {
+        let cfg = SigningConfig {
+            service: "vpc-lattice-svcs".to_owned(),
+            region: "us-west-2".to_owned(),
+            algorithm,
+        };
+        group.bench_function(format!("{name}_headers_only"), |b| {
+            b.iter(|| sign::sign(black_box(&req), &creds, &cfg, SystemTime::now()).unwrap());
+        });
+    }
+    group.finish();
+}
+
+/// Address the eBPF programs intercept (→ the listener).
+const LATTICE_TARGET: &str = "169.254.171.33:80";
+/// Address only the NAT rule redirects (→ the same listener).
+const NAT_TARGET: &str = "169.254.172.33:80";
+
+/// A network namespace (this thread's), a cgroup holding this process, and
+/// the interceptor attached to it. Undone on drop.
+struct Sandbox {
+    cgroup: PathBuf,
+    home: PathBuf,
+    interceptor: Option<Interceptor>,
+    listener: TcpListener,
+}
+
+impl Sandbox {
+    fn new() -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("\n*** SKIPPED original-destination benches: they need root ***\n");
+            return None;
+        }
+        // Only this (the bench's main) thread and the commands it starts
+        // enter the new namespace.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        run(&["ip", "link", "set", "lo", "up"]);
+        run(&["ip", "addr", "add", "169.254.171.33/32", "dev", "lo"]);
+        run(&["ip", "addr", "add", "169.254.172.33/32", "dev", "lo"]);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        let port_s = port.to_string();
+        run(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "169.254.172.0/24",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port_s,
+        ]);
+
+        let mount = cgroup2_mount();
+        let home = mount.join(
+            fs::read_to_string("/proc/self/cgroup")
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("0::/"))
+                .expect("no cgroup v2 entry in /proc/self/cgroup")
+                .trim(),
+        );
+        let cgroup = mount.join(format!("lat-bench-crit-{}", std::process::id()));
+        fs::create_dir(&cgroup).expect("mkdir cgroup");
+        let mut sandbox = Self {
+            cgroup,
+            home,
+            interceptor: None,
+            listener,
+        };
+        fs::write(sandbox.cgroup.join("cgroup.procs"), "0").expect("join cgroup");
+        sandbox.interceptor = Some(
+            Interceptor::attach(&InterceptConfig {
+                cgroup: sandbox.cgroup.clone(),
+                v4_prefixes: vec!["169.254.171.0/24".parse().unwrap()],
+                v6_prefixes: vec![],
+                proxy_port: port,
+                exempt_uid: 101,
+                pin: None,
+            })
+            .expect("attach the interceptor"),
+        );
+        Some(sandbox)
+    }
+
+    /// Connects to `target`, accepts, and times only `lookup` on the
+    /// accepted connection.
+    fn timed(
+        &self,
+        target: SocketAddr,
+        lookup: impl Fn(&TcpStream, SocketAddr) -> Option<SocketAddr>,
+    ) -> Duration {
+        let client = TcpStream::connect(target).expect("connect");
+        // RST on close: no TIME_WAIT, so ports never run out.
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        let (accepted, peer) = self.listener.accept().expect("accept");
+        let start = Instant::now();
+        let found = black_box(lookup(&accepted, peer));
+        let took = start.elapsed();
+        assert_eq!(
+            found,
+            Some(target),
+            "the lookup must find the original destination"
+        );
+        took
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(i) = self.interceptor.take() {
+            i.detach();
+        }
+        let _ = fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        if let Err(e) = fs::remove_dir(&self.cgroup) {
+            eprintln!("removing {}: {e}", self.cgroup.display());
+        }
+        // The namespace and its NAT rule end with this thread's last user.
+    }
+}
+
+fn orig_dst(c: &mut Criterion) {
+    let Some(sandbox) = Sandbox::new() else {
+        return;
+    };
+    let map = sandbox.interceptor.as_ref().unwrap().orig_dst();
+    let mut group = c.benchmark_group("original_destination");
+    // Each iteration makes a connection; keep the count modest.
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    group.bench_function("ebpf_map", |b| {
+        let target: SocketAddr = LATTICE_TARGET.parse().unwrap();
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| sandbox.timed(target, |_, peer| map.original_destination(peer)))
+                .sum()
+        });
+    });
+    group.bench_function("map_miss_then_so_original_dst", |b| {
+        let target: SocketAddr = NAT_TARGET.parse().unwrap();
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    sandbox.timed(target, |s, peer| {
+                        map.original_destination(peer)
+                            .or_else(|| nat_original_destination(s))
+                    })
+                })
+                .sum()
+        });
+    });
+    group.finish();
+}
+
+fn run(argv: &[&str]) {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn cgroup2_mount() -> PathBuf {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("no cgroup2 mount")
+}
+
+criterion_group!(benches, signing, orig_dst);
+criterion_main!(benches);

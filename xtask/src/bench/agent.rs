@@ -1,0 +1,151 @@
+//! lattice-agent in the pod's namespace (in a cgroup of its own, outside the
+//! app's), signing with static credentials from the environment.
+
+use std::{
+    fs::File,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::Signal;
+
+use super::{interrupt::Interrupt, netns::Netns, process::ChildGuard};
+use crate::cmd;
+
+pub const PROXY_PORT: u16 = 15080;
+pub const EXEMPT_UID: u32 = 101;
+const ADMIN: &str = "127.0.0.1:15090";
+
+// Static demo credentials: nginx does not check signatures, the point is
+// that the agent does the full signing work for every request.
+const ACCESS_KEY: &str = "AKIDLATTICEBENCH";
+const SECRET_KEY: &str = "lattice/bench/SECRET+key0123456789abcdefgh";
+const REGION: &str = "us-west-2";
+
+pub struct Agent {
+    pub process: ChildGuard,
+}
+
+impl Agent {
+    /// Starts the agent attached to `attach_to` and waits for /readyz.
+    pub fn start(
+        binary: &Path,
+        ns: &Netns,
+        own_cgroup: &Path,
+        attach_to: &Path,
+        dir: &Path,
+        stop: &Interrupt,
+    ) -> Result<Self> {
+        let log = dir.join("agent.log");
+        let mut command = ns.command_in_cgroup(own_cgroup, &binary.to_string_lossy());
+        command
+            .args(["run", "--cgroup"])
+            .arg(attach_to)
+            .args(["--proxy-port", &PROXY_PORT.to_string()])
+            .args(["--exempt-uid", &EXEMPT_UID.to_string()])
+            .args(["--admin-addr", ADMIN])
+            // A clean environment: no profile, IMDS or ambient AWS settings
+            // of the host can change what the agent does.
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_REGION", REGION)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("LATTICE_LOG", "warn,lattice_agent=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).context("creating the agent's log")?);
+        // For exploring the runtime's size: tokio reads it when the agent
+        // does not set a thread count itself.
+        if let Some(threads) = std::env::var_os("TOKIO_WORKER_THREADS") {
+            command.env("TOKIO_WORKER_THREADS", threads);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting `{}`", cmd::display(&command)))?;
+        let mut process = ChildGuard::new(child, "lattice-agent", Signal::SIGTERM, log);
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            stop.check()?;
+            if let Some(status) = process.exited() {
+                bail!(
+                    "lattice-agent exited at start ({status}):\n{}",
+                    process.log_tail()
+                );
+            }
+            let code = cmd::read(ns.command("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                &format!("http://{ADMIN}/readyz"),
+            ]))
+            .unwrap_or_default();
+            if code == "200" {
+                return Ok(Self { process });
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lattice-agent not ready within 30s (/readyz: {code:?}):\n{}",
+                    process.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sum of a counter family in /metrics (all label sets).
+    pub fn counter(ns: &Netns, name: &str) -> Result<f64> {
+        let text = cmd::read(ns.command("curl").args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{ADMIN}/metrics"),
+        ]))?;
+        Ok(sum_counter(&text, name))
+    }
+}
+
+/// Sums the samples of `name` (with or without labels) in Prometheus text.
+fn sum_counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sum_counter;
+
+    #[test]
+    fn counter_sums_label_sets_and_ignores_other_metrics() {
+        let text = "# HELP lattice_requests_total x\n\
+                    lattice_requests_total{method=\"GET\",status=\"200\"} 5\n\
+                    lattice_requests_total{method=\"PUT\",status=\"201\"} 2\n\
+                    lattice_requests_total_other 9\n\
+                    lattice_redirected_connections_total 3\n";
+        assert_eq!(sum_counter(text, "lattice_requests_total"), 7.0);
+        assert_eq!(
+            sum_counter(text, "lattice_redirected_connections_total"),
+            3.0
+        );
+        assert_eq!(sum_counter(text, "missing"), 0.0);
+    }
+}

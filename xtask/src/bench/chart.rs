@@ -1,0 +1,126 @@
+//! report.png: throughput and p99 latency per scenario, for each
+//! concurrency of the keep-alive workload and for new connections.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, anyhow};
+use plotters::{prelude::*, style::FontStyle};
+
+use super::report::{Run, SCENARIOS};
+
+const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const GROUPS: [(&str, Option<u32>, &str); 4] = [
+    ("keepalive", Some(1), "keep-alive c=1"),
+    ("keepalive", Some(16), "keep-alive c=16"),
+    ("keepalive", Some(64), "keep-alive c=64"),
+    ("newconn", Some(16), "new conn c=16"),
+];
+const COLORS: [RGBColor; 3] = [
+    RGBColor(120, 120, 120),
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+];
+
+pub fn draw(runs: &[Run], path: &Path) -> Result<()> {
+    // plotters draws text with ab_glyph from a font we hand it.
+    let font = std::fs::read(FONT_FILE)
+        .with_context(|| format!("reading {FONT_FILE} (Debian package fonts-dejavu-core)"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow!("{FONT_FILE} is not a usable font"))?;
+
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let (left, right) = root.split_horizontally(700);
+    panel(
+        &left,
+        runs,
+        "Throughput (requests/s, higher is better)",
+        0,
+        |r| r.rps,
+    )?;
+    panel(&right, runs, "p99 latency (ms, lower is better)", 1, |r| {
+        r.p99_ms
+    })?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    runs: &[Run],
+    title: &str,
+    decimals: usize,
+    value: impl Fn(&Run) -> Option<f64>,
+) -> Result<()> {
+    let figure = |scenario: &str, (workload, c, _): (&str, Option<u32>, &str)| {
+        runs.iter()
+            .find(|r| r.scenario == scenario && r.workload == workload && r.concurrency == c)
+            .and_then(&value)
+    };
+    let max = SCENARIOS
+        .iter()
+        .flat_map(|s| GROUPS.iter().filter_map(|g| figure(s, *g)))
+        .fold(0.0_f64, f64::max)
+        .max(1e-3);
+    let x = 0.0..GROUPS.len() as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, 0.0..max * 1.15)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        // Key points every 0.5: the group names sit at the half-way ones.
+        .x_labels(GROUPS.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            if (x.fract() - 0.5).abs() > 0.01 {
+                return String::new();
+            }
+            GROUPS
+                .get(x.floor() as usize)
+                .map_or_else(String::new, |g| g.2.to_owned())
+        })
+        .y_label_formatter(&|y| format!("{y:.decimals$}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    let width = 0.8 / SCENARIOS.len() as f64;
+    for (si, scenario) in SCENARIOS.iter().enumerate() {
+        let color = COLORS[si];
+        let bars = GROUPS.iter().enumerate().filter_map(|(gi, g)| {
+            let v = figure(scenario, *g)?;
+            let x0 = gi as f64 + 0.1 + si as f64 * width;
+            Some(Rectangle::new(
+                [(x0, 0.0), (x0 + width * 0.95, v)],
+                color.filled(),
+            ))
+        });
+        chart
+            .draw_series(bars)
+            .map_err(plot_err)?
+            .label(*scenario)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+fn plot_err<E: std::error::Error + Send + Sync + 'static>(
+    e: DrawingAreaErrorKind<E>,
+) -> anyhow::Error {
+    anyhow!("drawing the chart: {e}")
+}

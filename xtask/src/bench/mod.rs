@@ -1,0 +1,523 @@
+//! `cargo xtask bench [--quick]`: lattice against direct traffic and the
+//! seed's iptables interception, side by side in one run on this machine.
+//!
+//! Each scenario gets its own network namespace (nginx on its `lo` at
+//! 169.254.171.33:80), cgroup tree and scratch directory, all removed at the
+//! end, on error, panic or Ctrl-C alike; the run then checks that nothing it
+//! created is left. The three exist side by side and take turns for every
+//! measurement, so machine drift hits them alike and ratios hold.
+//!
+//! - `direct`: wrk → nginx.
+//! - `lattice`: wrk in the pod cgroup → eBPF connect redirect → agent
+//!   (signs) → nginx.
+//! - `iptables`: wrk → the seed's NAT REDIRECT rules → the same agent, its
+//!   programs attached to an empty cgroup so they see nothing; it finds the
+//!   original destination with SO_ORIGINAL_DST.
+
+mod agent;
+mod cgroup;
+mod chart;
+mod interrupt;
+mod netns;
+mod nginx;
+mod process;
+mod report;
+mod scratch;
+mod upload;
+mod wrk;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use self::{
+    agent::Agent,
+    cgroup::CgroupTree,
+    interrupt::Interrupt,
+    netns::Netns,
+    nginx::Nginx,
+    process::ProcStats,
+    report::{Machine, Report, Run},
+    scratch::{ScratchDir, unique_name},
+};
+use crate::{Workspace, cmd, setup::Ready};
+
+/// How long each measurement takes.
+struct Plan {
+    duration: Duration,
+    warmup: Duration,
+    idle_settle: Duration,
+    /// Each measurement is repeated this often, the scenarios taking turns,
+    /// and the median round is reported: drift on a shared machine then hits
+    /// all scenarios alike.
+    rounds: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                duration: Duration::from_secs(4),
+                warmup: Duration::from_secs(1),
+                idle_settle: Duration::from_secs(1),
+                rounds: 1,
+            }
+        } else {
+            Self {
+                duration: Duration::from_secs(10),
+                warmup: Duration::from_secs(3),
+                idle_settle: Duration::from_secs(3),
+                rounds: 3,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Direct,
+    Lattice,
+    Iptables,
+}
+
+impl Scenario {
+    const ALL: [Self; 3] = [Self::Direct, Self::Lattice, Self::Iptables];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Lattice => "lattice",
+            Self::Iptables => "iptables",
+        }
+    }
+}
+
+/// What the run created, to check afterwards that all of it is gone.
+#[derive(Default)]
+struct Created {
+    names: Vec<String>,
+    cgroups: Vec<PathBuf>,
+    pids: Vec<u32>,
+}
+
+pub fn run(ws: &Workspace, ready: &Ready, quick: bool) -> Result<()> {
+    let stop = Interrupt::install()?;
+    for tool in [
+        "nginx",
+        "wrk",
+        "iptables",
+        "iptables-save",
+        "curl",
+        "nsenter",
+        "ip",
+    ] {
+        if !cmd::succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])) {
+            bail!("`{tool}` not found: run `cargo xtask setup` as root");
+        }
+    }
+    let mut build = Command::new("cargo");
+    cmd::without_cargo_run_env(&mut build).current_dir(&ws.root);
+    ready.apply(&mut build)?;
+    cmd::run(build.args(["build", "--release", "--package", "lattice-agent"]))?;
+    let binary = ws.target_dir.join("release/lattice-agent");
+
+    let plan = Plan::new(quick);
+    let host_rules = host_nat_rules();
+    let mut created = Created::default();
+    let measured = measure_all(&binary, &plan, &stop, &mut created);
+    // Checked even after a failure: a leak matters more than the figures.
+    let clean = check_clean(&created, &host_rules);
+    let runs = measured?;
+    clean?;
+    eprintln!(
+        "bench: cleanup verified: {} namespaces, {} cgroup trees, {} processes gone; host NAT rules unchanged",
+        created.names.len(),
+        created.cgroups.len(),
+        created.pids.len()
+    );
+
+    let report = Report {
+        quick,
+        machine: Machine::read(),
+        targets: report::targets(&runs),
+        runs,
+    };
+    let out = ws.target_dir.join("bench");
+    report::write(&report, &out)?;
+    chart::draw(&report.runs, &out.join("report.png"))?;
+    println!("{}", report::markdown(&report));
+    eprintln!(
+        "bench: wrote {0}/report.md, {0}/report.json, {0}/report.png",
+        out.display()
+    );
+    Ok(())
+}
+
+/// One scenario's world. Fields drop in order: agent, nginx, cgroups (and
+/// any process left in them), namespace (and its iptables rules), scratch
+/// directory.
+struct Pod {
+    scenario: Scenario,
+    agent: Option<Agent>,
+    stats: Option<ProcStats>,
+    /// Held for its drop, which stops it.
+    _nginx: Nginx,
+    cgroups: CgroupTree,
+    ns: Netns,
+    scripts: (PathBuf, PathBuf),
+    /// Requests sent through it, to check against the agent's count.
+    sent: u64,
+    dir: ScratchDir,
+}
+
+impl Pod {
+    fn new(
+        scenario: Scenario,
+        binary: &Path,
+        stop: &Interrupt,
+        created: &mut Created,
+    ) -> Result<Self> {
+        let name = unique_name();
+        eprintln!("bench: {} in namespace and cgroup {name}", scenario.name());
+        let dir = ScratchDir::new(&name)?;
+        created.names.push(name.clone());
+        let ns = Netns::new(&name, &[&format!("{}/32", nginx::ADDR)])?;
+        let cgroups = CgroupTree::new(&name)?;
+        created.cgroups.push(cgroups.root().to_path_buf());
+        let nginx = Nginx::start(&ns, &cgroups.upstream(), dir.path(), stop)?;
+        created.pids.push(nginx.process.pid());
+        if scenario == Scenario::Iptables {
+            seed_nat_rules(&ns)?;
+        }
+        let attach_to = match scenario {
+            Scenario::Direct => None,
+            Scenario::Lattice => Some(cgroups.app()),
+            // Nobody runs there: the programs see no traffic, NAT steers it.
+            Scenario::Iptables => Some(cgroups.empty()),
+        };
+        let agent = attach_to
+            .map(|to| Agent::start(binary, &ns, &cgroups.agent(), &to, dir.path(), stop))
+            .transpose()?;
+        let stats = match &agent {
+            Some(a) => {
+                created.pids.push(a.process.pid());
+                Some(ProcStats::new(a.process.pid())?)
+            }
+            None => None,
+        };
+        let scripts = wrk::write_scripts(dir.path())?;
+        Ok(Self {
+            scenario,
+            agent,
+            stats,
+            _nginx: nginx,
+            cgroups,
+            ns,
+            scripts,
+            sent: 0,
+            dir,
+        })
+    }
+
+    fn base(&self) -> Run {
+        Run {
+            scenario: self.scenario.name(),
+            ..Run::default()
+        }
+    }
+
+    /// One wrk run; agent CPU and peak RSS are taken over exactly that run.
+    fn load(
+        &mut self,
+        workload: &'static str,
+        c: u32,
+        plan: &Plan,
+        stop: &Interrupt,
+    ) -> Result<Run> {
+        let script = if workload == "newconn" {
+            &self.scripts.1
+        } else {
+            &self.scripts.0
+        };
+        if let Some(s) = &self.stats {
+            s.reset_peak()?;
+        }
+        let cpu_before = self
+            .stats
+            .as_ref()
+            .map(ProcStats::cpu_seconds)
+            .transpose()?;
+        let w = wrk::run(
+            &self.ns,
+            &self.cgroups.app(),
+            script,
+            c,
+            plan.duration,
+            stop,
+        )?;
+        let cpu_after = self
+            .stats
+            .as_ref()
+            .map(ProcStats::cpu_seconds)
+            .transpose()?;
+        let name = self.scenario.name();
+        if w.bad_status > 0 {
+            bail!(
+                "{name} {workload} c={c}: {} responses with status >= 400",
+                w.bad_status
+            );
+        }
+        self.sent += w.requests;
+        eprintln!(
+            "bench:   {name:8} {workload:9} c={c:<2}: {:>6.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} socket errors",
+            w.rps(),
+            w.p50_us / 1000.0,
+            w.p99_us / 1000.0,
+            w.errors
+        );
+        Ok(Run {
+            workload,
+            concurrency: Some(c),
+            rps: Some(w.rps()),
+            p50_ms: Some(w.p50_us / 1000.0),
+            p99_ms: Some(w.p99_us / 1000.0),
+            p999_ms: Some(w.p999_us / 1000.0),
+            agent_rss_mib: self
+                .stats
+                .as_ref()
+                .map(ProcStats::peak_rss_mib)
+                .transpose()?,
+            agent_cpu_s_per_10k: cpu_before
+                .zip(cpu_after)
+                .map(|(a, b)| (b - a) / w.requests.max(1) as f64 * 10_000.0),
+            requests: Some(w.requests),
+            errors: Some(w.errors),
+            duration_s: Some(w.duration_us as f64 / 1e6),
+            ..self.base()
+        })
+    }
+
+    fn upload(&mut self, stop: &Interrupt) -> Result<Run> {
+        if let Some(s) = &self.stats {
+            s.reset_peak()?;
+        }
+        let up = upload::run(&self.ns, &self.cgroups.app(), self.dir.path(), stop)?;
+        self.sent += 1;
+        let peak = self
+            .stats
+            .as_ref()
+            .map(ProcStats::peak_rss_mib)
+            .transpose()?;
+        eprintln!(
+            "bench:   {:8} upload 256 MiB: {:.0} MiB/s{}",
+            self.scenario.name(),
+            up.mib_per_s(),
+            peak.map_or_else(String::new, |p| format!(", agent peak RSS {p:.1} MiB"))
+        );
+        Ok(Run {
+            workload: "upload",
+            throughput_mib_s: Some(up.mib_per_s()),
+            agent_rss_mib: peak,
+            requests: Some(1),
+            duration_s: Some(up.seconds),
+            ..self.base()
+        })
+    }
+
+    /// The traffic really went through the agent, and the agent always
+    /// knew where it was going (eBPF record, or SO_ORIGINAL_DST under NAT).
+    fn check_agent_saw_everything(&self) -> Result<()> {
+        if self.agent.is_none() {
+            return Ok(());
+        }
+        let served = Agent::counter(&self.ns, "lattice_requests_total")?;
+        let unknown = Agent::counter(&self.ns, "lattice_unknown_destination_connections_total")?;
+        if served < self.sent as f64 || unknown > 0.0 {
+            bail!(
+                "{}: the agent served {served} of {} requests; {unknown} connections had no original destination",
+                self.scenario.name(),
+                self.sent
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The round whose `key` is the median: its figures are reported together.
+fn median_by(mut rounds: Vec<Run>, key: impl Fn(&Run) -> Option<f64>) -> Option<Run> {
+    rounds.sort_by(|a, b| {
+        key(a)
+            .partial_cmp(&key(b))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let peak = rounds
+        .iter()
+        .filter_map(|r| r.agent_rss_mib)
+        .reduce(f64::max);
+    let mid = rounds.len() / 2;
+    let mut run = rounds.into_iter().nth(mid)?;
+    // A peak is a peak: the highest of all rounds.
+    run.agent_rss_mib = peak;
+    Some(run)
+}
+
+fn measure_all(
+    binary: &Path,
+    plan: &Plan,
+    stop: &Interrupt,
+    created: &mut Created,
+) -> Result<Vec<Run>> {
+    let mut pods = Vec::new();
+    for scenario in Scenario::ALL {
+        pods.push(Pod::new(scenario, binary, stop, created)?);
+    }
+    let mut rows: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
+
+    stop.sleep(plan.idle_settle)?;
+    for (pod, rows) in pods.iter().zip(&mut rows) {
+        if let Some(stats) = &pod.stats {
+            let rss = stats.rss_mib()?;
+            eprintln!(
+                "bench:   {:8} idle agent RSS {rss:.1} MiB",
+                pod.scenario.name()
+            );
+            rows.push(Run {
+                workload: "idle",
+                agent_rss_mib: Some(rss),
+                ..pod.base()
+            });
+        }
+    }
+    for pod in &mut pods {
+        let w = wrk::run(
+            &pod.ns,
+            &pod.cgroups.app(),
+            &pod.scripts.0,
+            16,
+            plan.warmup,
+            stop,
+        )?;
+        pod.sent += w.requests;
+    }
+
+    for (workload, c) in [
+        ("keepalive", 1),
+        ("keepalive", 16),
+        ("keepalive", 64),
+        ("newconn", 16),
+    ] {
+        let mut rounds: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
+        for _ in 0..plan.rounds {
+            for (pod, rounds) in pods.iter_mut().zip(&mut rounds) {
+                rounds.push(pod.load(workload, c, plan, stop)?);
+            }
+        }
+        for (rows, rounds) in rows.iter_mut().zip(rounds) {
+            rows.extend(median_by(rounds, |r| r.rps));
+        }
+    }
+    let mut uploads: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
+    for _ in 0..plan.rounds {
+        for (pod, uploads) in pods.iter_mut().zip(&mut uploads) {
+            uploads.push(pod.upload(stop)?);
+        }
+    }
+    for (rows, uploads) in rows.iter_mut().zip(uploads) {
+        rows.extend(median_by(uploads, |r| r.throughput_mib_s));
+    }
+    for pod in &pods {
+        pod.check_agent_saw_everything()?;
+    }
+    Ok(rows.into_iter().flatten().collect())
+}
+
+/// The seed's init-container rules (../shared/seeds), with the agent's port,
+/// inside the scenario's namespace only.
+fn seed_nat_rules(ns: &Netns) -> Result<()> {
+    let port = agent::PROXY_PORT.to_string();
+    let uid = agent::EXEMPT_UID.to_string();
+    let rules: [&[&str]; 4] = [
+        &["-t", "nat", "-N", "EGRESS_PROXY"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "169.254.171.0/24",
+            "-j",
+            "EGRESS_PROXY",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "EGRESS_PROXY",
+            "-m",
+            "owner",
+            "--uid-owner",
+            &uid,
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "EGRESS_PROXY",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ],
+    ];
+    for rule in rules {
+        cmd::read(ns.command("iptables").args(rule))
+            .with_context(|| format!("iptables rule in namespace {}", ns.name()))?;
+    }
+    Ok(())
+}
+
+/// The host namespace's NAT rules, to show the bench never touched them.
+fn host_nat_rules() -> Vec<String> {
+    cmd::read(Command::new("iptables-save").args(["-t", "nat"]))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("-A") || l.starts_with(":EGRESS"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check_clean(created: &Created, host_rules: &[String]) -> Result<()> {
+    let mut left = Vec::new();
+    for name in &created.names {
+        if Netns::exists(name) {
+            left.push(format!("network namespace {name}"));
+        }
+    }
+    for cgroup in &created.cgroups {
+        if cgroup.exists() {
+            left.push(format!("cgroup {}", cgroup.display()));
+        }
+    }
+    for pid in &created.pids {
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            left.push(format!("process {pid}"));
+        }
+    }
+    if host_nat_rules() != host_rules {
+        left.push("changed NAT rules in the host namespace".to_owned());
+    }
+    if !left.is_empty() {
+        bail!("the bench left behind: {}", left.join(", "));
+    }
+    Ok(())
+}
