@@ -27,13 +27,39 @@ pub mod pod;
 pub mod spawn;
 pub mod verifier;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 pub use agent::{Agent, agent_bin};
 pub use bpffs::Bpffs;
 pub use pod::{Pod, test_bin};
 pub use spawn::{ChildGuard, Output, PodCommand};
 pub use verifier::{DEMO_CREDENTIALS, Verifier};
+
+/// The workspace root (this crate is `<root>/tests`).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate has a parent dir")
+        .to_owned()
+}
+
+/// `$CARGO_TARGET_DIR`, else `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// `$LATTICE_TEST_VENV` (set by `cargo xtask test|demo`), else
+/// `<target dir>/venv`, where `cargo xtask setup` creates it.
+pub fn venv() -> PathBuf {
+    std::env::var_os("LATTICE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("venv"))
+}
 
 /// A name nothing else on the machine uses: `lat-<pid>-<n>`, with a counter
 /// shared by every fixture of this process (tests run in parallel threads).

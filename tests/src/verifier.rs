@@ -10,7 +10,7 @@
 //! the signature and security token already redacted by the verifier.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -18,6 +18,7 @@ use std::{
 use crate::{
     pod::Pod,
     spawn::{ChildGuard, Stream},
+    venv, workspace,
 };
 
 /// How long the verifier may take to import botocore and bind.
@@ -260,29 +261,9 @@ fn parse_received(json: &str) -> Result<Received, String> {
     })
 }
 
-/// The workspace root (this crate is `<root>/tests`).
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests crate has a parent dir")
-        .to_owned()
-}
-
 /// `tests/python/sigv4_verifier.py`.
 pub fn script() -> PathBuf {
     workspace().join("tests/python/sigv4_verifier.py")
-}
-
-/// `$LATTICE_TEST_VENV` (set by `cargo xtask test|demo`), else
-/// `<target dir>/venv`, where `cargo xtask setup` creates it.
-pub fn venv() -> PathBuf {
-    if let Some(v) = std::env::var_os("LATTICE_TEST_VENV") {
-        return PathBuf::from(v);
-    }
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-        .join("venv")
 }
 
 /// The venv's python if it can import botocore, else Err naming what is

@@ -22,24 +22,11 @@ use std::{
     time::Duration,
 };
 
-use lattice_tests::{Agent, Pod, require_root, unique_name};
+use lattice_tests::{Agent, Pod, require_root, target_dir, unique_name, workspace};
 use sidecar_support::{
     INTERCEPTOR, SIDECAR_CAPS, SIDECAR_UID, assert_unprivileged, attach_types, container_start,
     file_caps, proxy_env, require_tool, wait_http_ok,
 };
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-}
 
 /// A scratch directory, removed on drop (also on panic).
 struct TempDir(PathBuf);

@@ -14,7 +14,8 @@ mod sidecar_support;
 
 use std::process::Command;
 
-use sidecar_support::{manifest_tools, workspace};
+use lattice_tests::workspace;
+use sidecar_support::manifest_tools;
 
 fn check_manifests(test: &str, command: &str) {
     let Some(tools) = manifest_tools(test) else {

@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lattice_tests::{venv, workspace};
+
 /// The measured minimal capability set of the sidecar, in setpriv's
 /// spelling: the image's file capabilities on /lattice-agent, and exactly
 /// deploy/sidecar's `capabilities.add` (checked by manifests.rs and
@@ -466,25 +468,6 @@ pub fn assert_unprivileged(pid: i32, uid: u32, log: &str) {
         }
         assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{status}");
     }
-}
-
-/// The workspace root.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-/// $LATTICE_TEST_VENV, else `<target dir>/venv`.
-fn venv() -> PathBuf {
-    if let Some(v) = std::env::var_os("LATTICE_TEST_VENV") {
-        return PathBuf::from(v);
-    }
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-        .join("venv")
 }
 
 /// What tests/manifests/check_manifests.py needs.
