@@ -114,7 +114,7 @@ pub fn build_image(workspace: &Path, target_dir: &Path) -> anyhow::Result<PathBu
     let _ = fs::remove_dir_all(&store);
     result?;
     eprintln!(
-        "image: wrote {} ({linkage}); inspect with `skopeo inspect oci-archive:{}`",
+        "image: wrote {} ({linkage}); inspect with `skopeo inspect --config oci-archive:{}`",
         archive.display(),
         archive.display()
     );
