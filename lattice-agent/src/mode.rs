@@ -77,10 +77,17 @@ fn serve(cfg: RunConfig) -> anyhow::Result<()> {
     }
 
     // Built only now, so every runtime thread starts unprivileged.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = match cfg.proxy.workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
+    }
+    .enable_all()
+    .build()
+    .context("starting the async runtime")?;
     let orig_dst = interceptor.orig_dst();
     let served = runtime.block_on(async {
         if let Some(logger) = logger {
