@@ -63,10 +63,9 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).context("creating the agent's log")?);
-        // For exploring the runtime's size: tokio reads it when the agent
-        // does not set a thread count itself.
-        if let Some(threads) = std::env::var_os("TOKIO_WORKER_THREADS") {
-            command.env("TOKIO_WORKER_THREADS", threads);
+        // For comparing proxy thread counts (the agent's --workers).
+        if let Some(workers) = std::env::var_os("LATTICE_WORKERS") {
+            command.env("LATTICE_WORKERS", workers);
         }
         let child = command
             .spawn()
