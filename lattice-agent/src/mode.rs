@@ -56,19 +56,25 @@ pub fn sidecar(args: &SidecarArgs) -> anyhow::Result<()> {
 /// Binds, attaches, drops privileges, then serves until SIGTERM/SIGINT:
 /// stop accepting, drain, detach.
 fn serve(cfg: RunConfig) -> anyhow::Result<()> {
-    // Bind before attaching: interception without a listener would make
-    // every Lattice connection fail. Binding while still privileged also
-    // lets --admin-addr use a low port.
-    let (listeners, admin) = if cfg.intercept_only {
-        (Vec::new(), None)
+    // Check the proxy's flags and bind before attaching: interception
+    // without a working proxy would make every Lattice connection fail.
+    // Doing it while still privileged also lets --admin-addr use a low port
+    // and --ca-file be readable by root only.
+    let (proxy, listeners, admin) = if cfg.intercept_only {
+        (None, Vec::new(), None)
     } else {
+        let proxy = ProxyConfig::from_args(&cfg.proxy)?;
         let admin = std::net::TcpListener::bind(cfg.proxy.admin_addr)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| admin::AdminBindError {
                 addr: cfg.proxy.admin_addr,
                 source,
             })?;
-        (bind_loopback(cfg.intercept.proxy_port)?, Some(admin))
+        (
+            Some(proxy),
+            bind_loopback(cfg.intercept.proxy_port)?,
+            Some(admin),
+        )
     };
     let mut interceptor = Interceptor::attach(&cfg.intercept)?;
     let logger = interceptor.take_logger();
@@ -93,7 +99,7 @@ fn serve(cfg: RunConfig) -> anyhow::Result<()> {
         if let Some(logger) = logger {
             telemetry::spawn_ebpf_log_forwarder(logger);
         }
-        match admin {
+        match proxy.zip(admin) {
             None => {
                 tracing::info!(
                     proxy_port = cfg.intercept.proxy_port,
@@ -103,7 +109,7 @@ fn serve(cfg: RunConfig) -> anyhow::Result<()> {
                 tracing::info!(signal, "shutting down");
                 Ok(())
             }
-            Some(admin) => serve_proxy(&cfg, listeners, admin, orig_dst).await,
+            Some((proxy, admin)) => serve_proxy(&cfg, proxy, listeners, admin, orig_dst).await,
         }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -114,6 +120,7 @@ fn serve(cfg: RunConfig) -> anyhow::Result<()> {
 /// The signing proxy and the admin server, until a signal and the drain.
 async fn serve_proxy(
     cfg: &RunConfig,
+    mut proxy_cfg: ProxyConfig,
     listeners: Vec<std::net::TcpListener>,
     admin: std::net::TcpListener,
     orig_dst: Arc<dyn OriginalDestination>,
@@ -126,7 +133,8 @@ async fn serve_proxy(
         role_session_name: Some(cfg.proxy.role_session_name.clone()),
     })
     .await;
-    let proxy_cfg = Arc::new(ProxyConfig::from_args(&cfg.proxy, aws.region)?);
+    proxy_cfg.resolve_region(aws.region)?;
+    let proxy_cfg = Arc::new(proxy_cfg);
     let creds = CredentialsCache::spawn(aws.provider, Arc::clone(&metrics), shutdown.clone());
 
     let readiness = Arc::new(admin::Readiness::new(Arc::clone(&creds)));

@@ -582,3 +582,26 @@ fn bad_input_proxy_port_in_use() {
         "message should say the port is in use: {out}"
     );
 }
+
+/// Proxy flags are checked before anything is attached (and while the
+/// agent can still read a root-only --ca-file).
+#[test]
+fn bad_input_ca_file_fails_before_attaching() {
+    if !require_root("bad_input_ca_file_fails_before_attaching") {
+        return;
+    }
+    let pod = Pod::new();
+    let missing = format!("/nonexistent/{}-ca.pem", unique_name());
+    let out = agent_fails(
+        &pod,
+        agent_command(&pod, ["--upstream-tls", "--ca-file", &missing]),
+    );
+    assert!(
+        out.stderr.contains("--ca-file") && out.stderr.contains(&missing),
+        "message should name --ca-file and the path: {out}"
+    );
+    assert!(
+        !out.stderr.contains("interceptor attached"),
+        "the agent attached before checking its flags: {out}"
+    );
+}

@@ -55,21 +55,18 @@ pub struct ProxyConfig {
 pub enum ProxyError {
     #[error("no AWS region: pass --region (LATTICE_REGION) or set AWS_REGION / a profile region")]
     NoRegion,
-    #[error("--upstream-tls: {0}")]
+    #[error("--upstream-tls")]
     Tls(#[from] TlsConfigError),
     #[error("--{flag} must be greater than zero")]
     Zero { flag: &'static str },
 }
 
 impl ProxyConfig {
-    /// `region` is the one the credential chain resolved; `--region` wins.
-    pub fn from_args(args: &ProxyArgs, region: Option<String>) -> Result<Self, ProxyError> {
-        let region = args
-            .region
-            .clone()
-            .or(region)
-            .filter(|r| !r.is_empty())
-            .ok_or(ProxyError::NoRegion)?;
+    /// Checks every flag and reads `--ca-file`. Called before attaching and
+    /// while still privileged, so a bad flag never leaves interception
+    /// without a proxy and a root-only CA file stays readable. The region
+    /// is `--region` here; [`Self::resolve_region`] completes it.
+    pub fn from_args(args: &ProxyArgs) -> Result<Self, ProxyError> {
         for (flag, zero) in [
             ("connect-timeout", args.connect_timeout.is_zero()),
             ("idle-timeout", args.idle_timeout.is_zero()),
@@ -87,7 +84,7 @@ impl ProxyConfig {
         Ok(Self {
             signing: SigningConfig {
                 service: args.service.clone(),
-                region,
+                region: args.region.clone().unwrap_or_default(),
                 algorithm: if args.sigv4a {
                     Algorithm::SigV4a
                 } else {
@@ -105,6 +102,17 @@ impl ProxyConfig {
             log_signing: args.log_signing,
             admin_addr: args.admin_addr,
         })
+    }
+
+    /// Falls back to the region the credential chain resolved (AWS_REGION,
+    /// profile, IMDS) when `--region` was not given.
+    pub fn resolve_region(&mut self, chain_region: Option<String>) -> Result<(), ProxyError> {
+        if self.signing.region.is_empty() {
+            self.signing.region = chain_region
+                .filter(|r| !r.is_empty())
+                .ok_or(ProxyError::NoRegion)?;
+        }
+        Ok(())
     }
 }
 

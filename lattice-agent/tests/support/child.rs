@@ -72,7 +72,9 @@ async fn run() {
         let c = Credentials::new(parts[0], parts[1], Some(parts[2].to_owned()), None, "test");
         (CredentialsCache::fixed(c), None)
     };
-    let cfg = Arc::new(ProxyConfig::from_args(&args.proxy, region).expect("proxy config"));
+    let mut cfg = ProxyConfig::from_args(&args.proxy).expect("proxy config");
+    cfg.resolve_region(region).expect("proxy region");
+    let cfg = Arc::new(cfg);
     let upstream = std::env::var("LATTICE_TEST_UPSTREAM")
         .ok()
         .map(|u| u.parse().expect("LATTICE_TEST_UPSTREAM"));
