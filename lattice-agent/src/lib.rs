@@ -16,5 +16,6 @@ pub mod orig_dst;
 pub mod pod_cgroup;
 pub mod privilege;
 pub mod proxy;
+pub mod query;
 pub mod sign;
 pub mod telemetry;

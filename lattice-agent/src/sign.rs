@@ -3,9 +3,9 @@
 //! The signed headers are exactly `host`, `x-amz-content-sha256`,
 //! `x-amz-date`, `x-amz-security-token` (with session credentials) and, for
 //! SigV4A, `x-amz-region-set`: nothing an intermediary or the application may
-//! legitimately change afterwards. The query is forwarded in its canonical
-//! form ([`canonical_query`]), so any verifier — one that re-encodes the query
-//! or one that takes it as sent — computes the same canonical request.
+//! legitimately change afterwards. The query is signed as it is forwarded
+//! ([`crate::query::wire_query`]); aws-sigv4 builds the canonical query from
+//! it.
 
 use std::{fmt::Write as _, time::SystemTime};
 
@@ -19,6 +19,8 @@ use aws_sigv4::{
 use aws_smithy_runtime_api::client::identity::Identity;
 use http::{HeaderName, HeaderValue};
 use sha2::{Digest as _, Sha256};
+
+use crate::query;
 
 /// Signing algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +61,7 @@ pub struct RequestToSign<'a> {
     pub method: &'a str,
     /// The path as sent on the wire (percent-encoded, not normalized).
     pub path: &'a str,
-    /// The query in canonical form (see [`canonical_query`]), without `?`.
+    /// The query as forwarded ([`crate::query::wire_query`]), without `?`.
     pub query: Option<&'a str>,
     /// Host header / `:authority` value as forwarded upstream.
     pub host: &'a str,
@@ -149,43 +151,6 @@ pub fn sign(
     Ok(Signed { headers })
 }
 
-/// The query in SigV4 canonical form: pairs decoded (`+` is a space), then
-/// each name and value percent-encoded (all but `A-Za-z0-9-_.~`, uppercase
-/// hex), sorted, joined with `&`. Idempotent.
-pub fn canonical_query(raw: &str) -> String {
-    let mut pairs: Vec<(String, String)> = form_urlencoded::parse(raw.as_bytes())
-        .map(|(k, v)| (uri_encode(&k, false), uri_encode(&v, false)))
-        .collect();
-    pairs.sort();
-    let mut out = String::with_capacity(raw.len());
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        out.push_str(k);
-        out.push('=');
-        out.push_str(v);
-    }
-    out
-}
-
-/// SigV4 URI encoding: unreserved characters stay, everything else becomes
-/// `%XX`; `/` stays too when `keep_slash`.
-fn uri_encode(s: &str, keep_slash: bool) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'_' | b'.' | b'~')
-            || (keep_slash && b == b'/')
-        {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
 /// The canonical path: dot segments and empty segments removed, then every
 /// byte but unreserved ones and `/` percent-encoded again (a `%` of the wire
 /// form becomes `%25`).
@@ -208,7 +173,9 @@ pub fn canonical_path(path: &str) -> String {
     if normalized.is_empty() || (path.ends_with('/') && !segments.is_empty()) {
         normalized.push('/');
     }
-    uri_encode(&normalized, true)
+    let mut encoded = String::with_capacity(normalized.len());
+    query::encode_into(normalized.as_bytes(), true, &mut encoded);
+    encoded
 }
 
 /// Canonical request and string-to-sign of a signed request, for
@@ -259,7 +226,11 @@ pub fn trace(req: &RequestToSign<'_>, signed: &Signed) -> Option<SigningTrace> {
         "{}\n{}\n{}\n",
         req.method,
         canonical_path(req.path),
-        req.query.map(canonical_query).unwrap_or_default()
+        req.query
+            .map(query::canonical_query)
+            .transpose()
+            .ok()?
+            .unwrap_or_default()
     );
     let tail = format!("\n{signed_headers}\n{payload_hash}");
     let real_creq = format!("{head}{real}{tail}");
@@ -275,6 +246,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::query::wire_query;
 
     fn creds(token: Option<&str>) -> Credentials {
         Credentials::new(
@@ -318,7 +290,7 @@ mod tests {
     //   _timestamp = "20150830T123600Z" and headers_to_sign = the signed set.
     #[test]
     fn sigv4_unsigned_payload_matches_botocore() {
-        let q = canonical_query("b=2&a=1");
+        let q = wire_query("b=2&a=1").unwrap();
         let req = RequestToSign {
             method: "GET",
             path: "/",
@@ -340,8 +312,9 @@ mod tests {
     #[test]
     fn sigv4_with_token_and_body_hash_matches_botocore() {
         let payload = Payload::sha256_of(b"hello");
-        let q = canonical_query("x=a%2Fb&sp=a+b&u=%E2%82%AC");
-        assert_eq!(q, "sp=a%20b&u=%E2%82%AC&x=a%2Fb");
+        // Signed as forwarded, in the app's order: aws-sigv4 sorts it.
+        let q = wire_query("x=a%2Fb&sp=a+b&u=%E2%82%AC").unwrap();
+        assert_eq!(q, "x=a%2Fb&sp=a%20b&u=%E2%82%AC");
         let req = RequestToSign {
             method: "POST",
             path: "/a%20b/c:d/../e",
@@ -390,7 +363,7 @@ mod tests {
     #[test]
     fn trace_reproduces_the_signature() {
         let payload = Payload::Unsigned;
-        let q = canonical_query("z=1&a=%7e&a=b");
+        let q = wire_query("z=1&a=%7e&a=b").unwrap();
         let req = RequestToSign {
             method: "PUT",
             path: "/p%2Fq/./r//s/",
@@ -444,27 +417,6 @@ mod tests {
         assert!(t.string_to_sign.starts_with(
             "AWS4-ECDSA-P256-SHA256\n20150830T123600Z\n20150830/vpc-lattice-svcs/aws4_request\n"
         ));
-    }
-
-    #[test]
-    fn canonical_query_is_idempotent_and_sorted() {
-        for raw in [
-            "",
-            "a",
-            "a=",
-            "b=1&a=2",
-            "k=%2f%3A",
-            "x=a+b%20c",
-            "%E2%82%AC=1",
-            "a=1&a=0",
-        ] {
-            let once = canonical_query(raw);
-            assert_eq!(canonical_query(&once), once, "{raw}");
-        }
-        assert_eq!(canonical_query("a"), "a=");
-        assert_eq!(canonical_query("k=%2f%3A"), "k=%2F%3A");
-        assert_eq!(canonical_query("a=1&a=0"), "a=0&a=1");
-        assert_eq!(canonical_query("q=it's(1)*!"), "q=it%27s%281%29%2A%21");
     }
 
     #[test]

@@ -47,13 +47,15 @@ async fn get_with_reserved_and_percent_encoded_characters() {
             "",
         ),
         ("/x/./y/../z//w/", "/x/./y/../z//w/", ""),
-        ("/q?b=2&a=1", "/q", "a=1&b=2"),
+        // The query arrives in the app's order; only ambiguous pairs are
+        // re-encoded (`+`, lowercase hex, escaped unreserved, raw reserved).
+        ("/q?b=2&a=1", "/q", "b=2&a=1"),
         (
             "/q?sp=a+b&slash=a%2fb&tilde=%7e&empty&u=%E2%82%AC&r=:@!$'()*,;",
             "/q",
-            "empty=&r=%3A%40%21%24%27%28%29%2A%2C%3B&slash=a%2Fb&sp=a%20b&tilde=~&u=%E2%82%AC",
+            "sp=a%20b&slash=a%2Fb&tilde=~&empty&u=%E2%82%AC&r=%3A%40%21%24%27%28%29%2A%2C%3B",
         ),
-        ("/q?a=1&a=0&A=2", "/q", "A=2&a=0&a=1"),
+        ("/q?a=1&a=0&A=2", "/q", "a=1&a=0&A=2"),
     ] {
         let r = get(p.addr, HOST, target).await;
         assert_ok(&r);
@@ -227,7 +229,7 @@ async fn h2c_request_signed_and_forwarded_over_h2() {
         assert_eq!(r.headers["x-upstream-version"], "HTTP/2.0");
         let j = r.json();
         assert_eq!(j["path"], format!("/pkg.Service/Method{i}"));
-        assert_eq!(j["query"], "a=2&z=1");
+        assert_eq!(j["query"], "z=1&a=2", "order as sent");
         assert_eq!(j["host"], HOST);
         assert_eq!(j["body_length"], 5 + i as u64);
         let trailers = r.trailers.expect("response trailers pass through");

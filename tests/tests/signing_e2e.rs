@@ -436,9 +436,10 @@ impl ContainerCase {
 // ------------------------------------------------------------------ cases
 
 /// Reserved and percent-encoded characters in path and query arrive as
-/// signed: the verifier's botocore canonicalization agrees (the query is
-/// forwarded in canonical form, the path as sent). Without the agent the
-/// same request is refused, so the 200s are the agent's doing.
+/// signed: the verifier's botocore canonicalization agrees (the path as
+/// sent, the query in the app's order with ambiguous pairs re-encoded).
+/// Without the agent the same request is refused, so the 200s are the
+/// agent's doing.
 #[test]
 fn get_with_reserved_and_percent_encoded_characters() {
     if !require_root("get_with_reserved_and_percent_encoded_characters") {
@@ -464,10 +465,10 @@ fn get_with_reserved_and_percent_encoded_characters() {
         (
             "/search?sort=-date&filter=name%3D%22x%22&page[size]=10&q=caf%C3%A9+au+lait&flag&%24top=5",
             "/search",
-            "%24top=5&filter=name%3D%22x%22&flag=&page%5Bsize%5D=10&q=caf%C3%A9%20au%20lait&sort=-date",
+            "sort=-date&filter=name%3D%22x%22&page%5Bsize%5D=10&q=caf%C3%A9%20au%20lait&flag&%24top=5",
         ),
-        ("/v?b=%2b&a=%20&a=+&c=%7E~", "/v", "a=%20&a=%20&b=%2B&c=~~"),
-        ("/e?k=&=x", "/e", "=x&k="),
+        ("/v?b=%2b&a=%20&a=+&c=%7E~", "/v", "b=%2B&a=%20&a=%20&c=~~"),
+        ("/e?k=&=x", "/e", "k=&=x"),
     ];
     for (target, want_path, want_query) in cases {
         let j = to_service(&pod, &[], target).assert_ok();
@@ -488,6 +489,77 @@ fn get_with_reserved_and_percent_encoded_characters() {
     assert_not_logged(
         &agent,
         &[STATIC.secret_access_key, STATIC.session_token.unwrap()],
+    );
+}
+
+/// The query reaches the service with the app's parameters in the app's
+/// order (repeated keys carry ordered lists), over HTTP/1.1 and h2c, and
+/// still verifies: the verifier sorts when it canonicalises. Only pairs
+/// whose encoding a verifier could read differently are re-encoded.
+#[test]
+fn query_arrives_in_the_order_the_app_sent() {
+    if !require_root("query_arrives_in_the_order_the_app_sent") {
+        return;
+    }
+    let pod = Pod::new();
+    let verifier = Verifier::start(&pod, LATTICE_V4, 80, &STATIC);
+    let _agent = RunningAgent::with_static(&pod, &[]);
+
+    // 100 pairs, keys repeated and out of order, values descending.
+    let long: String = (0..100)
+        .map(|i| format!("k{}=v{:02}", (i * 7) % 13, 99 - i))
+        .collect::<Vec<_>>()
+        .join("&");
+    let cases: Vec<(String, String)> = [
+        ("tag=z&tag=y&tag=x", "tag=z&tag=y&tag=x"),
+        ("b=2&a=1&a=0", "b=2&a=1&a=0"),
+        ("z=1&y=%2F&x=a+b", "z=1&y=%2F&x=a%20b"),
+        ("b=&a=1&c=", "b=&a=1&c="),
+        ("zflag&a=1&flag", "zflag&a=1&flag"),
+        ("s=a+b&p=%2B&s=%2B+", "s=a%20b&p=%2B&s=%2B%20"),
+    ]
+    .into_iter()
+    .map(|(sent, want)| (sent.to_owned(), want.to_owned()))
+    .chain(std::iter::once((long.clone(), long)))
+    .collect();
+    for h2c in [false, true] {
+        for (sent, want) in &cases {
+            let args: &[&str] = if h2c {
+                &["--http2-prior-knowledge"]
+            } else {
+                &[]
+            };
+            let r = to_service(&pod, args, &format!("/q?{sent}"));
+            let j = r.assert_ok();
+            assert_eq!(j["query"], *want, "h2c={h2c} sent {sent}");
+            let version = if h2c { "HTTP/2" } else { "HTTP/1.1" };
+            assert_eq!(j["http_version"], version, "{sent}");
+        }
+    }
+    let seen = verifier.requests();
+    assert_eq!(seen.len(), 2 * cases.len(), "{seen:?}");
+    for (r, (_, want)) in seen.iter().zip(cases.iter().chain(cases.iter())) {
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.path, format!("/q?{want}"), "as received");
+    }
+}
+
+/// A query whose percent-encoded bytes are not UTF-8 cannot be signed so
+/// that every verifier agrees: 400 naming the pair, nothing forwarded.
+#[test]
+fn query_with_non_utf8_escapes_is_refused() {
+    if !require_root("query_with_non_utf8_escapes_is_refused") {
+        return;
+    }
+    let pod = Pod::new();
+    let verifier = Verifier::start(&pod, LATTICE_V4, 80, &STATIC);
+    let _agent = RunningAgent::with_static(&pod, &[]);
+    let r = to_service(&pod, &[], "/q?a=1&k=%FF");
+    let text = assert_text_error(&r, 400);
+    assert!(text.contains("k=%FF") && text.contains("UTF-8"), "{text}");
+    assert!(
+        verifier.requests().is_empty(),
+        "nothing reaches the service"
     );
 }
 

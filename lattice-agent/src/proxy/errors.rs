@@ -18,6 +18,8 @@ pub enum RequestError {
     NoOriginalDestination { peer: SocketAddr },
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("bad request: {0}")]
+    Query(#[from] crate::query::QueryError),
     #[error("request headers exceed --max-header-bytes ({limit} bytes)")]
     HeadersTooLarge { limit: u64 },
     #[error("request body exceeds --max-signed-body ({limit} bytes)")]
@@ -42,7 +44,7 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoOriginalDestination { .. } => StatusCode::MISDIRECTED_REQUEST,
-            Self::BadRequest(_) | Self::ReadBody(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::Query(_) | Self::ReadBody(_) => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoCredentials(_) => StatusCode::SERVICE_UNAVAILABLE,

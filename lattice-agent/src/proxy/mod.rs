@@ -31,6 +31,7 @@ use crate::{
     credentials::CredentialsCache,
     metrics::Metrics,
     orig_dst::OriginalDestination,
+    query,
     sign::{self, Algorithm, Payload, RequestToSign, SigningConfig},
 };
 
@@ -221,9 +222,13 @@ async fn forward(
         (boxed(body), Payload::Unsigned)
     };
 
-    // Sign. The query goes upstream in the canonical form that was signed.
+    // Sign the request target as it will be forwarded: the path as sent,
+    // the query in the app's order with ambiguous pairs normalised.
     let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().map(sign::canonical_query);
+    let query = match parts.uri.query() {
+        Some(q) => Some(query::wire_query(q)?.into_owned()),
+        None => None,
+    };
     let to_sign = RequestToSign {
         method: parts.method.as_str(),
         path: &path,
