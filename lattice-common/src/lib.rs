@@ -12,6 +12,7 @@ pub mod names {
     pub const V6_PREFIXES: &str = "V6_PREFIXES";
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     pub const ORIG_DST_BY_PEER: &str = "ORIG_DST_BY_PEER";
+    pub const ENROLLED_NETNS: &str = "ENROLLED_NETNS";
 
     pub const PROG_CONNECT4: &str = "lattice_connect4";
     pub const PROG_CONNECT6: &str = "lattice_connect6";
@@ -19,12 +20,13 @@ pub mod names {
     pub const PROG_GETSOCKOPT: &str = "lattice_getsockopt";
 
     /// All maps the agent pins with `--pin`, in a stable order.
-    pub const PINNED_MAPS: [&str; 5] = [
+    pub const PINNED_MAPS: [&str; 6] = [
         CONFIG,
         V4_PREFIXES,
         V6_PREFIXES,
         ORIG_DST_BY_COOKIE,
         ORIG_DST_BY_PEER,
+        ENROLLED_NETNS,
     ];
 }
 
@@ -33,6 +35,9 @@ pub mod names {
 pub const ORIG_DST_CAPACITY: u32 = 65_536;
 /// Capacity of each prefix trie.
 pub const PREFIX_CAPACITY: u32 = 64;
+/// Network namespaces (pods) one node agent can serve; far above the
+/// kubelet's pods-per-node limits.
+pub const ENROLLED_CAPACITY: u32 = 4096;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -46,9 +51,56 @@ pub const AF_INET6: u16 = 10;
 pub struct Config {
     /// Loopback port of the signing proxy, host byte order. 0 = disabled.
     pub proxy_port: u16,
-    pub _pad: u16,
+    /// `CONFIG_*` bits.
+    pub flags: u16,
     /// Connections made by this UID (initial user namespace) are never redirected.
     pub exempt_uid: u32,
+}
+
+/// [`Config::flags`]: redirect only connects made in a network namespace
+/// listed in `ENROLLED_NETNS` (node mode: programs attached once above
+/// every pod, one agent serving the enrolled pods). Without it every
+/// connect in the attached cgroup is redirected (`run`, `sidecar`).
+pub const CONFIG_GATE_BY_NETNS: u16 = 1;
+
+impl Config {
+    pub const fn gated_by_netns(&self) -> bool {
+        self.flags & CONFIG_GATE_BY_NETNS != 0
+    }
+}
+
+/// A client address qualified by its network namespace: two pods' clients
+/// may both be `127.0.0.1:40000`, each on its own loopback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// Network namespace cookie of the client; 0 when not gated by netns
+    /// (one agent per network namespace: the address alone is unique).
+    pub netns: u64,
+    /// The client's address, as [`SockAddr::peer_key`].
+    pub addr: SockAddr,
+    pub _pad: u32,
+}
+
+impl PeerKey {
+    pub const fn new(netns: u64, addr: SockAddr) -> Self {
+        Self {
+            netns,
+            addr: addr.peer_key(),
+            _pad: 0,
+        }
+    }
+}
+
+/// What `connect4`/`connect6` record per socket cookie until the
+/// connection is established: where it was going, and from which netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingConnect {
+    /// The [`PeerKey::netns`] the connection will be keyed under.
+    pub netns: u64,
+    pub orig: SockAddr,
+    pub _pad: u32,
 }
 
 /// An IP address and TCP port. IPv4 addresses are stored IPv4-mapped
@@ -141,6 +193,8 @@ mod user {
     // SAFETY: plain-old-data, repr(C), every bit pattern valid, padding explicit.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PendingConnect {}
 }
 
 #[cfg(test)]
@@ -168,6 +222,16 @@ mod tests {
     }
 
     #[test]
+    fn peer_keys_differ_by_netns_only_when_gated() {
+        let a = SockAddr::v4([127, 0, 0, 1], 40000);
+        assert_eq!(PeerKey::new(0, a), PeerKey::new(0, a));
+        assert_ne!(PeerKey::new(7, a), PeerKey::new(8, a));
+        let mut from_v6_socket = a;
+        from_v6_socket.family = AF_INET6;
+        assert_eq!(PeerKey::new(7, from_v6_socket), PeerKey::new(7, a));
+    }
+
+    #[test]
     fn socket_addr_round_trip() {
         let v4: core::net::SocketAddr = "169.254.171.33:80".parse().unwrap();
         assert_eq!(SockAddr::from(v4).to_socket_addr(), v4);
@@ -185,5 +249,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<Config>(), 8);
+        // netns (8) + addr (20) + explicit pad (4): no hidden tail padding.
+        assert_eq!(core::mem::size_of::<PeerKey>(), 32);
+        assert_eq!(core::mem::size_of::<PendingConnect>(), 32);
     }
 }

@@ -3,13 +3,20 @@
 //!
 //! Flow for one connection:
 //! 1. `connect4`/`connect6` (caller's context): destination in a configured
-//!    prefix and caller not the exempt UID → store the original destination
-//!    under the socket cookie, rewrite the destination to loopback:proxy_port.
+//!    prefix, caller not the exempt UID, and (node mode) the caller's network
+//!    namespace enrolled → store the original destination and the netns
+//!    under the socket cookie, rewrite the destination to loopback:proxy_port
+//!    (the loopback of the caller's own netns, where its proxy listens).
 //! 2. `sock_ops` at ACTIVE_ESTABLISHED: the client's local address is now
-//!    known; move the record to `ORIG_DST_BY_PEER`, keyed by that address,
-//!    which is exactly the peer address the proxy sees on `accept()`.
+//!    known; move the record to `ORIG_DST_BY_PEER`, keyed by (netns, that
+//!    address), which is exactly the peer the proxy sees on `accept()`.
 //! 3. The proxy reads (and deletes) the record from userspace, or calls
 //!    `getsockopt(SO_ORIGINAL_DST)`, answered by `getsockopt` below.
+//!
+//! Node mode attaches the programs once above every pod and gates them by
+//! network-namespace cookie: one lookup in `ENROLLED_NETNS` per connect to
+//! a Lattice address. The host, the agent and pods that are not enrolled
+//! are never redirected.
 #![no_std]
 #![no_main]
 
@@ -18,14 +25,15 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 use lattice_common::{
-    AF_INET, AF_INET6, Config, ORIG_DST_CAPACITY, PREFIX_CAPACITY, SockAddr, is_v4_mapped,
+    AF_INET, AF_INET6, Config, ENROLLED_CAPACITY, ORIG_DST_CAPACITY, PREFIX_CAPACITY, PeerKey,
+    PendingConnect, SockAddr, is_v4_mapped,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -48,15 +56,21 @@ static V4_PREFIXES: LpmTrie<[u8; 4], u8> =
 static V6_PREFIXES: LpmTrie<[u8; 16], u8> =
     LpmTrie::with_max_entries(PREFIX_CAPACITY, BPF_F_NO_PREALLOC);
 
-/// Socket cookie → original destination, between connect and establishment.
+/// Socket cookie → original destination (and netns), between connect and
+/// establishment.
 #[map]
-static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, PendingConnect> =
     LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
-/// Client local address (peer key) → original destination, until read.
+/// (netns, client local address) → original destination, until read.
 #[map]
-static ORIG_DST_BY_PEER: LruHashMap<SockAddr, SockAddr> =
+static ORIG_DST_BY_PEER: LruHashMap<PeerKey, SockAddr> =
     LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+/// Network namespace cookies whose connects are redirected, when CONFIG
+/// says to gate by netns (node mode). The value is unused.
+#[map]
+static ENROLLED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(ENROLLED_CAPACITY, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn lattice_connect4(ctx: SockAddrContext) -> i32 {
@@ -84,9 +98,11 @@ pub fn lattice_getsockopt(ctx: SockoptContext) -> i32 {
     ALLOW
 }
 
-/// Config when interception is on and the caller is not exempt.
+/// Config and the record's netns when this connect is to be redirected:
+/// interception on, the caller not exempt, and (when gated) the caller's
+/// network namespace enrolled.
 #[inline(always)]
-fn active_config() -> Option<Config> {
+fn active_config(ctx: &SockAddrContext) -> Option<(Config, u64)> {
     let cfg = *CONFIG.get(0)?;
     if cfg.proxy_port == 0 {
         return None;
@@ -96,7 +112,14 @@ fn active_config() -> Option<Config> {
     if uid == cfg.exempt_uid {
         return None;
     }
-    Some(cfg)
+    if !cfg.gated_by_netns() {
+        return Some((cfg, 0));
+    }
+    // SAFETY: valid context pointer for the duration of the program.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is not read.
+    unsafe { ENROLLED_NETNS.get(&netns)? };
+    Some((cfg, netns))
 }
 
 #[inline(always)]
@@ -110,12 +133,15 @@ fn redirect_connect4(ctx: &SockAddrContext) -> Option<()> {
         let ip = (*sa).user_ip4;
         let octets = ip.to_ne_bytes();
         V4_PREFIXES.get(Key::new(32, octets))?;
-        let cfg = active_config()?;
+        let (cfg, netns) = active_config(ctx)?;
         let port = u16::from_be((*sa).user_port as u16);
         let cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        ORIG_DST_BY_COOKIE
-            .insert(&cookie, &SockAddr::v4(octets, port), 0)
-            .ok()?;
+        let pending = PendingConnect {
+            netns,
+            orig: SockAddr::v4(octets, port),
+            _pad: 0,
+        };
+        ORIG_DST_BY_COOKIE.insert(&cookie, &pending, 0).ok()?;
         (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
         (*sa).user_port = u32::from(cfg.proxy_port.to_be());
         debug!(
@@ -165,9 +191,14 @@ fn redirect_connect6(ctx: &SockAddrContext) -> Option<()> {
                 [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
             )
         };
-        let cfg = active_config()?;
+        let (cfg, netns) = active_config(ctx)?;
         let cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).ok()?;
+        let pending = PendingConnect {
+            netns,
+            orig,
+            _pad: 0,
+        };
+        ORIG_DST_BY_COOKIE.insert(&cookie, &pending, 0).ok()?;
         write_volatile(ip6, loopback[0]);
         write_volatile(ip6.add(1), loopback[1]);
         write_volatile(ip6.add(2), loopback[2]);
@@ -186,7 +217,7 @@ fn rekey_by_peer(ctx: &SockOpsContext) -> Option<()> {
     // SAFETY: valid context pointer for the duration of the program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before any further map operation.
-    let orig = unsafe { *ORIG_DST_BY_COOKIE.get(&cookie)? };
+    let pending = unsafe { *ORIG_DST_BY_COOKIE.get(&cookie)? };
     let local = if ctx.family() == u32::from(AF_INET) {
         SockAddr::v4(ctx.local_ip4().to_ne_bytes(), ctx.local_port() as u16)
     } else {
@@ -202,9 +233,11 @@ fn rekey_by_peer(ctx: &SockOpsContext) -> Option<()> {
             ]
         };
         SockAddr::v6(words_to_bytes(words), ctx.local_port() as u16)
-    }
-    .peer_key();
-    ORIG_DST_BY_PEER.insert(&local, &orig, 0).ok()?;
+    };
+    // The netns recorded at connect: the helper is not available to
+    // sock_ops programs before Linux 5.15.
+    let key = PeerKey::new(pending.netns, local);
+    ORIG_DST_BY_PEER.insert(&key, &pending.orig, 0).ok()?;
     let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
     Some(())
 }
@@ -261,8 +294,10 @@ fn answer_original_dst(ctx: &SockoptContext) -> Option<()> {
             SockAddr::v4(ip4.to_ne_bytes(), port)
         } else {
             SockAddr::v6(words_to_bytes(ip6), port)
-        }
-        .peer_key();
+        };
+        // Only records made without netns gating (netns 0): SO_ORIGINAL_DST
+        // serves a proxy of one's own in `run`/`sidecar`, not node mode.
+        let peer = PeerKey::new(0, peer);
         let orig = *ORIG_DST_BY_PEER.get(&peer)?;
 
         let optval = (*so).__bindgen_anon_2.optval as *mut u8;

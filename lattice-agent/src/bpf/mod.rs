@@ -13,15 +13,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapError, lpm_trie::Key},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
     programs::{
         CgroupAttachMode, ProgramError,
         links::{FdLink, PinnedLink},
     },
 };
 use ipnet::{Ipv4Net, Ipv6Net};
-use lattice_common::{Config, names};
-pub use orig_dst_map::OrigDstMap;
+use lattice_common::{CONFIG_GATE_BY_NETNS, Config, names};
+pub use orig_dst_map::{NetnsOrigDst, OrigDstMap};
 
 /// The eBPF object built by build.rs from the lattice-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lattice-ebpf"));
@@ -85,6 +85,9 @@ pub struct InterceptConfig {
     pub proxy_port: u16,
     pub exempt_uid: u32,
     pub pin: Option<PathBuf>,
+    /// Redirect only connects from enrolled network namespaces (node mode,
+    /// see [`NetnsGate`]); otherwise every connect in the cgroup.
+    pub gate_by_netns: bool,
 }
 
 /// The attached interceptor. Dropping it detaches the programs, unless they
@@ -95,6 +98,7 @@ pub struct Interceptor {
     /// Links found or created in the pin directory; held only for logging.
     pinned: Vec<&'static str>,
     orig_dst: std::sync::Arc<OrigDstMap>,
+    gate: Option<NetnsGate>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -130,6 +134,10 @@ impl Interceptor {
             name: names::ORIG_DST_BY_PEER,
             source,
         })?;
+        let gate = match cfg.gate_by_netns {
+            true => Some(NetnsGate::new(&mut ebpf)?),
+            false => None,
+        };
         tracing::info!(
             cgroup = %cfg.cgroup.display(),
             proxy_port = cfg.proxy_port,
@@ -137,14 +145,21 @@ impl Interceptor {
             v4 = ?cfg.v4_prefixes,
             v6 = ?cfg.v6_prefixes,
             pinned = ?cfg.pin,
+            gate_by_netns = cfg.gate_by_netns,
             "interceptor attached"
         );
         Ok(Self {
             ebpf,
             pinned,
             orig_dst: std::sync::Arc::new(orig_dst),
+            gate,
             logger,
         })
+    }
+
+    /// The set of enrolled network namespaces (only when gated by netns).
+    pub fn take_gate(&mut self) -> Option<NetnsGate> {
+        self.gate.take()
     }
 
     /// Lookup of original destinations for the proxy.
@@ -216,7 +231,11 @@ fn write_config(ebpf: &mut Ebpf, cfg: &InterceptConfig) -> Result<(), BpfError> 
             0,
             Config {
                 proxy_port: cfg.proxy_port,
-                _pad: 0,
+                flags: if cfg.gate_by_netns {
+                    CONFIG_GATE_BY_NETNS
+                } else {
+                    0
+                },
                 exempt_uid: cfg.exempt_uid,
             },
             0,
@@ -379,4 +398,65 @@ where
     let link: FdLink = link.try_into().map_err(|e| pin_err(e.to_string()))?;
     link.pin(path).map_err(|e| pin_err(e.to_string()))?;
     Ok(())
+}
+
+/// `ENROLLED_NETNS`: the network namespaces whose connects are redirected
+/// when interception is gated by netns. A namespace is added once its
+/// proxy listens and removed before its proxy stops, so an enrolled pod's
+/// Lattice connects always find a listener (or, with no agent at all,
+/// fail fast with "connection refused": never unsigned).
+pub struct NetnsGate {
+    // Updates are rare (pod enrollment); a mutex keeps `&self` methods.
+    map: std::sync::Mutex<BpfHashMap<MapData, u64, u32>>,
+}
+
+impl NetnsGate {
+    fn new(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        let name = names::ENROLLED_NETNS;
+        let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+        let map = BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name, source })?;
+        Ok(Self {
+            map: std::sync::Mutex::new(map),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BpfHashMap<MapData, u64, u32>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts redirecting connects made in the netns with this cookie.
+    pub fn enroll(&self, netns_cookie: u64) -> Result<(), BpfError> {
+        self.lock()
+            .insert(netns_cookie, 1, 0)
+            .map_err(|source| BpfError::Map {
+                name: names::ENROLLED_NETNS,
+                source,
+            })
+    }
+
+    /// Stops redirecting them. Unknown cookies are not an error.
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<(), BpfError> {
+        match self.lock().remove(&netns_cookie) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(BpfError::Map {
+                name: names::ENROLLED_NETNS,
+                source,
+            }),
+        }
+    }
+
+    /// Cookies currently enrolled (a pinned map may hold a previous
+    /// agent's).
+    pub fn cookies(&self) -> Result<Vec<u64>, BpfError> {
+        self.lock()
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| BpfError::Map {
+                name: names::ENROLLED_NETNS,
+                source,
+            })
+    }
 }
