@@ -23,7 +23,6 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use lattice_agent::{
     bpf::{InterceptConfig, Interceptor},
     nat_orig_dst::nat_original_destination,
-    orig_dst::OriginalDestination as _,
     sign::{self, Algorithm, Payload, RequestToSign, SigningConfig},
 };
 
@@ -127,6 +126,7 @@ impl Sandbox {
                 proxy_port: port,
                 exempt_uid: 101,
                 pin: None,
+                gate_by_netns: false,
             })
             .expect("attach the interceptor"),
         );
@@ -189,7 +189,7 @@ fn orig_dst(c: &mut Criterion) {
         let target: SocketAddr = LATTICE_TARGET.parse().unwrap();
         b.iter_custom(|iters| {
             (0..iters)
-                .map(|_| sandbox.timed(target, |_, peer| map.original_destination(peer)))
+                .map(|_| sandbox.timed(target, |_, peer| map.take(0, peer)))
                 .sum()
         });
     });
@@ -199,8 +199,7 @@ fn orig_dst(c: &mut Criterion) {
             (0..iters)
                 .map(|_| {
                     sandbox.timed(target, |s, peer| {
-                        map.original_destination(peer)
-                            .or_else(|| nat_original_destination(s))
+                        map.take(0, peer).or_else(|| nat_original_destination(s))
                     })
                 })
                 .sum()

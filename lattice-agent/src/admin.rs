@@ -1,6 +1,7 @@
 //! Admin server (`--admin-addr`, loopback by default): `/healthz` (the
-//! process answers), `/readyz` (attached, listening, credentials resolved),
-//! `/metrics` (Prometheus text).
+//! process answers), `/readyz` (attached, listening, credentials resolved;
+//! in node mode: attached and the pods listed from the API), `/metrics`
+//! (Prometheus text), and in node mode `/pods` (the pods served, JSON).
 
 use std::{
     convert::Infallible,
@@ -19,23 +20,38 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{credentials::CredentialsCache, metrics::Metrics};
+use crate::{credentials::WorkloadCredentials, metrics::Metrics};
 
-/// What `/readyz` checks. The lead's orchestration sets `attached` and
-/// `listening`; credentials are read from the cache.
+/// What `/readyz` checks.
 #[derive(Debug)]
 pub struct Readiness {
     attached: AtomicBool,
     listening: AtomicBool,
-    credentials: Arc<CredentialsCache>,
+    /// `run`/`sidecar`: the one workload's credentials must be usable.
+    credentials: Option<WorkloadCredentials>,
+    /// Node mode: the first list of pods from the API has been processed.
+    pods_listed: Option<AtomicBool>,
 }
 
 impl Readiness {
-    pub fn new(credentials: Arc<CredentialsCache>) -> Self {
+    /// One workload (`run`, `sidecar`): attached, listening, credentials.
+    pub fn single(credentials: WorkloadCredentials) -> Self {
         Self {
             attached: AtomicBool::new(false),
             listening: AtomicBool::new(false),
-            credentials,
+            credentials: Some(credentials),
+            pods_listed: None,
+        }
+    }
+
+    /// Node mode: attached and the pods listed. A pod's own credentials do
+    /// not make the node agent unready (its requests get 503 naming it).
+    pub fn node() -> Self {
+        Self {
+            attached: AtomicBool::new(false),
+            listening: AtomicBool::new(true),
+            credentials: None,
+            pods_listed: Some(AtomicBool::new(false)),
         }
     }
 
@@ -47,6 +63,12 @@ impl Readiness {
         self.listening.store(v, Ordering::Release);
     }
 
+    pub fn set_pods_listed(&self, v: bool) {
+        if let Some(listed) = &self.pods_listed {
+            listed.store(v, Ordering::Release);
+        }
+    }
+
     /// `Ok` when ready, else the reasons (one per line).
     pub fn check(&self) -> Result<(), String> {
         let mut why = Vec::new();
@@ -56,7 +78,12 @@ impl Readiness {
         if !self.listening.load(Ordering::Acquire) {
             why.push("proxy not listening".to_owned());
         }
-        if let Err(e) = self.credentials.current() {
+        if let Some(listed) = &self.pods_listed
+            && !listed.load(Ordering::Acquire)
+        {
+            why.push("pods not listed from the Kubernetes API yet".to_owned());
+        }
+        if let Some(Err(e)) = self.credentials.as_ref().map(|c| c.current()) {
             why.push(format!("no credentials: {e}"));
         }
         if why.is_empty() {
@@ -65,6 +92,11 @@ impl Readiness {
             Err(why.join("\n"))
         }
     }
+}
+
+/// The `/pods` listing (node mode): a JSON document, no secrets.
+pub trait PodsReport: Send + Sync {
+    fn pods_json(&self) -> String;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +120,7 @@ pub async fn serve(
     listener: TcpListener,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
+    pods: Option<Arc<dyn PodsReport>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -104,10 +137,11 @@ pub async fn serve(
         };
         let readiness = Arc::clone(&readiness);
         let metrics = Arc::clone(&metrics);
+        let pods = pods.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let resp = route(&req, &readiness, &metrics);
+                let resp = route(&req, &readiness, &metrics, pods.as_deref());
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -126,6 +160,7 @@ fn route(
     req: &Request<Incoming>,
     readiness: &Readiness,
     metrics: &Metrics,
+    pods: Option<&dyn PodsReport>,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
@@ -149,6 +184,15 @@ fn route(
                 header::HeaderValue::from_static(
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
+            );
+            r
+        }
+        "/pods" if pods.is_some() => {
+            let body = pods.map(|p| p.pods_json()).unwrap_or_default();
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
             );
             r
         }

@@ -20,7 +20,7 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use aws_types::region::Region;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::CredentialMetrics;
 
 /// Refresh this long before expiry (or at half the remaining lifetime, for
 /// short-lived credentials).
@@ -96,6 +96,30 @@ impl ProvideCredentials for NoProvider {
     }
 }
 
+/// What one workload's requests are signed with: its credential cache, or
+/// why it has none. A workload holds exactly one of these, fixed when it
+/// starts: nothing on the request path can reach another identity's
+/// credentials.
+#[derive(Debug, Clone)]
+pub enum WorkloadCredentials {
+    Cache(Arc<CredentialsCache>),
+    /// No identity to sign with; every request gets 503 with this reason.
+    Missing(Arc<str>),
+}
+
+impl WorkloadCredentials {
+    pub fn current(&self) -> Result<Credentials, CredentialsUnavailable> {
+        match self {
+            Self::Cache(cache) => cache.current(),
+            Self::Missing(why) => Err(CredentialsUnavailable(why.to_string())),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.current().is_ok()
+    }
+}
+
 /// Why there are no usable credentials; the text is the provider's error.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
@@ -119,7 +143,7 @@ impl CredentialsCache {
     /// Starts the refresher on the current runtime; it stops with `shutdown`.
     pub fn spawn(
         provider: SharedCredentialsProvider,
-        metrics: Arc<Metrics>,
+        metrics: CredentialMetrics,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let cache = Arc::new(Self {
@@ -167,6 +191,12 @@ impl CredentialsCache {
         self.current().is_ok()
     }
 
+    /// Puts credentials in the cache as a refresh would (unit tests).
+    #[cfg(test)]
+    pub(crate) fn set_for_test(&self, creds: Credentials) {
+        self.store(creds);
+    }
+
     fn store(&self, creds: Credentials) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.current = Some(creds);
@@ -196,7 +226,7 @@ fn refresh_delay(expiry: Option<SystemTime>, now: SystemTime) -> Duration {
 async fn refresh_loop(
     cache: Arc<CredentialsCache>,
     provider: SharedCredentialsProvider,
-    metrics: Arc<Metrics>,
+    metrics: CredentialMetrics,
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_START;
@@ -209,7 +239,7 @@ async fn refresh_loop(
             Ok(Ok(creds)) => {
                 metrics.count_refresh(true);
                 let expiry = creds.expiry();
-                metrics.credential_expiry.set(
+                metrics.expiry.set(
                     expiry
                         .and_then(|e| e.duration_since(SystemTime::UNIX_EPOCH).ok())
                         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),

@@ -1,7 +1,23 @@
-//! Prometheus metrics of the signing proxy, in a registry of their own.
+//! Prometheus metrics, in a registry of their own.
+//!
+//! In node mode the per-request and per-connection series carry
+//! `namespace` and `pod` labels: one series set per enrolled pod, bounded
+//! by the pods on the node (the kubelet allows a few hundred). The latency
+//! histogram stays node-wide (16 buckets per pod would multiply the
+//! series), and credential series carry the `identity` they belong to
+//! (pods sharing a service account and role share one). In `run` and
+//! `sidecar` these labels are absent: the whole process is one pod.
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
     metrics::{
         counter::Counter,
         family::Family,
@@ -11,39 +27,85 @@ use prometheus_client::{
     registry::Registry,
 };
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// `namespace` and `pod` of a node-mode workload; empty for `run`/`sidecar`.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+pub struct WorkloadLabels(Option<Arc<(String, String)>>);
+
+impl WorkloadLabels {
+    pub fn pod(namespace: &str, name: &str) -> Self {
+        Self(Some(Arc::new((namespace.to_owned(), name.to_owned()))))
+    }
+}
+
+impl EncodeLabelSet for WorkloadLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        if let Some(pod) = &self.0 {
+            ("namespace", pod.0.as_str()).encode(encoder.encode_label())?;
+            ("pod", pod.1.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+/// `identity` of a credential source in node mode; empty otherwise.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+pub struct IdentityLabel(Option<Arc<str>>);
+
+impl IdentityLabel {
+    pub fn new(identity: &str) -> Self {
+        Self(Some(identity.into()))
+    }
+}
+
+impl EncodeLabelSet for IdentityLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        if let Some(id) = &self.0 {
+            ("identity", &**id).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct RequestLabels {
     pub method: String,
     pub status: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
+
+type ByWorkload<M> = Family<WorkloadLabels, M>;
 
 /// All metrics; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// `lattice_requests_total{method,status}`: responses sent to clients.
-    pub requests: Family<RequestLabels, Counter>,
+    /// `lattice_requests_total{[namespace,pod,]method,status}`.
+    requests: Family<(WorkloadLabels, RequestLabels), Counter>,
     /// `lattice_upstream_duration_seconds`: forward until response headers.
     pub upstream_duration: Histogram,
-    /// `lattice_signing_failures_total`.
-    pub signing_failures: Counter,
-    /// `lattice_credential_refreshes_total{result="success|error"}`.
-    pub credential_refreshes: Family<ResultLabels, Counter>,
-    /// `lattice_credential_expiry_timestamp_seconds` (0 while none or never expiring).
-    pub credential_expiry: Gauge,
-    /// `lattice_open_connections`: client connections being served.
-    pub open_connections: Gauge,
-    /// `lattice_redirected_connections_total`: accepted connections with an
-    /// original destination.
-    pub redirected_connections: Counter,
-    /// `lattice_unknown_destination_connections_total`: accepted connections
-    /// without one (answered 421).
-    pub unknown_destination_connections: Counter,
+    /// `lattice_signing_failures_total{[namespace,pod]}`.
+    signing_failures: ByWorkload<Counter>,
+    /// `lattice_credential_refreshes_total{[identity,]result="success|error"}`.
+    credential_refreshes: Family<(IdentityLabel, ResultLabels), Counter>,
+    /// `lattice_credential_expiry_timestamp_seconds{[identity]}` (0 while
+    /// none or never expiring).
+    credential_expiry: Family<IdentityLabel, Gauge>,
+    /// `lattice_open_connections{[namespace,pod]}`.
+    open_connections: ByWorkload<Gauge>,
+    /// `lattice_redirected_connections_total{[namespace,pod]}`: accepted
+    /// connections with an original destination.
+    redirected_connections: ByWorkload<Counter>,
+    /// `lattice_unknown_destination_connections_total{[namespace,pod]}`:
+    /// accepted connections without one (answered 421).
+    unknown_destination_connections: ByWorkload<Counter>,
+    /// `lattice_enrolled_pods` (node mode).
+    pub enrolled_pods: Gauge,
+    /// `lattice_enrollments_total{result="success|error"}` (node mode).
+    enrollments: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -55,7 +117,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("lattice");
-        let requests = Family::<RequestLabels, Counter>::default();
+        let requests = Family::default();
         registry.register(
             "requests",
             "Requests answered, by method and response status",
@@ -67,41 +129,53 @@ impl Metrics {
             "Time from forwarding a request to the upstream response headers",
             upstream_duration.clone(),
         );
-        let signing_failures = Counter::default();
+        let signing_failures = Family::default();
         registry.register(
             "signing_failures",
             "Requests that could not be signed",
             signing_failures.clone(),
         );
-        let credential_refreshes = Family::<ResultLabels, Counter>::default();
+        let credential_refreshes = Family::default();
         registry.register(
             "credential_refreshes",
-            "Credential fetches from the provider chain, by result",
+            "Credential fetches from the provider, by result",
             credential_refreshes.clone(),
         );
-        let credential_expiry = Gauge::default();
+        let credential_expiry = Family::default();
         registry.register(
             "credential_expiry_timestamp_seconds",
             "Unix time the current credentials expire (0: none, or no expiry)",
             credential_expiry.clone(),
         );
-        let open_connections = Gauge::default();
+        let open_connections = Family::default();
         registry.register(
             "open_connections",
             "Client connections currently open",
             open_connections.clone(),
         );
-        let redirected_connections = Counter::default();
+        let redirected_connections = Family::default();
         registry.register(
             "redirected_connections",
             "Accepted connections that had an original destination",
             redirected_connections.clone(),
         );
-        let unknown_destination_connections = Counter::default();
+        let unknown_destination_connections = Family::default();
         registry.register(
             "unknown_destination_connections",
             "Accepted connections without an original destination record",
             unknown_destination_connections.clone(),
+        );
+        let enrolled_pods = Gauge::default();
+        registry.register(
+            "enrolled_pods",
+            "Pods the node agent currently serves",
+            enrolled_pods.clone(),
+        );
+        let enrollments = Family::default();
+        registry.register(
+            "enrollments",
+            "Pod enrollment attempts, by result",
+            enrollments.clone(),
         );
         Self {
             registry,
@@ -113,36 +187,55 @@ impl Metrics {
             open_connections,
             redirected_connections,
             unknown_destination_connections,
+            enrolled_pods,
+            enrollments,
         }
     }
 
-    /// Counts one answered request. Unusual methods share one label value.
-    pub fn count_request(&self, method: &http::Method, status: http::StatusCode) {
-        let method = match *method {
-            http::Method::GET
-            | http::Method::HEAD
-            | http::Method::POST
-            | http::Method::PUT
-            | http::Method::DELETE
-            | http::Method::PATCH
-            | http::Method::OPTIONS
-            | http::Method::CONNECT
-            | http::Method::TRACE => method.as_str().to_owned(),
-            _ => "OTHER".to_owned(),
-        };
-        self.requests
-            .get_or_create(&RequestLabels {
-                method,
-                status: status.as_u16().to_string(),
-            })
-            .inc();
+    /// The handle one workload counts with.
+    pub fn workload(self: &Arc<Self>, labels: WorkloadLabels) -> WorkloadMetrics {
+        WorkloadMetrics {
+            open_connections: self.open_connections.get_or_create(&labels).clone(),
+            redirected: self.redirected_connections.get_or_create(&labels).clone(),
+            unknown_destination: self
+                .unknown_destination_connections
+                .get_or_create(&labels)
+                .clone(),
+            signing_failures: self.signing_failures.get_or_create(&labels).clone(),
+            counts: Arc::new(Counts::default()),
+            seen: Arc::default(),
+            labels,
+            metrics: Arc::clone(self),
+        }
     }
 
-    pub fn count_refresh(&self, ok: bool) {
-        let result = if ok { "success" } else { "error" };
-        self.credential_refreshes
+    /// Removes a departed workload's series, so pod churn does not grow
+    /// the exposition.
+    pub fn forget_workload(&self, workload: &WorkloadMetrics) {
+        let labels = &workload.labels;
+        self.open_connections.remove(labels);
+        self.redirected_connections.remove(labels);
+        self.unknown_destination_connections.remove(labels);
+        self.signing_failures.remove(labels);
+        let seen = workload.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for request in seen.iter() {
+            self.requests.remove(&(labels.clone(), request.clone()));
+        }
+    }
+
+    /// The handle one credential source counts with.
+    pub fn credentials(self: &Arc<Self>, identity: IdentityLabel) -> CredentialMetrics {
+        CredentialMetrics {
+            expiry: self.credential_expiry.get_or_create(&identity).clone(),
+            identity,
+            metrics: Arc::clone(self),
+        }
+    }
+
+    pub fn count_enrollment(&self, ok: bool) {
+        self.enrollments
             .get_or_create(&ResultLabels {
-                result: result.to_owned(),
+                result: result(ok).to_owned(),
             })
             .inc();
     }
@@ -156,32 +249,150 @@ impl Metrics {
     }
 }
 
+fn result(ok: bool) -> &'static str {
+    if ok { "success" } else { "error" }
+}
+
+/// Requests and the agent's own error answers of one workload, for `/pods`.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// One workload's series.
+#[derive(Debug, Clone)]
+pub struct WorkloadMetrics {
+    metrics: Arc<Metrics>,
+    labels: WorkloadLabels,
+    pub open_connections: Gauge,
+    pub redirected: Counter,
+    pub unknown_destination: Counter,
+    pub signing_failures: Counter,
+    pub counts: Arc<Counts>,
+    /// The (method, status) series this workload created, to remove them.
+    seen: Arc<std::sync::Mutex<std::collections::HashSet<RequestLabels>>>,
+}
+
+impl WorkloadMetrics {
+    /// Counts one answered request; `own_error` when the agent answered it
+    /// itself instead of forwarding. Unusual methods share one label value.
+    pub fn count_request(&self, method: &http::Method, status: http::StatusCode, own_error: bool) {
+        let method = match *method {
+            http::Method::GET
+            | http::Method::HEAD
+            | http::Method::POST
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::PATCH
+            | http::Method::OPTIONS
+            | http::Method::CONNECT
+            | http::Method::TRACE => method.as_str().to_owned(),
+            _ => "OTHER".to_owned(),
+        };
+        let request = RequestLabels {
+            method,
+            status: status.as_u16().to_string(),
+        };
+        self.metrics
+            .requests
+            .get_or_create(&(self.labels.clone(), request.clone()))
+            .inc();
+        if self.labels.0.is_some() {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if !seen.contains(&request) {
+                seen.insert(request);
+            }
+        }
+        self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        if own_error {
+            self.counts.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn upstream_duration(&self) -> &Histogram {
+        &self.metrics.upstream_duration
+    }
+}
+
+/// One credential source's series.
+#[derive(Debug, Clone)]
+pub struct CredentialMetrics {
+    metrics: Arc<Metrics>,
+    identity: IdentityLabel,
+    pub expiry: Gauge,
+}
+
+impl CredentialMetrics {
+    pub fn count_refresh(&self, ok: bool) {
+        self.metrics
+            .credential_refreshes
+            .get_or_create(&(
+                self.identity.clone(),
+                ResultLabels {
+                    result: result(ok).to_owned(),
+                },
+            ))
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn exposition_names() {
-        let m = Metrics::new();
-        m.count_request(&http::Method::GET, http::StatusCode::OK);
-        m.count_request(
+    fn exposition_names_without_workload_labels() {
+        let m = Arc::new(Metrics::new());
+        let w = m.workload(WorkloadLabels::default());
+        w.count_request(&http::Method::GET, http::StatusCode::OK, false);
+        w.count_request(
             &http::Method::from_bytes(b"PURGE").unwrap(),
             http::StatusCode::OK,
+            false,
         );
-        m.count_refresh(true);
-        m.open_connections.inc();
+        m.credentials(IdentityLabel::default()).count_refresh(true);
+        w.open_connections.inc();
         let text = m.encode();
         for needle in [
             "lattice_requests_total{method=\"GET\",status=\"200\"} 1",
             "lattice_requests_total{method=\"OTHER\",status=\"200\"} 1",
             "lattice_credential_refreshes_total{result=\"success\"} 1",
-            "lattice_open_connections 1",
+            // Families render an empty label set as `{}` (valid exposition).
+            "lattice_open_connections{} 1",
             "lattice_upstream_duration_seconds_bucket",
-            "lattice_signing_failures_total 0",
-            "lattice_redirected_connections_total 0",
-            "lattice_credential_expiry_timestamp_seconds 0",
+            "lattice_signing_failures_total{} 0",
+            "lattice_redirected_connections_total{} 0",
+            "lattice_credential_expiry_timestamp_seconds{} 0",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn workload_series_carry_pod_labels_and_go_with_the_pod() {
+        let m = Arc::new(Metrics::new());
+        let labels = WorkloadLabels::pod("shop", "cart-0");
+        let w = m.workload(labels.clone());
+        w.count_request(
+            &http::Method::POST,
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            true,
+        );
+        w.open_connections.inc();
+        m.credentials(IdentityLabel::new("irsa:arn:aws:iam::1:role/cart"))
+            .count_refresh(false);
+        let text = m.encode();
+        for needle in [
+            "lattice_requests_total{namespace=\"shop\",pod=\"cart-0\",method=\"POST\",status=\"503\"} 1",
+            "lattice_open_connections{namespace=\"shop\",pod=\"cart-0\"} 1",
+            "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"error\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        assert_eq!(w.counts.requests.load(Ordering::Relaxed), 1);
+        assert_eq!(w.counts.errors.load(Ordering::Relaxed), 1);
+        m.forget_workload(&w);
+        assert!(!m.encode().contains("cart-0"));
     }
 }

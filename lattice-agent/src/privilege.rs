@@ -1,9 +1,9 @@
 //! Dropping privileges after the programs are attached.
 //!
-//! Must run while the process is single-threaded: the capability bounding
-//! set is per thread, so threads started earlier would keep theirs.
+//! Must run while the process is single-threaded: capability sets are per
+//! thread, so threads started earlier would keep theirs.
 
-use caps::CapSet;
+use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Uid, getuid, setgroups, setresgid, setresuid};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,47 +16,75 @@ pub enum PrivilegeError {
     },
     #[error("dropping capabilities: {0}")]
     Caps(String),
+    #[error("capabilities {0:?} are needed after the privilege drop but were not granted")]
+    NotGranted(Vec<Capability>),
     #[error("capabilities still held after dropping them: {0:?}")]
-    StillPrivileged(caps::CapsHashSet),
+    StillPrivileged(CapsHashSet),
 }
 
-/// Becomes `uid` (and the group of the same number) with no capabilities
-/// and no way to regain them. From then on the agent's own connections are
-/// exempt from interception, and a compromise of the proxy gains nothing.
-pub fn drop_to(uid: u32) -> Result<(), PrivilegeError> {
+/// Becomes `uid` (and the group of the same number), keeping only the
+/// capabilities in `keep` (none for `run` and `sidecar`; node mode keeps
+/// what it needs to serve pods that arrive later) and no way to regain any
+/// other. From then on the agent's own connections are exempt from
+/// interception, and a compromise of the proxy gains only `keep`.
+pub fn drop_to(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeError> {
     let caps_err = |e: caps::errors::CapsError| PrivilegeError::Caps(e.to_string());
-    // No setuid binary or file capability can hand privileges back.
-    // SAFETY: prctl with constant arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(PrivilegeError::Caps(
-            std::io::Error::last_os_error().to_string(),
-        ));
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    let permitted = caps::read(None, CapSet::Permitted).map_err(caps_err)?;
+    let missing: Vec<Capability> = keep.difference(&permitted).copied().collect();
+    if !missing.is_empty() {
+        return Err(PrivilegeError::NotGranted(missing));
     }
+    // No setuid binary or file capability can hand privileges back.
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1)?;
     caps::clear(None, CapSet::Ambient).map_err(caps_err)?;
-    if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).map_err(caps_err)? {
-        for cap in caps::all() {
-            caps::drop(None, CapSet::Bounding, cap).map_err(caps_err)?;
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(caps_err)? {
+        for cap in caps::all().difference(&keep) {
+            caps::drop(None, CapSet::Bounding, *cap).map_err(caps_err)?;
         }
     }
     if getuid().as_raw() != uid {
+        // Keeps the permitted set across the switch from root; the
+        // effective set is cleared by it and raised again below.
+        prctl(libc::PR_SET_KEEPCAPS, u64::from(!keep.is_empty()))?;
         let switch = |source| PrivilegeError::Switch { uid, source };
         setgroups(&[]).map_err(switch)?;
         let gid = Gid::from_raw(uid);
         setresgid(gid, gid, gid).map_err(switch)?;
         let uid_ = Uid::from_raw(uid);
         setresuid(uid_, uid_, uid_).map_err(switch)?;
+        prctl(libc::PR_SET_KEEPCAPS, 0)?;
     }
-    // A UID change from 0 clears them already; a non-root start may not.
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        caps::clear(None, set).map_err(caps_err)?;
-    }
+    caps::clear(None, CapSet::Inheritable).map_err(caps_err)?;
+    caps::set(None, CapSet::Effective, &keep).map_err(caps_err)?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(caps_err)?;
     let left = caps::read(None, CapSet::Permitted).map_err(caps_err)?;
-    if !left.is_empty() {
+    if left != keep {
         return Err(PrivilegeError::StillPrivileged(left));
     }
-    tracing::info!(
-        uid,
-        "dropped privileges: running as the exempt UID with no capabilities"
-    );
+    if keep.is_empty() {
+        tracing::info!(
+            uid,
+            "dropped privileges: running as the exempt UID with no capabilities"
+        );
+    } else {
+        let mut kept: Vec<String> = keep.iter().map(ToString::to_string).collect();
+        kept.sort();
+        tracing::info!(
+            uid,
+            kept = %kept.join(","),
+            "dropped privileges: running as the exempt UID with only the capabilities still needed"
+        );
+    }
+    Ok(())
+}
+
+fn prctl(option: libc::c_int, arg: u64) -> Result<(), PrivilegeError> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(option, arg, 0, 0, 0) } != 0 {
+        return Err(PrivilegeError::Caps(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
     Ok(())
 }

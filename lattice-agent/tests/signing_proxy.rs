@@ -688,10 +688,10 @@ async fn metrics_and_health() {
     let m = get(p.admin, "admin", "/metrics").await.text();
     for needle in [
         "lattice_requests_total{method=\"GET\",status=\"200\"} 1",
-        "lattice_redirected_connections_total 1",
+        "lattice_redirected_connections_total{} 1",
         "lattice_upstream_duration_seconds_count 1",
         "lattice_open_connections",
-        "lattice_signing_failures_total 0",
+        "lattice_signing_failures_total{} 0",
     ] {
         assert!(m.contains(needle), "{needle} missing:\n{m}");
     }

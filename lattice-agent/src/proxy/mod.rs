@@ -28,8 +28,9 @@ use self::{
 };
 use crate::{
     cli::ProxyArgs,
-    credentials::CredentialsCache,
-    metrics::Metrics,
+    credentials::WorkloadCredentials,
+    metrics::WorkloadMetrics,
+    netns::SocketFactory,
     orig_dst::OriginalDestination,
     query,
     sign::{self, Algorithm, Payload, RequestToSign, SigningConfig},
@@ -50,6 +51,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: u64,
     pub log_signing: bool,
     pub admin_addr: SocketAddr,
+    /// Open client connections per workload; more wait in the backlog.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,7 @@ impl ProxyConfig {
             max_header_bytes: args.max_header_bytes,
             log_signing: args.log_signing,
             admin_addr: args.admin_addr,
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         })
     }
 
@@ -117,29 +121,47 @@ impl ProxyConfig {
     }
 }
 
-/// State shared by every connection.
+/// What one served workload (a pod) brings to the proxy: everything a
+/// request of that workload may use, and nothing of any other.
+pub struct WorkloadProxy {
+    pub cfg: Arc<ProxyConfig>,
+    /// Where upstream sockets are created: the pod's network namespace,
+    /// so connections leave from the pod's address.
+    pub sockets: SocketFactory,
+    /// Original destinations of this workload's connections only.
+    pub orig_dst: Arc<dyn OriginalDestination>,
+    pub creds: WorkloadCredentials,
+    pub metrics: WorkloadMetrics,
+}
+
+/// State shared by every connection of one workload.
 pub(crate) struct Shared {
     cfg: Arc<ProxyConfig>,
     upstream: Upstream,
-    creds: Arc<CredentialsCache>,
-    metrics: Arc<Metrics>,
+    creds: WorkloadCredentials,
+    metrics: WorkloadMetrics,
 }
 
-/// Serves the proxy on `listeners` until `shutdown` is cancelled, then stops
-/// accepting, drains in-flight requests for up to `--drain-timeout`, and
-/// returns.
+/// Serves one workload's proxy on `listeners` until `shutdown` is
+/// cancelled, then stops accepting, drains in-flight requests for up to
+/// `--drain-timeout`, and returns.
 pub async fn serve(
-    cfg: Arc<ProxyConfig>,
+    workload: WorkloadProxy,
     listeners: Vec<TcpListener>,
-    orig_dst: Arc<dyn OriginalDestination>,
-    creds: Arc<CredentialsCache>,
-    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
+    let WorkloadProxy {
+        cfg,
+        sockets,
+        orig_dst,
+        creds,
+        metrics,
+    } = workload;
     let upstream = Upstream::new(UpstreamConfig {
         tls: cfg.upstream_tls.clone(),
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
+        sockets,
     });
     let shared = Arc::new(Shared {
         cfg,
@@ -149,7 +171,7 @@ pub async fn serve(
     });
     for l in &listeners {
         if let Ok(addr) = l.local_addr() {
-            tracing::info!(%addr, "signing proxy listening");
+            tracing::debug!(%addr, "signing proxy listening");
         }
     }
     server::run(shared, listeners, orig_dst, shutdown).await;
@@ -165,14 +187,16 @@ async fn handle(
     let busy = conn.activity.begin();
     let method = req.method().clone();
     let client_version = req.version();
-    let resp = match forward(&shared, &conn, req).await {
-        Ok(r) => r,
+    let (resp, own_error) = match forward(&shared, &conn, req).await {
+        Ok(r) => (r, false),
         Err(e) => {
             tracing::debug!(peer = %conn.peer, error = %e, "request not forwarded");
-            e.into_response()
+            (e.into_response(), true)
         }
     };
-    shared.metrics.count_request(&method, resp.status());
+    shared
+        .metrics
+        .count_request(&method, resp.status(), own_error);
     let (mut parts, body) = resp.into_parts();
     parts.version = if client_version == Version::HTTP_2 {
         Version::HTTP_2
@@ -294,7 +318,7 @@ async fn forward(
     };
     shared
         .metrics
-        .upstream_duration
+        .upstream_duration()
         .observe(started.elapsed().as_secs_f64());
 
     // Respond: the upstream's response as is, minus hop-by-hop headers.

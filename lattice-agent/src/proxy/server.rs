@@ -1,7 +1,11 @@
 //! Accepting client connections and serving each one: HTTP/1.1 with
 //! keep-alive, or HTTP/2 with prior knowledge (h2c), told apart by the first
-//! bytes. Graceful shutdown: stop accepting, let open connections finish
-//! their requests for up to `--drain-timeout`, then drop them.
+//! bytes. At most `--max-connections` are open per workload: beyond that
+//! the workload's listeners stop accepting and further connections wait
+//! in the kernel's backlog, so one pod cannot take every task and file
+//! descriptor from the others. Graceful shutdown: stop accepting, let open
+//! connections finish their requests for up to `--drain-timeout`, then
+//! drop them.
 
 use std::{
     convert::Infallible,
@@ -18,7 +22,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{ProxyConfig, Shared};
@@ -41,6 +45,7 @@ pub(super) async fn run(
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let builder = Arc::new(http_builder(&shared.cfg));
+    let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
     let mut accepts = JoinSet::new();
     for listener in listeners {
         accepts.spawn(accept_loop(
@@ -48,6 +53,7 @@ pub(super) async fn run(
             Arc::clone(&shared),
             Arc::clone(&builder),
             Arc::clone(&orig_dst),
+            Arc::clone(&slots),
             tracker.clone(),
             shutdown.clone(),
             hard_stop.clone(),
@@ -93,16 +99,26 @@ fn http_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     orig_dst: Arc<dyn OriginalDestination>,
+    slots: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     loop {
+        // A free slot first: at the limit, connections wait in the backlog.
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => return,
+            s = Arc::clone(&slots).acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_closed) => return,
+            },
+        };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => r,
@@ -124,14 +140,14 @@ async fn accept_loop(
             .or_else(|| crate::nat_orig_dst::nat_original_destination(&stream));
         match dst {
             Some(_) => {
-                shared.metrics.redirected_connections.inc();
+                shared.metrics.redirected.inc();
             }
             None => {
-                shared.metrics.unknown_destination_connections.inc();
+                shared.metrics.unknown_destination.inc();
                 tracing::warn!(%peer, "connection without an original destination; answering 421");
             }
         };
-        tracker.spawn(serve_connection(
+        let conn = serve_connection(
             Arc::clone(&shared),
             Arc::clone(&builder),
             stream,
@@ -142,7 +158,11 @@ async fn accept_loop(
             },
             shutdown.clone(),
             hard_stop.clone(),
-        ));
+        );
+        tracker.spawn(async move {
+            conn.await;
+            drop(slot);
+        });
     }
 }
 

@@ -30,11 +30,11 @@ use hyper_util::{
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{body::ProxyBody, errors::RequestError};
-use crate::credentials::error_chain;
+use crate::{credentials::error_chain, netns::SocketFactory};
 
 /// Upstream protocol, following the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,6 +101,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Pooled connections idle this long are closed.
     pub idle_timeout: Duration,
+    /// Where the upstream sockets are created (the workload's netns).
+    pub sockets: SocketFactory,
 }
 
 type HttpClient = Client<Connector, ProxyBody>;
@@ -147,6 +149,7 @@ impl Upstream {
             dst,
             tls,
             connect_timeout: self.cfg.connect_timeout,
+            sockets: self.cfg.sockets.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(self.cfg.idle_timeout)
@@ -231,6 +234,7 @@ struct Connector {
     dst: SocketAddr,
     tls: Option<Arc<ClientConfig>>,
     connect_timeout: Duration,
+    sockets: SocketFactory,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -254,7 +258,10 @@ impl tower_service::Service<Uri> for Connector {
 
 impl Connector {
     async fn connect(&self, uri: &Uri) -> Result<Conn, ConnectError> {
-        let tcp = TcpStream::connect(self.dst).await?;
+        let socket = self.sockets.tcp_socket(&self.dst)?;
+        let tcp = TcpSocket::from_std_stream(socket.into())
+            .connect(self.dst)
+            .await?;
         tcp.set_nodelay(true)?;
         let Some(tls) = &self.tls else {
             return Ok(Conn::Plain(TokioIo::new(tcp)));

@@ -12,10 +12,11 @@ use clap::Parser;
 use lattice_agent::{
     admin::{self, Readiness},
     cli::ProxyArgs,
-    credentials::{self, CredentialsCache, CredentialsConfig},
-    metrics::Metrics,
+    credentials::{self, CredentialsCache, CredentialsConfig, WorkloadCredentials},
+    metrics::{IdentityLabel, Metrics, WorkloadLabels},
+    netns::SocketFactory,
     orig_dst::OriginalDestination,
-    proxy::{self, ProxyConfig},
+    proxy::{self, ProxyConfig, WorkloadProxy},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -61,7 +62,11 @@ async fn run() {
             role_session_name: Some(args.proxy.role_session_name.clone()),
         })
         .await;
-        let cache = CredentialsCache::spawn(setup.provider, Arc::clone(&metrics), shutdown.clone());
+        let cache = CredentialsCache::spawn(
+            setup.provider,
+            metrics.credentials(IdentityLabel::default()),
+            shutdown.clone(),
+        );
         (cache, setup.region)
     } else {
         let parts: Vec<&str> = creds_spec
@@ -84,7 +89,8 @@ async fn run() {
         listeners.push(l);
     }
     let admin_listener = admin::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let readiness = Arc::new(Readiness::new(Arc::clone(&creds)));
+    let creds = WorkloadCredentials::Cache(creds);
+    let readiness = Arc::new(Readiness::single(creds.clone()));
     readiness.set_attached(true);
     readiness.set_listening(true);
     let mut ready = format!("READY proxy={}", listeners[0].local_addr().unwrap());
@@ -96,6 +102,7 @@ async fn run() {
         admin_listener,
         readiness,
         Arc::clone(&metrics),
+        None,
         shutdown.clone(),
     ));
 
@@ -107,11 +114,14 @@ async fn run() {
     });
     println!("{ready}");
     proxy::serve(
-        cfg,
+        WorkloadProxy {
+            cfg,
+            sockets: SocketFactory::Current,
+            orig_dst: Arc::new(Fixed(upstream)),
+            creds,
+            metrics: metrics.workload(WorkloadLabels::default()),
+        },
         listeners,
-        Arc::new(Fixed(upstream)),
-        creds,
-        metrics,
         shutdown,
     )
     .await

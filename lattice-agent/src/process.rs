@@ -1,0 +1,44 @@
+//! Process concerns every mode shares: the async runtime, the admin
+//! listener, and waiting for SIGTERM/SIGINT.
+
+use anyhow::Context as _;
+
+use crate::{admin, cli::ProxyArgs};
+
+/// The runtime, built after the privilege drop so every thread starts with
+/// the reduced set. One worker (the default) is a current-thread runtime:
+/// no cross-thread wake-ups, the lowest CPU and tail latency per request.
+pub fn runtime(workers: u16) -> anyhow::Result<tokio::runtime::Runtime> {
+    match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
+    }
+    .enable_all()
+    .build()
+    .context("starting the async runtime")
+}
+
+/// Binds `--admin-addr` (before attaching, while still privileged, so a
+/// low port works and a port in use is reported before anything else).
+pub fn bind_admin(args: &ProxyArgs) -> Result<std::net::TcpListener, admin::AdminBindError> {
+    std::net::TcpListener::bind(args.admin_addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| admin::AdminBindError {
+            addr: args.admin_addr,
+            source,
+        })
+}
+
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
