@@ -23,6 +23,9 @@ pub enum Command {
     Run(RunArgs),
     /// Kubernetes sidecar: find this pod's cgroup, then behave as `run`.
     Sidecar(SidecarArgs),
+    /// Kubernetes node agent (DaemonSet): serve every annotated pod of this
+    /// node, each with its own AWS identity.
+    Node(NodeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +49,40 @@ pub struct SidecarArgs {
     /// hostPath mount of /sys/fs/cgroup).
     #[arg(long, env = "LATTICE_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
+    #[command(flatten)]
+    pub intercept: InterceptArgs,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// This node's name (downward API `spec.nodeName`): only pods scheduled
+    /// here are served.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// kubeconfig file for the Kubernetes API; without it, the in-cluster
+    /// configuration (the pod's service account).
+    #[arg(long, env = "LATTICE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Where the node's cgroup v2 tree is mounted in this container (a
+    /// hostPath mount of /sys/fs/cgroup). The programs attach once to the
+    /// kubelet's pod tree under it (kubepods.slice or kubepods).
+    #[arg(long, env = "LATTICE_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+
+    /// The kubelet's root directory on the node (hostPath, read-only): pods'
+    /// projected service-account tokens are read from <root>/pods/<uid>/volumes.
+    #[arg(long, env = "LATTICE_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+
+    /// The host's /proc (the container needs hostPID): a pod's network
+    /// namespace is found through a process in its cgroup.
+    #[arg(long, env = "LATTICE_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+
     #[command(flatten)]
     pub intercept: InterceptArgs,
     #[command(flatten)]
@@ -169,6 +206,11 @@ pub struct ProxyArgs {
     /// more than one core's worth of requests.
     #[arg(long, env = "LATTICE_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
+
+    /// Open client connections per pod (per workload); further connections
+    /// wait in the listen backlog until one closes.
+    #[arg(long, env = "LATTICE_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 
     /// Address of the admin server: /healthz, /readyz, /metrics.
     #[arg(long, env = "LATTICE_ADMIN_ADDR", default_value = "127.0.0.1:15090")]

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => mode::run(args),
         Command::Sidecar(args) => mode::sidecar(args),
+        Command::Node(args) => mode::node(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

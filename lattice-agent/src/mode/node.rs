@@ -1,0 +1,238 @@
+//! `node`: attach the interceptor once above every pod (gated by network
+//! namespace), drop to the exempt UID keeping only what serving new pods
+//! needs, then enroll and serve pods as the Kubernetes API reports them,
+//! until SIGTERM/SIGINT.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context as _, bail};
+use caps::Capability;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin,
+    bpf::Interceptor,
+    cli::NodeArgs,
+    config::RunConfig,
+    metrics::Metrics,
+    netns::NetNs,
+    node::{NodeAgent, enroll::NodeContext, identity::IdentityStore},
+    privilege, process,
+    proxy::ProxyConfig,
+    telemetry,
+};
+
+/// Capabilities the node agent keeps after attaching, to serve pods that
+/// arrive later (measured: tests/tests/node_privilege.rs shows each is
+/// needed): entering a pod's network namespace (`setns`) to create its
+/// sockets, opening `/proc/<pid>/ns/net` of a pod's process (another
+/// user's), and reading the kubelet's pod directories (root-only) for
+/// projected tokens.
+pub const KEPT_CAPABILITIES: [Capability; 3] = [
+    Capability::CAP_SYS_ADMIN,
+    Capability::CAP_SYS_PTRACE,
+    Capability::CAP_DAC_READ_SEARCH,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeSetupError {
+    #[error(
+        "--intercept-only: node mode serves a proxy per pod; use `run` for a proxy of your own"
+    )]
+    InterceptOnly,
+    #[error("--role-arn: node mode signs with each pod's own identity (IRSA or EKS Pod Identity)")]
+    RoleArn,
+    #[error(
+        "--cgroup-root {}: no kubelet pod tree under it (looked for {} and {}); \
+         is it the host's cgroup v2 tree (hostPath /sys/fs/cgroup)?",
+        root.display(), root.join("kubepods.slice").display(), root.join("kubepods").display()
+    )]
+    NoKubepods { root: PathBuf },
+    #[error("--{flag} {}: {reason}", path.display())]
+    Dir {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("--kubeconfig {}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no --kubeconfig and no in-cluster configuration (is this running in a pod with a service account?)"
+    )]
+    InCluster(#[source] kube::config::InClusterError),
+}
+
+pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
+    if args.intercept.intercept_only {
+        bail!(NodeSetupError::InterceptOnly);
+    }
+    if args.proxy.role_arn.is_some() {
+        bail!(NodeSetupError::RoleArn);
+    }
+    // Everything that can be checked is checked before attaching, while
+    // still privileged (the kubeconfig may be readable by root only).
+    let proxy = ProxyConfig::from_args(&args.proxy)?;
+    check_dir("kubelet-root", &args.kubelet_root)?;
+    check_dir("proc-root", &args.proc_root.join("self"))?;
+    let kube_config = kube_config(args.kubeconfig.as_deref())?;
+    let admin = process::bind_admin(&args.proxy)?;
+    let mut run = RunConfig::new(
+        kubepods_root(&args.cgroup_root)?,
+        &args.intercept,
+        &args.proxy,
+    )?;
+    run.intercept.gate_by_netns = true;
+    let home = Arc::new(NetNs::current()?);
+
+    let mut interceptor = Interceptor::attach(&run.intercept)?;
+    let logger = interceptor.take_logger();
+    let gate = interceptor
+        .take_gate()
+        .context("the interceptor was attached without its netns gate")?;
+    if !run.keep_privileges {
+        privilege::drop_to(run.intercept.exempt_uid, &KEPT_CAPABILITIES)?;
+    }
+
+    let runtime = process::runtime(args.proxy.workers)?;
+    let served = runtime.block_on(async {
+        if let Some(logger) = logger {
+            telemetry::spawn_ebpf_log_forwarder(logger);
+        }
+        let client = kube::Client::try_from(kube_config).context("Kubernetes API client")?;
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
+        let sts_http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let default_region = args
+            .proxy
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .filter(|r| !r.is_empty());
+        let ctx = NodeContext {
+            proxy,
+            proxy_port: run.intercept.proxy_port,
+            cgroup_root: args.cgroup_root.clone(),
+            kubelet_root: args.kubelet_root.clone(),
+            proc_root: args.proc_root.clone(),
+            home,
+            gate,
+            orig_dst: interceptor.orig_dst(),
+            metrics: Arc::clone(&metrics),
+            identities: IdentityStore::new(
+                default_region,
+                sts_http,
+                Arc::clone(&metrics),
+                shutdown.child_token(),
+            ),
+        };
+        let (agent, watches) = NodeAgent::new(ctx, client, &args.node_name, &shutdown);
+
+        let readiness = Arc::new(admin::Readiness::node());
+        readiness.set_attached(true);
+        let admin = tokio::net::TcpListener::from_std(admin).context("registering --admin-addr")?;
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            Arc::clone(&readiness),
+            Arc::clone(&metrics),
+            Some(agent.report()),
+            shutdown.clone(),
+        ));
+        {
+            let listed = watches.listed.clone();
+            let readiness = Arc::clone(&readiness);
+            let node = args.node_name.clone();
+            let admin_addr = args.proxy.admin_addr;
+            tokio::spawn(async move {
+                listed.cancelled().await;
+                readiness.set_pods_listed(true);
+                tracing::info!(%node, %admin_addr, "lattice-agent ready (node mode)");
+            });
+        }
+        let agent_task = tokio::spawn(agent.run(watches, shutdown.clone()));
+
+        let signal = process::shutdown_signal().await?;
+        tracing::info!(
+            signal,
+            "shutting down: draining every pod's in-flight requests"
+        );
+        readiness.set_listening(false);
+        shutdown.cancel();
+        agent_task.await.context("node agent task")?;
+        admin_task.await.context("admin task")?;
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    interceptor.detach();
+    served
+}
+
+/// The kubelet's pod tree: `kubepods.slice` (systemd driver) or `kubepods`
+/// (cgroupfs), where the programs attach once for every pod.
+fn kubepods_root(cgroup_root: &Path) -> Result<PathBuf, NodeSetupError> {
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|d| cgroup_root.join(d))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| NodeSetupError::NoKubepods {
+            root: cgroup_root.to_owned(),
+        })
+}
+
+fn check_dir(flag: &'static str, path: &Path) -> Result<(), NodeSetupError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(NodeSetupError::Dir {
+            flag,
+            path: path.to_owned(),
+            reason: "is not a directory".into(),
+        }),
+        Err(e) => Err(NodeSetupError::Dir {
+            flag,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// `--kubeconfig`, else the in-cluster service account. Read now, while
+/// the files are readable; the client starts on the runtime.
+fn kube_config(path: Option<&Path>) -> Result<kube::Config, NodeSetupError> {
+    match path {
+        Some(path) => {
+            let err = |source| NodeSetupError::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(err)?;
+            // A synchronous conversion: no exec plugins or refreshes needed
+            // for a token or client-certificate kubeconfig.
+            futures_executor(kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &KubeConfigOptions::default(),
+            ))
+            .map_err(err)
+        }
+        None => kube::Config::incluster().map_err(NodeSetupError::InCluster),
+    }
+}
+
+/// Runs a future that does no I/O to completion on a throwaway runtime.
+fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a bare current-thread runtime")
+        .block_on(f)
+}

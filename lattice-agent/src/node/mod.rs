@@ -1,0 +1,558 @@
+//! Node mode: one agent serves every enrolled pod of its node.
+//!
+//! The agent watches the pods scheduled on its node (field selector
+//! `spec.nodeName`) and all namespaces (for the enrollment label) through
+//! kube-rs reflectors, and reconciles after every change: pods that ask
+//! for signing and run with an IP are enrolled (see [`enroll`]), pods that
+//! stop asking or go away are unenrolled, failures are retried with
+//! backoff. Pods already running when the agent starts are enrolled from
+//! the first list; none needs a restart.
+//!
+//! Modules: [`pod_spec`] decides from the API object, [`identity`] holds
+//! each pod's AWS identity, [`enroll`] does the work on the node,
+//! [`events`] tells `kubectl describe pod`.
+
+pub mod enroll;
+pub mod events;
+pub mod identity;
+pub mod pod_spec;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Api,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use self::{
+    enroll::{EnrolledPod, NodeContext},
+    events::{EventPublisher, Kind, PodRef},
+    pod_spec::{Decision, IdentityPlan, PodPlan},
+};
+use crate::{admin::PodsReport, metrics::Counts};
+
+/// First retry of a failed enrollment; doubles up to [`RETRY_MAX`].
+const RETRY_START: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The node agent's pods and the loop that keeps them in line with the API.
+pub struct NodeAgent {
+    ctx: NodeContext,
+    events: EventPublisher,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    state: HashMap<String, PodState>,
+    report: Arc<NodeReport>,
+}
+
+enum PodState {
+    Enrolled(Box<EnrolledPod>),
+    Failed {
+        plan: PodPlan,
+        reason: String,
+        attempts: u32,
+        retry_at: Instant,
+    },
+    Refused {
+        pod: PodRef,
+        reason: String,
+    },
+}
+
+/// Starts the watches; returns the agent (to [`NodeAgent::run`]), a
+/// notification that fires on every change, and a token cancelled once
+/// both first lists are in.
+pub struct Watches {
+    pub changed: Arc<Notify>,
+    pub listed: CancellationToken,
+}
+
+impl NodeAgent {
+    pub fn new(
+        ctx: NodeContext,
+        client: kube::Client,
+        node_name: &str,
+        shutdown: &CancellationToken,
+    ) -> (Self, Watches) {
+        let changed = Arc::new(Notify::new());
+        let listed = CancellationToken::new();
+        let pods_api: Api<Pod> = Api::all(client.clone());
+        let pods_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let (pods, pods_listed) = spawn_reflector(pods_api, pods_cfg, &changed, shutdown, "pods");
+        let ns_api: Api<Namespace> = Api::all(client.clone());
+        let (namespaces, ns_listed) = spawn_reflector(
+            ns_api,
+            watcher::Config::default(),
+            &changed,
+            shutdown,
+            "namespaces",
+        );
+        {
+            let listed = listed.clone();
+            tokio::spawn(async move {
+                pods_listed.cancelled().await;
+                ns_listed.cancelled().await;
+                listed.cancel();
+            });
+        }
+        let agent = Self {
+            ctx,
+            events: EventPublisher::new(client, node_name),
+            pods,
+            namespaces,
+            state: HashMap::new(),
+            report: Arc::new(NodeReport::default()),
+        };
+        (agent, Watches { changed, listed })
+    }
+
+    pub fn report(&self) -> Arc<NodeReport> {
+        Arc::clone(&self.report)
+    }
+
+    /// Reconciles on every change and retry until `shutdown`; then stops
+    /// every pod's proxy, leaving their namespaces enrolled (with pinned
+    /// programs their Lattice connects are refused until an agent serves
+    /// them again: never sent unsigned).
+    pub async fn run(mut self, watches: Watches, shutdown: CancellationToken) {
+        watches.listed.cancelled().await;
+        loop {
+            let next_retry = self.reconcile();
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = watches.changed.notified() => {}
+                () = sleep_until(next_retry) => {}
+            }
+        }
+        let stopping: Vec<_> = self
+            .state
+            .drain()
+            .filter_map(|(_, state)| match state {
+                PodState::Enrolled(pod) => Some(pod.stop(&self.ctx)),
+                _ => None,
+            })
+            .collect();
+        for stopped in stopping {
+            let _ = stopped.await;
+        }
+        self.ctx.metrics.enrolled_pods.set(0);
+    }
+
+    /// Brings the served pods in line with the stores; returns when the
+    /// next retry is due.
+    fn reconcile(&mut self) -> Option<Instant> {
+        let mut wanted: HashMap<String, Decision> = HashMap::new();
+        for pod in self.pods.state() {
+            let labels = pod
+                .metadata
+                .namespace
+                .as_deref()
+                .and_then(|ns| self.namespaces.get(&ObjectRef::new(ns)))
+                .and_then(|ns| ns.metadata.labels.clone());
+            let decision = pod_spec::decide(&pod, labels.as_ref());
+            if let (Some(uid), false) = (&pod.metadata.uid, decision == Decision::Ignore) {
+                wanted.insert(uid.clone(), decision);
+            }
+        }
+
+        // Gone, or no longer asking.
+        let leaving: Vec<String> = self
+            .state
+            .keys()
+            .filter(|uid| !wanted.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in leaving {
+            if let Some(PodState::Enrolled(pod)) = self.state.remove(&uid) {
+                tracing::info!(pod = %pod.plan.display_name(), "unenrolling pod");
+                self.events.publish(
+                    &pod_ref(&pod.plan),
+                    Kind::Normal,
+                    "Unenrolled",
+                    "Unenroll",
+                    "lattice-agent no longer signs this pod's requests to VPC Lattice".to_owned(),
+                );
+                drop(pod.unenroll(&self.ctx));
+            }
+        }
+
+        let now = Instant::now();
+        for (uid, decision) in wanted {
+            match decision {
+                Decision::Ignore => {}
+                Decision::Refuse(reason) => self.refuse(uid, reason),
+                Decision::Enroll(plan) => self.ensure_enrolled(uid, *plan, now),
+            }
+        }
+        self.ctx.metrics.enrolled_pods.set(
+            i64::try_from(
+                self.state
+                    .values()
+                    .filter(|s| matches!(s, PodState::Enrolled(_)))
+                    .count(),
+            )
+            .unwrap_or(i64::MAX),
+        );
+        self.report.update(&self.state);
+        self.state
+            .values()
+            .filter_map(|s| match s {
+                PodState::Failed { retry_at, .. } => Some(*retry_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn refuse(&mut self, uid: String, reason: String) {
+        if let Some(PodState::Refused { reason: known, .. }) = self.state.get(&uid)
+            && *known == reason
+        {
+            return;
+        }
+        if let Some(PodState::Enrolled(pod)) = self.state.remove(&uid) {
+            drop(pod.unenroll(&self.ctx));
+        }
+        let Some(api_pod) = self
+            .pods
+            .state()
+            .into_iter()
+            .find(|p| p.metadata.uid.as_deref() == Some(&uid))
+        else {
+            return;
+        };
+        let pod = PodRef {
+            namespace: api_pod.metadata.namespace.clone().unwrap_or_default(),
+            name: api_pod.metadata.name.clone().unwrap_or_default(),
+            uid: uid.clone(),
+        };
+        tracing::warn!(%reason, "not enrolling pod");
+        self.events.publish(
+            &pod,
+            Kind::Warning,
+            "EnrollmentRefused",
+            "Enroll",
+            reason.clone(),
+        );
+        self.state.insert(uid, PodState::Refused { pod, reason });
+    }
+
+    fn ensure_enrolled(&mut self, uid: String, plan: PodPlan, now: Instant) {
+        let (attempts, previous_reason) = match self.state.remove(&uid) {
+            Some(PodState::Enrolled(pod)) if pod.plan == plan => {
+                self.state.insert(uid, PodState::Enrolled(pod));
+                return;
+            }
+            Some(PodState::Enrolled(pod)) => {
+                // Same pod, new facts (IPs, identity): serve it anew. Its
+                // namespace stays enrolled meanwhile (refused, not unsigned).
+                drop(pod.stop(&self.ctx));
+                (0, None)
+            }
+            Some(PodState::Failed {
+                plan: failed,
+                reason,
+                attempts,
+                retry_at,
+            }) if failed == plan && now < retry_at => {
+                self.state.insert(
+                    uid,
+                    PodState::Failed {
+                        plan: failed,
+                        reason,
+                        attempts,
+                        retry_at,
+                    },
+                );
+                return;
+            }
+            Some(PodState::Failed {
+                attempts, reason, ..
+            }) => (attempts, Some(reason)),
+            Some(PodState::Refused { .. }) | None => (0, None),
+        };
+        let name = plan.display_name();
+        let started = Instant::now();
+        match enroll::enroll(&self.ctx, plan.clone()) {
+            Ok(pod) => {
+                self.ctx.metrics.count_enrollment(true);
+                let note = enrolled_note(&pod);
+                tracing::info!(
+                    pod = %name,
+                    identity = pod.plan.identity.kind(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "pod enrolled"
+                );
+                if let Some(why) = &pod.missing_identity {
+                    tracing::warn!(pod = %name, reason = %why, "pod enrolled without credentials: its requests get 503");
+                }
+                self.events.publish(
+                    &pod_ref(&pod.plan),
+                    Kind::Normal,
+                    "Enrolled",
+                    "Enroll",
+                    note,
+                );
+                self.state.insert(uid, PodState::Enrolled(Box::new(pod)));
+            }
+            Err(e) => {
+                self.ctx.metrics.count_enrollment(false);
+                let reason = crate::credentials::error_chain(&e);
+                let attempts = attempts.saturating_add(1);
+                let delay = retry_delay(attempts);
+                // One Event per failure reason, not one per retry.
+                let repeated = previous_reason.as_deref() == Some(reason.as_str());
+                tracing::warn!(pod = %name, %reason, retry_in_ms = delay.as_millis() as u64, "pod enrollment failed");
+                if !repeated {
+                    self.events.publish(
+                        &pod_ref(&plan),
+                        Kind::Warning,
+                        "EnrollmentFailed",
+                        "Enroll",
+                        format!("lattice-agent could not enroll the pod: {reason}"),
+                    );
+                }
+                self.state.insert(
+                    uid,
+                    PodState::Failed {
+                        plan,
+                        reason,
+                        attempts,
+                        retry_at: now + delay,
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn retry_delay(attempts: u32) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(16);
+    (RETRY_START * factor).min(RETRY_MAX)
+}
+
+fn pod_ref(plan: &PodPlan) -> PodRef {
+    PodRef {
+        namespace: plan.namespace.clone(),
+        name: plan.name.clone(),
+        uid: plan.uid.clone(),
+    }
+}
+
+fn enrolled_note(pod: &EnrolledPod) -> String {
+    match (&pod.plan.identity, &pod.missing_identity) {
+        (_, Some(why)) => format!(
+            "lattice-agent intercepts this pod's VPC Lattice traffic, but cannot sign it: {why}"
+        ),
+        (IdentityPlan::Irsa { role_arn, .. }, None) => {
+            format!("lattice-agent signs this pod's requests to VPC Lattice as {role_arn} (IRSA)")
+        }
+        (
+            IdentityPlan::PodIdentity {
+                service_account, ..
+            },
+            None,
+        ) => format!(
+            "lattice-agent signs this pod's requests to VPC Lattice with the EKS Pod Identity of service account {service_account}"
+        ),
+        (IdentityPlan::Missing(why), None) => why.clone(),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A reflector store kept by a watch; `changed` fires on every event, the
+/// returned token is cancelled once the first list is complete.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    changed: &Arc<Notify>,
+    shutdown: &CancellationToken,
+    what: &'static str,
+) -> (Store<K>, CancellationToken)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let listed = CancellationToken::new();
+    let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+    let changed = Arc::clone(changed);
+    let shutdown = shutdown.clone();
+    let done = listed.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                e = stream.next() => e,
+            };
+            match event {
+                Some(Ok(watcher::Event::InitDone)) => {
+                    done.cancel();
+                    changed.notify_one();
+                }
+                Some(Ok(_)) => changed.notify_one(),
+                Some(Err(e)) => {
+                    tracing::warn!(what, error = %e, "Kubernetes watch failed; retrying");
+                }
+                None => return,
+            }
+        }
+    });
+    (store, listed)
+}
+
+/// `/pods`: the pods this agent serves or tried to, no secrets.
+#[derive(Default)]
+pub struct NodeReport {
+    rows: Mutex<Vec<ReportRow>>,
+}
+
+struct ReportRow {
+    row: PodRow,
+    counts: Option<Arc<Counts>>,
+}
+
+#[derive(Serialize, Clone)]
+struct PodRow {
+    namespace: String,
+    name: String,
+    uid: String,
+    /// `enrolled`, `failed` (retried) or `refused`.
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// `irsa`, `pod-identity` or `none`.
+    identity: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role_arn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_account: Option<String>,
+    ips: Vec<String>,
+    requests: u64,
+    errors: u64,
+}
+
+impl NodeReport {
+    fn update(&self, state: &HashMap<String, PodState>) {
+        let mut rows: Vec<ReportRow> = state
+            .iter()
+            .map(|(uid, s)| match s {
+                PodState::Enrolled(pod) => ReportRow {
+                    row: plan_row(&pod.plan, "enrolled", pod.missing_identity.clone()),
+                    counts: Some(pod.counts()),
+                },
+                PodState::Failed { plan, reason, .. } => ReportRow {
+                    row: plan_row(plan, "failed", Some(reason.clone())),
+                    counts: None,
+                },
+                PodState::Refused { pod, reason } => ReportRow {
+                    row: PodRow {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                        uid: uid.clone(),
+                        state: "refused",
+                        reason: Some(reason.clone()),
+                        identity: "none",
+                        role_arn: None,
+                        service_account: None,
+                        ips: Vec::new(),
+                        requests: 0,
+                        errors: 0,
+                    },
+                    counts: None,
+                },
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.row.namespace, &a.row.name).cmp(&(&b.row.namespace, &b.row.name)));
+        *self.rows.lock().unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+}
+
+fn plan_row(plan: &PodPlan, state: &'static str, reason: Option<String>) -> PodRow {
+    let (role_arn, service_account) = match &plan.identity {
+        IdentityPlan::Irsa {
+            role_arn,
+            service_account,
+            ..
+        } => (Some(role_arn.clone()), Some(service_account.clone())),
+        IdentityPlan::PodIdentity {
+            service_account, ..
+        } => (None, Some(service_account.clone())),
+        IdentityPlan::Missing(_) => (None, None),
+    };
+    PodRow {
+        namespace: plan.namespace.clone(),
+        name: plan.name.clone(),
+        uid: plan.uid.clone(),
+        state,
+        reason,
+        identity: plan.identity.kind(),
+        role_arn,
+        service_account,
+        ips: plan.ips.iter().map(ToString::to_string).collect(),
+        requests: 0,
+        errors: 0,
+    }
+}
+
+impl PodsReport for NodeReport {
+    fn pods_json(&self) -> String {
+        use std::sync::atomic::Ordering;
+        let rows = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+        let pods: Vec<PodRow> = rows
+            .iter()
+            .map(|r| {
+                let mut row = r.row.clone();
+                if let Some(c) = &r.counts {
+                    row.requests = c.requests.load(Ordering::Relaxed);
+                    row.errors = c.errors.load(Ordering::Relaxed);
+                }
+                row
+            })
+            .collect();
+        let mut out =
+            serde_json::to_string_pretty(&BTreeMap::from([("pods", pods)])).unwrap_or_default();
+        out.push('\n');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn retries_back_off_to_a_ceiling() {
+        let ms: Vec<u128> = (1..=10).map(|a| retry_delay(a).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(30));
+    }
+}

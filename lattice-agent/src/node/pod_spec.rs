@@ -1,0 +1,593 @@
+//! What the node agent does with a pod, decided from its API object alone
+//! (and its namespace's labels): pure functions, tested without a cluster.
+//!
+//! A pod is served when its annotation
+//! `vpc-lattices-svcs.amazonaws.com/agent-inject` is `"true"` (the
+//! annotation the iptables setup's Kyverno policy matches), or its
+//! namespace carries that label with value `true` and the pod does not
+//! opt out with the annotation set to anything else. Its identity comes
+//! from what the EKS webhooks inject into its containers' environment:
+//!
+//! - IRSA: `AWS_ROLE_ARN` + `AWS_WEB_IDENTITY_TOKEN_FILE` (projected volume
+//!   `aws-iam-token`);
+//! - EKS Pod Identity: `AWS_CONTAINER_CREDENTIALS_FULL_URI` +
+//!   `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` (volume
+//!   `eks-pod-identity-token`).
+//!
+//! IRSA wins where a container has both, as in the SDKs' default chain.
+//! The token's path inside the container is mapped through the container's
+//! volume mounts to the projected volume the kubelet keeps on the node.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Component, Path, PathBuf},
+};
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+
+/// The annotation (pods) and label (namespaces) that ask for signing.
+pub const INJECT: &str = "vpc-lattices-svcs.amazonaws.com/agent-inject";
+
+const ROLE_ARN: &str = "AWS_ROLE_ARN";
+const WEB_IDENTITY_TOKEN_FILE: &str = "AWS_WEB_IDENTITY_TOKEN_FILE";
+const ROLE_SESSION_NAME: &str = "AWS_ROLE_SESSION_NAME";
+const FULL_URI: &str = "AWS_CONTAINER_CREDENTIALS_FULL_URI";
+const AUTH_TOKEN_FILE: &str = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE";
+const REGION: &str = "AWS_REGION";
+const DEFAULT_REGION: &str = "AWS_DEFAULT_REGION";
+
+/// Hosts a container-credentials endpoint may have over plain HTTP: the
+/// EKS Pod Identity Agent and the ECS agent, reachable from the node. A
+/// loopback URI names the pod's own loopback, which the node agent's
+/// credential calls (made from the node) cannot reach.
+const CONTAINER_CREDENTIALS_HOSTS: [&str; 3] =
+    ["169.254.170.23", "169.254.170.2", "[fd00:ec2::23]"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Not asked for, or not (yet, or any more) running with an IP.
+    Ignore,
+    /// Asked for, but cannot be served; the reason is logged and reported.
+    Refuse(String),
+    Enroll(Box<PodPlan>),
+}
+
+/// Everything enrollment needs to know about a pod, from its API object.
+/// A change in it (identity, IPs) means enrolling the pod anew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPlan {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub identity: IdentityPlan,
+    /// `AWS_REGION` / `AWS_DEFAULT_REGION` of its containers, if any.
+    pub region: Option<String>,
+}
+
+impl PodPlan {
+    /// `namespace/name`, as people name pods.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityPlan {
+    Irsa {
+        service_account: String,
+        role_arn: String,
+        token: ProjectedFile,
+        /// `AWS_ROLE_SESSION_NAME` when the pod sets one.
+        session_name: Option<String>,
+    },
+    PodIdentity {
+        service_account: String,
+        uri: String,
+        token: ProjectedFile,
+    },
+    /// Nothing to sign with: every request gets 503 with this reason.
+    Missing(String),
+}
+
+impl IdentityPlan {
+    /// `irsa`, `pod-identity` or `none`, for `/pods` and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Irsa { .. } => "irsa",
+            Self::PodIdentity { .. } => "pod-identity",
+            Self::Missing(_) => "none",
+        }
+    }
+}
+
+/// A file in one of the pod's projected volumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectedFile {
+    pub volume: String,
+    /// Path inside the volume: only normal components.
+    pub relative: PathBuf,
+}
+
+impl ProjectedFile {
+    /// Where the kubelet keeps it on the node.
+    pub fn host_path(&self, kubelet_root: &Path, pod_uid: &str) -> PathBuf {
+        kubelet_root
+            .join("pods")
+            .join(pod_uid)
+            .join("volumes/kubernetes.io~projected")
+            .join(&self.volume)
+            .join(&self.relative)
+    }
+}
+
+/// Decides what to do with `pod`, given its namespace's labels (`None`
+/// when the namespace is not known yet).
+pub fn decide(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> Decision {
+    let meta = &pod.metadata;
+    let (Some(uid), Some(name), Some(namespace)) = (&meta.uid, &meta.name, &meta.namespace) else {
+        return Decision::Ignore;
+    };
+    let annotation = meta.annotations.as_ref().and_then(|a| a.get(INJECT));
+    let asked = match annotation {
+        Some(v) => v == "true",
+        None => namespace_labels
+            .and_then(|l| l.get(INJECT))
+            .is_some_and(|v| v == "true"),
+    };
+    if !asked {
+        return Decision::Ignore;
+    }
+    let Some(spec) = &pod.spec else {
+        return Decision::Ignore;
+    };
+    if spec.host_network == Some(true) {
+        return Decision::Refuse(format!(
+            "pod {namespace}/{name} uses hostNetwork: it shares the node's network namespace, \
+             where intercepting its connections would intercept the node's"
+        ));
+    }
+    let status = pod.status.as_ref();
+    if status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+    {
+        return Decision::Ignore;
+    }
+    let ips = pod_ips(pod);
+    if ips.is_empty() {
+        return Decision::Ignore;
+    }
+    let pod_name = format!("{namespace}/{name}");
+    let (identity, region) = identity_plan(&pod_name, spec);
+    Decision::Enroll(Box::new(PodPlan {
+        uid: uid.clone(),
+        namespace: namespace.clone(),
+        name: name.clone(),
+        ips,
+        identity,
+        region,
+    }))
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+/// The literal environment of one container (`valueFrom` entries are
+/// listed separately: the agent cannot resolve them).
+struct ContainerEnv<'a> {
+    container: &'a Container,
+    literal: BTreeMap<&'a str, &'a str>,
+    referenced: Vec<&'a str>,
+}
+
+impl<'a> ContainerEnv<'a> {
+    fn of(container: &'a Container) -> Self {
+        let mut literal = BTreeMap::new();
+        let mut referenced = Vec::new();
+        for var in container.env.iter().flatten() {
+            match (&var.value, &var.value_from) {
+                (Some(v), _) => {
+                    literal.insert(var.name.as_str(), v.as_str());
+                }
+                (None, Some(_)) => referenced.push(var.name.as_str()),
+                (None, None) => {
+                    literal.insert(var.name.as_str(), "");
+                }
+            }
+        }
+        Self {
+            container,
+            literal,
+            referenced,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.literal.get(name).copied().filter(|v| !v.is_empty())
+    }
+}
+
+/// The identity the pod's containers declare, and their region.
+fn identity_plan(pod_name: &str, spec: &PodSpec) -> (IdentityPlan, Option<String>) {
+    let envs: Vec<ContainerEnv<'_>> = spec.containers.iter().map(ContainerEnv::of).collect();
+    let region = envs
+        .iter()
+        .find_map(|e| e.get(REGION).or_else(|| e.get(DEFAULT_REGION)))
+        .map(str::to_owned);
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+
+    let mut found: Vec<(&str, IdentityPlan)> = Vec::new();
+    for env in &envs {
+        let plan = if let (Some(arn), Some(file)) =
+            (env.get(ROLE_ARN), env.get(WEB_IDENTITY_TOKEN_FILE))
+        {
+            match projected_file(spec, env.container, file) {
+                Ok(token) => IdentityPlan::Irsa {
+                    service_account: service_account.clone(),
+                    role_arn: arn.to_owned(),
+                    token,
+                    session_name: env.get(ROLE_SESSION_NAME).map(str::to_owned),
+                },
+                Err(why) => IdentityPlan::Missing(format!(
+                    "pod {pod_name}: {WEB_IDENTITY_TOKEN_FILE} {file} of container {}: {why}",
+                    env.container.name
+                )),
+            }
+        } else if let (Some(uri), Some(file)) = (env.get(FULL_URI), env.get(AUTH_TOKEN_FILE)) {
+            match (
+                check_credentials_uri(uri),
+                projected_file(spec, env.container, file),
+            ) {
+                (Err(why), _) => {
+                    IdentityPlan::Missing(format!("pod {pod_name}: {FULL_URI} {uri}: {why}"))
+                }
+                (_, Err(why)) => IdentityPlan::Missing(format!(
+                    "pod {pod_name}: {AUTH_TOKEN_FILE} {file} of container {}: {why}",
+                    env.container.name
+                )),
+                (Ok(()), Ok(token)) => IdentityPlan::PodIdentity {
+                    service_account: service_account.clone(),
+                    uri: uri.to_owned(),
+                    token,
+                },
+            }
+        } else {
+            continue;
+        };
+        found.push((env.container.name.as_str(), plan));
+    }
+
+    let identity = match found.as_slice() {
+        [] => {
+            let referenced: Vec<&str> = envs
+                .iter()
+                .flat_map(|e| e.referenced.iter().copied())
+                .filter(|n| {
+                    [ROLE_ARN, WEB_IDENTITY_TOKEN_FILE, FULL_URI, AUTH_TOKEN_FILE].contains(n)
+                })
+                .collect();
+            let mut why = format!(
+                "pod {pod_name} has no AWS identity: no container sets {ROLE_ARN} and \
+                 {WEB_IDENTITY_TOKEN_FILE} (IRSA) or {FULL_URI} and {AUTH_TOKEN_FILE} \
+                 (EKS Pod Identity); node mode never signs with the node's credentials"
+            );
+            if !referenced.is_empty() {
+                why.push_str(&format!(
+                    " ({} set with valueFrom, which the node agent cannot resolve)",
+                    referenced.join(", ")
+                ));
+            }
+            IdentityPlan::Missing(why)
+        }
+        [(_, plan)] => plan.clone(),
+        [(first, plan), rest @ ..] => match rest.iter().find(|(_, p)| p != plan) {
+            None => plan.clone(),
+            Some((other, _)) => IdentityPlan::Missing(format!(
+                "pod {pod_name}: containers {first} and {other} use different AWS identities; \
+                 node mode signs a pod's requests with one"
+            )),
+        },
+    };
+    (identity, region)
+}
+
+/// Maps `file` (a path inside `container`) to a file of a projected volume.
+fn projected_file(
+    spec: &PodSpec,
+    container: &Container,
+    file: &str,
+) -> Result<ProjectedFile, String> {
+    let file = Path::new(file);
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| file.starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .ok_or("no volume is mounted there")?;
+    if mount.sub_path.as_deref().is_some_and(|s| !s.is_empty())
+        || mount
+            .sub_path_expr
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+    {
+        return Err(format!(
+            "volume {} is mounted with subPath, which node mode does not follow",
+            mount.name
+        ));
+    }
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .ok_or_else(|| format!("volume {} is not in the pod's spec", mount.name))?;
+    if volume.projected.is_none() {
+        return Err(format!(
+            "volume {} is not a projected volume (the EKS webhooks use projected service-account tokens)",
+            mount.name
+        ));
+    }
+    let relative = file
+        .strip_prefix(&mount.mount_path)
+        .map_err(|_| "outside its volume".to_owned())?;
+    let normal = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
+    if relative.as_os_str().is_empty() || !normal {
+        return Err("not a plain path to a file inside its volume".to_owned());
+    }
+    Ok(ProjectedFile {
+        volume: mount.name.clone(),
+        relative: relative.to_owned(),
+    })
+}
+
+fn check_credentials_uri(uri: &str) -> Result<(), String> {
+    let parsed: http::Uri = uri.parse().map_err(|e| format!("not a URI: {e}"))?;
+    if parsed.scheme_str() != Some("http") {
+        return Err("node mode calls container-credentials endpoints over plain HTTP only (EKS Pod Identity: http://169.254.170.23/v1/credentials)".to_owned());
+    }
+    let host = parsed.host().unwrap_or_default();
+    if !CONTAINER_CREDENTIALS_HOSTS.contains(&host) {
+        return Err(format!(
+            "host {host} is not the EKS Pod Identity Agent ({}); a pod-local endpoint cannot be reached from the node",
+            CONTAINER_CREDENTIALS_HOSTS.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("pod JSON")
+    }
+
+    /// A pod like the EKS IRSA webhook leaves it.
+    fn irsa_pod() -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {
+                "name": "app1-v1-abc", "namespace": "app1", "uid": "1111-2222",
+                "annotations": {INJECT: "true"}
+            },
+            "spec": {
+                "serviceAccountName": "app1-sa",
+                "containers": [{
+                    "name": "app1",
+                    "env": [
+                        {"name": "AWS_REGION", "value": "us-west-2"},
+                        {"name": "AWS_ROLE_ARN", "value": "arn:aws:iam::111122223333:role/app1"},
+                        {"name": "AWS_WEB_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/eks.amazonaws.com/serviceaccount/token"}
+                    ],
+                    "volumeMounts": [{"name": "aws-iam-token", "mountPath": "/var/run/secrets/eks.amazonaws.com/serviceaccount", "readOnly": true}]
+                }],
+                "volumes": [{"name": "aws-iam-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "sts.amazonaws.com", "expirationSeconds": 86400, "path": "token"}}]}}]
+            },
+            "status": {"phase": "Running", "podIP": "169.254.64.5", "podIPs": [{"ip": "169.254.64.5"}]}
+        })
+    }
+
+    fn plan(json: serde_json::Value) -> PodPlan {
+        match decide(&pod(json), None) {
+            Decision::Enroll(p) => *p,
+            other => panic!("not enrolled: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn irsa_pod_maps_the_token_to_the_kubelet_volume() {
+        let p = plan(irsa_pod());
+        assert_eq!(p.display_name(), "app1/app1-v1-abc");
+        assert_eq!(p.ips, vec!["169.254.64.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.region.as_deref(), Some("us-west-2"));
+        let IdentityPlan::Irsa {
+            service_account,
+            role_arn,
+            token,
+            session_name,
+        } = &p.identity
+        else {
+            panic!("{:?}", p.identity)
+        };
+        assert_eq!(service_account, "app1-sa");
+        assert_eq!(role_arn, "arn:aws:iam::111122223333:role/app1");
+        assert_eq!(session_name, &None);
+        assert_eq!(
+            token.host_path(Path::new("/var/lib/kubelet"), &p.uid),
+            Path::new(
+                "/var/lib/kubelet/pods/1111-2222/volumes/kubernetes.io~projected/aws-iam-token/token"
+            )
+        );
+    }
+
+    #[test]
+    fn pod_identity_pod() {
+        let mut j = irsa_pod();
+        j["spec"]["containers"][0]["env"] = serde_json::json!([
+            {"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://169.254.170.23/v1/credentials"},
+            {"name": "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "value": "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount/eks-pod-identity-token"}
+        ]);
+        j["spec"]["containers"][0]["volumeMounts"] = serde_json::json!([
+            {"name": "eks-pod-identity-token", "mountPath": "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount", "readOnly": true}
+        ]);
+        j["spec"]["volumes"] = serde_json::json!([
+            {"name": "eks-pod-identity-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "pods.eks.amazonaws.com", "path": "eks-pod-identity-token"}}]}}
+        ]);
+        let p = plan(j);
+        assert_eq!(p.region, None);
+        match &p.identity {
+            IdentityPlan::PodIdentity { uri, token, .. } => {
+                assert_eq!(uri, "http://169.254.170.23/v1/credentials");
+                assert_eq!(token.volume, "eks-pod-identity-token");
+                assert_eq!(token.relative, Path::new("eks-pod-identity-token"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn annotation_or_namespace_label_asks_and_annotation_opts_out() {
+        let mut j = irsa_pod();
+        j["metadata"]["annotations"] = serde_json::json!({});
+        let labels: BTreeMap<String, String> = [(INJECT.to_owned(), "true".to_owned())].into();
+        assert_eq!(decide(&pod(j.clone()), None), Decision::Ignore);
+        assert!(matches!(
+            decide(&pod(j.clone()), Some(&labels)),
+            Decision::Enroll(_)
+        ));
+        j["metadata"]["annotations"] = serde_json::json!({INJECT: "false"});
+        assert_eq!(decide(&pod(j), Some(&labels)), Decision::Ignore);
+    }
+
+    #[test]
+    fn host_network_is_refused_and_pods_without_ip_wait() {
+        let mut j = irsa_pod();
+        j["spec"]["hostNetwork"] = true.into();
+        let Decision::Refuse(why) = decide(&pod(j), None) else {
+            panic!()
+        };
+        assert!(
+            why.contains("app1/app1-v1-abc") && why.contains("hostNetwork"),
+            "{why}"
+        );
+        let mut j = irsa_pod();
+        j["status"] = serde_json::json!({"phase": "Pending"});
+        assert_eq!(decide(&pod(j), None), Decision::Ignore);
+        let mut j = irsa_pod();
+        j["status"]["phase"] = "Succeeded".into();
+        assert_eq!(decide(&pod(j), None), Decision::Ignore);
+    }
+
+    #[test]
+    fn missing_identity_names_the_pod_and_what_is_missing() {
+        let mut j = irsa_pod();
+        j["spec"]["containers"][0]["env"] = serde_json::json!([
+            {"name": "AWS_ROLE_ARN", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}
+        ]);
+        let IdentityPlan::Missing(why) = plan(j).identity else {
+            panic!()
+        };
+        assert!(
+            why.contains("pod app1/app1-v1-abc has no AWS identity"),
+            "{why}"
+        );
+        assert!(why.contains("AWS_ROLE_ARN set with valueFrom"), "{why}");
+        assert!(
+            why.contains("never signs with the node's credentials"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn containers_with_different_identities_are_not_guessed_between() {
+        let mut j = irsa_pod();
+        let mut second = j["spec"]["containers"][0].clone();
+        second["name"] = "sidecar".into();
+        second["env"][1]["value"] = "arn:aws:iam::111122223333:role/other".into();
+        j["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(second.clone());
+        let IdentityPlan::Missing(why) = plan(j.clone()).identity else {
+            panic!()
+        };
+        assert!(
+            why.contains("containers app1 and sidecar use different AWS identities"),
+            "{why}"
+        );
+        // The same identity twice is one identity.
+        second["env"][1]["value"] = "arn:aws:iam::111122223333:role/app1".into();
+        j["spec"]["containers"][1] = second;
+        assert!(matches!(plan(j).identity, IdentityPlan::Irsa { .. }));
+    }
+
+    #[test]
+    fn token_paths_that_leave_their_volume_are_refused() {
+        for (file, want) in [
+            (
+                "/var/run/secrets/eks.amazonaws.com/serviceaccount/../../../../etc/shadow",
+                "plain path",
+            ),
+            ("/etc/token", "no volume is mounted there"),
+            (
+                "/var/run/secrets/eks.amazonaws.com/serviceaccount",
+                "plain path",
+            ),
+        ] {
+            let mut j = irsa_pod();
+            j["spec"]["containers"][0]["env"][2]["value"] = file.into();
+            let IdentityPlan::Missing(why) = plan(j).identity else {
+                panic!("{file}")
+            };
+            assert!(why.contains(want), "{file}: {why}");
+        }
+        let mut j = irsa_pod();
+        j["spec"]["volumes"][0] =
+            serde_json::json!({"name": "aws-iam-token", "hostPath": {"path": "/"}});
+        let IdentityPlan::Missing(why) = plan(j).identity else {
+            panic!()
+        };
+        assert!(why.contains("not a projected volume"), "{why}");
+    }
+
+    #[test]
+    fn pod_local_container_credentials_uris_are_refused() {
+        for (uri, want) in [
+            (
+                "http://127.0.0.1:9911/creds",
+                "cannot be reached from the node",
+            ),
+            ("https://creds.example/v1", "plain HTTP only"),
+        ] {
+            assert!(
+                check_credentials_uri(uri).unwrap_err().contains(want),
+                "{uri}"
+            );
+        }
+        check_credentials_uri("http://169.254.170.23/v1/credentials").unwrap();
+        check_credentials_uri("http://[fd00:ec2::23]/v1/credentials").unwrap();
+    }
+}
