@@ -1,5 +1,6 @@
 //! A cgroup v2 directory of the test's own (the "pod cgroup" the agent
-//! attaches to), and where cgroup v2 is mounted.
+//! attaches to), where cgroup v2 is mounted, and killing and removing a
+//! whole subtree (the node fixture's kubelet-like tree).
 
 use std::{
     fs,
@@ -93,4 +94,101 @@ impl Drop for Cgroup {
             }
         }
     }
+}
+
+/// True while any process is in the cgroup at `path` or below it (the
+/// `populated` key of `cgroup.events`). A cgroup that is gone is empty.
+pub fn is_populated(path: &Path) -> bool {
+    fs::read_to_string(path.join("cgroup.events"))
+        .map(|events| events.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
+}
+
+/// Kills every process in the cgroup at `path` and its descendants, and
+/// waits until the subtree is empty.
+pub fn kill_tree(path: &Path, timeout: Duration) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    // cgroup.kill kills the whole subtree at once, including processes
+    // forked meanwhile; without it (Linux < 5.14) every listed pid is
+    // signalled, again on each round.
+    let atomic = fs::write(path.join("cgroup.kill"), "1").is_ok();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !is_populated(path) {
+            return Ok(());
+        }
+        let pids = tree_pids(path);
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{}: processes {pids:?} still in the subtree",
+                path.display()
+            ));
+        }
+        if !atomic {
+            for pid in pids {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills everything in the subtree at `path`, then removes its directories
+/// leaves first. Returns the first failure; the rest is still attempted.
+pub fn remove_tree(path: &Path, timeout: Duration) -> Result<(), String> {
+    let killed = kill_tree(path, timeout);
+    let mut dirs = Vec::new();
+    collect_dirs(path, &mut dirs);
+    let deadline = Instant::now() + timeout;
+    let mut result = killed;
+    // Post-order: every child precedes its parent.
+    for dir in dirs {
+        loop {
+            match fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // EBUSY for a moment after the last process of the cgroup
+                // exited: retry.
+                Err(e) if Instant::now() > deadline => {
+                    if result.is_ok() {
+                        result = Err(format!("rmdir {}: {e}", dir.display()));
+                    }
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    result
+}
+
+/// `path` and every cgroup directory below it, children before parents.
+fn collect_dirs(path: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&entry.path(), out);
+            }
+        }
+    }
+    if path.is_dir() {
+        out.push(path.to_owned());
+    }
+}
+
+/// PIDs anywhere in the subtree at `path`.
+fn tree_pids(path: &Path) -> Vec<i32> {
+    let mut dirs = Vec::new();
+    collect_dirs(path, &mut dirs);
+    dirs.iter()
+        .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }

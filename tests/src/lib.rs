@@ -12,6 +12,10 @@
 //! - [`cgroup`]: finding the cgroup2 mount, a test cgroup directory;
 //! - [`spawn`]: starting processes inside a pod (netns, cgroup, UID), guards;
 //! - [`pod`]: the pod fixture tying these together, plus the test binaries;
+//! - [`node`]: a node for `lattice-agent node`: its own network namespace
+//!   with a CNI bridge, a kubelet-like cgroup tree and kubelet root, and
+//!   pods wired by Debian's CNI plugins, with pause processes and projected
+//!   volumes;
 //! - [`agent`]: running `lattice-agent` in a pod;
 //! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
 //! - [`bpffs`]: a private bpffs mount for `--pin`.
@@ -23,6 +27,7 @@ pub mod bpffs;
 pub mod bpftool;
 pub mod cgroup;
 pub mod netns;
+pub mod node;
 pub mod pod;
 pub mod spawn;
 pub mod verifier;
@@ -34,6 +39,7 @@ use std::{
 
 pub use agent::{Agent, agent_bin};
 pub use bpffs::Bpffs;
+pub use node::{CgroupDriver, Node, NodePod, PodSpec, Qos};
 pub use pod::{Pod, test_bin};
 pub use spawn::{ChildGuard, Output, PodCommand};
 pub use verifier::{DEMO_CREDENTIALS, Verifier};

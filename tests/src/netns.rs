@@ -8,7 +8,7 @@ use std::{
     fs::File,
     net::{SocketAddr, TcpListener},
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -21,14 +21,20 @@ pub struct Netns {
 impl Netns {
     /// Creates the namespace and brings its `lo` up.
     pub fn new(name: &str) -> Self {
-        run(Command::new("ip").args(["netns", "add", name]));
+        let ns = Self::new_down(name);
         // The guard exists from here on, so a failure below still cleans up.
-        let ns = Self {
-            name: name.to_owned(),
-            path: PathBuf::from("/run/netns").join(name),
-        };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Creates the namespace and leaves its `lo` down, as a container
+    /// runtime does before the CNI `loopback` plugin brings it up.
+    pub fn new_down(name: &str) -> Self {
+        run(Command::new("ip").args(["netns", "add", name]));
+        Self {
+            name: name.to_owned(),
+            path: PathBuf::from("/run/netns").join(name),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -41,10 +47,7 @@ impl Netns {
 
     /// Runs a command inside the namespace and panics if it fails.
     pub fn exec(&self, argv: &[&str]) {
-        run(Command::new("nsenter")
-            .arg(format!("--net={}", self.path.display()))
-            .arg("--")
-            .args(argv));
+        exec_in(&self.path, argv);
     }
 
     /// Adds an address on the namespace's `lo` (no dummy links on this
@@ -58,20 +61,10 @@ impl Netns {
         self.exec(&argv);
     }
 
-    /// A TCP listener bound inside the namespace, usable from any thread.
-    /// Bound on a short-lived helper thread because setns affects only the
-    /// calling thread, and the test thread must stay in the host namespace.
+    /// A TCP listener bound inside the namespace, usable from any thread
+    /// (see [`listen_tcp_in`]).
     pub fn listen_tcp(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        let ns = File::open(&self.path)?;
-        std::thread::spawn(move || {
-            // SAFETY: setns on a valid namespace fd; affects this thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            TcpListener::bind(addr)
-        })
-        .join()
-        .expect("listener thread panicked")
+        listen_tcp_in(&self.path, addr)
     }
 
     /// PIDs of processes still inside the namespace (`ip netns pids`).
@@ -126,6 +119,31 @@ impl Drop for Netns {
             Err(e) => eprintln!("lattice-tests: ip netns del {}: {e}", self.name),
         }
     }
+}
+
+/// Runs a command inside the namespace at `netns` (a path such as
+/// /run/netns/NAME) and panics if it fails.
+pub(crate) fn exec_in(netns: &Path, argv: &[&str]) {
+    run(Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .args(argv));
+}
+
+/// A TCP listener bound inside the namespace at `netns`, usable from any
+/// thread. Bound on a short-lived helper thread because setns affects only
+/// the calling thread, and the test thread must stay in the host namespace.
+pub(crate) fn listen_tcp_in(netns: &Path, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let ns = File::open(netns)?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd; affects this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        TcpListener::bind(addr)
+    })
+    .join()
+    .expect("listener thread panicked")
 }
 
 /// Runs a setup command, panicking with its stderr if it fails.

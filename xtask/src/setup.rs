@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // `cargo xtask bench`: the seed's NAT rules as a baseline; the chart's font
     "iptables",
     "fonts-dejavu-core",
+    // the node fixture's pod network: CNI bridge, host-local, loopback
+    "containernetworking-plugins",
 ];
 
 const REQUIREMENTS: &str = "tests/requirements.txt";
