@@ -53,6 +53,16 @@ struct Kubectl {
 
 impl Kubectl {
     fn new(server: &ApiServer) -> Self {
+        // Not installable from Debian bookworm: the machine image ships it.
+        let found = Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "kubectl is missing from PATH: these tests need it (the test machines' image ships \
+             the `kubectl` package)"
+        );
         let dir = TempDir::new();
         server.write_kubeconfig(&dir.0.join("kubeconfig"));
         Self { dir, netns: None }
