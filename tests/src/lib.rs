@@ -21,8 +21,10 @@
 //! - [`bpffs`]: a private bpffs mount for `--pin`.
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
 //!   a pod, and the demo credentials.
+//! - [`apiserver`]: the Kubernetes API stand-in kube-rs and kubectl talk to.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bpffs;
 pub mod bpftool;
 pub mod cgroup;
@@ -38,6 +40,7 @@ use std::{
 };
 
 pub use agent::{Agent, agent_bin};
+pub use apiserver::ApiServer;
 pub use bpffs::Bpffs;
 pub use node::{CgroupDriver, Node, NodePod, PodSpec, Qos};
 pub use pod::{Pod, test_bin};
