@@ -31,6 +31,9 @@ const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Upper bound on one provider call (the chain has its own, shorter ones).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request waits for an identity's very first fetch (a pod's
+/// first requests right after it was enrolled) before it gets 503.
+pub const FIRST_FETCH_WAIT: Duration = Duration::from_secs(10);
 
 /// How to build the provider chain.
 #[derive(Debug, Clone, Default)]
@@ -118,6 +121,18 @@ impl WorkloadCredentials {
     pub fn is_ready(&self) -> bool {
         self.current().is_ok()
     }
+
+    /// The current credentials; while the very first fetch is still in
+    /// flight, waits for it up to `limit` instead of failing at once.
+    pub async fn wait_current(
+        &self,
+        limit: Duration,
+    ) -> Result<Credentials, CredentialsUnavailable> {
+        match self {
+            Self::Cache(cache) => cache.wait_current(limit).await,
+            Self::Missing(_) => self.current(),
+        }
+    }
 }
 
 /// Why there are no usable credentials; the text is the provider's error.
@@ -137,6 +152,8 @@ pub struct CredentialsCache {
     state: RwLock<State>,
     /// Set once credentials were loaded at least once (for logs).
     loaded_once: AtomicBool,
+    /// Woken on every fetch result.
+    fetched: tokio::sync::Notify,
 }
 
 impl CredentialsCache {
@@ -149,6 +166,7 @@ impl CredentialsCache {
         let cache = Arc::new(Self {
             state: RwLock::new(State::default()),
             loaded_once: AtomicBool::new(false),
+            fetched: tokio::sync::Notify::new(),
         });
         tokio::spawn(refresh_loop(
             Arc::clone(&cache),
@@ -167,6 +185,7 @@ impl CredentialsCache {
                 last_error: None,
             }),
             loaded_once: AtomicBool::new(true),
+            fetched: tokio::sync::Notify::new(),
         })
     }
 
@@ -191,6 +210,29 @@ impl CredentialsCache {
         self.current().is_ok()
     }
 
+    /// [`Self::current`], but while nothing was fetched yet (neither
+    /// credentials nor an error), waits up to `limit` for the first fetch.
+    pub async fn wait_current(
+        &self,
+        limit: Duration,
+    ) -> Result<Credentials, CredentialsUnavailable> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Registered before looking, so a fetch in between is not missed.
+            let fetched = self.fetched.notified();
+            let pending = {
+                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+                state.current.is_none() && state.last_error.is_none()
+            };
+            if !pending {
+                return self.current();
+            }
+            if tokio::time::timeout_at(deadline, fetched).await.is_err() {
+                return self.current();
+            }
+        }
+    }
+
     /// Puts credentials in the cache as a refresh would (unit tests).
     #[cfg(test)]
     pub(crate) fn set_for_test(&self, creds: Credentials) {
@@ -198,14 +240,20 @@ impl CredentialsCache {
     }
 
     fn store(&self, creds: Credentials) {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        state.current = Some(creds);
-        state.last_error = None;
+        {
+            let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+            state.current = Some(creds);
+            state.last_error = None;
+        }
+        self.fetched.notify_waiters();
     }
 
     fn store_error(&self, error: String) {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        state.last_error = Some(error);
+        {
+            let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+            state.last_error = Some(error);
+        }
+        self.fetched.notify_waiters();
     }
 }
 
@@ -333,6 +381,41 @@ mod tests {
         let err = cache.current().unwrap_err();
         assert!(err.0.contains("expired"), "{err}");
         assert!(!cache.is_ready());
+    }
+
+    #[tokio::test]
+    async fn first_requests_wait_for_the_first_fetch_but_not_forever() {
+        let cache = Arc::new(CredentialsCache {
+            state: RwLock::new(State::default()),
+            loaded_once: AtomicBool::new(false),
+            fetched: tokio::sync::Notify::new(),
+        });
+        let waiting = {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.wait_current(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cache.store(Credentials::new("AKIDFIRST", "s", None, None, "t"));
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!(got.access_key_id(), "AKIDFIRST");
+
+        let empty = CredentialsCache {
+            state: RwLock::new(State::default()),
+            loaded_once: AtomicBool::new(false),
+            fetched: tokio::sync::Notify::new(),
+        };
+        let started = std::time::Instant::now();
+        let err = empty
+            .wait_current(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.0.contains("not loaded yet"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A failed first fetch answers at once: no wait on a known error.
+        empty.store_error("STS said no".into());
+        let started = std::time::Instant::now();
+        assert!(empty.wait_current(Duration::from_secs(5)).await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -229,10 +229,12 @@ async fn forward(
     headers::remove_hop_by_hop(&mut parts.headers);
     headers::remove_client_signing(&mut parts.headers);
 
-    // Credentials: from the cache only.
+    // Credentials: from the cache only (a pod's first requests may wait
+    // for its identity's first fetch).
     let creds = shared
         .creds
-        .current()
+        .wait_current(crate::credentials::FIRST_FETCH_WAIT)
+        .await
         .map_err(|e| RequestError::NoCredentials(e.0))?;
 
     // Body: streamed, or buffered and hashed under --sign-payload.
