@@ -41,7 +41,18 @@ pub fn cgroup_v2_dir(path: &Path) -> Result<(), BpfError> {
     }
 }
 
+/// `path` is a directory on a bpf filesystem; created when missing and its
+/// parent is one (e.g. `/sys/fs/bpf/lattice-node` on a node's bpffs).
 pub fn bpffs_dir(path: &Path) -> Result<(), BpfError> {
+    if !path.exists()
+        && let Some(parent) = path.parent()
+        && is_bpffs(parent)
+    {
+        std::fs::create_dir(path).map_err(|e| BpfError::PinDir {
+            path: path.to_owned(),
+            reason: format!("creating it: {e}"),
+        })?;
+    }
     let stat = statfs(path).map_err(|errno| BpfError::PinDir {
         path: path.to_owned(),
         reason: errno.desc().to_owned(),
@@ -53,6 +64,10 @@ pub fn bpffs_dir(path: &Path) -> Result<(), BpfError> {
         });
     }
     Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
 /// Loading cgroup programs needs CAP_BPF (or CAP_SYS_ADMIN), attaching them
