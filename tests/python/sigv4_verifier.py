@@ -22,18 +22,24 @@ Credentials it accepts, any combination:
                        accepts the credentials its STS issued (looked up in
                        moto's STS backend, the way AWS looks up a key)
   --container-creds-port N   also serves a container-credentials endpoint
-                       (AWS_CONTAINER_CREDENTIALS_FULL_URI) on 127.0.0.1:N
+                       (AWS_CONTAINER_CREDENTIALS_FULL_URI) on
+                       --container-creds-host (default 127.0.0.1) port N
                        that hands out a fresh key per call, valid for
                        --container-creds-lifetime seconds, to callers whose
-                       Authorization is --container-creds-token; it answers
-                       500 while the file --container-creds-fail-while
-                       exists. Each key issued is accepted and printed as
-                       "ISSUED <json>" (with its secret: for log scans).
+                       Authorization is one of the --container-creds-token
+                       values (repeatable; it reads each token file given as
+                       @PATH anew per call); it answers 500 while the file
+                       --container-creds-fail-while exists. Each key issued
+                       is accepted and printed as "ISSUED <json>" (with its
+                       secret: for log scans, and the index of the token
+                       that asked for it).
 
 Prints "LISTENING <port>" on stdout once serving (--port 0 picks one).
 --host picks the address (default 127.0.0.1; IPv6 works). --log-requests
-prints one "REQUEST <json>" line per request on stdout: status, reason and
-the headers received, with the signature and security token redacted.
+prints one "REQUEST <json>" line per request on stdout: status, reason, the
+client's address ("peer"), the access key and, for keys moto's STS issued,
+the role it assumed ("role_arn"), and the headers received, with the
+signature and security token redacted.
 """
 
 import argparse
@@ -55,6 +61,14 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 CHUNK = 64 * 1024
+# Request handlers run in threads: one line, written whole, at a time.
+OUTPUT_LOCK = threading.Lock()
+
+
+def emit(line):
+    with OUTPUT_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 AUTH_RE = re.compile(
     r"^AWS4-HMAC-SHA256 Credential=(?P<ak>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"
     r"(?P<service>[^/]+)/aws4_request, SignedHeaders=(?P<signed>[a-z0-9;\-]+), "
@@ -96,13 +110,21 @@ class Keys:
 
 def moto_lookup(access_key):
     """Secret and token of credentials moto's STS handed out."""
-    from moto.sts.models import sts_backends
+    role = moto_role(access_key)
+    return (role.secret_access_key, role.session_token) if role else None
 
+
+def moto_role(access_key):
+    """The role session moto's STS issued `access_key` for, or None."""
+    try:
+        from moto.sts.models import sts_backends
+    except ImportError:
+        return None
     for account_backends in sts_backends.values():
         for backend in account_backends.values():
             for role in getattr(backend, "assumed_roles", []):
                 if role.access_key_id == access_key:
-                    return (role.secret_access_key, role.session_token)
+                    return role
     return None
 
 
@@ -110,7 +132,7 @@ class ContainerCreds:
     """The keys a container-credentials endpoint handed out."""
 
     def __init__(self, args):
-        self.token = args.container_creds_token
+        self.tokens = args.container_creds_token or [""]
         self.lifetime = args.container_creds_lifetime
         self.fail_while = args.container_creds_fail_while
         self.lock = threading.Lock()
@@ -120,7 +142,20 @@ class ContainerCreds:
         with self.lock:
             return self.issued.get(access_key)
 
-    def issue(self):
+    def caller(self, authorization):
+        """Index of the accepted token `authorization` is, or None."""
+        for i, token in enumerate(self.tokens):
+            if token.startswith("@"):
+                try:
+                    with open(token[1:]) as f:
+                        token = f.read().strip()
+                except OSError:
+                    continue
+            if authorization == token:
+                return i
+        return None
+
+    def issue(self, caller):
         with self.lock:
             n = len(self.issued)
             ak = f"ASIACONTAINER{n:06d}"
@@ -128,8 +163,9 @@ class ContainerCreds:
             token = f"container-session-token-{n}-0123456789abcdef"
             self.issued[ak] = (secret, token)
         expiry = int(time.time() + self.lifetime)
-        issued = {"access_key": ak, "secret": secret, "token": token, "expiry_unix": expiry}
-        print("ISSUED " + json.dumps(issued), flush=True)
+        issued = {"access_key": ak, "secret": secret, "token": token, "expiry_unix": expiry,
+                  "caller": caller}
+        emit("ISSUED " + json.dumps(issued))
         return {
             "AccessKeyId": ak,
             "SecretAccessKey": secret,
@@ -140,17 +176,19 @@ class ContainerCreds:
 
 class ContainerCredsHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # quiet
         pass
 
     def do_GET(self):
         creds = self.server.creds
-        if self.headers.get("authorization") != creds.token:
+        caller = creds.caller(self.headers.get("authorization"))
+        if caller is None:
             return self.answer(403, {"error": "bad authorization token"})
         if creds.fail_while and os.path.exists(creds.fail_while):
             return self.answer(500, {"error": "credentials temporarily unavailable"})
-        self.answer(200, creds.issue())
+        self.answer(200, creds.issue(caller))
 
     def answer(self, status, obj):
         data = json.dumps(obj).encode()
@@ -222,6 +260,9 @@ def expected_signature(method, path, headers, signed, secret, token, region, ser
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The head and the body go out in two writes: without TCP_NODELAY the
+    # second waits for the peer's delayed ACK (40 ms per keep-alive request).
+    disable_nagle_algorithm = True
     server_version = "sigv4-verifier"
 
     def log_message(self, fmt, *args):  # quiet
@@ -251,6 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def handle_any(self):
+        self.access_key = None
         cfg = self.server.cfg
         try:
             length, body_sha, trailers = read_body(self.rfile, self.headers)
@@ -334,15 +376,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_request_line(self, status, reason):
         headers = [[k.lower(), redact(k, v)] for k, v in self.headers.items()]
+        access_key = getattr(self, "access_key", None)
+        role = moto_role(access_key) if access_key and self.server.keys.moto else None
         line = {
             "status": status,
             "reason": reason,
             "method": self.command,
             "http_version": self.request_version,
             "path": self.path,
+            "peer": self.client_address[0],
+            "access_key": access_key,
+            "role_arn": role.role_arn if role else None,
+            "session_name": role.session_name if role else None,
             "headers": headers,
         }
-        print("REQUEST " + json.dumps(line), flush=True)
+        emit("REQUEST " + json.dumps(line))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = handle_any
 
@@ -408,6 +456,7 @@ def serve_h2(handler, preface_line):
         for event in conn.receive_data(data):
             if isinstance(event, RequestReceived):
                 streams[event.stream_id] = H2Stream(handler.server, event.headers)
+                streams[event.stream_id].client_address = handler.client_address
             elif isinstance(event, DataReceived):
                 stream = streams[event.stream_id]
                 stream.digest.update(event.data)
@@ -486,7 +535,8 @@ def main():
     p.add_argument("--keys-file")
     p.add_argument("--moto-sts-port", type=int)
     p.add_argument("--container-creds-port", type=int)
-    p.add_argument("--container-creds-token", default="")
+    p.add_argument("--container-creds-host", default="127.0.0.1")
+    p.add_argument("--container-creds-token", action="append")
     p.add_argument("--container-creds-lifetime", type=float, default=3600)
     p.add_argument("--container-creds-fail-while")
     args = p.parse_args()
@@ -499,7 +549,7 @@ def main():
     keys = Keys(args)
     if args.container_creds_port is not None:
         keys.container = ContainerCreds(args)
-        creds_server = Server(("127.0.0.1", args.container_creds_port), ContainerCredsHandler)
+        creds_server = Server((args.container_creds_host, args.container_creds_port), ContainerCredsHandler)
         creds_server.creds = keys.container
         threading.Thread(target=creds_server.serve_forever, daemon=True).start()
 

@@ -105,6 +105,10 @@ impl PodCommand {
         cmd.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
+        if self.in_netns {
+            // Tells lattice-test-client which namespace the kit made for it.
+            cmd.env("LATTICE_TEST_NETNS", &self.netns);
+        }
         // SAFETY: the closure only calls async-signal-safe syscalls on fds
         // it owns and allocates nothing.
         unsafe {

@@ -17,7 +17,7 @@ use std::{
 
 use crate::{
     pod::Pod,
-    spawn::{ChildGuard, Stream},
+    spawn::{ChildGuard, PodCommand, Stream},
     venv, workspace,
 };
 
@@ -86,6 +86,14 @@ pub struct Received {
     pub http_version: String,
     /// Path and query as received.
     pub path: String,
+    /// The client's IP address, as the service saw it.
+    pub peer: String,
+    /// The access key that signed it (None when unsigned or malformed).
+    pub access_key: Option<String>,
+    /// For a key moto's STS issued: the IAM role it assumed.
+    pub role_arn: Option<String>,
+    /// For a key moto's STS issued: the role session name.
+    pub session_name: Option<String>,
     /// Header names (lowercase) and values in arrival order; Authorization's
     /// signature and any security token are `<redacted>`.
     pub headers: Vec<(String, String)>,
@@ -109,6 +117,8 @@ pub struct Issued {
     pub token: String,
     /// When it expires, Unix seconds.
     pub expiry_unix: u64,
+    /// Which `--container-creds-token` asked for it (0-based).
+    pub caller: usize,
 }
 
 /// The running verifier; dropping it kills it.
@@ -138,9 +148,25 @@ impl Verifier {
         extra: &[&str],
     ) -> Self {
         let python = python().unwrap_or_else(|missing| panic!("{missing}"));
-        let mut cmd = pod
-            .command(python)
-            .in_cgroup(false)
+        Self::start_as(
+            pod.command(python).in_cgroup(false),
+            addr,
+            port,
+            creds,
+            extra,
+        )
+    }
+
+    /// The verifier started as `cmd` places it (e.g. `node.command(python())`
+    /// for a node's network namespace); `cmd` names the Python interpreter.
+    pub fn start_as(
+        cmd: PodCommand,
+        addr: &str,
+        port: u16,
+        creds: &Credentials,
+        extra: &[&str],
+    ) -> Self {
+        let mut cmd = cmd
             .arg(script())
             .args([
                 "--host",
@@ -227,6 +253,10 @@ impl Verifier {
                     secret: text("secret"),
                     token: text("token"),
                     expiry_unix: v["expiry_unix"].as_u64().unwrap_or_default(),
+                    caller: v["caller"]
+                        .as_u64()
+                        .and_then(|c| usize::try_from(c).ok())
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -257,6 +287,10 @@ fn parse_received(json: &str) -> Result<Received, String> {
         method: text("method"),
         http_version: text("http_version"),
         path: text("path"),
+        peer: text("peer"),
+        access_key: v["access_key"].as_str().map(str::to_owned),
+        role_arn: v["role_arn"].as_str().map(str::to_owned),
+        session_name: v["session_name"].as_str().map(str::to_owned),
         headers,
     })
 }

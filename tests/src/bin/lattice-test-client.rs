@@ -10,6 +10,11 @@
 //!   lattice-test-client http-mapped A.B.C.D:PORT  same over an AF_INET6 socket
 //!   lattice-test-client many-http ADDR:PORT N  N sequential GETs, one connection each
 //!                                              (also counts replies that saw no signature)
+//!   lattice-test-client flood ADDR:PORT HOLD ACTIVE SECS
+//!       HOLD connections that send a request head one byte a second and
+//!       never finish it (slowloris), plus ACTIVE connections sending
+//!       keep-alive GETs back to back, for SECS seconds; prints
+//!       `flood held=<n> refused=<n> requests=<n> errors=<n>`
 //!
 //! `tcp` and `http` also print `client local=<addr> peer=<addr>` to stderr,
 //! `http` then `http-status=<code>`; a status other than 200 exits 4.
@@ -17,8 +22,10 @@
 //!
 //! Safety net: it refuses (exit 3) to send anything to an address that is
 //! neither loopback nor one of the current network namespace's own
-//! addresses. Every test destination is on the pod netns' `lo`; run by
-//! mistake in the host namespace, a Lattice address would leave the machine.
+//! addresses, unless it runs inside the namespace the test kit created and
+//! named in `LATTICE_TEST_NETNS` (a test node's pods, whose only routes lead
+//! to other test namespaces). Run anywhere else by mistake, a Lattice
+//! address could leave the machine.
 
 use std::{
     io::{Read, Write},
@@ -46,6 +53,12 @@ fn main() -> ExitCode {
             Ok(n) => with_addr(addr, |a| many(a, n, true)),
             Err(_) => usage(),
         },
+        ["flood", addr, hold, active, secs] => match (hold.parse(), active.parse(), secs.parse()) {
+            (Ok(hold), Ok(active), Ok(secs)) => {
+                with_addr(addr, |a| flood(a, hold, active, Duration::from_secs(secs)))
+            }
+            _ => usage(),
+        },
         _ => usage(),
     }
 }
@@ -53,7 +66,7 @@ fn main() -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
-         | many|many-http ADDR:PORT N"
+         | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS"
     );
     ExitCode::from(64)
 }
@@ -63,11 +76,29 @@ fn with_addr(addr: &str, f: impl FnOnce(SocketAddr) -> ExitCode) -> ExitCode {
         eprintln!("bad address {addr:?}");
         return ExitCode::from(64);
     };
-    if !addr.ip().is_loopback() && !is_local_address(addr.ip()) {
-        println!("error: refusing to connect to {addr}: not an address of this network namespace");
+    if !addr.ip().is_loopback() && !is_local_address(addr.ip()) && !in_test_netns() {
+        println!(
+            "error: refusing to connect to {addr}: not an address of this network namespace, \
+             which is not a test namespace (LATTICE_TEST_NETNS)"
+        );
         return ExitCode::from(3);
     }
     f(addr)
+}
+
+/// True when this process is in the network namespace the test kit named
+/// in `LATTICE_TEST_NETNS` (it sets it for every process it places in a
+/// namespace of its own).
+fn in_test_netns() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let Some(declared) = std::env::var_os("LATTICE_TEST_NETNS") else {
+        return false;
+    };
+    matches!(
+        (id("/proc/self/ns/net".as_ref()), id(declared.as_ref())),
+        (Some(own), Some(test)) if own == test
+    )
 }
 
 /// True when `ip` is assigned in this network namespace, so traffic to it
@@ -271,4 +302,116 @@ fn many(addr: SocketAddr, n: usize, http: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Slowloris holders and back-to-back keep-alive GETs, for `secs`.
+fn flood(addr: SocketAddr, hold: usize, active: usize, secs: Duration) -> ExitCode {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    };
+    let deadline = std::time::Instant::now() + secs;
+    let (held, refused, requests, errors) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    // Holders: a few threads each keep many connections, trickling bytes.
+    let mut threads = Vec::new();
+    let per_thread = hold.div_ceil(50).max(1);
+    for chunk in 0..hold.div_ceil(per_thread) {
+        let n = per_thread.min(hold - chunk * per_thread);
+        let (held, refused) = (Arc::clone(&held), Arc::clone(&refused));
+        threads.push(std::thread::spawn(move || {
+            let mut conns: Vec<TcpStream> = (0..n)
+                .filter_map(|_| match TcpStream::connect_timeout(&addr, TIMEOUT) {
+                    Ok(mut s) => {
+                        let _ = s.write_all(b"GET /slow HTTP/1.1\r\nHost: flood\r\nX-Slow: ");
+                        held.fetch_add(1, Relaxed);
+                        Some(s)
+                    }
+                    Err(_) => {
+                        refused.fetch_add(1, Relaxed);
+                        None
+                    }
+                })
+                .collect();
+            while std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_secs(1));
+                conns.retain_mut(|s| s.write_all(b"a").is_ok());
+            }
+        }));
+    }
+    for _ in 0..active {
+        let (requests, errors) = (Arc::clone(&requests), Arc::clone(&errors));
+        threads.push(std::thread::spawn(move || {
+            while std::time::Instant::now() < deadline {
+                let Ok(mut s) = TcpStream::connect_timeout(&addr, TIMEOUT) else {
+                    errors.fetch_add(1, Relaxed);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = s.set_read_timeout(Some(TIMEOUT));
+                while std::time::Instant::now() < deadline {
+                    let sent = s.write_all(b"GET /flood HTTP/1.1\r\nHost: flood\r\n\r\n");
+                    let answer = match sent {
+                        Ok(()) => read_response(&mut s),
+                        Err(e) => Err(format!("write: {e}")),
+                    };
+                    if let Err(why) = answer {
+                        if errors.fetch_add(1, Relaxed) < 3 {
+                            eprintln!("flood: {why}");
+                        }
+                        break;
+                    }
+                    requests.fetch_add(1, Relaxed);
+                }
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    println!(
+        "flood held={} refused={} requests={} errors={}",
+        held.load(Relaxed),
+        refused.load(Relaxed),
+        requests.load(Relaxed),
+        errors.load(Relaxed)
+    );
+    ExitCode::SUCCESS
+}
+
+/// Reads one HTTP/1.1 `200` response with a Content-Length body; an error
+/// names what else happened (status, EOF, the server closing).
+fn read_response(s: &mut TcpStream) -> Result<(), String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => return Err(format!("EOF after {} bytes of the head", head.len())),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    if status != "200" {
+        return Err(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    if head.contains("connection: close") {
+        return Err("server closed the connection".into());
+    }
+    Ok(())
 }

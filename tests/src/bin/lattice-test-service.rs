@@ -14,7 +14,10 @@
 //! when no SigV4 Authorization header arrived. The signature is never
 //! printed.
 //!
-//! Usage: lattice-test-service [--http] [tcp:ADDR:PORT | udp:ADDR:PORT]...
+//! With `--keep-alive` (implies `--http`) a connection serves requests one
+//! after another until the client closes it: a cheap upstream for load.
+//!
+//! Usage: lattice-test-service [--http] [--keep-alive] [tcp:ADDR:PORT | udp:ADDR:PORT]...
 //! (default: the pod fixture's addresses, TCP port 80, UDP 5353).
 
 use std::{
@@ -37,8 +40,9 @@ const MAX_HEAD: usize = 64 * 1024;
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let http = args.iter().any(|a| a == "--http");
-    args.retain(|a| a != "--http");
+    let keep_alive = args.iter().any(|a| a == "--keep-alive");
+    let http = keep_alive || args.iter().any(|a| a == "--http");
+    args.retain(|a| a != "--http" && a != "--keep-alive");
     let specs: Vec<String> = if args.is_empty() {
         DEFAULT.iter().map(|s| s.to_string()).collect()
     } else {
@@ -51,7 +55,7 @@ fn main() -> ExitCode {
             .and_then(|(proto, addr)| Some((proto, addr.parse::<SocketAddr>().ok()?)));
         match parsed {
             Some(("tcp", addr)) => match TcpListener::bind(addr) {
-                Ok(l) => threads.push(std::thread::spawn(move || serve_tcp(l, http))),
+                Ok(l) => threads.push(std::thread::spawn(move || serve_tcp(l, http, keep_alive))),
                 Err(e) => return fail(&format!("bind tcp {addr}: {e}")),
             },
             Some(("udp", addr)) => match UdpSocket::bind(addr) {
@@ -78,9 +82,13 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn serve_tcp(listener: TcpListener, http: bool) {
+fn serve_tcp(listener: TcpListener, http: bool, keep_alive: bool) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
+        if keep_alive {
+            std::thread::spawn(move || serve_keep_alive(conn));
+            continue;
+        }
         if http {
             // A thread each: an idle connection must not hold up the next.
             std::thread::spawn(move || serve_http(conn));
@@ -115,6 +123,40 @@ fn serve_http(mut conn: TcpStream) {
     );
     let _ = conn.write_all(response.as_bytes());
     let _ = conn.shutdown(std::net::Shutdown::Write);
+}
+
+/// Requests one after another on `conn` (GETs: no bodies), until it closes.
+fn serve_keep_alive(mut conn: TcpStream) {
+    let _ = conn.set_nodelay(true);
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if pending.len() > MAX_HEAD {
+                return;
+            }
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head: Vec<u8> = pending.drain(..end).collect();
+        let body = format!(
+            "{} {}\n",
+            ends(&conn),
+            describe(&String::from_utf8_lossy(&head))
+        );
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if conn.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
 }
 
 /// The request line and headers, up to the blank line. A body is not read:
