@@ -17,6 +17,8 @@
 //!   pods wired by Debian's CNI plugins, with pause processes and projected
 //!   volumes;
 //! - [`agent`]: running `lattice-agent` in a pod;
+//! - [`node_agent`]: running `lattice-agent node` on a [`node::Node`] with
+//!   the API stand-in, and pods' API objects as the EKS webhooks shape them;
 //! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
 //! - [`bpffs`]: a private bpffs mount for `--pin`.
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
@@ -30,6 +32,7 @@ pub mod bpftool;
 pub mod cgroup;
 pub mod netns;
 pub mod node;
+pub mod node_agent;
 pub mod pod;
 pub mod spawn;
 pub mod verifier;

@@ -1,0 +1,400 @@
+//! `lattice-agent node` on a test [`Node`], and the API objects of its pods.
+//!
+//! A [`Cluster`] is a node plus the Kubernetes API stand-in, listening on
+//! the node's loopback (the agent reaches it as a DaemonSet pod reaches the
+//! API server). [`NodeAgent`] runs the real agent binary in the node's
+//! network namespace (outside every pod's cgroup), as root with a cleared
+//! environment: it must find every pod's identity in the pod, never in its
+//! own environment. [`PodObject`] builds the pod as the API shows it: the
+//! agent-inject annotation, and the environment and projected volumes the
+//! EKS IRSA and Pod Identity webhooks add.
+
+use std::{
+    ffi::OsStr,
+    fs,
+    path::PathBuf,
+    process::ExitStatus,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::{
+    agent::agent_bin,
+    apiserver::ApiServer,
+    node::{Node, NodePod},
+    spawn::{ChildGuard, Output, PodCommand, Stream},
+};
+
+/// The annotation (and namespace label) that asks for signing.
+pub const INJECT: &str = "vpc-lattices-svcs.amazonaws.com/agent-inject";
+/// The agent's admin listener in the node's namespace (its default).
+pub const ADMIN: &str = "http://127.0.0.1:15090";
+/// Logged once the first lists from the API are in.
+pub const READY_LINE: &str = "lattice-agent ready (node mode)";
+/// The application's UID: neither root nor the exempt UID 101.
+pub const APP_UID: u32 = 1000;
+/// Where the IRSA webhook mounts the web identity token, and its volume.
+pub const IRSA_TOKEN_DIR: &str = "/var/run/secrets/eks.amazonaws.com/serviceaccount";
+pub const IRSA_VOLUME: &str = "aws-iam-token";
+/// Where the Pod Identity webhook mounts its token, and its volume.
+pub const POD_IDENTITY_TOKEN_DIR: &str = "/var/run/secrets/pods.eks.amazonaws.com/serviceaccount";
+pub const POD_IDENTITY_VOLUME: &str = "eks-pod-identity-token";
+pub const POD_IDENTITY_TOKEN_FILE: &str = "eks-pod-identity-token";
+
+/// A node and the API stand-in, reachable on the node's loopback.
+pub struct Cluster {
+    // Dropped first: the stand-in's listener lives in the node's netns.
+    pub api: ApiServer,
+    pub node: Node,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        let node = Node::new();
+        let listener = node
+            .listen_tcp("127.0.0.1:0".parse().expect("address"))
+            .expect("stand-in listener in the node's namespace");
+        let api = ApiServer::start_on(listener);
+        let kubeconfig = node.temp_dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        // The systemd driver's pod tree, as on EKS nodes: the agent attaches
+        // there even before the first pod.
+        fs::create_dir_all(node.cgroup_root().join("kubepods.slice"))
+            .expect("create kubepods.slice");
+        Self {
+            api,
+            node,
+            kubeconfig,
+        }
+    }
+
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
+    }
+
+    /// `lattice-agent node` for this node, placed in its namespace, with a
+    /// cleared environment plus `env`.
+    pub fn agent_command<I, S>(&self, args: I) -> PodCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.node
+            .command(agent_bin())
+            .arg("node")
+            .args(["--node-name", self.node.name()])
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cgroup-root")
+            .arg(self.node.cgroup_root())
+            .arg("--kubelet-root")
+            .arg(self.node.kubelet_root())
+            .args(["--proc-root", "/proc"])
+            .args(args)
+    }
+
+    /// Applies `pod`'s API object.
+    pub fn apply(&self, pod: &PodObject) -> Value {
+        self.api.apply_pod(pod.json.clone())
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The environment every test agent starts with: nothing from the test
+/// process, no IMDS, no profile files, no AWS credentials of its own.
+pub fn clean_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+        (
+            "AWS_CONFIG_FILE",
+            "/nonexistent/lattice-node/config".to_owned(),
+        ),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/lattice-node/credentials".to_owned(),
+        ),
+        ("HOME", "/nonexistent/lattice-node".to_owned()),
+        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+    ]
+}
+
+/// A running node agent; dropping it kills it.
+pub struct NodeAgent {
+    child: ChildGuard,
+    node_netns: PathBuf,
+}
+
+impl NodeAgent {
+    /// Starts the agent (`cmd` from [`Cluster::agent_command`]) with
+    /// [`clean_env`] plus `env`, and waits for its ready line.
+    pub fn start(cluster: &Cluster, cmd: PodCommand, env: &[(&str, &str)]) -> Self {
+        let mut command = cmd.build();
+        command
+            .env_clear()
+            .envs(clean_env())
+            .envs(env.iter().copied());
+        let mut child = ChildGuard::spawn(command, "lattice-agent node".to_owned());
+        child.wait_for(Stream::Stderr, READY_LINE, Duration::from_secs(30));
+        Self {
+            child,
+            node_netns: cluster.node.netns_path().to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.pid()
+    }
+
+    pub fn log(&self) -> String {
+        self.child.stderr()
+    }
+
+    /// `GET <admin><path>` from the node's namespace: (status, body).
+    pub fn admin(&self, path: &str) -> (u16, String) {
+        let out = curl_in(&self.node_netns, &[&format!("{ADMIN}{path}")]);
+        split_status(&out)
+    }
+
+    /// `/pods` as JSON.
+    pub fn pods(&self) -> Value {
+        let (status, body) = self.admin("/pods");
+        assert_eq!(status, 200, "/pods: {body}\n{}", self.log());
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/pods is not JSON ({e}): {body}"))
+    }
+
+    /// The `/pods` row of the pod with `uid`, if any.
+    pub fn pod_row(&self, uid: &str) -> Option<Value> {
+        self.pods()["pods"]
+            .as_array()?
+            .iter()
+            .find(|p| p["uid"] == uid)
+            .cloned()
+    }
+
+    /// Waits until the pod with `uid` is in `state` (`enrolled`, `failed`,
+    /// `refused`) on `/pods`, or absent (`None`); returns its row.
+    pub fn wait_pod(&self, uid: &str, state: Option<&str>, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = self.pod_row(uid);
+            let now = row
+                .as_ref()
+                .and_then(|r| r["state"].as_str().map(str::to_owned));
+            if now.as_deref() == state {
+                return row;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pod {uid} is {now:?} after {timeout:?}, expected {state:?}; /pods: {}\nagent log:\n{}",
+                self.pods(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait; panics if it does not exit within 30 s.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.child.signal(libc::SIGTERM);
+        match self.child.wait_timeout(Duration::from_secs(30)) {
+            Some(status) => {
+                self.child.output(status);
+                status
+            }
+            None => panic!("node agent ignored SIGTERM:\n{}", self.log()),
+        }
+    }
+
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill()
+    }
+}
+
+/// curl in a network namespace (not in any cgroup), as root; stdout ends
+/// with `\nSTATUS <code>`.
+fn curl_in(netns: &std::path::Path, args: &[&str]) -> Output {
+    PodCommand::new("curl", netns, std::path::Path::new("/"))
+        .in_cgroup(false)
+        .args(["-q", "-sS", "--noproxy", "*", "--max-time", "10"])
+        .args(["-w", "\nSTATUS %{http_code}"])
+        .args(args)
+        .run(Duration::from_secs(20))
+}
+
+fn split_status(out: &Output) -> (u16, String) {
+    let (body, status) = out
+        .stdout
+        .rsplit_once("\nSTATUS ")
+        .unwrap_or_else(|| panic!("curl printed no status:\n{out}"));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// What an app's request got: status (0 when the connection failed) and
+/// body, plus curl's stderr.
+#[derive(Debug, Clone)]
+pub struct AppReply {
+    pub status: u16,
+    pub body: String,
+    pub stderr: String,
+}
+
+impl AppReply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// The app's curl in `pod` (its netns and app container cgroup) as
+/// [`APP_UID`], plain HTTP, never a proxy.
+pub fn app_request(pod: &NodePod, args: &[&str]) -> AppReply {
+    let out = pod
+        .command("curl")
+        .uid(APP_UID)
+        .args(["-q", "-sS", "--noproxy", "*", "--max-time", "15", "-g"])
+        .args(["-w", "\nSTATUS %{http_code}"])
+        .args(args)
+        .run(Duration::from_secs(30));
+    let (status, body) = split_status(&out);
+    AppReply {
+        status,
+        body,
+        stderr: out.stderr,
+    }
+}
+
+/// The API object of a test pod on a node.
+#[derive(Debug, Clone)]
+pub struct PodObject {
+    pub json: Value,
+}
+
+impl PodObject {
+    /// `pod` as the API shows it running on `node_name`: one container
+    /// `app`, its IP in the status, service account `default`, no
+    /// annotation yet.
+    pub fn new(pod: &NodePod, node_name: &str) -> Self {
+        let ip = pod.ip().to_string();
+        Self {
+            json: json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod.name(),
+                    "namespace": pod.namespace(),
+                    "uid": pod.uid(),
+                    "annotations": {},
+                    "labels": {"app": pod.name()},
+                },
+                "spec": {
+                    "nodeName": node_name,
+                    "serviceAccountName": "default",
+                    "containers": [{"name": "app", "image": "app:1", "env": [], "volumeMounts": []}],
+                    "volumes": [],
+                },
+                "status": {
+                    "phase": "Running",
+                    "podIP": ip,
+                    "podIPs": [{"ip": ip}],
+                    "hostIP": "169.254.64.1",
+                },
+            }),
+        }
+    }
+
+    pub fn annotated(self) -> Self {
+        self.annotation(INJECT, "true")
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.json["metadata"]["annotations"][key] = value.into();
+        self
+    }
+
+    pub fn without_annotation(mut self, key: &str) -> Self {
+        if let Some(a) = self.json["metadata"]["annotations"].as_object_mut() {
+            a.remove(key);
+        }
+        self
+    }
+
+    pub fn service_account(mut self, name: &str) -> Self {
+        self.json["spec"]["serviceAccountName"] = name.into();
+        self
+    }
+
+    pub fn host_network(mut self) -> Self {
+        self.json["spec"]["hostNetwork"] = true.into();
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.container()["env"]
+            .as_array_mut()
+            .expect("env array")
+            .push(json!({"name": name, "value": value}));
+        self
+    }
+
+    /// What the EKS IRSA webhook adds, with the token file written on the
+    /// node like the kubelet writes it.
+    pub fn irsa(mut self, pod: &NodePod, role_arn: &str, region: &str, token: &str) -> Self {
+        pod.write_projected(IRSA_VOLUME, "token", token);
+        self = self
+            .env("AWS_STS_REGIONAL_ENDPOINTS", "regional")
+            .env("AWS_DEFAULT_REGION", region)
+            .env("AWS_REGION", region)
+            .env("AWS_ROLE_ARN", role_arn)
+            .env(
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+                &format!("{IRSA_TOKEN_DIR}/token"),
+            );
+        self.mount(IRSA_VOLUME, IRSA_TOKEN_DIR, "sts.amazonaws.com", "token")
+    }
+
+    /// What the EKS Pod Identity webhook adds (endpoint at the Pod Identity
+    /// Agent's address), with the token file written on the node.
+    pub fn pod_identity(mut self, pod: &NodePod, region: &str, token: &str) -> Self {
+        pod.write_projected(POD_IDENTITY_VOLUME, POD_IDENTITY_TOKEN_FILE, token);
+        self = self
+            .env("AWS_REGION", region)
+            .env(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "http://169.254.170.23/v1/credentials",
+            )
+            .env(
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                &format!("{POD_IDENTITY_TOKEN_DIR}/{POD_IDENTITY_TOKEN_FILE}"),
+            );
+        self.mount(
+            POD_IDENTITY_VOLUME,
+            POD_IDENTITY_TOKEN_DIR,
+            "pods.eks.amazonaws.com",
+            POD_IDENTITY_TOKEN_FILE,
+        )
+    }
+
+    fn mount(mut self, volume: &str, dir: &str, audience: &str, file: &str) -> Self {
+        self.container()["volumeMounts"]
+            .as_array_mut()
+            .expect("volumeMounts array")
+            .push(json!({"name": volume, "mountPath": dir, "readOnly": true}));
+        self.json["spec"]["volumes"]
+            .as_array_mut()
+            .expect("volumes array")
+            .push(json!({"name": volume, "projected": {"sources": [
+                {"serviceAccountToken": {"audience": audience, "expirationSeconds": 86400, "path": file}}
+            ]}}));
+        self
+    }
+
+    fn container(&mut self) -> &mut Value {
+        &mut self.json["spec"]["containers"][0]
+    }
+}

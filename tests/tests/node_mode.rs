@@ -1,0 +1,672 @@
+//! Node mode end to end, against the real kernel: `lattice-agent node` in a
+//! test node's network namespace serves the pods the Kubernetes API stand-in
+//! shows on that node. Pods are network namespaces wired by Debian's CNI
+//! plugins, with kubelet-like cgroups and projected token files; STS is
+//! moto, the Pod Identity Agent is the verifier's container-credentials
+//! endpoint on 169.254.170.23, and the Lattice service is the botocore
+//! verifier on 169.254.171.33 in the node's namespace, recording which
+//! access key (and which role) signed each request and from which address
+//! it came. Nothing leaves the node's namespace.
+//!
+//! Needs root, the built agent and test binaries, the test venv.
+
+use std::{
+    collections::HashMap,
+    fs,
+    time::{Duration, Instant},
+};
+
+use lattice_tests::{
+    Bpffs,
+    bpftool::{attached_programs, map_entries},
+    node::{LATTICE_V4, NodePod, POD_IDENTITY_V4, PodSpec},
+    node_agent::{
+        AppReply, Cluster, INJECT, NodeAgent, POD_IDENTITY_TOKEN_FILE, POD_IDENTITY_VOLUME,
+        PodObject, app_request,
+    },
+    require_root, test_bin,
+    verifier::{Credentials, Verifier, python},
+};
+use serde_json::json;
+
+/// The verifier's fixed key: nothing in node mode may sign with it.
+const NODE_CREDS: Credentials = Credentials {
+    access_key_id: "AKIDNODEMUSTNOTSIGN",
+    secret_access_key: "lattice/node/NOT+used+0123456789abcdefgh",
+    session_token: None,
+    region: "us-west-2",
+};
+const MOTO_PORT: &str = "5000";
+const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
+const REGION: &str = "us-west-2";
+
+/// A web identity token as the kubelet projects it (moto does not check it).
+fn token(n: usize) -> String {
+    format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6{n}In0.c2ln")
+}
+
+fn role(name: &str) -> String {
+    format!("arn:aws:iam::123456789012:role/{name}")
+}
+
+/// The Lattice-like service in the node's namespace, with moto's STS on
+/// the node's loopback and, given tokens, a container-credentials endpoint
+/// on the Pod Identity Agent's address.
+fn lattice_service(cluster: &Cluster, extra: &[&str]) -> Verifier {
+    let python = python().unwrap_or_else(|m| panic!("{m}"));
+    let mut args = vec!["--moto-sts-port", MOTO_PORT];
+    args.extend_from_slice(extra);
+    Verifier::start_as(
+        cluster.node.command(python),
+        LATTICE_V4,
+        80,
+        &NODE_CREDS,
+        &args,
+    )
+}
+
+fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
+    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    NodeAgent::start(
+        cluster,
+        cluster.agent_command(args),
+        &[("AWS_ENDPOINT_URL_STS", &sts)],
+    )
+}
+
+fn url(path: &str) -> String {
+    format!("http://{LATTICE_V4}{path}")
+}
+
+fn get(pod: &NodePod, path: &str) -> AppReply {
+    app_request(pod, &["-H", &format!("Host: {HOST}"), &url(path)])
+}
+
+/// An IRSA pod, annotated, applied; returns its API object.
+fn irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
+    let obj = PodObject::new(pod, cluster.node.name())
+        .annotated()
+        .service_account(sa)
+        .irsa(pod, &role(sa), REGION, &token(n));
+    cluster.apply(&obj);
+    obj
+}
+
+/// Two pods with different roles, 1,000 requests interleaved between them
+/// (ten concurrent keep-alive clients): every request reaches the service
+/// from its own pod's address, signed with its own pod's role; none with
+/// the other's, none with the node's. `/pods`, metrics and Events say so.
+#[test]
+fn pods_sign_with_their_own_identity_none_cross_signed() {
+    if !require_root("pods_sign_with_their_own_identity_none_cross_signed") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let verifier = lattice_service(&cluster, &[]);
+    let a = cluster.node.add_pod(PodSpec::new("shop", "cart-0"));
+    let b = cluster.node.add_pod(PodSpec::new("shop", "pay-0"));
+    irsa_pod(&cluster, &a, "cart", 1);
+    irsa_pod(&cluster, &b, "pay", 2);
+    let agent = start_agent(&cluster, &[]);
+    agent.wait_pod(a.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    agent.wait_pod(b.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+
+    let host = format!("Host: {HOST}");
+    let clients: Vec<_> = (0..5)
+        .flat_map(|i| [(&a, i), (&b, i)])
+        .map(|(pod, i)| {
+            pod.command("curl")
+                .uid(1000)
+                .args(["-q", "-sS", "--noproxy", "*", "-o", "/dev/null"])
+                .args(["-w", "%{http_code}\\n", "-H", &host])
+                .arg(url(&format!("/c{i}/r[1-100]")))
+                .spawn()
+        })
+        .collect();
+    for mut c in clients {
+        let status = c
+            .wait_timeout(Duration::from_secs(120))
+            .expect("client finished");
+        let out = c.output(status);
+        assert!(out.success(), "{out}");
+        assert_eq!(
+            out.stdout.lines().filter(|l| *l == "200").count(),
+            100,
+            "{out}"
+        );
+    }
+
+    let seen = verifier.wait_requests(1000, Duration::from_secs(30));
+    assert_eq!(seen.len(), 1000);
+    let pods: HashMap<String, String> = [
+        (a.ip().to_string(), role("cart")),
+        (b.ip().to_string(), role("pay")),
+    ]
+    .into();
+    let mut per_pod: HashMap<&str, usize> = HashMap::new();
+    let mut cross_signed = 0;
+    for r in &seen {
+        assert_eq!(r.status, 200, "{r:?}");
+        let want = pods
+            .get(&r.peer)
+            .unwrap_or_else(|| panic!("request from {} (not a pod's address): {r:?}", r.peer));
+        if r.role_arn.as_deref() != Some(want.as_str()) {
+            cross_signed += 1;
+        }
+        *per_pod.entry(r.peer.as_str()).or_default() += 1;
+        assert_ne!(r.access_key.as_deref(), Some(NODE_CREDS.access_key_id));
+    }
+    assert_eq!(cross_signed, 0, "requests signed with another pod's role");
+    assert_eq!(per_pod.values().copied().collect::<Vec<_>>(), [500, 500]);
+    let sessions: Vec<_> = seen.iter().filter_map(|r| r.session_name.clone()).collect();
+    assert!(
+        sessions.iter().any(|s| s == "lattice-shop-cart"),
+        "{sessions:?}"
+    );
+
+    for (pod, sa) in [(&a, "cart"), (&b, "pay")] {
+        let row = agent.pod_row(pod.uid()).expect("in /pods");
+        assert_eq!(row["namespace"], "shop");
+        assert_eq!(row["name"], pod.name());
+        assert_eq!(row["identity"], "irsa");
+        assert_eq!(row["role_arn"], role(sa));
+        assert_eq!(row["service_account"], sa);
+        assert_eq!(row["requests"], 500);
+        assert_eq!(row["errors"], 0);
+        assert!(!row.to_string().to_lowercase().contains("secret"), "{row}");
+    }
+    let (_, metrics) = agent.admin("/metrics");
+    assert!(
+        metrics.contains(
+            "lattice_requests_total{namespace=\"shop\",pod=\"cart-0\",method=\"GET\",status=\"200\"} 500"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("lattice_enrolled_pods 2"), "{metrics}");
+    let events = cluster.api.events();
+    for pod in [&a, &b] {
+        assert!(
+            events.iter().any(|e| e["reason"] == "Enrolled"
+                && e["regarding"]["uid"] == pod.uid()
+                && e["note"].as_str().is_some_and(|n| n.contains("role/"))),
+            "no Enrolled event for {}: {events:?}",
+            pod.name()
+        );
+    }
+}
+
+/// Enrollment follows the API while pods run: a pod annotated after it
+/// started is served without a restart, removing the annotation stops it,
+/// a namespace label enrolls its pods (unless a pod opts out), a
+/// hostNetwork pod is refused with a reason, a deleted pod is let go. A
+/// pod not asking, and the node itself, are never touched: their requests
+/// reach the service unsigned.
+#[test]
+fn enrollment_follows_annotations_and_namespace_labels() {
+    if !require_root("enrollment_follows_annotations_and_namespace_labels") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let verifier = lattice_service(&cluster, &[]);
+    let p = cluster.node.add_pod(PodSpec::new("shop", "late-0"));
+    let plain = PodObject::new(&p, cluster.node.name())
+        .service_account("late")
+        .irsa(&p, &role("late"), REGION, &token(1));
+    cluster.apply(&plain);
+    let agent = start_agent(&cluster, &[]);
+    let attached = attached_programs(&cluster.node.cgroup_root().join("kubepods.slice"));
+    assert_eq!(attached.len(), 4, "{attached:?}");
+
+    let unsigned = |reply: &AppReply, who: &str| {
+        assert_eq!(reply.status, 403, "{who}: {reply:?}");
+        assert!(
+            reply.body.contains("AccessDeniedException"),
+            "{who}: {reply:?}"
+        );
+    };
+    unsigned(&get(&p, "/before"), "pod not annotated");
+    assert_eq!(agent.pod_row(p.uid()), None);
+    let node_app = app_request_from_node(&cluster);
+    unsigned(&node_app, "the node itself");
+
+    let started = Instant::now();
+    cluster.apply(&plain.clone().annotated());
+    agent.wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    let r = get(&p, "/after");
+    assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
+    eprintln!("annotated → first signed 200: {:?}", started.elapsed());
+
+    cluster.apply(&plain.clone().without_annotation(INJECT));
+    agent.wait_pod(p.uid(), None, ENROLL_TIMEOUT);
+    unsigned(&get(&p, "/unannotated"), "annotation removed");
+
+    // The namespace label, and a pod opting out of it.
+    cluster.api.apply_namespace(json!({
+        "metadata": {"name": "labeled", "labels": {INJECT: "true"}}
+    }));
+    let q = cluster.node.add_pod(PodSpec::new("labeled", "q-0"));
+    let out = cluster.node.add_pod(PodSpec::new("labeled", "out-0"));
+    cluster.apply(
+        &PodObject::new(&q, cluster.node.name())
+            .service_account("q")
+            .irsa(&q, &role("q"), REGION, &token(2)),
+    );
+    cluster.apply(&PodObject::new(&out, cluster.node.name()).annotation(INJECT, "false"));
+    agent.wait_pod(q.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    assert_eq!(get(&q, "/labeled").status, 200);
+    unsigned(
+        &get(&out, "/opted-out"),
+        "pod opting out of its namespace's label",
+    );
+    assert_eq!(agent.pod_row(out.uid()), None);
+
+    // hostNetwork: refused, with a reason, an Event and a log line.
+    let h = cluster.node.add_pod(PodSpec::new("shop", "hostnet-0"));
+    cluster.apply(
+        &PodObject::new(&h, cluster.node.name())
+            .annotated()
+            .host_network(),
+    );
+    let row = agent
+        .wait_pod(h.uid(), Some("refused"), ENROLL_TIMEOUT)
+        .unwrap();
+    assert!(
+        row["reason"].as_str().unwrap().contains("hostNetwork"),
+        "{row}"
+    );
+    assert!(agent.log().contains("not enrolling pod"), "{}", agent.log());
+    wait_event(&cluster, h.uid(), "EnrollmentRefused");
+
+    // Deleting the pod lets it go.
+    cluster.api.delete_pod("labeled", "q-0");
+    agent.wait_pod(q.uid(), None, ENROLL_TIMEOUT);
+    unsigned(&get(&q, "/deleted"), "pod deleted from the API");
+    wait_event(&cluster, q.uid(), "Unenrolled");
+
+    let signed_by_node = verifier
+        .requests()
+        .iter()
+        .filter(|r| r.access_key.as_deref() == Some(NODE_CREDS.access_key_id))
+        .count();
+    assert_eq!(signed_by_node, 0);
+}
+
+/// The node's own request to the Lattice address (curl in the node's
+/// namespace, outside every pod): never intercepted.
+fn app_request_from_node(cluster: &Cluster) -> AppReply {
+    let out = cluster
+        .node
+        .command("curl")
+        .uid(1000)
+        .args([
+            "-q",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "-w",
+            "\nSTATUS %{http_code}",
+        ])
+        .args(["-H", &format!("Host: {HOST}"), &url("/from-the-node")])
+        .run(Duration::from_secs(20));
+    let (body, status) = out.stdout.rsplit_once("\nSTATUS ").expect("status");
+    AppReply {
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        stderr: out.stderr,
+    }
+}
+
+fn wait_event(cluster: &Cluster, uid: &str, reason: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(e) = cluster
+            .api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == reason && e["regarding"]["uid"] == uid)
+        {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} event for {uid}: {:?}",
+            cluster.api.events()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A pod asking for signing but with no AWS identity is served, and every
+/// request gets 503 naming the pod and what is missing; the node's own
+/// credentials (the agent has none, and the service would refuse them) are
+/// never used. An Event says so.
+#[test]
+fn a_pod_without_identity_gets_503_naming_it() {
+    if !require_root("a_pod_without_identity_gets_503_naming_it") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let verifier = lattice_service(&cluster, &[]);
+    let p = cluster.node.add_pod(PodSpec::new("shop", "nocreds-0"));
+    cluster.apply(
+        &PodObject::new(&p, cluster.node.name())
+            .annotated()
+            .env("AWS_REGION", REGION),
+    );
+    let agent = start_agent(&cluster, &[]);
+    let row = agent
+        .wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT)
+        .unwrap();
+    assert_eq!(row["identity"], "none");
+    let r = get(&p, "/x");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.body.starts_with(
+            "lattice-agent: no AWS credentials: pod shop/nocreds-0 has no AWS identity"
+        ),
+        "{r:?}"
+    );
+    assert!(
+        r.body.contains("AWS_ROLE_ARN") && r.body.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        "{r:?}"
+    );
+    assert!(
+        verifier.requests().is_empty(),
+        "nothing reached the service"
+    );
+    let event = wait_event(&cluster, p.uid(), "Enrolled");
+    assert!(
+        event["note"].as_str().unwrap().contains("cannot sign"),
+        "{event}"
+    );
+    assert_eq!(agent.pod_row(p.uid()).unwrap()["errors"], 1);
+}
+
+/// EKS Pod Identity: the agent calls the Pod Identity Agent's endpoint with
+/// the pod's own token, re-reading the token file on every refresh. The
+/// endpoint accepts only the current token and issues keys valid for 6 s;
+/// after the kubelet rotates the token, requests keep succeeding well past
+/// the lifetime of every key fetched with the old one.
+#[test]
+fn pod_identity_follows_token_rotation() {
+    if !require_root("pod_identity_follows_token_rotation") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let expected = cluster.node.temp_dir().join("pod-identity-token");
+    fs::write(&expected, "pod-identity-token-1").unwrap();
+    let token_spec = format!("@{}", expected.display());
+    let verifier = lattice_service(
+        &cluster,
+        &[
+            "--container-creds-host",
+            POD_IDENTITY_V4,
+            "--container-creds-port",
+            "80",
+            "--container-creds-token",
+            &token_spec,
+            "--container-creds-lifetime",
+            "6",
+        ],
+    );
+    let p = cluster.node.add_pod(PodSpec::new("shop", "podid-0"));
+    cluster.apply(
+        &PodObject::new(&p, cluster.node.name())
+            .annotated()
+            .service_account("podid")
+            .pod_identity(&p, REGION, "pod-identity-token-1"),
+    );
+    let agent = start_agent(&cluster, &[]);
+    let row = agent
+        .wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT)
+        .unwrap();
+    assert_eq!(row["identity"], "pod-identity");
+    assert_eq!(get(&p, "/first").status, 200);
+    let before = verifier.issued().len();
+    assert!(before >= 1);
+
+    // The kubelet rotates the token; the endpoint now takes only the new one.
+    p.write_projected(
+        POD_IDENTITY_VOLUME,
+        POD_IDENTITY_TOKEN_FILE,
+        "pod-identity-token-2",
+    );
+    fs::write(&expected, "pod-identity-token-2").unwrap();
+    let rotated = Instant::now();
+    let mut failures = Vec::new();
+    while rotated.elapsed() < Duration::from_secs(14) {
+        let r = get(&p, "/during");
+        if r.status != 200 {
+            failures.push(r);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(failures.is_empty(), "{failures:?}\n{}", agent.log());
+    let issued = verifier.issued();
+    assert!(
+        issued.len() >= before + 2,
+        "keys issued after the rotation: {}",
+        issued.len() - before
+    );
+    let used: Vec<_> = verifier
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.access_key)
+        .collect();
+    let last_key = &issued.last().unwrap().access_key;
+    assert!(
+        used.contains(last_key),
+        "the newest key ({last_key}) was used"
+    );
+}
+
+/// 100 pods come and go (each enrolled, used once, deleted): afterwards the
+/// agent holds no more file descriptors than before, the pinned maps hold
+/// no entry, the programs are attached once, `/pods` is empty and no AWS
+/// identity is left refreshing.
+#[test]
+fn hundred_pods_come_and_go_leaving_nothing() {
+    if !require_root("hundred_pods_come_and_go_leaving_nothing") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _verifier = lattice_service(&cluster, &[]);
+    let bpffs = Bpffs::new();
+    let pin = bpffs.path().to_str().unwrap().to_owned();
+    let agent = start_agent(&cluster, &["--pin", &pin]);
+    let fds = |pid: i32| fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    // One pod first, to count the descriptors that stay (pools, runtime).
+    let warm = cluster.node.add_pod(PodSpec::new("churn", "warm"));
+    let warm_obj = irsa_pod(&cluster, &warm, "warm", 0);
+    agent.wait_pod(warm.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    assert_eq!(get(&warm, "/warm").status, 200);
+    let _ = warm_obj;
+    cluster.api.delete_pod("churn", "warm");
+    agent.wait_pod(warm.uid(), None, ENROLL_TIMEOUT);
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline = fds(agent.pid());
+
+    for i in 0..100 {
+        let pod = cluster
+            .node
+            .add_pod(PodSpec::new("churn", &format!("p{i}")));
+        irsa_pod(&cluster, &pod, &format!("sa{}", i % 7), i + 10);
+        agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+        let r = get(&pod, "/once");
+        assert_eq!(r.status, 200, "cycle {i}: {r:?}\n{}", agent.log());
+        cluster.api.delete_pod("churn", pod.name());
+        agent.wait_pod(pod.uid(), None, ENROLL_TIMEOUT);
+    }
+    // Pods drain in the background; give the last ones a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fds(agent.pid()) > baseline && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = fds(agent.pid());
+    assert!(
+        after <= baseline,
+        "fds: {baseline} before, {after} after 100 pods"
+    );
+    let pinned = std::path::Path::new(&pin);
+    for map in [
+        "map_ENROLLED_NETNS",
+        "map_ORIG_DST_BY_PEER",
+        "map_ORIG_DST_BY_COOKIE",
+    ] {
+        assert_eq!(map_entries(&pinned.join(map)), 0, "{map} not empty");
+    }
+    let attached = attached_programs(&cluster.node.cgroup_root().join("kubepods.slice"));
+    assert_eq!(attached.len(), 4, "{attached:?}");
+    assert_eq!(agent.pods()["pods"].as_array().unwrap().len(), 0);
+    let (_, metrics) = agent.admin("/metrics");
+    assert!(metrics.contains("lattice_enrolled_pods 0"), "{metrics}");
+    assert!(
+        !metrics.contains("pod=\"p"),
+        "series of departed pods remain:\n{metrics}"
+    );
+}
+
+/// One pod floods its proxy: 1,900 connections trickling a request head
+/// (slowloris) and 100 sending keep-alive requests back to back, 2,000 in
+/// all, beyond its per-pod connection limit. Meanwhile another pod's
+/// requests (signed with its own role) keep their p99 under 50 ms. Both
+/// upstreams are cheap keep-alive services in the node's namespace, so the
+/// agent, not the test's own servers, is what the flood saturates.
+#[test]
+fn a_flooding_pod_does_not_starve_another() {
+    if !require_root("a_flooding_pod_does_not_starve_another") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _sts = lattice_service(&cluster, &[]);
+    let mut services = Vec::new();
+    for addr in ["169.254.171.34", "169.254.171.35"] {
+        cluster.node.add_lo_addr(&format!("{addr}/32"));
+        let mut s = cluster
+            .node
+            .command(test_bin("lattice-test-service"))
+            .args(["--keep-alive", &format!("tcp:{addr}:80")])
+            .spawn();
+        s.wait_for(
+            lattice_tests::spawn::Stream::Stdout,
+            "listening",
+            Duration::from_secs(10),
+        );
+        services.push(s);
+    }
+    let flooder = cluster.node.add_pod(PodSpec::new("shop", "flood-0"));
+    let victim = cluster.node.add_pod(PodSpec::new("shop", "quiet-0"));
+    irsa_pod(&cluster, &flooder, "flood", 1);
+    irsa_pod(&cluster, &victim, "quiet", 2);
+    let agent = start_agent(&cluster, &[]);
+    agent.wait_pod(flooder.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    agent.wait_pod(victim.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    let victim_url = "http://169.254.171.35/victim";
+    let warm = app_request(&victim, &[victim_url]);
+    assert_eq!(warm.status, 200, "{warm:?}");
+    assert!(
+        warm.body.contains("credential=ASIA"),
+        "victim's request unsigned: {warm:?}"
+    );
+
+    // As root (intercepted like any UID but 101).
+    let mut flood = flooder
+        .command(test_bin("lattice-test-client"))
+        .args(["flood", "169.254.171.34:80", "1900", "100", "20"])
+        .spawn();
+    std::thread::sleep(Duration::from_secs(5));
+    // 400 sequential requests on one connection, each timed by curl.
+    let out = victim
+        .command("curl")
+        .uid(1000)
+        .args(["-q", "-sS", "--noproxy", "*", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{time_total}\\n"])
+        .arg(format!("{victim_url}/r[1-400]"))
+        .run(Duration::from_secs(120));
+    let mut times: Vec<f64> = out
+        .stdout
+        .lines()
+        .map(|l| {
+            let (status, t) = l.split_once(' ').expect("status and time");
+            assert_eq!(status, "200", "{out}");
+            t.parse::<f64>().unwrap()
+        })
+        .collect();
+    assert_eq!(times.len(), 400, "{out}");
+    times.sort_by(f64::total_cmp);
+    let p50 = times[times.len() / 2] * 1000.0;
+    let p99 = times[times.len() * 99 / 100] * 1000.0;
+    let status = flood
+        .wait_timeout(Duration::from_secs(60))
+        .expect("flood ends");
+    let flood_out = flood.output(status);
+    eprintln!(
+        "victim under flood: p50 {p50:.1} ms, p99 {p99:.1} ms; {}\n{}",
+        flood_out.stdout.trim(),
+        flood_out.stderr.trim()
+    );
+    let held: usize = field(&flood_out.stdout, "held");
+    let requests: usize = field(&flood_out.stdout, "requests");
+    assert!(
+        held >= 1000,
+        "the flood held only {held} connections: {flood_out}"
+    );
+    assert!(
+        requests > 10_000,
+        "the flood's active clients got little through: {flood_out}"
+    );
+    assert!(
+        p99 < 50.0,
+        "victim p99 {p99:.1} ms under flood (p50 {p50:.1} ms)\n{}",
+        agent.log()
+    );
+}
+
+fn field(line: &str, name: &str) -> usize {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+/// The API server forgets the watch history (the watch gets 410 Expired)
+/// while a pod is annotated: the agent re-lists and enrolls it.
+#[test]
+fn expired_watch_relists_and_misses_nothing() {
+    if !require_root("expired_watch_relists_and_misses_nothing") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _verifier = lattice_service(&cluster, &[]);
+    let p = cluster.node.add_pod(PodSpec::new("shop", "gap-0"));
+    let plain = PodObject::new(&p, cluster.node.name())
+        .service_account("gap")
+        .irsa(&p, &role("gap"), REGION, &token(1));
+    cluster.apply(&plain);
+    let agent = start_agent(&cluster, &[]);
+    let lists_before = list_requests(&cluster);
+    cluster.api.compact();
+    cluster.apply(&plain.clone().annotated());
+    cluster.api.compact();
+    cluster.api.close_watches();
+    agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(30));
+    assert_eq!(get(&p, "/after-gap").status, 200);
+    assert!(
+        list_requests(&cluster) > lists_before,
+        "no re-list after 410: {:?}",
+        cluster.api.requests()
+    );
+}
+
+fn list_requests(cluster: &Cluster) -> usize {
+    cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path() == "/api/v1/pods" && !r.is_watch())
+        .count()
+}
