@@ -23,6 +23,9 @@ pub enum Command {
     Run(RunArgs),
     /// Kubernetes sidecar: find this pod's cgroup, then behave as `run`.
     Sidecar(SidecarArgs),
+    /// Check this binary on this machine without privileges: SigV4 and TLS
+    /// crypto against known answers, the embedded eBPF object intact.
+    SelfCheck,
 }
 
 #[derive(Debug, Args)]

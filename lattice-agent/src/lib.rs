@@ -17,5 +17,6 @@ pub mod pod_cgroup;
 pub mod privilege;
 pub mod proxy;
 pub mod query;
+pub mod self_check;
 pub mod sign;
 pub mod telemetry;

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => mode::run(args),
         Command::Sidecar(args) => mode::sidecar(args),
+        Command::SelfCheck => lattice_agent::self_check::report().map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
