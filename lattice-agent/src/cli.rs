@@ -26,6 +26,9 @@ pub enum Command {
     /// Kubernetes node agent (DaemonSet): serve every annotated pod of this
     /// node, each with its own AWS identity.
     Node(NodeArgs),
+    /// Check this binary on this machine without privileges: SigV4 and TLS
+    /// crypto against known answers, the embedded eBPF object intact.
+    SelfCheck,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ pub mod privilege;
 pub mod process;
 pub mod proxy;
 pub mod query;
+pub mod self_check;
 pub mod sign;
 pub mod telemetry;
 pub mod workload;

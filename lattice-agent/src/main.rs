@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Run(args) => mode::run(args),
         Command::Sidecar(args) => mode::sidecar(args),
         Command::Node(args) => mode::node(args),
+        Command::SelfCheck => lattice_agent::self_check::report().map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -243,33 +243,13 @@ pub fn trace(req: &RequestToSign<'_>, signed: &Signed) -> Option<SigningTrace> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::query::wire_query;
-
-    fn creds(token: Option<&str>) -> Credentials {
-        Credentials::new(
-            "AKIDEXAMPLE",
-            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
-            token.map(str::to_owned),
-            None,
-            "test",
-        )
-    }
-
-    fn cfg() -> SigningConfig {
-        SigningConfig {
-            service: "vpc-lattice-svcs".into(),
-            region: "us-west-2".into(),
-            algorithm: Algorithm::SigV4,
-        }
-    }
-
-    /// 2015-08-30T12:36:00Z, the AWS test suite's time.
-    fn time() -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_440_938_160)
-    }
+    use crate::{
+        query::wire_query,
+        self_check::{
+            BOTOCORE_TOKEN_BODY, BOTOCORE_UNSIGNED, credentials, signing_config, signing_time,
+        },
+    };
 
     fn header<'a>(s: &'a Signed, name: &str) -> &'a str {
         s.get(name).unwrap().to_str().unwrap()
@@ -282,23 +262,12 @@ mod tests {
             .1
     }
 
-    // Expected values computed with botocore 1.x `SigV4Auth` (see
-    // tests/python/sigv4_verifier.py, which verifies the same way):
-    //   req = AWSRequest(method, "http://" + host + path + "?" + query,
-    //                    headers={"host": host, "x-amz-content-sha256": payload})
-    //   SigV4Auth(Credentials(ak, sk, token), service, region) with
-    //   _timestamp = "20150830T123600Z" and headers_to_sign = the signed set.
+    // The vectors and how botocore computed them: see crate::self_check,
+    // which checks the same signatures in the built binary.
     #[test]
     fn sigv4_unsigned_payload_matches_botocore() {
-        let q = wire_query("b=2&a=1").unwrap();
-        let req = RequestToSign {
-            method: "GET",
-            path: "/",
-            query: Some(&q),
-            host: "svc-0123.7d67968.vpc-lattice-svcs.us-west-2.on.aws",
-            payload: &Payload::Unsigned,
-        };
-        let s = sign(&req, &creds(None), &cfg(), time()).unwrap();
+        let v = BOTOCORE_UNSIGNED;
+        let s = v.sign().unwrap();
         assert_eq!(header(&s, "x-amz-date"), "20150830T123600Z");
         assert_eq!(header(&s, "x-amz-content-sha256"), "UNSIGNED-PAYLOAD");
         assert!(s.get("x-amz-security-token").is_none());
@@ -306,23 +275,24 @@ mod tests {
             "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-west-2/vpc-lattice-svcs/aws4_request, \
              SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature="
         ));
-        assert_eq!(signature(&s), BOTOCORE_UNSIGNED);
+        assert_eq!(signature(&s), v.signature);
     }
 
     #[test]
     fn sigv4_with_token_and_body_hash_matches_botocore() {
-        let payload = Payload::sha256_of(b"hello");
+        let v = BOTOCORE_TOKEN_BODY;
         // Signed as forwarded, in the app's order: aws-sigv4 sorts it.
-        let q = wire_query("x=a%2Fb&sp=a+b&u=%E2%82%AC").unwrap();
+        let q = wire_query(v.query).unwrap();
         assert_eq!(q, "x=a%2Fb&sp=a%20b&u=%E2%82%AC");
-        let req = RequestToSign {
-            method: "POST",
-            path: "/a%20b/c:d/../e",
-            query: Some(&q),
-            host: "example.com:8080",
-            payload: &payload,
-        };
-        let s = sign(&req, &creds(Some("SESSIONTOKEN")), &cfg(), time()).unwrap();
+        let payload = v.payload();
+        let req = v.request(&q, &payload);
+        let s = sign(
+            &req,
+            &credentials(v.token),
+            &signing_config(),
+            signing_time(),
+        )
+        .unwrap();
         assert_eq!(header(&s, "x-amz-security-token"), "SESSIONTOKEN");
         assert!(s.get("x-amz-security-token").unwrap().is_sensitive());
         assert!(s.get("authorization").unwrap().is_sensitive());
@@ -335,7 +305,7 @@ mod tests {
                 "SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token,"
             )
         );
-        assert_eq!(signature(&s), BOTOCORE_TOKEN_BODY);
+        assert_eq!(signature(&s), v.signature);
         // botocore's canonical request (token redacted in ours) and string-to-sign.
         let t = trace(&req, &s).unwrap();
         assert_eq!(
@@ -353,11 +323,6 @@ mod tests {
         );
     }
 
-    const BOTOCORE_UNSIGNED: &str =
-        "740fb25ed95276775ac7d76fff25400b035e68eabbb8f2159c2fa85a75b933c3";
-    const BOTOCORE_TOKEN_BODY: &str =
-        "1d1d0cebb8338b9e2cba8816ea18d213bac44abc702608174d72228ca2ec54a4";
-
     /// The logged canonical request is the one aws-sigv4 signed: the
     /// signature recomputed from our string-to-sign equals the real one.
     #[test]
@@ -371,8 +336,8 @@ mod tests {
             host: "h.example",
             payload: &payload,
         };
-        let c = creds(Some("TOKEN-SECRET"));
-        let s = sign(&req, &c, &cfg(), time()).unwrap();
+        let c = credentials(Some("TOKEN-SECRET"));
+        let s = sign(&req, &c, &signing_config(), signing_time()).unwrap();
         let t = trace(&req, &s).unwrap();
         assert!(
             t.canonical_request
@@ -386,7 +351,7 @@ mod tests {
         );
         let key = v4::generate_signing_key(
             c.secret_access_key(),
-            time(),
+            signing_time(),
             "us-west-2",
             "vpc-lattice-svcs",
         );
@@ -398,7 +363,7 @@ mod tests {
     fn sigv4a_headers() {
         let cfg = SigningConfig {
             algorithm: Algorithm::SigV4a,
-            ..cfg()
+            ..signing_config()
         };
         let req = RequestToSign {
             method: "GET",
@@ -407,7 +372,7 @@ mod tests {
             host: "h.example",
             payload: &Payload::Unsigned,
         };
-        let s = sign(&req, &creds(None), &cfg, time()).unwrap();
+        let s = sign(&req, &credentials(None), &cfg, signing_time()).unwrap();
         assert_eq!(header(&s, "x-amz-region-set"), "*");
         assert!(header(&s, "authorization").starts_with(
             "AWS4-ECDSA-P256-SHA256 Credential=AKIDEXAMPLE/20150830/vpc-lattice-svcs/aws4_request, \

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Make this machine ready to build and test: nightly rust-src,
-    /// bpf-linker, Debian packages, the Python test venv.
+    /// bpf-linker, cargo-auditable, Debian packages, the Python test venv.
     Setup,
     /// Build only the eBPF object and print its path.
     BuildEbpf {
@@ -45,8 +45,13 @@ enum Task {
     },
     /// Run the end-to-end demo on this machine.
     Demo,
-    /// Build the lattice-agent OCI image into <target>/image/.
-    Image,
+    /// Build the lattice-agent OCI image (an index of amd64 and arm64
+    /// images) into <target>/image/lattice-agent.oci.tar.
+    Image {
+        /// Platforms to build: amd64, arm64 or all.
+        #[arg(long, default_value = "all")]
+        arch: image::Platforms,
+    },
     /// Benchmark lattice against direct traffic and iptables interception;
     /// writes <target>/bench/report.{md,json,png}. Needs root.
     Bench {
@@ -75,8 +80,8 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { args } => test::run(&ws, &ready, &args),
         Task::Demo => demo::run(&ws, &ready),
-        Task::Image => {
-            image::build_image(&ws.root, &ws.target_dir)?;
+        Task::Image { arch } => {
+            image::build_image(&ws.root, &ws.target_dir, &arch.arches())?;
             Ok(())
         }
         Task::Bench { quick } => bench::run(&ws, &ready, quick),
@@ -135,5 +140,27 @@ mod tests {
             panic!("not the test task");
         };
         assert_eq!(args, ["filter", "--", "--nocapture"]);
+    }
+
+    #[test]
+    fn image_arch_defaults_to_all_and_rejects_others_by_flag_name() {
+        use crate::image::{Arch, Platforms};
+
+        let arch = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["xtask", "image"], args].concat())?;
+            let Task::Image { arch } = cli.command else {
+                panic!("not the image task");
+            };
+            Ok::<_, clap::Error>(arch.arches())
+        };
+        assert_eq!(arch(&[]).unwrap(), Arch::ALL);
+        assert_eq!(arch(&["--arch", "arm64"]).unwrap(), [Arch::Arm64]);
+        assert_eq!(arch(&["--arch", "amd64"]).unwrap(), [Arch::Amd64]);
+        let err = arch(&["--arch", "x86_64"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--arch") && err.contains("amd64, arm64 or all"),
+            "{err}"
+        );
+        assert_eq!("all".parse::<Platforms>(), Ok(Platforms::All));
     }
 }

@@ -28,6 +28,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "skopeo",       // inspecting the OCI archive in tests
     "binutils",     // strip, for the image
     "musl-tools",   // a static agent binary for the image
+    // The image's arm64 agent: C compiler and linker for aarch64, the C
+    // headers ring's C code includes, qemu-aarch64-static to run the binary.
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user-static",
     // `cargo xtask bench`: the seed's NAT rules as a baseline; the chart's font
     "iptables",
     "fonts-dejavu-core",
@@ -66,6 +71,7 @@ pub fn run(ws: &Workspace) -> Result<Ready> {
     let mut changed = debian_packages()?;
     changed |= nightly_rust_src()?;
     changed |= bpf_linker(ws)?;
+    changed |= cargo_auditable(ws)?;
     let venv = ws.target_dir.join("venv");
     changed |= python_venv(&ws.root.join(REQUIREMENTS), &venv)?;
     if changed {
@@ -280,6 +286,41 @@ fn build_bpf_linker(cache: &Path, libllvm: &Path, major: u32) -> Result<()> {
              nightly (`rustup toolchain install nightly-YYYY-MM-DD`) and make it `nightly`"
         )
     })
+}
+
+// -------------------------------------------------------- cargo-auditable
+
+/// The cargo-auditable release `cargo xtask image` embeds dependency lists
+/// with; pinned, so every machine writes the same format.
+const CARGO_AUDITABLE: &str = "0.7.7";
+
+/// Makes sure `$CARGO_HOME/bin/cargo-auditable` is [`CARGO_AUDITABLE`],
+/// built once into `$CARGO_HOME/lattice-tools/cargo-auditable-<version>/`;
+/// true if it built or relinked it.
+fn cargo_auditable(ws: &Workspace) -> Result<bool> {
+    let cache = ws
+        .cargo_home
+        .join("lattice-tools")
+        .join(format!("cargo-auditable-{CARGO_AUDITABLE}"));
+    let built = cache.join("bin/cargo-auditable");
+    // cargo install writes the binary last: present means complete.
+    let fresh = built.is_file();
+    if !fresh {
+        eprintln!("setup: building cargo-auditable {CARGO_AUDITABLE} (about a minute)");
+        let mut install = Command::new("cargo");
+        // From the cache dir, as for bpf-linker: the workspace's settings
+        // must not apply to a tool install.
+        fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+        cmd::without_cargo_env(&mut install)
+            .current_dir(&cache)
+            .args(["install", "cargo-auditable", "--locked", "--force"])
+            .args(["--version", &format!("={CARGO_AUDITABLE}")])
+            .arg("--root")
+            .arg(&cache);
+        cmd::run(&mut install)?;
+    }
+    let relinked = link(&built, &ws.cargo_home.join("bin/cargo-auditable"))?;
+    Ok(!fresh || relinked)
 }
 
 /// Makes `link` a symlink to `target`; true if it had to change it.

@@ -57,7 +57,7 @@ pub fn bpffs_dir(path: &Path) -> Result<(), BpfError> {
         path: path.to_owned(),
         reason: errno.desc().to_owned(),
     })?;
-    if stat.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+    if !on_bpffs(&stat) {
         return Err(BpfError::PinDir {
             path: path.to_owned(),
             reason: "is not on a bpf filesystem (mount one with `mount -t bpf bpf DIR`)".to_owned(),
@@ -67,7 +67,12 @@ pub fn bpffs_dir(path: &Path) -> Result<(), BpfError> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    statfs(path).is_ok_and(|s| on_bpffs(&s))
+}
+
+fn on_bpffs(stat: &nix::sys::statfs::Statfs) -> bool {
+    // A C long: i64 on the 64-bit targets the agent is built for.
+    stat.filesystem_type().0 == BPF_FS_MAGIC
 }
 
 /// Loading cgroup programs needs CAP_BPF (or CAP_SYS_ADMIN), attaching them

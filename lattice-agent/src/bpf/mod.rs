@@ -24,7 +24,8 @@ use lattice_common::{CONFIG_GATE_BY_NETNS, Config, names};
 pub use orig_dst_map::{NetnsOrigDst, OrigDstMap};
 
 /// The eBPF object built by build.rs from the lattice-ebpf crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lattice-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lattice-ebpf"));
 
 /// aya-log's ring buffer; pinned with the other maps so a restarted agent
 /// still receives the log lines of programs it did not load itself.
