@@ -70,9 +70,10 @@ fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|s| on_bpffs(&s))
 }
 
+// The field is i64 with glibc and u64 with musl: the cast is needed for one.
+#[allow(clippy::unnecessary_cast)]
 fn on_bpffs(stat: &nix::sys::statfs::Statfs) -> bool {
-    // A C long: i64 on the 64-bit targets the agent is built for.
-    stat.filesystem_type().0 == BPF_FS_MAGIC
+    stat.filesystem_type().0 as i64 == BPF_FS_MAGIC
 }
 
 /// Loading cgroup programs needs CAP_BPF (or CAP_SYS_ADMIN), attaching them
