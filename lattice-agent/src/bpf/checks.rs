@@ -76,8 +76,9 @@ fn on_bpffs(stat: &nix::sys::statfs::Statfs) -> bool {
     stat.filesystem_type().0 as i64 == BPF_FS_MAGIC
 }
 
-/// Loading cgroup programs needs CAP_BPF (or CAP_SYS_ADMIN), attaching them
-/// and loading networking program types needs CAP_NET_ADMIN.
+/// Loading cgroup programs needs CAP_BPF, attaching them and loading
+/// networking program types needs CAP_NET_ADMIN; the kernel accepts
+/// CAP_SYS_ADMIN in place of either (node mode holds it anyway, for setns).
 pub fn capabilities() -> Result<(), BpfError> {
     let effective = caps::read(None, CapSet::Effective).map_err(|e| BpfError::Capability {
         capability: "CAP_BPF",
@@ -91,7 +92,7 @@ pub fn capabilities() -> Result<(), BpfError> {
                 .to_owned(),
         });
     }
-    if !has(Capability::CAP_NET_ADMIN) {
+    if !has(Capability::CAP_NET_ADMIN) && !has(Capability::CAP_SYS_ADMIN) {
         return Err(BpfError::Capability {
             capability: "CAP_NET_ADMIN",
             detail: "needed to attach cgroup socket programs; run as root or grant CAP_NET_ADMIN"
