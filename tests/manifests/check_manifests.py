@@ -11,6 +11,8 @@
             and stripped as in kyverno/pkg/engine/mutate/patch, then the
             kustomize strategic-merge filter Kyverno itself uses, run through
             `kubectl kustomize`) and asserts on the resulting pod specs.
+  node      Prints, as JSON, what deploy/node renders: the DaemonSet and the
+            ClusterRole, for tests/tests/manifests.rs to assert on.
   container Prints, as JSON, the lattice-agent container and the pod's volumes
             as deploy/examples/app1-with-sidecar renders them, for
             tests/tests/sidecar_discovery.rs to start the agent exactly so.
@@ -474,9 +476,18 @@ def cmd_container(args):
     print(json.dumps({"container": sidecars[0], "volumes": spec.get("volumes", [])}))
 
 
+def cmd_node(args):
+    docs = render(args.kubectl, os.path.join(args.workspace, "deploy", "node"))
+    daemonsets = find_docs(docs, "DaemonSet")
+    roles = find_docs(docs, "ClusterRole")
+    check(len(daemonsets) == 1 and len(roles) == 1, "deploy/node: one DaemonSet, one ClusterRole")
+    print(json.dumps({"daemonset": daemonsets[0], "clusterrole": roles[0],
+                      "kinds": sorted(d["kind"] for d in docs)}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["validate", "kyverno", "container"])
+    p.add_argument("command", choices=["validate", "kyverno", "container", "node"])
     p.add_argument("--workspace", required=True)
     p.add_argument("--kubectl", default="kubectl")
     p.add_argument("--validator", help="path of the kubernetes-validate CLI (validate, kyverno)")
@@ -487,7 +498,8 @@ def main():
             fail("--validator is required")
         if args.command == "kyverno" and not args.expected_caps:
             fail("--expected-caps is required")
-        {"validate": cmd_validate, "kyverno": cmd_kyverno, "container": cmd_container}[args.command](args)
+        {"validate": cmd_validate, "kyverno": cmd_kyverno, "container": cmd_container,
+         "node": cmd_node}[args.command](args)
     except Unsupported as e:
         fail(f"the policy uses something the Kyverno emulation does not implement: {e}")
 

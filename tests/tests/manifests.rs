@@ -61,3 +61,150 @@ fn kyverno_policy_injects_the_native_sidecar_into_annotated_templates_only() {
         "kyverno",
     );
 }
+
+/// deploy/node grants the node agent what tests/tests/node_privilege.rs
+/// measured and nothing more: RBAC read on pods and namespaces and create
+/// on events (no secrets, no tokens); a non-privileged container with the
+/// measured capabilities; the host's PID namespace and three read-mostly
+/// hostPaths; readiness on /readyz; every node.
+#[test]
+fn node_manifests_grant_exactly_the_measured_privileges() {
+    let Some(tools) = manifest_tools("node_manifests_grant_exactly_the_measured_privileges") else {
+        return;
+    };
+    let out = Command::new(&tools.python)
+        .arg(workspace().join("tests/manifests/check_manifests.py"))
+        .args(["node", "--workspace"])
+        .arg(workspace())
+        .output()
+        .expect("run check_manifests.py node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        v["kinds"],
+        serde_json::json!([
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Namespace",
+            "ServiceAccount"
+        ])
+    );
+
+    let rules = v["clusterrole"]["rules"].as_array().expect("rules");
+    let granted: Vec<(String, String, String)> = rules
+        .iter()
+        .flat_map(|r| {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            let (groups, resources, verbs) = (list("apiGroups"), list("resources"), list("verbs"));
+            let mut out = Vec::new();
+            for g in &groups {
+                for res in &resources {
+                    for verb in &verbs {
+                        out.push((g.clone(), res.clone(), verb.clone()));
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    let mut want: Vec<(String, String, String)> = Vec::new();
+    for res in ["pods", "namespaces"] {
+        for verb in ["get", "list", "watch"] {
+            want.push(("".into(), res.into(), verb.into()));
+        }
+    }
+    want.push(("".into(), "events".into(), "create".into()));
+    want.push(("events.k8s.io".into(), "events".into(), "create".into()));
+    let (mut got, mut want) = (granted, want);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "ClusterRole rules");
+
+    let ds = &v["daemonset"];
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostPID"], true);
+    assert_ne!(spec["hostNetwork"], true, "the agent needs no host network");
+    assert_eq!(
+        spec["tolerations"],
+        serde_json::json!([{"operator": "Exists"}])
+    );
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    let containers = spec["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(c["args"], serde_json::json!(["node"]));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let mut added: Vec<String> = sc["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    added.sort();
+    let mut measured: Vec<String> = lattice_tests::node_agent::NODE_START_CAPS
+        .iter()
+        .map(|c| c.to_uppercase())
+        .collect();
+    measured.sort();
+    assert_eq!(added, measured, "capabilities.add is the measured set");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let env = c["env"].as_array().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "NODE_NAME"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
+        "NODE_NAME from the downward API"
+    );
+    let mut host_paths: Vec<(String, String, bool)> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vol| {
+            let name = vol["name"].as_str().unwrap();
+            let mount = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == name)
+                .unwrap_or_else(|| panic!("volume {name} not mounted"));
+            (
+                vol["hostPath"]["path"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name}: not a hostPath"))
+                    .to_owned(),
+                mount["mountPropagation"]
+                    .as_str()
+                    .unwrap_or("None")
+                    .to_owned(),
+                mount["readOnly"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    host_paths.sort();
+    assert_eq!(
+        host_paths,
+        [
+            ("/sys/fs/bpf".to_owned(), "None".to_owned(), false),
+            ("/sys/fs/cgroup".to_owned(), "None".to_owned(), true),
+            (
+                "/var/lib/kubelet/pods".to_owned(),
+                "HostToContainer".to_owned(),
+                true
+            ),
+        ]
+    );
+}
