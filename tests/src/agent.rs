@@ -40,6 +40,38 @@ pub fn find_agent_bin() -> Result<PathBuf, String> {
     }
 }
 
+/// The release agent as the image ships it (static musl, built by `cargo
+/// xtask image`, which `cargo xtask test` runs before the tests), for
+/// tests whose figures must be those of the binary users deploy:
+/// `$LATTICE_RELEASE_AGENT_BIN`, else `<target>/<arch>-unknown-linux-musl/
+/// release/lattice-agent`. Panics when it is missing or older than the
+/// debug agent (a stale build would measure old code).
+pub fn release_agent_bin() -> PathBuf {
+    let path = std::env::var_os("LATTICE_RELEASE_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            crate::target_dir()
+                .join(format!("{}-unknown-linux-musl", std::env::consts::ARCH))
+                .join("release/lattice-agent")
+        });
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(release) = modified(&path) else {
+        panic!(
+            "release agent {} missing: build it with `cargo xtask image` \
+             (`cargo xtask test` does), or set LATTICE_RELEASE_AGENT_BIN",
+            path.display()
+        );
+    };
+    if let Some(debug) = find_agent_bin().ok().and_then(|d| modified(&d)) {
+        assert!(
+            release >= debug,
+            "release agent {} is older than the debug agent: rebuild it with `cargo xtask image`",
+            path.display()
+        );
+    }
+    path
+}
+
 /// `lattice-agent run --cgroup <pod cgroup> ARGS...`, placed inside the pod
 /// netns (its proxy listens on the pod's loopback), outside the cgroup, as
 /// root (it switches to the exempt UID itself after attaching). It signs

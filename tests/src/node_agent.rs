@@ -42,6 +42,20 @@ pub const POD_IDENTITY_TOKEN_DIR: &str = "/var/run/secrets/pods.eks.amazonaws.co
 pub const POD_IDENTITY_VOLUME: &str = "eks-pod-identity-token";
 pub const POD_IDENTITY_TOKEN_FILE: &str = "eks-pod-identity-token";
 
+/// What the node agent starts with (deploy/node's `capabilities.add`, as
+/// root): measured by tests/tests/node_privilege.rs, each one needed.
+/// CAP_SYS_ADMIN, which `setns` needs anyway, also stands in for CAP_BPF
+/// and CAP_NET_ADMIN when loading and attaching the programs.
+pub const NODE_START_CAPS: [&str; 5] = [
+    "sys_admin",
+    "sys_ptrace",
+    "dac_read_search",
+    "setuid",
+    "setgid",
+];
+/// What it keeps once it runs as UID 101, to serve pods that arrive later.
+pub const NODE_KEPT_CAPS: [&str; 3] = ["sys_admin", "sys_ptrace", "dac_read_search"];
+
 /// A node and the API stand-in, reachable on the node's loopback.
 pub struct Cluster {
     // Dropped first: the stand-in's listener lives in the node's netns.
@@ -74,25 +88,45 @@ impl Cluster {
         &self.kubeconfig
     }
 
-    /// `lattice-agent node` for this node, placed in its namespace, with a
-    /// cleared environment plus `env`.
+    /// `lattice-agent node` (the debug build next to the tests) for this
+    /// node, placed in its namespace.
     pub fn agent_command<I, S>(&self, args: I) -> PodCommand
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.node
-            .command(agent_bin())
-            .arg("node")
-            .args(["--node-name", self.node.name()])
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cgroup-root")
-            .arg(self.node.cgroup_root())
-            .arg("--kubelet-root")
-            .arg(self.node.kubelet_root())
-            .args(["--proc-root", "/proc"])
-            .args(args)
+        self.agent_command_with(agent_bin(), args)
+    }
+
+    /// [`Cluster::agent_command`] with another agent binary (e.g.
+    /// [`crate::agent::release_agent_bin`] for timed tests).
+    pub fn agent_command_with<I, S>(
+        &self,
+        binary: impl AsRef<std::path::Path>,
+        args: I,
+    ) -> PodCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.node.command(binary).args(self.agent_args()).args(args)
+    }
+
+    /// `node --node-name .. --kubeconfig .. --cgroup-root .. --kubelet-root
+    /// .. --proc-root /proc`: the agent's arguments for this node.
+    pub fn agent_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["node".into(), "--node-name".into(), self.node.name().into()];
+        for (flag, value) in [
+            ("--kubeconfig", self.kubeconfig.as_path()),
+            ("--cgroup-root", self.node.cgroup_root()),
+            ("--kubelet-root", self.node.kubelet_root()),
+            ("--proc-root", std::path::Path::new("/proc")),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        args
     }
 
     /// Applies `pod`'s API object.

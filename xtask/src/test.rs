@@ -6,7 +6,11 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::{Workspace, cmd, setup::Ready};
+use crate::{
+    Workspace, cmd,
+    image::{self, Arch},
+    setup::Ready,
+};
 
 /// On the host the eBPF crate fails with "duplicate lang item"; it is
 /// checked by the nested bpfel build in lattice-agent's build.rs instead.
@@ -14,7 +18,16 @@ const HOST_EXCLUDE: [&str; 2] = ["--exclude", "lattice-ebpf"];
 
 struct Step {
     name: &'static str,
-    args: Vec<String>,
+    work: Work,
+}
+
+enum Work {
+    /// A cargo invocation with these arguments.
+    Cargo(Vec<String>),
+    /// The release agents and the OCI image (`cargo xtask image`): the
+    /// image tests check them, and the timed node-mode tests measure the
+    /// image's static agent, the binary users deploy.
+    Image,
 }
 
 pub fn run(ws: &Workspace, ready: &Ready, test_args: &[String]) -> Result<()> {
@@ -48,30 +61,40 @@ fn steps(test_args: &[String]) -> Vec<Step> {
     vec![
         Step {
             name: "fmt",
-            args: strings(&["fmt", "--all", "--check"]),
+            work: Work::Cargo(strings(&["fmt", "--all", "--check"])),
         },
         Step {
             name: "clippy",
-            args: clippy,
+            work: Work::Cargo(clippy),
         },
         Step {
             name: "build",
-            args: build,
+            work: Work::Cargo(build),
+        },
+        Step {
+            name: "image",
+            work: Work::Image,
         },
         Step {
             name: "test",
-            args: test,
+            work: Work::Cargo(test),
         },
     ]
 }
 
-/// One cargo invocation from the workspace root, with bpf-linker on PATH
-/// (lattice-agent's build.rs needs it) and the venv for the test servers.
+/// One step: a cargo invocation from the workspace root, with bpf-linker
+/// on PATH (lattice-agent's build.rs needs it) and the venv for the test
+/// servers; or the image build.
 fn run_step(ws: &Workspace, ready: &Ready, step: &Step) -> Result<()> {
-    let mut cargo = Command::new("cargo");
-    cmd::without_cargo_run_env(&mut cargo)
-        .current_dir(&ws.root)
-        .args(&step.args);
-    ready.apply(&mut cargo)?;
-    cmd::run(&mut cargo)
+    match &step.work {
+        Work::Cargo(args) => {
+            let mut cargo = Command::new("cargo");
+            cmd::without_cargo_run_env(&mut cargo)
+                .current_dir(&ws.root)
+                .args(args);
+            ready.apply(&mut cargo)?;
+            cmd::run(&mut cargo)
+        }
+        Work::Image => image::build_image(&ws.root, &ws.target_dir, &Arch::ALL).map(drop),
+    }
 }
