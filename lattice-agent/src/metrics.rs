@@ -203,7 +203,7 @@ impl Metrics {
                 .clone(),
             signing_failures: self.signing_failures.get_or_create(&labels).clone(),
             counts: Arc::new(Counts::default()),
-            seen: Arc::default(),
+            requests: Arc::default(),
             labels,
             metrics: Arc::clone(self),
         }
@@ -217,9 +217,10 @@ impl Metrics {
         self.redirected_connections.remove(labels);
         self.unknown_destination_connections.remove(labels);
         self.signing_failures.remove(labels);
-        let seen = workload.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for request in seen.iter() {
-            self.requests.remove(&(labels.clone(), request.clone()));
+        let counters = workload.requests.lock().unwrap_or_else(|p| p.into_inner());
+        for (method, status) in counters.keys() {
+            self.requests
+                .remove(&(labels.clone(), request_labels(method, *status)));
         }
     }
 
@@ -253,6 +254,29 @@ fn result(ok: bool) -> &'static str {
     if ok { "success" } else { "error" }
 }
 
+/// The `method` label: the common methods by name, the rest as `OTHER`.
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+fn request_labels(method: &str, status: u16) -> RequestLabels {
+    RequestLabels {
+        method: method.to_owned(),
+        status: status.to_string(),
+    }
+}
+
 /// Requests and the agent's own error answers of one workload, for `/pods`.
 #[derive(Debug, Default)]
 pub struct Counts {
@@ -270,39 +294,26 @@ pub struct WorkloadMetrics {
     pub unknown_destination: Counter,
     pub signing_failures: Counter,
     pub counts: Arc<Counts>,
-    /// The (method, status) series this workload created, to remove them.
-    seen: Arc<std::sync::Mutex<std::collections::HashSet<RequestLabels>>>,
+    /// This workload's `lattice_requests_total` series by (method label,
+    /// status): found without building label strings on every request.
+    requests: Arc<std::sync::Mutex<std::collections::HashMap<(&'static str, u16), Counter>>>,
 }
 
 impl WorkloadMetrics {
     /// Counts one answered request; `own_error` when the agent answered it
     /// itself instead of forwarding. Unusual methods share one label value.
     pub fn count_request(&self, method: &http::Method, status: http::StatusCode, own_error: bool) {
-        let method = match *method {
-            http::Method::GET
-            | http::Method::HEAD
-            | http::Method::POST
-            | http::Method::PUT
-            | http::Method::DELETE
-            | http::Method::PATCH
-            | http::Method::OPTIONS
-            | http::Method::CONNECT
-            | http::Method::TRACE => method.as_str().to_owned(),
-            _ => "OTHER".to_owned(),
-        };
-        let request = RequestLabels {
-            method,
-            status: status.as_u16().to_string(),
-        };
-        self.metrics
-            .requests
-            .get_or_create(&(self.labels.clone(), request.clone()))
-            .inc();
-        if self.labels.0.is_some() {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if !seen.contains(&request) {
-                seen.insert(request);
-            }
+        let key = (method_label(method), status.as_u16());
+        {
+            let mut counters = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            counters
+                .entry(key)
+                .or_insert_with(|| {
+                    self.metrics
+                        .requests
+                        .get_or_create_owned(&(self.labels.clone(), request_labels(key.0, key.1)))
+                })
+                .inc();
         }
         self.counts.requests.fetch_add(1, Ordering::Relaxed);
         if own_error {
