@@ -58,3 +58,23 @@ pub fn map_entries(pinned: &Path) -> usize {
         .unwrap_or_else(|| panic!("bpftool map dump: expected an array, got {json}"))
         .len()
 }
+
+/// `(program name, program id)` of every program attached directly to the
+/// cgroup.
+pub fn attached_program_ids(cgroup: &Path) -> Vec<(String, u64)> {
+    let json = bpftool_json(&["cgroup".as_ref(), "show".as_ref(), cgroup.as_os_str()]);
+    json.as_array()
+        .unwrap_or_else(|| panic!("bpftool cgroup show: expected an array, got {json}"))
+        .iter()
+        .filter_map(|p| Some((p.get("name")?.as_str()?.to_owned(), p.get("id")?.as_u64()?)))
+        .collect()
+}
+
+/// `(run_time_ns, run_cnt)` of program `id`: the kernel's statistics,
+/// counted while `kernel.bpf_stats_enabled` is 1 (else both stay 0).
+pub fn prog_run_stats(id: u64) -> (u64, u64) {
+    let id = id.to_string();
+    let json = bpftool_json(&["prog".as_ref(), "show".as_ref(), "id".as_ref(), id.as_ref()]);
+    let field = |k: &str| json.get(k).and_then(Value::as_u64).unwrap_or(0);
+    (field("run_time_ns"), field("run_cnt"))
+}

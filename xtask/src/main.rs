@@ -55,9 +55,12 @@ enum Task {
     /// Benchmark lattice against direct traffic and iptables interception;
     /// writes <target>/bench/report.{md,json,png}. Needs root.
     Bench {
-        /// A short run (about 2 minutes) instead of the full one.
+        /// A short run (about 3 minutes) instead of the full one.
         #[arg(long)]
         quick: bool,
+        /// Pods served by the node agent in the node-mode scenario.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=1000))]
+        pods: u32,
     },
 }
 
@@ -84,7 +87,7 @@ fn run(task: Task) -> Result<()> {
             image::build_image(&ws.root, &ws.target_dir, &arch.arches())?;
             Ok(())
         }
-        Task::Bench { quick } => bench::run(&ws, &ready, quick),
+        Task::Bench { quick, pods } => bench::run(&ws, &ready, quick, pods),
     }
 }
 

@@ -15,6 +15,11 @@
 //!       never finish it (slowloris), plus ACTIVE connections sending
 //!       keep-alive GETs back to back, for SECS seconds; prints
 //!       `flood held=<n> refused=<n> requests=<n> errors=<n>`
+//!   lattice-test-client wait-signed ADDR:PORT SECS
+//!       prints `polling`, then GETs every millisecond (a new connection
+//!       each) until a reply from lattice-test-service shows the request
+//!       arrived signed; prints `signed <CLOCK_MONOTONIC ns>` (comparable
+//!       across processes) and exits 0, or exits 1 after SECS
 //!
 //! `tcp` and `http` also print `client local=<addr> peer=<addr>` to stderr,
 //! `http` then `http-status=<code>`; a status other than 200 exits 4.
@@ -53,6 +58,10 @@ fn main() -> ExitCode {
             Ok(n) => with_addr(addr, |a| many(a, n, true)),
             Err(_) => usage(),
         },
+        ["wait-signed", addr, secs] => match secs.parse() {
+            Ok(secs) => with_addr(addr, |a| wait_signed(a, Duration::from_secs(secs))),
+            Err(_) => usage(),
+        },
         ["flood", addr, hold, active, secs] => match (hold.parse(), active.parse(), secs.parse()) {
             (Ok(hold), Ok(active), Ok(secs)) => {
                 with_addr(addr, |a| flood(a, hold, active, Duration::from_secs(secs)))
@@ -66,7 +75,8 @@ fn main() -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
-         | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS"
+         | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
+         | wait-signed ADDR:PORT SECS"
     );
     ExitCode::from(64)
 }
@@ -414,4 +424,37 @@ fn read_response(s: &mut TcpStream) -> Result<(), String> {
         return Err("server closed the connection".into());
     }
     Ok(())
+}
+
+/// GETs until one arrives signed (see the usage); prints when.
+fn wait_signed(addr: SocketAddr, limit: Duration) -> ExitCode {
+    println!("polling");
+    let _ = std::io::stdout().flush();
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(body) = exchange(
+            addr,
+            false,
+            false,
+            Some(b"GET /enroll-probe HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"),
+        ) && body.contains("credential=")
+            && !body.contains("credential=none")
+        {
+            println!("signed {}", monotonic_ns());
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("error: no signed reply within {limit:?}");
+    ExitCode::from(1)
+}
+
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }

@@ -125,7 +125,8 @@ fn serve_http(mut conn: TcpStream) {
     let _ = conn.shutdown(std::net::Shutdown::Write);
 }
 
-/// Requests one after another on `conn` (GETs: no bodies), until it closes.
+/// Requests one after another on `conn` (GETs: no bodies), until the
+/// client closes it or asks to (`Connection: close`).
 fn serve_keep_alive(mut conn: TcpStream) {
     let _ = conn.set_nodelay(true);
     let mut pending = Vec::new();
@@ -144,16 +145,21 @@ fn serve_keep_alive(mut conn: TcpStream) {
             }
         };
         let head: Vec<u8> = pending.drain(..end).collect();
-        let body = format!(
-            "{} {}\n",
-            ends(&conn),
-            describe(&String::from_utf8_lossy(&head))
-        );
+        let head = String::from_utf8_lossy(&head);
+        // The client may ask to close after this response (HTTP/1.1).
+        let close = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("connection")
+                    && value.trim().eq_ignore_ascii_case("close")
+            })
+        });
+        let body = format!("{} {}\n", ends(&conn), describe(&head));
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" }
         );
-        if conn.write_all(response.as_bytes()).is_err() {
+        if conn.write_all(response.as_bytes()).is_err() || close {
             return;
         }
     }

@@ -104,7 +104,7 @@ struct Created {
     pids: Vec<u32>,
 }
 
-pub fn run(ws: &Workspace, ready: &Ready, quick: bool) -> Result<()> {
+pub fn run(ws: &Workspace, ready: &Ready, quick: bool, pods: u32) -> Result<()> {
     let stop = Interrupt::install()?;
     for tool in [
         "nginx",
@@ -124,6 +124,11 @@ pub fn run(ws: &Workspace, ready: &Ready, quick: bool) -> Result<()> {
     ready.apply(&mut build)?;
     cmd::run(build.args(["build", "--release", "--package", "lattice-agent"]))?;
     let binary = ws.target_dir.join("release/lattice-agent");
+    // The node-mode scenario and its cheap upstream, from the test kit.
+    let mut build = Command::new("cargo");
+    cmd::without_cargo_run_env(&mut build).current_dir(&ws.root);
+    ready.apply(&mut build)?;
+    cmd::run(build.args(["build", "--release", "--package", "lattice-tests", "--bins"]))?;
 
     let plan = Plan::new(quick);
     let host_rules = host_nat_rules();
@@ -140,13 +145,19 @@ pub fn run(ws: &Workspace, ready: &Ready, quick: bool) -> Result<()> {
         created.pids.len()
     );
 
+    let out = ws.target_dir.join("bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
+    let (node, node_markdown) = node_scenario(ws, ready, &binary, quick, pods, &out)?;
+    let mut targets = report::targets(&runs);
+    targets.extend(report::node_targets(&node));
     let report = Report {
         quick,
         machine: Machine::read(),
-        targets: report::targets(&runs),
+        node: Some(node),
+        node_markdown,
+        targets,
         runs,
     };
-    let out = ws.target_dir.join("bench");
     report::write(&report, &out)?;
     chart::draw(&report.runs, &out.join("report.png"))?;
     println!("{}", report::markdown(&report));
@@ -155,6 +166,45 @@ pub fn run(ws: &Workspace, ready: &Ready, quick: bool) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// Node mode: `lattice-bench-node` (the test kit's node fixture, one node
+/// agent serving `pods` pods, against a sidecar agent and direct); returns
+/// its figures and its tables.
+fn node_scenario(
+    ws: &Workspace,
+    ready: &Ready,
+    agent: &Path,
+    quick: bool,
+    pods: u32,
+    out: &Path,
+) -> Result<(serde_json::Value, String)> {
+    let json = out.join("node.json");
+    let (seconds, rounds) = if quick { ("4", "1") } else { ("10", "3") };
+    let mut bench = Command::new(ws.target_dir.join("release/lattice-bench-node"));
+    bench
+        .arg("--agent")
+        .arg(agent)
+        .args([
+            "--pods",
+            &pods.to_string(),
+            "--seconds",
+            seconds,
+            "--rounds",
+            rounds,
+        ])
+        .arg("--json")
+        .arg(&json);
+    ready.apply(&mut bench)?;
+    // Its progress lines go to the terminal as they come; stdout is the tables.
+    bench.stderr(std::process::Stdio::inherit());
+    eprintln!("bench: node mode, {pods} pods");
+    let tables = cmd::read(&mut bench).context("the node-mode scenario (lattice-bench-node)")?;
+    let text =
+        std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+    let figures =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    Ok((figures, tables))
 }
 
 /// One scenario's world. Fields drop in order: agent, nginx, cgroups (and

@@ -108,6 +108,11 @@ pub struct Report {
     pub quick: bool,
     pub machine: Machine,
     pub runs: Vec<Run>,
+    /// The node-mode scenario's figures (lattice-bench-node's JSON).
+    pub node: Option<Value>,
+    /// Its tables, as lattice-bench-node printed them.
+    #[serde(skip)]
+    pub node_markdown: String,
     pub targets: Vec<Target>,
 }
 
@@ -184,6 +189,52 @@ pub fn targets(runs: &[Run]) -> Vec<Target> {
     ]
 }
 
+/// The node-mode issue's targets, from lattice-bench-node's figures.
+pub fn node_targets(node: &Value) -> Vec<Target> {
+    let f = |v: &Value| v.as_f64();
+    let t = |name, measured: Option<f64>, limit, unit| Target {
+        name,
+        measured,
+        limit,
+        kind: "max",
+        unit,
+        met: measured.map(|m| m <= limit),
+    };
+    let ratio = match (
+        f(&node["added_p50_ms"]["node"]),
+        f(&node["added_p50_ms"]["sidecar"]),
+    ) {
+        (Some(n), Some(s)) if s > 0.0 => Some(n / s),
+        _ => None,
+    };
+    vec![
+        t(
+            "node agent RSS with 100 pods",
+            f(&node["node_agent_rss_100_pods_mib"]),
+            48.0,
+            "MiB",
+        ),
+        t(
+            "node agent RSS per added pod",
+            f(&node["rss_per_added_pod_kib"]),
+            256.0,
+            "KiB",
+        ),
+        t(
+            "enrollment p99 (annotation to first signed request)",
+            f(&node["enrollment_ms"]["p99"]),
+            250.0,
+            "ms",
+        ),
+        t(
+            "added p50 at c=1, node agent / sidecar agent",
+            ratio,
+            1.1,
+            "x",
+        ),
+    ]
+}
+
 fn cell(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
 }
@@ -211,6 +262,9 @@ pub fn markdown(report: &Report) -> String {
             cell(r.agent_rss_mib, 1),
             cell(r.agent_cpu_s_per_10k, 3),
         );
+    }
+    if !report.node_markdown.is_empty() {
+        let _ = writeln!(md, "\nNode mode:\n\n{}", report.node_markdown.trim_end());
     }
     let _ = writeln!(md, "\n| target | measured | limit | result |");
     let _ = writeln!(md, "|---|--:|--:|---|");
@@ -316,6 +370,20 @@ mod tests {
     }
 
     #[test]
+    fn node_targets_from_the_node_bench_figures() {
+        let node = serde_json::json!({
+            "node_agent_rss_100_pods_mib": 30.0,
+            "rss_per_added_pod_kib": 300.0,
+            "enrollment_ms": {"p99": 40.0},
+            "added_p50_ms": {"node": 0.05, "sidecar": 0.05},
+        });
+        let t = node_targets(&node);
+        let met: Vec<Option<bool>> = t.iter().map(|t| t.met).collect();
+        assert_eq!(met, [Some(true), Some(false), Some(true), Some(true)]);
+        assert_eq!(node_targets(&serde_json::json!({}))[3].met, None);
+    }
+
+    #[test]
     fn targets_compare_within_the_run() {
         let t = targets(&sample());
         assert_eq!(t[0].met, Some(true), "0.7 >= 0.6");
@@ -331,6 +399,8 @@ mod tests {
             quick: true,
             machine: Machine::read(),
             runs: sample(),
+            node: None,
+            node_markdown: String::new(),
             targets: targets(&sample()),
         };
         let mut json = serde_json::to_value(&report).unwrap();
