@@ -340,6 +340,66 @@ fn wait_event(cluster: &Cluster, uid: &str, reason: &str) -> serde_json::Value {
     }
 }
 
+/// An enrollment that cannot succeed yet (the API shows an IP the pod's
+/// network namespace does not hold) is reported, with the reason, on
+/// `/pods` and as one Event, and retried with backoff until it succeeds;
+/// a pod without IPv6 is served on IPv4 alone.
+#[test]
+fn failed_enrollment_is_reported_and_retried() {
+    if !require_root("failed_enrollment_is_reported_and_retried") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _verifier = lattice_service(&cluster, &[]);
+    let p = cluster
+        .node
+        .add_pod(PodSpec::new("shop", "v4only-0").ipv6(false));
+    let good = PodObject::new(&p, cluster.node.name())
+        .annotated()
+        .service_account("v4only")
+        .irsa(&p, &role("v4only"), REGION, &token(1));
+    let mut wrong = good.clone();
+    wrong.json["status"]["podIP"] = "169.254.99.99".into();
+    wrong.json["status"]["podIPs"] = json!([{"ip": "169.254.99.99"}]);
+    cluster.apply(&wrong);
+    let agent = start_agent(&cluster, &[]);
+    let row = agent
+        .wait_pod(p.uid(), Some("failed"), ENROLL_TIMEOUT)
+        .unwrap();
+    let reason = row["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("does not hold the pod's IP") && reason.contains("169.254.99.99"),
+        "{row}"
+    );
+    let event = wait_event(&cluster, p.uid(), "EnrollmentFailed");
+    assert!(
+        event["note"].as_str().unwrap().contains("169.254.99.99"),
+        "{event}"
+    );
+    assert_eq!(event["type"], "Warning");
+    // Retried (backoff from 200 ms), but reported once per reason.
+    std::thread::sleep(Duration::from_secs(2));
+    let failures = cluster
+        .api
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "EnrollmentFailed" && e["regarding"]["uid"] == p.uid())
+        .count();
+    assert_eq!(failures, 1, "{:?}", cluster.api.events());
+    let (_, metrics) = agent.admin("/metrics");
+    let attempts: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lattice_enrollments_total{result=\"error\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(attempts >= 3.0, "retried {attempts} times:\n{metrics}");
+
+    cluster.apply(&good);
+    agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(40));
+    let r = get(&p, "/v4-only");
+    assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
+}
+
 /// A pod asking for signing but with no AWS identity is served, and every
 /// request gets 503 naming the pod and what is missing; the node's own
 /// credentials (the agent has none, and the service would refuse them) are
