@@ -118,10 +118,6 @@ impl WorkloadCredentials {
         }
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.current().is_ok()
-    }
-
     /// The current credentials; while the very first fetch is still in
     /// flight, waits for it up to `limit` instead of failing at once.
     pub async fn wait_current(

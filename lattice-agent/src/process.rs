@@ -1,9 +1,12 @@
 //! Process concerns every mode shares: the async runtime, the admin
 //! listener, and waiting for SIGTERM/SIGINT.
 
-use anyhow::Context as _;
+use std::sync::Arc;
 
-use crate::{admin, cli::ProxyArgs};
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::{admin, cli::ProxyArgs, metrics::Metrics};
 
 /// The runtime, built after the privilege drop so every thread starts with
 /// the reduced set. One worker (the default) is a current-thread runtime:
@@ -31,6 +34,22 @@ pub fn bind_admin(args: &ProxyArgs) -> Result<std::net::TcpListener, admin::Admi
             addr: args.admin_addr,
             source,
         })
+}
+
+/// Serves the admin endpoints on the listener [`bind_admin`] made, on the
+/// current runtime, until `shutdown`.
+pub fn serve_admin(
+    listener: std::net::TcpListener,
+    readiness: Arc<admin::Readiness>,
+    metrics: Arc<Metrics>,
+    pods: Option<Arc<dyn admin::PodsReport>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("registering --admin-addr")?;
+    Ok(tokio::spawn(admin::serve(
+        listener, readiness, metrics, pods, shutdown,
+    )))
 }
 
 pub async fn shutdown_signal() -> anyhow::Result<&'static str> {

@@ -23,7 +23,8 @@
 //! - [`bpffs`]: a private bpffs mount for `--pin`.
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
 //!   a pod, and the demo credentials.
-//! - [`apiserver`]: the Kubernetes API stand-in kube-rs and kubectl talk to.
+//! - [`apiserver`]: the Kubernetes API stand-in kube-rs and kubectl talk to;
+//! - [`time`], [`random`]: dates, clocks, UIDs and IDs for the above.
 
 pub mod agent;
 pub mod apiserver;
@@ -34,7 +35,9 @@ pub mod netns;
 pub mod node;
 pub mod node_agent;
 pub mod pod;
+pub mod random;
 pub mod spawn;
+pub mod time;
 pub mod verifier;
 
 use std::{

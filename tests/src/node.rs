@@ -41,16 +41,19 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use serde_json::{Value, json};
 
 pub use crate::pod::LATTICE_V4;
+pub use crate::random::random_uuid;
 use crate::{
     cgroup::{self, cgroup2_mount},
     netns::{self, Netns},
+    random::{random_bytes, random_hex},
     spawn::{ChildGuard, PodCommand},
+    time::{unix_now, utc},
     unique_name,
 };
 
@@ -949,18 +952,8 @@ fn chmod(path: &Path, mode: u32) {
 /// Creates `..YYYY_MM_DD_HH_MM_SS.<random>` (UTC) in `dir` with mode 0755,
 /// like the atomic writer's `os.MkdirTemp`; returns its name.
 fn new_timestamp_dir(dir: &Path) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    let stamp = format!(
-        "..{y:04}_{m:02}_{d:02}_{:02}_{:02}_{:02}.",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    );
+    let (y, m, d, hh, mm, ss) = utc(unix_now());
+    let stamp = format!("..{y:04}_{m:02}_{d:02}_{hh:02}_{mm:02}_{ss:02}.");
     loop {
         let suffix = u32::from_le_bytes(random_bytes::<4>());
         let name = format!("{stamp}{suffix}");
@@ -975,86 +968,9 @@ fn new_timestamp_dir(dir: &Path) -> String {
     }
 }
 
-/// (year, month, day) of a day count since 1970-01-01 (proleptic
-/// Gregorian; H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut buf = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        // SAFETY: getrandom(2) into the unfilled tail of our own buffer.
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        assert!(
-            n > 0 || std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted,
-            "getrandom: {}",
-            std::io::Error::last_os_error()
-        );
-        filled += n.max(0) as usize;
-    }
-    buf
-}
-
-/// `2 * bytes` lowercase hex digits (a container ID: 32 bytes, 64 digits).
-fn random_hex(bytes: usize) -> String {
-    let mut out = String::with_capacity(bytes * 2);
-    while out.len() < bytes * 2 {
-        for b in random_bytes::<16>() {
-            if out.len() < bytes * 2 {
-                out.push_str(&format!("{b:02x}"));
-            }
-        }
-    }
-    out
-}
-
-/// A random version 4 UUID, the shape of `metadata.uid`.
-pub fn random_uuid() -> String {
-    let mut b = random_bytes::<16>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_819), (2027, 1, 1));
-    }
-
-    #[test]
-    fn uuid_shape() {
-        let u = random_uuid();
-        assert_eq!(u.len(), 36, "{u}");
-        assert_eq!(&u[14..15], "4", "{u}");
-        assert!(u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'), "{u}");
-        assert_ne!(random_uuid(), u);
-        assert_eq!(random_hex(32).len(), 64);
-    }
 
     #[test]
     fn kubelet_cgroup_names() {

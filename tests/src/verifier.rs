@@ -43,6 +43,17 @@ pub const DEMO_CREDENTIALS: Credentials = Credentials {
     region: "us-west-2",
 };
 
+/// A fixed key no agent signs with: for a verifier that checks only keys
+/// issued during the test (moto's STS, its container-credentials
+/// endpoint). A request signed with it means an agent used credentials it
+/// must not have.
+pub const UNUSED_KEY: Credentials = Credentials {
+    access_key_id: "AKIDNOAGENTSIGNSWITH",
+    secret_access_key: "lattice/unused/NOT+a+real+secret+0123456",
+    session_token: None,
+    region: "us-west-2",
+};
+
 /// The service name Lattice signs for.
 pub const SERVICE: &str = "vpc-lattice-svcs";
 

@@ -26,17 +26,10 @@ use lattice_tests::{
         PodObject, app_request,
     },
     require_root, test_bin,
-    verifier::{Credentials, Verifier, python},
+    verifier::{UNUSED_KEY, Verifier, python},
 };
 use serde_json::json;
 
-/// The verifier's fixed key: nothing in node mode may sign with it.
-const NODE_CREDS: Credentials = Credentials {
-    access_key_id: "AKIDNODEMUSTNOTSIGN",
-    secret_access_key: "lattice/node/NOT+used+0123456789abcdefgh",
-    session_token: None,
-    region: "us-west-2",
-};
 const MOTO_PORT: &str = "5000";
 const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -62,7 +55,7 @@ fn lattice_service(cluster: &Cluster, extra: &[&str]) -> Verifier {
         cluster.node.command(python),
         LATTICE_V4,
         80,
-        &NODE_CREDS,
+        &UNUSED_KEY,
         &args,
     )
 }
@@ -156,7 +149,7 @@ fn pods_sign_with_their_own_identity_none_cross_signed() {
             cross_signed += 1;
         }
         *per_pod.entry(r.peer.as_str()).or_default() += 1;
-        assert_ne!(r.access_key.as_deref(), Some(NODE_CREDS.access_key_id));
+        assert_ne!(r.access_key.as_deref(), Some(UNUSED_KEY.access_key_id));
     }
     assert_eq!(cross_signed, 0, "requests signed with another pod's role");
     assert_eq!(per_pod.values().copied().collect::<Vec<_>>(), [500, 500]);
@@ -288,7 +281,7 @@ fn enrollment_follows_annotations_and_namespace_labels() {
     let signed_by_node = verifier
         .requests()
         .iter()
-        .filter(|r| r.access_key.as_deref() == Some(NODE_CREDS.access_key_id))
+        .filter(|r| r.access_key.as_deref() == Some(UNUSED_KEY.access_key_id))
         .count();
     assert_eq!(signed_by_node, 0);
 }

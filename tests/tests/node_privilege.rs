@@ -32,17 +32,11 @@ use lattice_tests::{
     },
     require_root,
     spawn::PodCommand,
-    verifier::{Credentials, Verifier, python},
+    verifier::{UNUSED_KEY, Verifier, python},
 };
 use sidecar_support::{require_tool, setpriv_caps, status_field, thread_statuses};
 
 const MOTO_PORT: &str = "5000";
-const UNUSED: Credentials = Credentials {
-    access_key_id: "AKIDNODEPRIVILEGE",
-    secret_access_key: "lattice/node/privilege+0123456789abcdefghij",
-    session_token: None,
-    region: "us-west-2",
-};
 
 /// Capability numbers (linux/capability.h) of the names used here.
 fn cap_bit(name: &str) -> u64 {
@@ -91,7 +85,7 @@ fn node_agent_serves_with_exactly_the_measured_set() {
         cluster.node.command(python),
         LATTICE_V4,
         80,
-        &UNUSED,
+        &UNUSED_KEY,
         &["--moto-sts-port", MOTO_PORT],
     );
     let pod = cluster.node.add_pod(PodSpec::new("shop", "least-0"));

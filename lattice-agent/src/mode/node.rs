@@ -142,14 +142,13 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
 
         let readiness = Arc::new(admin::Readiness::node());
         readiness.set_attached(true);
-        let admin = tokio::net::TcpListener::from_std(admin).context("registering --admin-addr")?;
-        let admin_task = tokio::spawn(admin::serve(
+        let admin_task = process::serve_admin(
             admin,
             Arc::clone(&readiness),
             Arc::clone(&metrics),
             Some(agent.report()),
             shutdown.clone(),
-        ));
+        )?;
         {
             let listed = watches.listed.clone();
             let readiness = Arc::clone(&readiness);

@@ -95,14 +95,13 @@ async fn serve_proxy(
 
     let readiness = Arc::new(admin::Readiness::single(creds.clone()));
     readiness.set_attached(true);
-    let admin = tokio::net::TcpListener::from_std(admin).context("registering --admin-addr")?;
-    let admin_task = tokio::spawn(admin::serve(
+    let admin_task = process::serve_admin(
         admin,
         Arc::clone(&readiness),
         Arc::clone(&metrics),
         None,
         shutdown.clone(),
-    ));
+    )?;
 
     for l in &listeners.sockets {
         if let Ok(addr) = l.local_addr() {

@@ -2,14 +2,13 @@
 //! `Status` errors, discovery, server-side tables; and the small encodings
 //! it needs (timestamps, UIDs, generated names, continue tokens).
 
-use std::{
-    io::Read,
-    time::{SystemTime, UNIX_EPOCH},
-};
-
 use serde_json::{Value, json};
 
 use super::store::Kind;
+use crate::{
+    random::random_bytes,
+    time::{format_rfc3339, parse_rfc3339, unix_now},
+};
 
 /// An error answered as the real server does: a `Status` object with the
 /// HTTP code, a `reason` and a message.
@@ -492,84 +491,14 @@ fn age(created: Option<&str>) -> String {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Now as RFC 3339 in UTC with seconds, the real `metav1.Time` format.
 pub(crate) fn now_rfc3339() -> String {
     format_rfc3339(unix_now())
 }
 
-/// Days since 1970-01-01 to a civil date (proleptic Gregorian).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = year - i64::from(month <= 2);
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-pub(crate) fn format_rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, mo, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SSZ` (fractions ignored).
-pub(crate) fn parse_rfc3339(text: &str) -> Option<u64> {
-    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<u32>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let days = days_from_civil(i64::from(y), mo, d);
-    u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + s)).ok()
-}
-
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut buf = [0u8; N];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("read /dev/urandom");
-    buf
-}
-
 /// A random (version 4) UUID, as the real server assigns `metadata.uid`.
 pub(crate) fn uid() -> String {
-    let mut b = random_bytes::<16>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    crate::random::random_uuid()
 }
 
 /// The 5 characters the real server appends to a `generateName`.
@@ -655,14 +584,6 @@ pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_round_trip() {
-        for secs in [0, 951_782_400, 1_700_000_000, 4_102_444_800] {
-            assert_eq!(parse_rfc3339(&format_rfc3339(secs)), Some(secs));
-        }
-        assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
 
     #[test]
     fn continue_token_round_trip() {

@@ -36,19 +36,13 @@ use lattice_tests::{
     node_agent::{Cluster, NodeAgent, PodObject},
     spawn::Stream,
     test_bin,
-    verifier::{Credentials, Verifier, python},
+    verifier::{UNUSED_KEY, Verifier, python},
 };
 use serde_json::{Value, json};
 
 const MOTO_ADDR: &str = "169.254.171.40";
 const MOTO_PORT: &str = "5000";
 const HOST: &str = "bench-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
-const UNUSED: Credentials = Credentials {
-    access_key_id: "AKIDLATTICEBENCHNODE",
-    secret_access_key: "lattice/bench/node+0123456789abcdefghij",
-    session_token: None,
-    region: "us-west-2",
-};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -147,7 +141,7 @@ fn run(args: &Args) -> Result<Value, String> {
         cluster.node.command(python),
         MOTO_ADDR,
         80,
-        &UNUSED,
+        &UNUSED_KEY,
         &["--moto-sts-port", MOTO_PORT],
     );
     let mut upstream = cluster
@@ -192,7 +186,7 @@ fn run(args: &Args) -> Result<Value, String> {
             .args(["wait-signed", &format!("{LATTICE_V4}:80"), "30"])
             .spawn();
         probe.wait_for(Stream::Stdout, "polling", Duration::from_secs(10));
-        let annotated = monotonic_ns();
+        let annotated = lattice_tests::time::monotonic_ns();
         cluster.apply(&object.annotated());
         let status = probe
             .wait_timeout(Duration::from_secs(40))
@@ -240,9 +234,9 @@ fn run(args: &Args) -> Result<Value, String> {
     let mut sidecar = sidecar_pod
         .command(&args.agent)
         .in_cgroup(false)
-        .env("AWS_ACCESS_KEY_ID", UNUSED.access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", UNUSED.secret_access_key)
-        .env("AWS_REGION", UNUSED.region)
+        .env("AWS_ACCESS_KEY_ID", UNUSED_KEY.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", UNUSED_KEY.secret_access_key)
+        .env("AWS_REGION", UNUSED_KEY.region)
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .args(["--log", "warn,lattice_agent::mode=info", "run", "--cgroup"])
         .arg(sidecar_pod.cgroup_path())
@@ -325,16 +319,6 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-fn monotonic_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
 fn rss_mib(pid: i32) -> Result<f64, String> {

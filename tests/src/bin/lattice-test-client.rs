@@ -440,21 +440,11 @@ fn wait_signed(addr: SocketAddr, limit: Duration) -> ExitCode {
         ) && body.contains("credential=")
             && !body.contains("credential=none")
         {
-            println!("signed {}", monotonic_ns());
+            println!("signed {}", lattice_tests::time::monotonic_ns());
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     println!("error: no signed reply within {limit:?}");
     ExitCode::from(1)
-}
-
-fn monotonic_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
