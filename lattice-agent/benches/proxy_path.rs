@@ -126,6 +126,7 @@ impl Sandbox {
                 proxy_port: port,
                 exempt_uid: 101,
                 pin: None,
+                held_by_cgroup: false,
                 gate_by_netns: false,
             })
             .expect("attach the interceptor"),

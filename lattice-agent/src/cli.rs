@@ -52,6 +52,13 @@ pub struct SidecarArgs {
     /// hostPath mount of /sys/fs/cgroup).
     #[arg(long, env = "LATTICE_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
+
+    /// Detach the programs when the agent exits, crashes included: the
+    /// pod's Lattice requests then leave unsigned until it is back. By
+    /// default the pod's cgroup holds them, so they fail closed instead
+    /// (refused) and go away with the pod.
+    #[arg(long, env = "LATTICE_DETACH_ON_EXIT")]
+    pub detach_on_exit: bool,
     #[command(flatten)]
     pub intercept: InterceptArgs,
     #[command(flatten)]

@@ -51,6 +51,7 @@ impl RunConfig {
                 proxy_port: i.proxy_port,
                 exempt_uid: i.exempt_uid,
                 pin: i.pin.clone(),
+                held_by_cgroup: false,
                 gate_by_netns: false,
             },
             proxy: proxy.clone(),

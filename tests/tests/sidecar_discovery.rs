@@ -206,12 +206,15 @@ fn discover_and_redirect(layout_name: &str, host_cgroupns: bool) {
     assert_eq!(drain(&upstream), 0);
     drop(proxy);
 
-    // Stopping the (unpinned) agent detaches: direct again.
+    // Stopping the sidecar leaves the programs attached, held by the pod's
+    // cgroup: the app's connects fail closed, never direct (unsigned)...
+    let before = attach_types(&pod);
     stop(&mut agent);
-    assert_eq!(attach_types(&pod), Vec::<String>::new());
-    assert_eq!(connect_with(app(), lattice), Connect::Connected);
-    assert_eq!(drain(&upstream), 1);
+    assert_eq!(attach_types(&pod), before, "{layout_name}: detached on exit");
+    assert_eq!(connect_with(app(), lattice), Connect::Refused);
+    assert_eq!(drain(&upstream), 0, "{layout_name}: app reached upstream");
     drop(agent);
+    // ...until the pod's cgroup goes, taking them with it.
     drop(tree); // before the pod: the pod's cgroup must be empty to go
 }
 
@@ -436,8 +439,10 @@ fn sidecar_runs_as_the_manifests_say() {
     assert!(head.starts_with("GET /from-app1 HTTP/1.1"), "{head}");
     assert_signed(&head);
 
+    // The programs stay with the pod's cgroup after the sidecar stops (fail
+    // closed); they go with the cgroup.
     stop(&mut agent);
-    assert_eq!(attach_types(&pod), Vec::<String>::new());
+    assert_eq!(attach_types(&pod), INTERCEPTOR);
     drop(agent);
     drop(tree);
 }

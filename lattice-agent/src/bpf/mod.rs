@@ -86,6 +86,11 @@ pub struct InterceptConfig {
     pub proxy_port: u16,
     pub exempt_uid: u32,
     pub pin: Option<PathBuf>,
+    /// Attach held by the cgroup rather than by the agent's process (when
+    /// not pinned): the programs stay when the agent exits or crashes, so
+    /// the cgroup's Lattice connects fail closed until an agent serves
+    /// them again, whose attach replaces them; they go with the cgroup.
+    pub held_by_cgroup: bool,
     /// Redirect only connects from enrolled network namespaces (node mode,
     /// see [`NetnsGate`]); otherwise every connect in the cgroup.
     pub gate_by_netns: bool,
@@ -98,6 +103,8 @@ pub struct Interceptor {
     ebpf: Ebpf,
     /// Links found or created in the pin directory; held only for logging.
     pinned: Vec<&'static str>,
+    /// Attached held by the cgroup: nothing detaches when this drops.
+    held_by_cgroup: bool,
     orig_dst: std::sync::Arc<OrigDstMap>,
     gate: Option<NetnsGate>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -152,6 +159,7 @@ impl Interceptor {
         Ok(Self {
             ebpf,
             pinned,
+            held_by_cgroup: cfg.held_by_cgroup && cfg.pin.is_none(),
             orig_dst: std::sync::Arc::new(orig_dst),
             gate,
             logger,
@@ -173,11 +181,21 @@ impl Interceptor {
         self.logger.take()
     }
 
-    /// Detaches unpinned programs (pinned ones stay, by design).
+    /// Detaches the programs the agent's process holds; pinned ones and
+    /// ones held by the cgroup stay, by design.
     pub fn detach(self) {
-        let Self { ebpf, pinned, .. } = self;
+        let Self {
+            ebpf,
+            pinned,
+            held_by_cgroup,
+            ..
+        } = self;
         drop(ebpf);
-        if pinned.is_empty() {
+        if held_by_cgroup {
+            tracing::info!(
+                "agent stopped; interception stays attached to the cgroup (until it goes)"
+            );
+        } else if pinned.is_empty() {
             tracing::info!("interceptor detached");
         } else {
             tracing::info!(links = ?pinned, "agent stopped; pinned interception stays attached");
@@ -300,17 +318,22 @@ fn attach_all(
     cfg: &InterceptConfig,
 ) -> Result<Vec<&'static str>, BpfError> {
     let mut pinned = Vec::new();
-    for name in [
-        names::PROG_CONNECT4,
-        names::PROG_CONNECT6,
-        names::PROG_SOCK_OPS,
-        names::PROG_GETSOCKOPT,
+    for (name, attach_type) in [
+        (names::PROG_CONNECT4, raw_link::BPF_CGROUP_INET4_CONNECT),
+        (names::PROG_CONNECT6, raw_link::BPF_CGROUP_INET6_CONNECT),
+        (names::PROG_SOCK_OPS, raw_link::BPF_CGROUP_SOCK_OPS),
+        (names::PROG_GETSOCKOPT, raw_link::BPF_CGROUP_GETSOCKOPT),
     ] {
         let program = ebpf.program_mut(name).ok_or(BpfError::Program {
             name,
             source: ProgramError::UnexpectedProgramType,
         })?;
         let prog_err = |source| BpfError::Program { name, source };
+        if cfg.held_by_cgroup && cfg.pin.is_none() {
+            attach_held_by_cgroup(program, cgroup, attach_type, name, cfg)?;
+            tracing::debug!(program = name, "attached, held by the cgroup");
+            continue;
+        }
         let link_path = cfg.pin.as_deref().map(|dir| link_pin_path(dir, name));
         if let Some(path) = &link_path
             && path.exists()
@@ -385,6 +408,33 @@ fn attach_all(
         tracing::debug!(program = name, "attached");
     }
     Ok(pinned)
+}
+
+/// Loads `program` and attaches it held by the cgroup (see
+/// [`InterceptConfig::held_by_cgroup`]), replacing what an earlier agent
+/// attached the same way.
+fn attach_held_by_cgroup(
+    program: &mut aya::programs::Program,
+    cgroup: &File,
+    attach_type: u32,
+    name: &'static str,
+    cfg: &InterceptConfig,
+) -> Result<(), BpfError> {
+    let prog_err = |source| BpfError::Program { name, source };
+    match program {
+        aya::programs::Program::CgroupSockAddr(p) => p.load().map_err(prog_err)?,
+        aya::programs::Program::SockOps(p) => p.load().map_err(prog_err)?,
+        aya::programs::Program::CgroupSockopt(p) => p.load().map_err(prog_err)?,
+        _ => return Err(prog_err(ProgramError::UnexpectedProgramType)),
+    }
+    let prog_fd = program.fd().map_err(prog_err)?;
+    raw_link::attach_held_by_cgroup(prog_fd.as_fd(), cgroup.as_fd(), attach_type).map_err(
+        |source| BpfError::Attach {
+            name,
+            cgroup: cfg.cgroup.clone(),
+            source,
+        },
+    )
 }
 
 /// Pins a link the agent owns (taken from its program) at `path`.

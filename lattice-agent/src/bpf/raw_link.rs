@@ -1,8 +1,14 @@
-//! A pinnable cgroup link for the getsockopt program.
+//! Cgroup attachments aya 0.14 does not make.
 //!
-//! aya 0.14 cannot turn a `CgroupSockoptLink` into an `FdLink`, so it cannot
-//! be pinned. This creates the link with BPF_LINK_CREATE directly and pins it
-//! with BPF_OBJ_PIN; aya's `PinnedLink` then handles it like the others.
+//! - A pinnable link for the getsockopt program: aya cannot turn a
+//!   `CgroupSockoptLink` into an `FdLink`, so it cannot be pinned. This
+//!   creates the link with BPF_LINK_CREATE directly and pins it with
+//!   BPF_OBJ_PIN; aya's `PinnedLink` then handles it like the others.
+//! - A cgroup-held attachment (BPF_PROG_ATTACH, no link, no flags): the
+//!   cgroup holds the program, not a file descriptor, so it stays attached
+//!   when the agent exits (or crashes) and goes away with the cgroup.
+//!   Attaching another program of the same type to the same cgroup the
+//!   same way replaces it atomically.
 
 use std::{
     ffi::CString,
@@ -13,9 +19,26 @@ use std::{
 };
 
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
-/// `enum bpf_attach_type`: BPF_CGROUP_GETSOCKOPT.
+/// `enum bpf_attach_type` values of the programs.
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+
+/// `union bpf_attr` for BPF_PROG_ATTACH.
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    // The kernel requires the unused tail of the attr union to be zero.
+    _zero: [u32; 5],
+}
 
 #[repr(C)]
 #[derive(Default)]
@@ -81,4 +104,20 @@ pub fn attach_and_pin(
     bpf(BPF_OBJ_PIN, &pin)?;
     // Dropping our fd is fine: the pin keeps the link (and attachment) alive.
     Ok(())
+}
+
+/// Attaches `prog` to `cgroup` held by the cgroup itself (no link, no
+/// flags), replacing a program of the same type attached the same way.
+pub fn attach_held_by_cgroup(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    let attr = ProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_ATTACH, &attr).map(drop)
 }

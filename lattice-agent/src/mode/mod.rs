@@ -23,7 +23,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 pub fn sidecar(args: &SidecarArgs) -> anyhow::Result<()> {
     let cgroup = pod_cgroup::find_own_pod_cgroup(&args.cgroup_root, &args.pod_uid)?;
     tracing::info!(cgroup = %cgroup.display(), pod_uid = %args.pod_uid, "found the pod's cgroup");
-    single::serve(RunConfig::new(cgroup, &args.intercept, &args.proxy)?)
+    let mut cfg = RunConfig::new(cgroup, &args.intercept, &args.proxy)?;
+    // A sidecar restarted by the kubelet finds its programs still attached
+    // and replaces them: no window where the pod's requests leave unsigned.
+    cfg.intercept.held_by_cgroup = !args.detach_on_exit;
+    single::serve(cfg)
 }
 
 /// `node`: the interceptor above every pod, a proxy per enrolled pod.
