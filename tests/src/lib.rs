@@ -24,7 +24,8 @@
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
 //!   a pod, and the demo credentials.
 //! - [`apiserver`]: the Kubernetes API stand-in kube-rs and kubectl talk to;
-//! - [`time`], [`random`]: dates, clocks, UIDs and IDs for the above.
+//! - [`time`], [`random`]: dates, clocks, UIDs and IDs for the above;
+//! - [`reliability`]: the lifecycle tests' figures for the README table.
 
 pub mod agent;
 pub mod apiserver;
@@ -36,6 +37,7 @@ pub mod node;
 pub mod node_agent;
 pub mod pod;
 pub mod random;
+pub mod reliability;
 pub mod spawn;
 pub mod time;
 pub mod verifier;

@@ -15,6 +15,13 @@
 //!       never finish it (slowloris), plus ACTIVE connections sending
 //!       keep-alive GETs back to back, for SECS seconds; prints
 //!       `flood held=<n> refused=<n> requests=<n> errors=<n>`
+//!   lattice-test-client load ADDR:PORT SECS HOST
+//!       for SECS seconds, GETs back to back, a new connection each
+//!       (`Host: HOST`), retrying refused connects after 5 ms as an app
+//!       would; prints one JSON line: `ok` (status 200), `refused`,
+//!       `failed` (anything else, with the first few reasons), and
+//!       CLOCK_MONOTONIC ns of the first and last refusal and of the first
+//!       200 after the last refusal
 //!   lattice-test-client wait-signed ADDR:PORT SECS
 //!       prints `polling`, then GETs every millisecond (a new connection
 //!       each) until a reply from lattice-test-service shows the request
@@ -58,6 +65,10 @@ fn main() -> ExitCode {
             Ok(n) => with_addr(addr, |a| many(a, n, true)),
             Err(_) => usage(),
         },
+        ["load", addr, secs, host] => match secs.parse() {
+            Ok(secs) => with_addr(addr, |a| load(a, Duration::from_secs(secs), host)),
+            Err(_) => usage(),
+        },
         ["wait-signed", addr, secs] => match secs.parse() {
             Ok(secs) => with_addr(addr, |a| wait_signed(a, Duration::from_secs(secs))),
             Err(_) => usage(),
@@ -76,7 +87,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
          | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
-         | wait-signed ADDR:PORT SECS"
+         | wait-signed ADDR:PORT SECS | load ADDR:PORT SECS HOST"
     );
     ExitCode::from(64)
 }
@@ -447,4 +458,54 @@ fn wait_signed(addr: SocketAddr, limit: Duration) -> ExitCode {
     }
     println!("error: no signed reply within {limit:?}");
     ExitCode::from(1)
+}
+
+/// Requests back to back for `secs` (see the usage); prints the counts.
+fn load(addr: SocketAddr, secs: Duration, host: &str) -> ExitCode {
+    let deadline = std::time::Instant::now() + secs;
+    let (mut ok, mut refused, mut failed) = (0u64, 0u64, 0u64);
+    let mut reasons: Vec<String> = Vec::new();
+    let (mut first_refused, mut last_refused, mut recovered) = (None, None, None);
+    let mut n = 0u64;
+    while std::time::Instant::now() < deadline {
+        n += 1;
+        let request =
+            format!("GET /load/{n} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        match exchange(addr, false, false, Some(request.as_bytes())) {
+            Ok(reply) if reply.starts_with("HTTP/1.1 200 ") => {
+                ok += 1;
+                if last_refused.is_some() && recovered.is_none() {
+                    recovered = Some(lattice_tests::time::monotonic_ns());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused += 1;
+                let now = lattice_tests::time::monotonic_ns();
+                first_refused.get_or_insert(now);
+                last_refused = Some(now);
+                recovered = None;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => {
+                failed += 1;
+                if reasons.len() < 5 {
+                    reasons.push(match other {
+                        Ok(reply) => reply.lines().next().unwrap_or_default().to_owned(),
+                        Err(e) => format!("{:?}: {e}", e.kind()),
+                    });
+                }
+            }
+        }
+    }
+    let ns = |v: Option<u128>| v.map_or("null".to_owned(), |v| v.to_string());
+    let reasons: Vec<String> = reasons.iter().map(|r| format!("{r:?}")).collect();
+    println!(
+        "{{\"ok\": {ok}, \"refused\": {refused}, \"failed\": {failed}, \"reasons\": [{}], \
+         \"first_refused_ns\": {}, \"last_refused_ns\": {}, \"recovered_ns\": {}}}",
+        reasons.join(", "),
+        ns(first_refused),
+        ns(last_refused),
+        ns(recovered)
+    );
+    ExitCode::SUCCESS
 }
