@@ -192,7 +192,9 @@ impl CredentialsCache {
             Some(c) if !expired(c, SystemTime::now()) => Ok(c.clone()),
             Some(_) => Err(CredentialsUnavailable(match &state.last_error {
                 Some(e) => format!("credentials expired; refreshing failed: {e}"),
-                None => "credentials expired; refresh pending".to_owned(),
+                None => {
+                    "credentials expired; the provider has not answered the refresh yet".to_owned()
+                }
             })),
             None => Err(CredentialsUnavailable(match &state.last_error {
                 Some(e) => e.clone(),

@@ -32,7 +32,8 @@ Credentials it accepts, any combination:
                        --container-creds-fail-while exists. Each key issued
                        is accepted and printed as "ISSUED <json>" (with its
                        secret: for log scans, and the index of the token
-                       that asked for it).
+                       that asked for it). Every call is printed as
+                       "CREDS-CALL <json>" (status, caller).
 
 Prints "LISTENING <port>" on stdout once serving (--port 0 picks one).
 --host picks the address (default 127.0.0.1; IPv6 works). --log-requests
@@ -185,8 +186,15 @@ class ContainerCredsHandler(BaseHTTPRequestHandler):
         creds = self.server.creds
         caller = creds.caller(self.headers.get("authorization"))
         if caller is None:
+            status = 403
+        elif creds.fail_while and os.path.exists(creds.fail_while):
+            status = 500
+        else:
+            status = 200
+        emit("CREDS-CALL " + json.dumps({"status": status, "caller": caller}))
+        if status == 403:
             return self.answer(403, {"error": "bad authorization token"})
-        if creds.fail_while and os.path.exists(creds.fail_while):
+        if status == 500:
             return self.answer(500, {"error": "credentials temporarily unavailable"})
         self.answer(200, creds.issue(caller))
 

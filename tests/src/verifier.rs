@@ -273,6 +273,18 @@ impl Verifier {
             .collect()
     }
 
+    /// Statuses of every call its container-credentials endpoint answered,
+    /// oldest first.
+    pub fn credential_calls(&self) -> Vec<u16> {
+        self.child
+            .stdout()
+            .lines()
+            .filter_map(|l| l.strip_prefix("CREDS-CALL "))
+            .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+            .filter_map(|v| v["status"].as_u64().and_then(|s| u16::try_from(s).ok()))
+            .collect()
+    }
+
     /// stdout and stderr so far (for failure messages).
     pub fn log(&self) -> String {
         self.child.captured()

@@ -261,3 +261,223 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
         agent.log()
     );
 }
+
+/// The app's request through `pod`: (status, body); 0 when it failed.
+fn app_get(pod: &NodePod, path: &str) -> (u16, String) {
+    let r = lattice_tests::node_agent::app_request(
+        pod,
+        &[
+            "-H",
+            &format!("Host: {HOST}"),
+            &format!("http://{LATTICE_V4}{path}"),
+        ],
+    );
+    (r.status, r.body)
+}
+
+/// The container-credentials endpoint (EKS Pod Identity's address) fails
+/// for longer than the cached credentials live: requests get 503 naming
+/// the cause and /readyz says so; the agent retries with backoff (a
+/// handful of calls, however many requests arrive) and recovers on its
+/// own once the endpoint answers again. Nothing goes out unsigned.
+#[test]
+fn credential_outage_503s_then_recovers_without_a_storm() {
+    if !require_root("credential_outage_503s_then_recovers_without_a_storm") {
+        return;
+    }
+    const TOKEN: &str = "pod-identity-token-outage-0123456789";
+    const LIFETIME_S: u64 = 4;
+    const OUTAGE: Duration = Duration::from_secs(8);
+    let cluster = Cluster::new();
+    let failing = cluster.node.temp_dir().join("creds-failing");
+    let token_file = cluster.node.temp_dir().join("pod-identity-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    // Readable by UID 101, the sidecar after its privilege drop.
+    use std::os::unix::fs::PermissionsExt as _;
+    for p in [cluster.node.temp_dir(), token_file.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let python = python().unwrap_or_else(|m| panic!("{m}"));
+    let lifetime = LIFETIME_S.to_string();
+    let verifier = Verifier::start_as(
+        cluster.node.command(python),
+        LATTICE_V4,
+        80,
+        &lattice_tests::verifier::UNUSED_KEY,
+        &[
+            "--container-creds-host",
+            lattice_tests::node::POD_IDENTITY_V4,
+            "--container-creds-port",
+            "80",
+            "--container-creds-token",
+            TOKEN,
+            "--container-creds-lifetime",
+            &lifetime,
+            "--container-creds-fail-while",
+            failing.to_str().unwrap(),
+        ],
+    );
+    let pod = cluster.node.add_pod(PodSpec::new("shop", "outage-0"));
+    let container = pod.add_container();
+    let mut cmd = pod
+        .command_in(&container, agent_bin())
+        .arg("sidecar")
+        .arg("--cgroup-root")
+        .arg(cluster.node.cgroup_root())
+        .build();
+    cmd.env_clear()
+        .envs(lattice_tests::node_agent::clean_env())
+        .env("POD_UID", pod.uid())
+        .env("AWS_REGION", "us-west-2")
+        .env(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "http://169.254.170.23/v1/credentials",
+        )
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_file);
+    let mut sidecar = ChildGuard::spawn(cmd, "lattice-agent sidecar".to_owned());
+    sidecar.wait_for(
+        Stream::Stderr,
+        "lattice-agent ready",
+        Duration::from_secs(30),
+    );
+    let readyz = || {
+        let out = pod
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                "http://127.0.0.1:15090/readyz",
+            ])
+            .run(Duration::from_secs(10));
+        let (body, status) = out.stdout.rsplit_once('\n').unwrap_or_default();
+        (status.parse::<u16>().unwrap_or(0), body.to_owned())
+    };
+
+    assert!(
+        poll(&pod, Duration::from_secs(2)).first_ok.is_some(),
+        "no success before the outage"
+    );
+    let calls_before = verifier.credential_calls().len();
+
+    std::fs::write(&failing, "").unwrap();
+    let outage = poll_for(&pod, OUTAGE);
+    let outage_calls = verifier.credential_calls()[calls_before..].to_vec();
+    let (ready, ready_body) = readyz();
+    std::fs::remove_file(&failing).unwrap();
+    let back = Instant::now();
+    let after = poll(&pod, Duration::from_secs(35));
+    let recovered = after.first_ok.map(|t| t.duration_since(back));
+    let (attempted, failed) = (
+        outage.attempted + after.attempted,
+        outage.failed + after.failed,
+    );
+    let mut reasons = outage.reasons;
+    reasons.extend(after.reasons);
+
+    let record = Record {
+        id: "credential-outage",
+        fault: format!(
+            "container-credentials endpoint answering 500 for {} s (keys live {LIFETIME_S} s)",
+            OUTAGE.as_secs()
+        ),
+        load: "1 app, one request every 200 ms".into(),
+        attempted,
+        failed,
+        unsigned: unsigned(&verifier),
+        recovery_ms: recovered.map(|d| d.as_secs_f64() * 1000.0),
+        notes: format!(
+            "{failed} requests answered 503 (no credentials), {} naming the endpoint's 500; \
+             {} calls to the endpoint for {} requests during the outage",
+            outage.named + after.named,
+            outage_calls.len(),
+            outage.attempted
+        ),
+    };
+    record.save();
+    assert_eq!(record.unsigned, 0);
+    assert!(
+        reasons.is_empty(),
+        "failures other than the agent's 503: {reasons:?}"
+    );
+    assert!(
+        outage.named > 0,
+        "no 503 named the endpoint's error (keys live {LIFETIME_S} s)"
+    );
+    assert_eq!(ready, 503, "/readyz during the outage: {ready_body}");
+    assert!(ready_body.contains("no credentials"), "{ready_body}");
+    // Refreshes back off (1 s, 2 s, 4 s, ...; the SDK's provider retries a
+    // 500 up to three times within each): a few calls, not one per request.
+    assert!(
+        outage_calls.len() >= 2
+            && outage_calls.len() <= 15
+            && outage.attempted >= 30
+            && (outage_calls.len() as u64) < outage.attempted / 2,
+        "{} calls to the endpoint for {} requests during {OUTAGE:?}: {outage_calls:?}",
+        outage_calls.len(),
+        outage.attempted
+    );
+    assert!(outage_calls.iter().all(|s| *s == 500), "{outage_calls:?}");
+    assert!(
+        recovered.is_some(),
+        "not recovered 35 s after the endpoint came back:\n{}",
+        sidecar.stderr()
+    );
+}
+
+/// [`poll`] for the whole of `span`, successes or not.
+fn poll_for(pod: &NodePod, span: Duration) -> Tally {
+    let until = Instant::now() + span;
+    let mut all = Tally::default();
+    while Instant::now() < until {
+        let t = poll(pod, until - Instant::now());
+        all.attempted += t.attempted;
+        all.failed += t.failed;
+        all.named += t.named;
+        all.reasons.extend(t.reasons);
+        all.first_ok = all.first_ok.or(t.first_ok);
+    }
+    all
+}
+
+/// What polling the app's requests for a while saw.
+#[derive(Default)]
+struct Tally {
+    attempted: u64,
+    failed: u64,
+    /// 503s naming the credential endpoint's 500.
+    named: u64,
+    /// Failures that were not the agent's 503 for missing credentials.
+    reasons: Vec<String>,
+    first_ok: Option<Instant>,
+}
+
+/// One request every 200 ms for `span` (or until a second after the
+/// first success). Every failure must be the agent's 503 for missing
+/// credentials; once the provider has answered, it names the endpoint's
+/// 500.
+fn poll(pod: &NodePod, span: Duration) -> Tally {
+    let until = Instant::now() + span;
+    let mut t = Tally::default();
+    while Instant::now() < until
+        && t.first_ok
+            .is_none_or(|ok| ok.elapsed() < Duration::from_secs(1))
+    {
+        let (status, body) = app_get(pod, "/outage");
+        t.attempted += 1;
+        if status == 200 {
+            t.first_ok.get_or_insert_with(Instant::now);
+        } else {
+            t.failed += 1;
+            if status != 503 || !body.starts_with("lattice-agent: no AWS credentials") {
+                t.reasons.push(format!("{status} {body}"));
+            } else if body.contains("500") {
+                t.named += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t
+}

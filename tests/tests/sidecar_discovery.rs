@@ -210,7 +210,11 @@ fn discover_and_redirect(layout_name: &str, host_cgroupns: bool) {
     // cgroup: the app's connects fail closed, never direct (unsigned)...
     let before = attach_types(&pod);
     stop(&mut agent);
-    assert_eq!(attach_types(&pod), before, "{layout_name}: detached on exit");
+    assert_eq!(
+        attach_types(&pod),
+        before,
+        "{layout_name}: detached on exit"
+    );
     assert_eq!(connect_with(app(), lattice), Connect::Refused);
     assert_eq!(drain(&upstream), 0, "{layout_name}: app reached upstream");
     drop(agent);
