@@ -93,6 +93,12 @@ pub struct NodeArgs {
     #[arg(long, env = "LATTICE_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
 
+    /// A host directory the node's agents share (hostPath): the control
+    /// socket through which a new agent takes the pods' listeners over from
+    /// the one it replaces. Created if missing.
+    #[arg(long, env = "LATTICE_RUN_DIR", default_value = "/var/run/lattice")]
+    pub run_dir: PathBuf,
+
     #[command(flatten)]
     pub intercept: InterceptArgs,
     #[command(flatten)]

@@ -27,6 +27,8 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
+    #[error("the listening sockets handed over by the agent being replaced")]
+    Adopted(#[source] io::Error),
     #[error("reading the network namespace cookie of the listener on {addr}")]
     Cookie {
         addr: SocketAddr,
@@ -44,16 +46,52 @@ pub struct Listeners {
     pub netns_cookie: u64,
 }
 
+impl Listeners {
+    /// Listeners handed over by the agent this one replaces (see
+    /// `node::handover`), named by the cookie of their namespace.
+    pub fn adopt(sockets: Vec<std::net::TcpListener>) -> Result<Self, ListenError> {
+        let first = sockets.first().ok_or_else(|| {
+            ListenError::Adopted(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no socket handed over",
+            ))
+        })?;
+        let netns_cookie = crate::netns::netns_cookie(first).map_err(ListenError::Adopted)?;
+        for s in &sockets {
+            s.set_nonblocking(true).map_err(ListenError::Adopted)?;
+        }
+        Ok(Self {
+            sockets,
+            netns_cookie,
+        })
+    }
+
+    /// A second descriptor for each socket: the agent keeps them to hand
+    /// the very sockets to the agent that replaces it.
+    pub fn duplicates(&self) -> io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.sockets
+            .iter()
+            .map(|s| s.try_clone().map(std::os::fd::OwnedFd::from))
+            .collect()
+    }
+}
+
 /// Binds 127.0.0.1:port and [::1]:port in `factory`'s network namespace;
-/// the IPv6 one is skipped where that namespace has no IPv6.
-pub fn bind_loopback(port: u16, factory: &SocketFactory) -> Result<Listeners, ListenError> {
+/// the IPv6 one is skipped where that namespace has no IPv6. With
+/// `reuse_port`, beside listeners of another agent of the same UID (node
+/// mode: the agent being replaced, should it not hand its sockets over).
+pub fn bind_loopback(
+    port: u16,
+    factory: &SocketFactory,
+    reuse_port: bool,
+) -> Result<Listeners, ListenError> {
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    let first = bind(v4, port, factory)?;
+    let first = bind(v4, port, factory, reuse_port)?;
     let netns_cookie = crate::netns::netns_cookie(&first)
         .map_err(|source| ListenError::Cookie { addr: v4, source })?;
     let mut sockets = vec![first];
-    match bind(v6, port, factory) {
+    match bind(v6, port, factory, reuse_port) {
         Ok(l) => sockets.push(l),
         Err(ListenError::Bind { source, .. })
             if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
@@ -72,6 +110,7 @@ fn bind(
     addr: SocketAddr,
     port: u16,
     factory: &SocketFactory,
+    reuse_port: bool,
 ) -> Result<std::net::TcpListener, ListenError> {
     let err = |source: io::Error| {
         if source.kind() == io::ErrorKind::AddrInUse {
@@ -84,6 +123,7 @@ fn bind(
     let socket = factory
         .in_netns(|| {
             let socket = listener_socket(&addr)?;
+            socket.set_reuse_port(reuse_port)?;
             socket.bind(&addr.into())?;
             Ok(socket)
         })

@@ -29,7 +29,13 @@ use crate::{
 /// The annotation (and namespace label) that asks for signing.
 pub const INJECT: &str = "vpc-lattices-svcs.amazonaws.com/agent-inject";
 /// The agent's admin listener in the node's namespace (its default).
-pub const ADMIN: &str = "http://127.0.0.1:15090";
+/// The first agent's admin port on the node's loopback; each agent started
+/// in a test process gets the next one, so an agent and its replacement
+/// (both in the node's namespace here, in pods of their own on a real
+/// node) each answer for themselves.
+const FIRST_ADMIN_PORT: u16 = 15090;
+static NEXT_ADMIN_PORT: std::sync::atomic::AtomicU16 =
+    std::sync::atomic::AtomicU16::new(FIRST_ADMIN_PORT);
 /// Logged once the first lists from the API are in.
 pub const READY_LINE: &str = "lattice-agent ready (node mode)";
 /// The application's UID: neither root nor the exempt UID 101.
@@ -62,6 +68,8 @@ pub struct Cluster {
     pub api: ApiServer,
     pub node: Node,
     kubeconfig: PathBuf,
+    /// The agents' shared `--run-dir` (their control socket).
+    run_dir: PathBuf,
 }
 
 impl Cluster {
@@ -77,10 +85,12 @@ impl Cluster {
         // there even before the first pod.
         fs::create_dir_all(node.cgroup_root().join("kubepods.slice"))
             .expect("create kubepods.slice");
+        let run_dir = node.temp_dir().join("run");
         Self {
             api,
             node,
             kubeconfig,
+            run_dir,
         }
     }
 
@@ -113,7 +123,8 @@ impl Cluster {
     }
 
     /// `node --node-name .. --kubeconfig .. --cgroup-root .. --kubelet-root
-    /// .. --proc-root /proc`: the agent's arguments for this node.
+    /// .. --proc-root /proc --run-dir ..`: the agent's arguments for this
+    /// node.
     pub fn agent_args(&self) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> =
             vec!["node".into(), "--node-name".into(), self.node.name().into()];
@@ -122,6 +133,7 @@ impl Cluster {
             ("--cgroup-root", self.node.cgroup_root()),
             ("--kubelet-root", self.node.kubelet_root()),
             ("--proc-root", std::path::Path::new("/proc")),
+            ("--run-dir", self.run_dir.as_path()),
         ] {
             args.push(flag.into());
             args.push(value.into());
@@ -163,13 +175,16 @@ pub fn clean_env() -> Vec<(&'static str, String)> {
 pub struct NodeAgent {
     child: ChildGuard,
     node_netns: PathBuf,
+    admin: String,
 }
 
 impl NodeAgent {
     /// Starts the agent (`cmd` from [`Cluster::agent_command`]) with
     /// [`clean_env`] plus `env`, and waits for its ready line.
     pub fn start(cluster: &Cluster, cmd: PodCommand, env: &[(&str, &str)]) -> Self {
-        let mut command = cmd.build();
+        let port = NEXT_ADMIN_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let admin = format!("127.0.0.1:{port}");
+        let mut command = cmd.args(["--admin-addr", &admin]).build();
         command
             .env_clear()
             .envs(clean_env())
@@ -179,6 +194,7 @@ impl NodeAgent {
         Self {
             child,
             node_netns: cluster.node.netns_path().to_owned(),
+            admin: format!("http://{admin}"),
         }
     }
 
@@ -192,7 +208,7 @@ impl NodeAgent {
 
     /// `GET <admin><path>` from the node's namespace: (status, body).
     pub fn admin(&self, path: &str) -> (u16, String) {
-        let out = curl_in(&self.node_netns, &[&format!("{ADMIN}{path}")]);
+        let out = curl_in(&self.node_netns, &[&format!("{}{path}", self.admin)]);
         split_status(&out)
     }
 

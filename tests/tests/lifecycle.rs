@@ -32,10 +32,15 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// The app's load: new connection per request, refused connects retried.
 fn start_load(pod: &NodePod, seconds: u64) -> ChildGuard {
+    start_client_load(pod, "load", seconds)
+}
+
+/// `lattice-test-client MODE` (`load` or `load-keepalive`) from `pod`.
+fn start_client_load(pod: &NodePod, mode: &str, seconds: u64) -> ChildGuard {
     pod.command(test_bin("lattice-test-client"))
         .uid(1000)
         .args([
-            "load",
+            mode,
             &format!("{LATTICE_V4}:80"),
             &seconds.to_string(),
             HOST,
@@ -259,6 +264,147 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
         recovered.is_some(),
         "never recovered: {result}\n{}",
         agent.log()
+    );
+}
+
+/// A rolling update of the node agent, as the DaemonSet does it
+/// (`maxSurge: 1`): the new agent starts beside the old one, takes the
+/// pods' listening sockets over (`--run-dir`'s control socket), and the old
+/// one stops accepting, drains and exits on SIGTERM. Three replacements in
+/// a row, under two apps' load (one on kept-alive connections, one opening
+/// a connection per request): not one request fails, is refused or goes
+/// out unsigned, and the programs are never attached twice.
+#[test]
+fn node_agent_replaced_under_load_loses_no_request() {
+    if !require_root("node_agent_replaced_under_load_loses_no_request") {
+        return;
+    }
+    const REPLACEMENTS: usize = 3;
+    let cluster = Cluster::new();
+    let python = python().unwrap_or_else(|m| panic!("{m}"));
+    let verifier = Verifier::start_as(
+        cluster.node.command(python),
+        LATTICE_V4,
+        80,
+        &lattice_tests::verifier::UNUSED_KEY,
+        &["--moto-sts-port", MOTO_PORT],
+    );
+    let bpffs = Bpffs::new();
+    let pin = bpffs.path().join("lattice-node");
+    let pin_arg = pin.to_str().unwrap().to_owned();
+    let pods: Vec<NodePod> = ["kept", "fresh"]
+        .into_iter()
+        .map(|name| {
+            let pod = cluster.node.add_pod(PodSpec::new("shop", name));
+            cluster.apply(
+                &PodObject::new(&pod, cluster.node.name())
+                    .annotated()
+                    .service_account("node")
+                    .irsa(
+                        &pod,
+                        "arn:aws:iam::123456789012:role/node",
+                        "us-west-2",
+                        "token",
+                    ),
+            );
+            pod
+        })
+        .collect();
+    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    // The binary users deploy: the latencies recorded are the release's.
+    let agent_bin = lattice_tests::agent::release_agent_bin();
+    let start = || {
+        NodeAgent::start(
+            &cluster,
+            cluster.agent_command_with(&agent_bin, ["--pin", &pin_arg]),
+            &[("AWS_ENDPOINT_URL_STS", &sts)],
+        )
+    };
+    let mut agent = start();
+    for pod in &pods {
+        agent.wait_pod(pod.uid(), Some("enrolled"), Duration::from_secs(15));
+    }
+    let kubepods = cluster.node.cgroup_root().join("kubepods.slice");
+    let attached = attached_programs(&kubepods);
+    assert_eq!(attached.len(), 4, "{attached:?}");
+
+    let seconds = 3 + 3 * REPLACEMENTS as u64;
+    let kept = start_client_load(&pods[0], "load-keepalive", seconds);
+    let fresh = start_client_load(&pods[1], "load", seconds);
+    let mut takeovers_ms = Vec::new();
+    for round in 0..REPLACEMENTS {
+        std::thread::sleep(Duration::from_millis(1500));
+        let started = Instant::now();
+        let new = start();
+        takeovers_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        for pod in &pods {
+            let row = new.pod_row(pod.uid());
+            assert_eq!(
+                row.as_ref().and_then(|r| r["state"].as_str()),
+                Some("enrolled"),
+                "round {round}: the new agent is ready without serving {}: {row:?}\n{}",
+                pod.uid(),
+                new.log()
+            );
+        }
+        let old_log = agent.log();
+        assert!(
+            old_log.contains("a new agent took the pods over"),
+            "round {round}: the old agent was not told:\n{old_log}\nnew:\n{}",
+            new.log()
+        );
+        let status = agent.stop();
+        assert!(
+            status.success(),
+            "round {round}: old agent: {status}\n{}",
+            agent.log()
+        );
+        agent = new;
+        assert_eq!(
+            attached_programs(&kubepods),
+            attached,
+            "round {round}: the same programs stay attached, once"
+        );
+    }
+    let kept = load_result(kept, Duration::from_secs(seconds + 30));
+    let fresh = load_result(fresh, Duration::from_secs(seconds + 30));
+    let total = |key: &str| count(&kept, key) + count(&fresh, key);
+    let record = Record {
+        id: "node-agent-upgrade",
+        fault: format!(
+            "node agent replaced {REPLACEMENTS} times (rolling update, maxSurge 1: the new agent takes the listeners over, the old one drains)"
+        ),
+        load: format!(
+            "2 apps, back to back, {seconds} s: kept-alive connections; a new connection per request"
+        ),
+        attempted: total("ok") + total("failed") + total("refused"),
+        failed: total("failed") + total("refused"),
+        unsigned: unsigned(&verifier),
+        recovery_ms: None,
+        notes: format!(
+            "p99 {} µs (kept-alive) / {} µs (new connections); {} requests sent again on a new connection after the old agent closed an idle kept-alive one (as Go's net/http does); takeover {:.0}-{:.0} ms",
+            kept["p99_us"],
+            fresh["p99_us"],
+            count(&kept, "retried"),
+            takeovers_ms.iter().copied().fold(f64::INFINITY, f64::min),
+            takeovers_ms.iter().copied().fold(0.0, f64::max),
+        ),
+    };
+    record.save();
+    assert_eq!(record.unsigned, 0, "unsigned requests reached the service");
+    assert_eq!(
+        record.failed,
+        0,
+        "requests failed across the replacements:\nkept-alive: {kept}\nnew connections: {fresh}\n{}",
+        agent.log()
+    );
+    assert!(
+        count(&kept, "ok") > 100 && count(&fresh, "ok") > 100,
+        "too little load to mean anything: {kept} {fresh}"
+    );
+    assert!(
+        count(&kept, "connections") > 1,
+        "the kept-alive app never moved to the new agent: {kept}"
     );
 }
 

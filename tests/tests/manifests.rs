@@ -65,8 +65,9 @@ fn kyverno_policy_injects_the_native_sidecar_into_annotated_templates_only() {
 /// deploy/node grants the node agent what tests/tests/node_privilege.rs
 /// measured and nothing more: RBAC read on pods and namespaces and create
 /// on events (no secrets, no tokens); a non-privileged container with the
-/// measured capabilities; the host's PID namespace and three read-mostly
-/// hostPaths; readiness on /readyz; every node.
+/// measured capabilities; the host's PID namespace and four hostPaths
+/// (two read-only); readiness on /readyz; every node; updates that surge
+/// a new agent beside the old one, never leaving the node without one.
 #[test]
 fn node_manifests_grant_exactly_the_measured_privileges() {
     let Some(tools) = manifest_tools("node_manifests_grant_exactly_the_measured_privileges") else {
@@ -140,6 +141,11 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
         serde_json::json!([{"operator": "Exists"}])
     );
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"],
+        serde_json::json!({"maxSurge": 1, "maxUnavailable": 0}),
+        "the new agent takes over from the old one (handover), so both run for a while"
+    );
     let containers = spec["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
@@ -168,6 +174,19 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
         env.iter().any(|e| e["name"] == "NODE_NAME"
             && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
         "NODE_NAME from the downward API"
+    );
+    let run_dir = env
+        .iter()
+        .find(|e| e["name"] == "LATTICE_RUN_DIR")
+        .and_then(|e| e["value"].as_str())
+        .expect("LATTICE_RUN_DIR set");
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == run_dir),
+        "LATTICE_RUN_DIR {run_dir} is a mounted hostPath, shared with the next agent"
     );
     let mut host_paths: Vec<(String, String, bool)> = spec["volumes"]
         .as_array()
@@ -205,6 +224,7 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
                 "HostToContainer".to_owned(),
                 true
             ),
+            ("/var/run/lattice".to_owned(), "None".to_owned(), false),
         ]
     );
 }

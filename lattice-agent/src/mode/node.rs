@@ -20,7 +20,7 @@ use crate::{
     config::RunConfig,
     metrics::Metrics,
     netns::NetNs,
-    node::{NodeAgent, enroll::NodeContext, identity::IdentityStore},
+    node::{NodeAgent, Startup, enroll::NodeContext, handover, identity::IdentityStore},
     privilege, process,
     proxy::ProxyConfig,
     telemetry,
@@ -58,6 +58,12 @@ pub enum NodeSetupError {
         path: PathBuf,
         reason: String,
     },
+    #[error("--run-dir {}", path.display())]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--kubeconfig {}", path.display())]
     Kubeconfig {
         path: PathBuf,
@@ -83,6 +89,7 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
     check_dir("kubelet-root", &args.kubelet_root)?;
     check_dir("proc-root", &args.proc_root.join("self"))?;
     let kube_config = kube_config(args.kubeconfig.as_deref())?;
+    prepare_run_dir(&args.run_dir)?;
     let admin = process::bind_admin(&args.proxy)?;
     let mut run = RunConfig::new(
         kubepods_root(&args.cgroup_root)?,
@@ -97,6 +104,28 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
     let gate = interceptor
         .take_gate()
         .context("the interceptor was attached without its netns gate")?;
+    // A running agent (a rollout surges a new one beside it) hands over
+    // the pods' listening sockets; none answers on a first start or after
+    // a crash. Then this agent's own control socket takes the name, for
+    // the agent that will replace it. Both as root: the run directory is
+    // root's alone.
+    let (predecessor, handed_over) = match handover::take_listeners(&args.run_dir) {
+        Ok(Some((p, listeners))) => {
+            tracing::info!(pods = listeners.len(), "taking over from the running agent");
+            (Some(p), listeners)
+        }
+        Ok(None) => (None, handover::HandedOver::new()),
+        Err(e) => {
+            tracing::warn!(error = %crate::credentials::error_chain(&e), "could not take over from the running agent; binding new listeners beside its own");
+            (None, handover::HandedOver::new())
+        }
+    };
+    let control = handover::bind_control(&args.run_dir).map_err(|source| {
+        NodeSetupError::RunDir {
+            path: args.run_dir.clone(),
+            source,
+        }
+    })?;
     if !run.keep_privileges {
         privilege::drop_to(run.intercept.exempt_uid, &KEPT_CAPABILITIES)?;
     }
@@ -137,11 +166,21 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
                 Arc::clone(&metrics),
                 shutdown.child_token(),
             ),
+            handed_over: std::sync::Mutex::new(handed_over),
         };
-        let (agent, watches) = NodeAgent::new(ctx, client, &args.node_name, &shutdown);
-
         let readiness = Arc::new(admin::Readiness::node());
         readiness.set_attached(true);
+        let (agent, watches) = NodeAgent::new(
+            ctx,
+            Startup {
+                client,
+                node_name: args.node_name.clone(),
+                predecessor,
+                control,
+                readiness: Arc::clone(&readiness),
+            },
+            &shutdown,
+        );
         let admin_task = process::serve_admin(
             admin,
             Arc::clone(&readiness),
@@ -149,17 +188,6 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
             Some(agent.report()),
             shutdown.clone(),
         )?;
-        {
-            let listed = watches.listed.clone();
-            let readiness = Arc::clone(&readiness);
-            let node = args.node_name.clone();
-            let admin_addr = args.proxy.admin_addr;
-            tokio::spawn(async move {
-                listed.cancelled().await;
-                readiness.set_pods_listed(true);
-                tracing::info!(%node, %admin_addr, "lattice-agent ready (node mode)");
-            });
-        }
         let agent_task = tokio::spawn(agent.run(watches, shutdown.clone()));
 
         let signal = process::shutdown_signal().await?;
@@ -176,6 +204,18 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     interceptor.detach();
     served
+}
+
+/// Creates `--run-dir` if missing, for root alone: only agents (root
+/// until they have set up) talk through it.
+fn prepare_run_dir(path: &Path) -> Result<(), NodeSetupError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let err = |source| NodeSetupError::RunDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
 /// The kubelet's pod tree: `kubepods.slice` (systemd driver) or `kubepods`

@@ -31,7 +31,7 @@ pub fn serve(cfg: RunConfig) -> anyhow::Result<()> {
     } else {
         let proxy = ProxyConfig::from_args(&cfg.proxy)?;
         let admin = process::bind_admin(&cfg.proxy)?;
-        let listeners = bind_loopback(cfg.intercept.proxy_port, &SocketFactory::Current)?;
+        let listeners = bind_loopback(cfg.intercept.proxy_port, &SocketFactory::Current, false)?;
         Some((proxy, listeners, admin))
     };
     let mut interceptor = Interceptor::attach(&cfg.intercept)?;

@@ -12,6 +12,7 @@ use std::{
 };
 
 use super::{
+    handover::HandedOver,
     identity::{IdentityError, IdentityLease, IdentityStore},
     pod_spec::PodPlan,
 };
@@ -22,7 +23,7 @@ use crate::{
     netns::{NetNs, NetnsError, SocketFactory, local_addresses},
     pod_cgroup::{self, PodCgroupError},
     proxy::{ProxyConfig, WorkloadProxy},
-    workload::{ListenError, Workload, bind_loopback},
+    workload::{ListenError, Listeners, Workload, bind_loopback},
 };
 
 /// What every enrollment on this node shares.
@@ -39,6 +40,9 @@ pub struct NodeContext {
     pub orig_dst: Arc<OrigDstMap>,
     pub metrics: Arc<Metrics>,
     pub identities: IdentityStore,
+    /// Listeners the agent this one replaces handed over, by pod UID,
+    /// until their pods are enrolled on them.
+    pub handed_over: std::sync::Mutex<HandedOver>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,8 @@ pub enum EnrollError {
 /// A served pod. [`EnrolledPod::unenroll`] undoes it.
 pub struct EnrolledPod {
     pub plan: PodPlan,
+    /// Second descriptors of its listening sockets, to hand them over.
+    pub listener_fds: Vec<std::os::fd::OwnedFd>,
     workload: Workload,
     /// Holds the pod's identity alive (and its token file in use).
     lease: Option<IdentityLease>,
@@ -153,7 +159,11 @@ pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollErr
         netns,
         home: Arc::clone(&ctx.home),
     };
-    let listeners = bind_loopback(ctx.proxy_port, &sockets)?;
+    let listeners = match handed_over_listeners(ctx, &plan, &sockets)? {
+        Some(l) => l,
+        None => bind_loopback(ctx.proxy_port, &sockets, true)?,
+    };
+    let listener_fds = listeners.duplicates().map_err(EnrollError::Start)?;
     let netns_cookie = listeners.netns_cookie;
 
     let (creds, lease, region) = credentials(&ctx.identities, &plan, &ctx.kubelet_root);
@@ -182,6 +192,7 @@ pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollErr
     .map_err(EnrollError::Start)?;
     let pod = EnrolledPod {
         plan,
+        listener_fds,
         workload,
         lease,
         metrics,
@@ -193,6 +204,34 @@ pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollErr
         return Err(EnrollError::Gate(e));
     }
     Ok(pod)
+}
+
+/// The listening sockets the replaced agent served `plan`'s pod with, if
+/// it handed them over and they are in the pod's namespace.
+fn handed_over_listeners(
+    ctx: &NodeContext,
+    plan: &PodPlan,
+    sockets: &SocketFactory,
+) -> Result<Option<Listeners>, EnrollError> {
+    let handed = ctx
+        .handed_over
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&plan.uid);
+    let Some(handed) = handed else {
+        return Ok(None);
+    };
+    let listeners = Listeners::adopt(handed)?;
+    let probe = sockets
+        .tcp_socket(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .map_err(EnrollError::Start)?;
+    let pod_netns = crate::netns::netns_cookie(&probe).map_err(EnrollError::Start)?;
+    if pod_netns != listeners.netns_cookie {
+        tracing::warn!(pod = %plan.display_name(), "handed-over listeners are not in the pod's network namespace; binding new ones");
+        return Ok(None);
+    }
+    tracing::debug!(pod = %plan.display_name(), "serving on the listeners the replaced agent handed over");
+    Ok(Some(listeners))
 }
 
 /// The pod's credentials, its identity lease, and its signing region.

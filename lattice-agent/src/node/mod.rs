@@ -10,15 +10,18 @@
 //!
 //! Modules: [`pod_spec`] decides from the API object, [`identity`] holds
 //! each pod's AWS identity, [`enroll`] does the work on the node,
-//! [`events`] tells `kubectl describe pod`.
+//! [`events`] tells `kubectl describe pod`, [`handover`] passes the pods'
+//! listeners from an agent to the one replacing it.
 
 pub mod enroll;
 pub mod events;
+pub mod handover;
 pub mod identity;
 pub mod pod_spec;
 
 use std::{
     collections::{BTreeMap, HashMap},
+    os::fd::OwnedFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -42,7 +45,10 @@ use self::{
     events::{EventPublisher, Kind, PodRef},
     pod_spec::{Decision, IdentityPlan, PodPlan},
 };
-use crate::{admin::PodsReport, metrics::Counts};
+use crate::{
+    admin::{PodsReport, Readiness},
+    metrics::Counts,
+};
 
 /// First retry of a failed enrollment; doubles up to [`RETRY_MAX`].
 const RETRY_START: Duration = Duration::from_millis(200);
@@ -56,6 +62,43 @@ pub struct NodeAgent {
     namespaces: Store<Namespace>,
     state: HashMap<String, PodState>,
     report: Arc<NodeReport>,
+    /// The listening sockets of the pods served, for a successor.
+    served: Arc<ServedListeners>,
+    /// The agent this one replaces, until told it has taken over.
+    predecessor: Option<handover::Predecessor>,
+    /// Served once this agent is ready.
+    control: Option<std::os::unix::net::UnixListener>,
+    readiness: Arc<Readiness>,
+}
+
+/// Second descriptors of every served pod's listening sockets, and the
+/// signal that a successor has taken them over.
+#[derive(Default)]
+struct ServedListeners {
+    pods: Mutex<HashMap<String, Vec<OwnedFd>>>,
+    replaced: CancellationToken,
+}
+
+impl handover::Listeners for ServedListeners {
+    fn listeners(&self) -> Vec<(String, Vec<OwnedFd>)> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.iter()
+            .filter_map(|(uid, fds)| {
+                let dups = fds.iter().map(OwnedFd::try_clone).collect::<std::io::Result<Vec<_>>>();
+                match dups {
+                    Ok(d) => Some((uid.clone(), d)),
+                    Err(e) => {
+                        tracing::warn!(pod_uid = %uid, error = %e, "cannot hand a pod's listeners over");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn handed_over(&self) {
+        self.replaced.cancel();
+    }
 }
 
 enum PodState {
@@ -80,13 +123,30 @@ pub struct Watches {
     pub listed: CancellationToken,
 }
 
+/// What [`NodeAgent::new`] needs besides the node context.
+pub struct Startup {
+    pub client: kube::Client,
+    pub node_name: String,
+    /// The agent being replaced, when one handed its listeners over.
+    pub predecessor: Option<handover::Predecessor>,
+    /// The control socket, bound, for the agent that will replace this one.
+    pub control: std::os::unix::net::UnixListener,
+    pub readiness: Arc<Readiness>,
+}
+
 impl NodeAgent {
     pub fn new(
         ctx: NodeContext,
-        client: kube::Client,
-        node_name: &str,
+        startup: Startup,
         shutdown: &CancellationToken,
     ) -> (Self, Watches) {
+        let Startup {
+            client,
+            node_name,
+            predecessor,
+            control,
+            readiness,
+        } = startup;
         let changed = Arc::new(Notify::new());
         let listed = CancellationToken::new();
         let pods_api: Api<Pod> = Api::all(client.clone());
@@ -110,11 +170,15 @@ impl NodeAgent {
         }
         let agent = Self {
             ctx,
-            events: EventPublisher::new(client, node_name),
+            events: EventPublisher::new(client, &node_name),
             pods,
             namespaces,
             state: HashMap::new(),
             report: Arc::new(NodeReport::default()),
+            served: Arc::default(),
+            predecessor,
+            control: Some(control),
+            readiness,
         };
         (agent, Watches { changed, listed })
     }
@@ -126,17 +190,66 @@ impl NodeAgent {
     /// Reconciles on every change and retry until `shutdown`; then stops
     /// every pod's proxy, leaving their namespaces enrolled (with pinned
     /// programs their Lattice connects are refused until an agent serves
-    /// them again: never sent unsigned).
+    /// them again: never sent unsigned). Ready once the first list is
+    /// served (and, replacing an agent, taken over from it). When a newer
+    /// agent takes this one's listeners over, it stops serving and leaves
+    /// the shared state to it.
     pub async fn run(mut self, watches: Watches, shutdown: CancellationToken) {
         watches.listed.cancelled().await;
+        let mut next_retry = self.reconcile();
+        if let Some(predecessor) = self.predecessor.take() {
+            match tokio::task::spawn_blocking(move || predecessor.taken()).await {
+                Ok(Ok(())) => tracing::info!("took over from the agent this one replaces"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::credentials::error_chain(&e), "the replaced agent did not confirm the takeover")
+                }
+                Err(e) => tracing::warn!(error = %e, "takeover task failed"),
+            }
+        }
+        let leftover = std::mem::take(
+            &mut *self
+                .ctx
+                .handed_over
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if !leftover.is_empty() {
+            tracing::info!(
+                pods = leftover.len(),
+                "closing listeners handed over for pods not served any more"
+            );
+        }
+        if let Err(e) = self.serve_control(&shutdown) {
+            tracing::warn!(error = %crate::credentials::error_chain(&e), "no control socket: a new agent will not be able to take over without losing connections");
+        }
+        self.readiness.set_pods_listed(true);
+        tracing::info!("lattice-agent ready (node mode)");
+        let replaced = self.served.replaced.clone();
         loop {
-            let next_retry = self.reconcile();
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = replaced.cancelled() => {
+                    tracing::info!("a new agent took the pods over: not accepting any more; draining");
+                    self.readiness.set_listening(false);
+                    self.stop_all().await;
+                    shutdown.cancelled().await;
+                    return;
+                }
                 () = watches.changed.notified() => {}
                 () = sleep_until(next_retry) => {}
             }
+            next_retry = self.reconcile();
         }
+        self.stop_all().await;
+    }
+
+    /// Stops every pod's proxy (draining), leaving the shared state alone.
+    async fn stop_all(&mut self) {
+        self.served
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let stopping: Vec<_> = self
             .state
             .drain()
@@ -149,6 +262,53 @@ impl NodeAgent {
             let _ = stopped.await;
         }
         self.ctx.metrics.enrolled_pods.set(0);
+        self.report.update(&self.state);
+    }
+
+    /// Answers the agent that will replace this one on the control socket
+    /// (see [`handover`]).
+    fn serve_control(&mut self, shutdown: &CancellationToken) -> std::io::Result<()> {
+        let Some(listener) = self.control.take() else {
+            return Ok(());
+        };
+        let path = listener
+            .local_addr()?
+            .as_pathname()
+            .map(std::path::Path::to_owned)
+            .unwrap_or_default();
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        let served = Arc::clone(&self.served);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = listener.accept() => r,
+                };
+                let stream = match accepted.and_then(|(s, _)| s.into_std()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        continue;
+                    }
+                };
+                let (served, path) = (Arc::clone(&served), path.clone());
+                tokio::task::spawn_blocking(move || {
+                    let handed = stream
+                        .set_nonblocking(false)
+                        .map_err(|source| handover::HandoverError::Io {
+                            path: path.clone(),
+                            source,
+                        })
+                        .and_then(|()| handover::serve_successor(stream, &path, &*served));
+                    if let Err(e) = handed {
+                        tracing::warn!(error = %crate::credentials::error_chain(&e), "handing the listeners over failed");
+                    }
+                });
+            }
+        });
+        Ok(())
     }
 
     /// Brings the served pods in line with the stores; returns when the
@@ -176,6 +336,11 @@ impl NodeAgent {
             .cloned()
             .collect();
         for uid in leaving {
+            self.served
+                .pods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&uid);
             if let Some(PodState::Enrolled(pod)) = self.state.remove(&uid) {
                 tracing::info!(pod = %pod.plan.display_name(), "unenrolling pod");
                 self.events.publish(
@@ -222,6 +387,11 @@ impl NodeAgent {
         {
             return;
         }
+        self.served
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&uid);
         if let Some(PodState::Enrolled(pod)) = self.state.remove(&uid) {
             drop(pod.unenroll(&self.ctx));
         }
@@ -286,7 +456,13 @@ impl NodeAgent {
         let name = plan.display_name();
         let started = Instant::now();
         match enroll::enroll(&self.ctx, plan.clone()) {
-            Ok(pod) => {
+            Ok(mut pod) => {
+                let fds = std::mem::take(&mut pod.listener_fds);
+                self.served
+                    .pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(uid.clone(), fds);
                 self.ctx.metrics.count_enrollment(true);
                 let note = enrolled_note(&pod);
                 tracing::info!(

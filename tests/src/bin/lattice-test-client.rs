@@ -21,7 +21,13 @@
 //!       would; prints one JSON line: `ok` (status 200), `refused`,
 //!       `failed` (anything else, with the first few reasons), and
 //!       CLOCK_MONOTONIC ns of the first and last refusal and of the first
-//!       200 after the last refusal
+//!       200 after the last refusal, the 200s' p50/p99/max latency (µs)
+//!   lattice-test-client load-keepalive ADDR:PORT SECS HOST
+//!       the same on one kept-alive connection at a time, as an HTTP
+//!       client library would: a request whose reused connection closes
+//!       before any reply is sent again once on a new connection (counted
+//!       as `retried`, as Go's net/http does for idempotent requests);
+//!       `connections` counts the connections opened
 //!   lattice-test-client wait-signed ADDR:PORT SECS
 //!       prints `polling`, then GETs every millisecond (a new connection
 //!       each) until a reply from lattice-test-service shows the request
@@ -69,6 +75,10 @@ fn main() -> ExitCode {
             Ok(secs) => with_addr(addr, |a| load(a, Duration::from_secs(secs), host)),
             Err(_) => usage(),
         },
+        ["load-keepalive", addr, secs, host] => match secs.parse() {
+            Ok(secs) => with_addr(addr, |a| load_keepalive(a, Duration::from_secs(secs), host)),
+            Err(_) => usage(),
+        },
         ["wait-signed", addr, secs] => match secs.parse() {
             Ok(secs) => with_addr(addr, |a| wait_signed(a, Duration::from_secs(secs))),
             Err(_) => usage(),
@@ -87,7 +97,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
          | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
-         | wait-signed ADDR:PORT SECS | load ADDR:PORT SECS HOST"
+         | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST"
     );
     ExitCode::from(64)
 }
@@ -407,34 +417,111 @@ fn flood(addr: SocketAddr, hold: usize, active: usize, secs: Duration) -> ExitCo
 /// Reads one HTTP/1.1 `200` response with a Content-Length body; an error
 /// names what else happened (status, EOF, the server closing).
 fn read_response(s: &mut TcpStream) -> Result<(), String> {
+    let reply = read_reply(s).map_err(|e| e.to_string())?;
+    if reply.status != 200 {
+        return Err(format!("status {}: {}", reply.status, reply.body.trim()));
+    }
+    if reply.close {
+        return Err("server closed the connection".into());
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 response read off a kept-alive connection.
+struct Reply {
+    status: u16,
+    body: String,
+    /// The server said `Connection: close`.
+    close: bool,
+}
+
+#[derive(Debug)]
+enum ReplyError {
+    /// The connection ended before the first byte of a response: on a
+    /// reused connection, the server closed it as the request went out.
+    ClosedBeforeReply,
+    Io(std::io::Error),
+    Malformed(String),
+}
+
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ClosedBeforeReply => f.write_str("connection closed before a reply"),
+            Self::Io(e) => write!(f, "{:?}: {e}", e.kind()),
+            Self::Malformed(m) => write!(f, "malformed reply: {m}"),
+        }
+    }
+}
+
+/// Reads a response whose body has a Content-Length or is chunked.
+fn read_reply(s: &mut TcpStream) -> Result<Reply, ReplyError> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         match s.read(&mut byte) {
             Ok(1) => head.push(byte[0]),
-            Ok(_) => return Err(format!("EOF after {} bytes of the head", head.len())),
-            Err(e) => return Err(format!("read: {e}")),
+            Ok(_) if head.is_empty() => return Err(ReplyError::ClosedBeforeReply),
+            Err(e) if head.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(ReplyError::ClosedBeforeReply);
+            }
+            Ok(_) => {
+                return Err(ReplyError::Malformed(format!(
+                    "EOF after {} bytes of the head",
+                    head.len()
+                )));
+            }
+            Err(e) => return Err(ReplyError::Io(e)),
         }
     }
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or_default();
-    if status != "200" {
-        return Err(format!(
-            "status {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ReplyError::Malformed(head.lines().next().unwrap_or_default().into()))?;
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    };
+    let body = if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        read_chunked(s)?
+    } else {
+        let len: usize = header("content-length:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).map_err(ReplyError::Io)?;
+        body
+    };
+    Ok(Reply {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        close: header("connection:").is_some_and(|v| v == "close"),
+    })
+}
+
+fn read_chunked(s: &mut TcpStream) -> Result<Vec<u8>, ReplyError> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            s.read_exact(&mut byte).map_err(ReplyError::Io)?;
+            line.push(byte[0]);
+        }
+        let size = std::str::from_utf8(&line[..line.len() - 2])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+            .ok_or_else(|| ReplyError::Malformed("chunk size".into()))?;
+        let mut chunk = vec![0u8; size + 2];
+        s.read_exact(&mut chunk).map_err(ReplyError::Io)?;
+        if size == 0 {
+            return Ok(body);
+        }
+        body.extend_from_slice(&chunk[..size]);
     }
-    if head.contains("connection: close") {
-        return Err("server closed the connection".into());
-    }
-    Ok(())
 }
 
 /// GETs until one arrives signed (see the usage); prints when.
@@ -460,52 +547,160 @@ fn wait_signed(addr: SocketAddr, limit: Duration) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// What a load run saw; printed as one JSON line.
+#[derive(Default)]
+struct LoadStats {
+    ok: u64,
+    refused: u64,
+    failed: u64,
+    /// Requests sent again on a new connection because the reused one
+    /// closed before answering (as Go's net/http does for idempotent ones).
+    retried: u64,
+    connections: u64,
+    reasons: Vec<String>,
+    first_refused: Option<u128>,
+    last_refused: Option<u128>,
+    recovered: Option<u128>,
+    /// Request latencies of the 200s, microseconds.
+    latencies_us: Vec<u64>,
+}
+
+impl LoadStats {
+    fn ok(&mut self, started: std::time::Instant) {
+        self.ok += 1;
+        self.latencies_us
+            .push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        if self.last_refused.is_some() && self.recovered.is_none() {
+            self.recovered = Some(lattice_tests::time::monotonic_ns());
+        }
+    }
+
+    fn refused(&mut self) {
+        self.refused += 1;
+        let now = lattice_tests::time::monotonic_ns();
+        self.first_refused.get_or_insert(now);
+        self.last_refused = Some(now);
+        self.recovered = None;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    fn failed(&mut self, reason: String) {
+        self.failed += 1;
+        if self.reasons.len() < 5 {
+            self.reasons.push(reason);
+        }
+    }
+
+    fn print(mut self) {
+        self.latencies_us.sort_unstable();
+        let pct = |p: f64| -> Option<u64> {
+            let n = self.latencies_us.len();
+            (n > 0).then(|| self.latencies_us[((n as f64 * p).ceil() as usize).clamp(1, n) - 1])
+        };
+        let line = serde_json::json!({
+            "ok": self.ok,
+            "refused": self.refused,
+            "failed": self.failed,
+            "retried": self.retried,
+            "connections": self.connections,
+            "reasons": self.reasons,
+            "first_refused_ns": self.first_refused.map(ns_u64),
+            "last_refused_ns": self.last_refused.map(ns_u64),
+            "recovered_ns": self.recovered.map(ns_u64),
+            "p50_us": pct(0.50),
+            "p99_us": pct(0.99),
+            "max_us": self.latencies_us.last(),
+        });
+        println!("{line}");
+    }
+}
+
+/// CLOCK_MONOTONIC nanoseconds fit a JSON integer for centuries of uptime.
+fn ns_u64(ns: u128) -> u64 {
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
 /// Requests back to back for `secs` (see the usage); prints the counts.
 fn load(addr: SocketAddr, secs: Duration, host: &str) -> ExitCode {
     let deadline = std::time::Instant::now() + secs;
-    let (mut ok, mut refused, mut failed) = (0u64, 0u64, 0u64);
-    let mut reasons: Vec<String> = Vec::new();
-    let (mut first_refused, mut last_refused, mut recovered) = (None, None, None);
+    let mut stats = LoadStats::default();
     let mut n = 0u64;
     while std::time::Instant::now() < deadline {
         n += 1;
         let request =
             format!("GET /load/{n} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let started = std::time::Instant::now();
+        stats.connections += 1;
         match exchange(addr, false, false, Some(request.as_bytes())) {
-            Ok(reply) if reply.starts_with("HTTP/1.1 200 ") => {
-                ok += 1;
-                if last_refused.is_some() && recovered.is_none() {
-                    recovered = Some(lattice_tests::time::monotonic_ns());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                refused += 1;
-                let now = lattice_tests::time::monotonic_ns();
-                first_refused.get_or_insert(now);
-                last_refused = Some(now);
-                recovered = None;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            other => {
-                failed += 1;
-                if reasons.len() < 5 {
-                    reasons.push(match other {
-                        Ok(reply) => reply.lines().next().unwrap_or_default().to_owned(),
-                        Err(e) => format!("{:?}: {e}", e.kind()),
-                    });
-                }
-            }
+            Ok(reply) if reply.starts_with("HTTP/1.1 200 ") => stats.ok(started),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => stats.refused(),
+            Ok(reply) => stats.failed(reply.lines().next().unwrap_or_default().to_owned()),
+            Err(e) => stats.failed(format!("{:?}: {e}", e.kind())),
         }
     }
-    let ns = |v: Option<u128>| v.map_or("null".to_owned(), |v| v.to_string());
-    let reasons: Vec<String> = reasons.iter().map(|r| format!("{r:?}")).collect();
-    println!(
-        "{{\"ok\": {ok}, \"refused\": {refused}, \"failed\": {failed}, \"reasons\": [{}], \
-         \"first_refused_ns\": {}, \"last_refused_ns\": {}, \"recovered_ns\": {}}}",
-        reasons.join(", "),
-        ns(first_refused),
-        ns(last_refused),
-        ns(recovered)
-    );
+    stats.print();
+    ExitCode::SUCCESS
+}
+
+/// Requests back to back for `secs` on one kept-alive connection at a
+/// time (see the usage); prints the counts.
+fn load_keepalive(addr: SocketAddr, secs: Duration, host: &str) -> ExitCode {
+    let deadline = std::time::Instant::now() + secs;
+    let mut stats = LoadStats::default();
+    let mut conn: Option<TcpStream> = None;
+    let mut n = 0u64;
+    while std::time::Instant::now() < deadline {
+        n += 1;
+        let request = format!("GET /load/{n} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let started = std::time::Instant::now();
+        // Once on the connection in hand, and once more on a new one if a
+        // reused connection closed before answering.
+        let mut retried = false;
+        loop {
+            let reused = conn.is_some();
+            let stream = match conn.take() {
+                Some(s) => s,
+                None => match connect(addr, false) {
+                    Ok(s) => {
+                        stats.connections += 1;
+                        s
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        stats.refused();
+                        break;
+                    }
+                    Err(e) => {
+                        stats.failed(format!("connect: {:?}: {e}", e.kind()));
+                        break;
+                    }
+                },
+            };
+            let mut stream = stream;
+            let answer = match stream.write_all(request.as_bytes()) {
+                Ok(()) => read_reply(&mut stream),
+                Err(_) if reused => Err(ReplyError::ClosedBeforeReply),
+                Err(e) => Err(ReplyError::Io(e)),
+            };
+            match answer {
+                Ok(reply) if reply.status == 200 => {
+                    stats.ok(started);
+                    if !reply.close {
+                        conn = Some(stream);
+                    }
+                }
+                Ok(reply) => {
+                    stats.failed(format!("status {}: {}", reply.status, reply.body.trim()))
+                }
+                Err(ReplyError::ClosedBeforeReply) if reused && !retried => {
+                    retried = true;
+                    stats.retried += 1;
+                    continue;
+                }
+                Err(e) => stats.failed(e.to_string()),
+            }
+            break;
+        }
+    }
+    stats.print();
     ExitCode::SUCCESS
 }
