@@ -1,0 +1,9 @@
+//! `lattice-cni`: a chained CNI plugin that has the node agent intercept a
+//! pod's VPC Lattice connects before the pod's first container runs.
+//!
+//! - [`protocol`]: the plugin's exchange with the node agent;
+//! - [`conf`]: putting the plugin into (and out of) the node's CNI
+//!   configuration, which the node agent does.
+
+pub mod conf;
+pub mod protocol;
