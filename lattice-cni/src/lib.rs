@@ -3,7 +3,9 @@
 //!
 //! - [`protocol`]: the plugin's exchange with the node agent;
 //! - [`conf`]: putting the plugin into (and out of) the node's CNI
-//!   configuration, which the node agent does.
+//!   configuration, which the node agent does;
+//! - [`plugin`]: what the plugin binary does for each CNI command.
 
 pub mod conf;
+pub mod plugin;
 pub mod protocol;
