@@ -64,11 +64,20 @@ fn pod_serves_its_addresses_and_cleans_up() {
         out.success() && out.stdout.contains("ok=50 failed=0"),
         "{out}"
     );
-    // The client's safety net: an address not on the pod's lo is refused
-    // before any packet is sent (and the pod has no route off-box anyway).
+    // The pod has no route off-box: an address not on its lo is unreachable.
     let out = pod.client(["tcp", "192.0.2.1:80"]).run(T);
-    assert_eq!(out.code(), Some(3), "{out}");
-    assert!(out.stdout.contains("refusing"), "{out}");
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stdout.contains("NetworkUnreachable"), "{out}");
+    // The client's safety net: outside a namespace the kit made, an address
+    // that is neither loopback nor local is refused before any packet leaves.
+    let out = Command::new(test_bin("lattice-test-client"))
+        .args(["tcp", "192.0.2.1:80"])
+        .env_remove("LATTICE_TEST_NETNS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("refusing"), "{stdout}");
     let out = pod.client(["tcp", "169.254.171.33:81"]).run(T);
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stdout.contains("error: ConnectionRefused"), "{out}");
