@@ -31,6 +31,8 @@ pub struct Readiness {
     credentials: Option<WorkloadCredentials>,
     /// Node mode: the first list of pods from the API has been processed.
     pods_listed: Option<AtomicBool>,
+    /// Node mode with the CNI plugin: why it is not in the chain, if not.
+    cni: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -41,6 +43,7 @@ impl Readiness {
             listening: AtomicBool::new(false),
             credentials: Some(credentials),
             pods_listed: None,
+            cni: std::sync::Mutex::new(None),
         }
     }
 
@@ -52,6 +55,7 @@ impl Readiness {
             listening: AtomicBool::new(true),
             credentials: None,
             pods_listed: Some(AtomicBool::new(false)),
+            cni: std::sync::Mutex::new(None),
         }
     }
 
@@ -69,6 +73,11 @@ impl Readiness {
         }
     }
 
+    /// Whether the CNI plugin is in the runtime's chain (`Err`: why not).
+    pub fn set_cni(&self, state: Result<(), String>) {
+        *self.cni.lock().unwrap_or_else(|p| p.into_inner()) = state.err();
+    }
+
     /// `Ok` when ready, else the reasons (one per line).
     pub fn check(&self) -> Result<(), String> {
         let mut why = Vec::new();
@@ -82,6 +91,9 @@ impl Readiness {
             && !listed.load(Ordering::Acquire)
         {
             why.push("pods not listed from the Kubernetes API yet".to_owned());
+        }
+        if let Some(cni) = &*self.cni.lock().unwrap_or_else(|p| p.into_inner()) {
+            why.push(format!("CNI plugin not in the runtime's chain: {cni}"));
         }
         if let Some(Err(e)) = self.credentials.as_ref().map(|c| c.current()) {
             why.push(format!("no credentials: {e}"));

@@ -93,11 +93,49 @@ pub struct NodeArgs {
     #[arg(long, env = "LATTICE_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
 
-    /// A host directory the node's agents share (hostPath): the control
-    /// socket through which a new agent takes the pods' listeners over from
-    /// the one it replaces. Created if missing.
+    /// A host directory the node's agents share (hostPath, mounted at the
+    /// same path): the control socket through which a new agent takes the
+    /// pods' listeners over from the one it replaces, and the socket the
+    /// CNI plugin calls. Created if missing.
     #[arg(long, env = "LATTICE_RUN_DIR", default_value = "/var/run/lattice")]
     pub run_dir: PathBuf,
+
+    /// The node's CNI configuration directory (hostPath of /etc/cni/net.d).
+    /// When given, the agent chains its CNI plugin last into the runtime's
+    /// plugin list there, so a pod is enrolled while its sandbox starts,
+    /// before its first container runs; without it, once the API shows the
+    /// pod running.
+    #[arg(long, env = "LATTICE_CNI_CONF_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+
+    /// Where the runtime looks for CNI plugins (hostPath of /opt/cni/bin);
+    /// the plugin binary is copied there.
+    #[arg(long, env = "LATTICE_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+
+    /// The plugin binary to install [default: lattice-cni beside this
+    /// executable, as in the image].
+    #[arg(long, env = "LATTICE_CNI_PLUGIN")]
+    pub cni_plugin: Option<PathBuf>,
+
+    /// What the plugin does when it cannot reach this agent (down,
+    /// restarting): `fail` the pod's sandbox, which the kubelet retries, so
+    /// no pod that may call VPC Lattice starts un-intercepted; or `ignore`,
+    /// starting the pod, whose Lattice requests then leave unsigned until
+    /// the agent enrolls it from the API.
+    #[arg(long, env = "LATTICE_CNI_FAILURE_POLICY", value_enum, default_value_t = CniFailurePolicy::Fail)]
+    pub cni_failure_policy: CniFailurePolicy,
+
+    /// Namespaces whose pods start without asking the agent (comma
+    /// separated): the system's, which must run for the agent to. The
+    /// agent's own namespace (POD_NAMESPACE) is always exempt.
+    #[arg(
+        long,
+        env = "LATTICE_CNI_EXEMPT_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub cni_exempt_namespaces: Vec<String>,
 
     #[command(flatten)]
     pub intercept: InterceptArgs,
@@ -248,4 +286,11 @@ pub struct TelemetryArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--cni-failure-policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CniFailurePolicy {
+    Fail,
+    Ignore,
 }

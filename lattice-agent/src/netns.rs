@@ -12,7 +12,7 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -53,6 +53,34 @@ impl NetNs {
             file,
             path: path.to_owned(),
         })
+    }
+
+    /// A namespace handed over as a descriptor (by the CNI plugin, or by
+    /// the agent this one replaces); `label` names it in logs and errors.
+    pub fn from_fd(fd: OwnedFd, label: impl Into<PathBuf>) -> Result<Self, NetnsError> {
+        let path = label.into();
+        // NS_GET_NSTYPE: anything but a network namespace is refused here,
+        // not at the first setns.
+        const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+        // SAFETY: an ioctl without arguments on a descriptor we own.
+        let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+        if kind != libc::CLONE_NEWNET {
+            let source = if kind < 0 {
+                io::Error::last_os_error()
+            } else {
+                io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace")
+            };
+            return Err(NetnsError::Open { path, source });
+        }
+        Ok(Self {
+            file: File::from(fd),
+            path,
+        })
+    }
+
+    /// A second descriptor of the namespace, to hand it on.
+    pub fn duplicate(&self) -> io::Result<OwnedFd> {
+        self.file.as_fd().try_clone_to_owned()
     }
 
     /// The namespace of the calling thread.

@@ -40,6 +40,20 @@ pub fn find_agent_bin() -> Result<PathBuf, String> {
     }
 }
 
+/// The `lattice-cni` plugin binary next to the agent (`cargo build
+/// --workspace --bins` builds both); `$LATTICE_CNI_BIN` overrides.
+pub fn cni_plugin_bin() -> PathBuf {
+    let path = std::env::var_os("LATTICE_CNI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| sibling_of_test_dir("lattice-cni"));
+    assert!(
+        path.is_file(),
+        "lattice-cni binary {} missing: build it: cargo build -p lattice-cni (or set LATTICE_CNI_BIN)",
+        path.display()
+    );
+    path
+}
+
 /// The release agent as the image ships it (static musl, built by `cargo
 /// xtask image`, which `cargo xtask test` runs before the tests), for
 /// tests whose figures must be those of the binary users deploy:

@@ -12,7 +12,11 @@
 //! - a kubelet root directory with `pods/` ([`Node::kubelet_root`]).
 //!
 //! A [`NodePod`] has a network namespace wired by the CNI `loopback` and
-//! `bridge` plugins (real CNI protocol, ADD on creation and DEL on drop),
+//! `bridge` plugins (real CNI protocol, ADD on creation and DEL on drop;
+//! like containerd, the kit runs `loopback` itself, then every plugin of
+//! the first configuration list in [`Node::cni_conf_dir`], chaining each
+//! one's result into the next as `prevResult`, so a plugin a test chains
+//! there, such as lattice-cni, runs as on a node),
 //! so its `eth0` has an address in [`POD_SUBNET`] and a default route via
 //! the bridge: what it sends to an address of the node arrives with the
 //! pod's IP as source. The node namespace has no route beyond the bridge,
@@ -120,6 +124,9 @@ pub struct PodSpec {
     /// IPv6 off in IPv4 clusters. True (the kernel's default): `lo` has
     /// `::1` and `eth0` a link-local IPv6 address.
     pub ipv6: bool,
+    /// Projected-volume files `(volume, file, contents)` the kubelet writes
+    /// before it creates the sandbox (service-account tokens).
+    pub projected: Vec<(String, String, Vec<u8>)>,
 }
 
 impl PodSpec {
@@ -132,7 +139,18 @@ impl PodSpec {
             qos: Qos::default(),
             driver: CgroupDriver::default(),
             ipv6: true,
+            projected: Vec::new(),
         }
+    }
+
+    /// A projected-volume file written before the sandbox starts.
+    pub fn projected(mut self, volume: &str, file: &str, contents: impl AsRef<[u8]>) -> Self {
+        self.projected.push((
+            volume.to_owned(),
+            file.to_owned(),
+            contents.as_ref().to_vec(),
+        ));
+        self
     }
 
     pub fn uid(mut self, uid: &str) -> Self {
@@ -273,6 +291,12 @@ impl Node {
         self.temp.path()
     }
 
+    /// A writable CNI plugin directory, searched before the system's (the
+    /// runtime's `CNI_PATH`): where a node agent installs lattice-cni.
+    pub fn cni_bin_dir(&self) -> &Path {
+        &self.cni.bin_dirs[0]
+    }
+
     /// The CNI configuration directory holding the node's network
     /// configurations (the plugins get them on stdin; these files are for
     /// reading).
@@ -319,6 +343,12 @@ impl Node {
     /// when the thread that started it exits (`PR_SET_PDEATHSIG`): add pods
     /// from the test's own thread, not from a short-lived one.
     pub fn add_pod(&self, spec: PodSpec) -> NodePod {
+        self.try_add_pod(spec).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Node::add_pod`], but a failed CNI ADD is returned (after the DEL
+    /// the runtime sends then, and the clean-up), as the kubelet sees it.
+    pub fn try_add_pod(&self, spec: PodSpec) -> Result<NodePod, String> {
         let uid = spec.uid.clone().unwrap_or_else(random_uuid);
         assert!(
             !uid.is_empty()
@@ -337,6 +367,14 @@ impl Node {
         state.kubelet_dir = Some(kubelet_dir.clone());
         mkdir_mode(&kubelet_dir.join("volumes"), 0o750);
         mkdir_mode(&kubelet_dir.join("plugins"), 0o750);
+        // Volumes before the sandbox, as the kubelet's syncPod does.
+        for (volume, file, contents) in &spec.projected {
+            write_projected_files(
+                &kubelet_dir,
+                volume,
+                &[(file.as_str(), contents.as_slice())],
+            );
+        }
 
         // The QoS levels are shared by the node's pods and stay until the
         // node goes, as the kubelet's do.
@@ -378,10 +416,9 @@ impl Node {
             netns: netns_path.clone(),
         };
         state.attachment = Some(attachment.clone());
-        self.cni.add(Plugin::Loopback, &attachment);
-        let result = self.cni.add(Plugin::Bridge, &attachment);
+        let result = self.cni.add(&attachment)?;
         let ip = pod_ip(&result)
-            .unwrap_or_else(|| panic!("no IPv4 address in the bridge plugin's result: {result}"));
+            .ok_or_else(|| format!("no IPv4 address in the chain's result: {result}"))?;
 
         let pause = state.pause.insert(
             PodCommand::new("sleep", &netns_path, &pause_cgroup)
@@ -393,7 +430,7 @@ impl Node {
 
         let key = self.pods.next.fetch_add(1, Ordering::Relaxed);
         self.pods.pods.lock().unwrap().insert(key, state);
-        NodePod {
+        Ok(NodePod {
             pods: self.pods.clone(),
             key,
             spec,
@@ -406,7 +443,7 @@ impl Node {
             pause_pid,
             kubelet_dir,
             projecting: Mutex::new(()),
-        }
+        })
     }
 }
 
@@ -584,63 +621,8 @@ impl NodePod {
     /// mounts there (no tmpfs here); its parent `kubernetes.io~projected`
     /// 0755 (created with 0777 under the kubelet's umask 022).
     pub fn write_projected_files(&self, volume: &str, files: &[(&str, &[u8])]) {
-        for name in std::iter::once(volume).chain(files.iter().map(|(f, _)| *f)) {
-            assert!(
-                !name.is_empty() && !name.contains('/') && !name.starts_with(".."),
-                "projected volume or file name {name:?}: one path element, not starting with '..'"
-            );
-        }
         let _writer = self.projecting.lock().unwrap_or_else(|e| e.into_inner());
-        let plugin_dir = self.kubelet_dir.join("volumes/kubernetes.io~projected");
-        if !plugin_dir.exists() {
-            mkdir_mode(&plugin_dir, 0o755);
-        }
-        let dir = self.volume_path(volume);
-        if !dir.exists() {
-            mkdir_mode(&dir, 0o1777);
-        }
-        let data = dir.join("..data");
-        let old_ts = fs::read_link(&data).ok();
-
-        let mut payload: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        if let Some(old) = &old_ts {
-            let old = dir.join(old);
-            for entry in fs::read_dir(&old)
-                .unwrap_or_else(|e| panic!("read {}: {e}", old.display()))
-                .flatten()
-            {
-                if entry.file_type().is_ok_and(|t| t.is_file()) {
-                    let contents = fs::read(entry.path())
-                        .unwrap_or_else(|e| panic!("read {}: {e}", entry.path().display()));
-                    payload.insert(entry.file_name().to_string_lossy().into_owned(), contents);
-                }
-            }
-        }
-        for (file, contents) in files {
-            payload.insert((*file).to_owned(), contents.to_vec());
-        }
-
-        let ts_name = new_timestamp_dir(&dir);
-        let ts = dir.join(&ts_name);
-        for (file, contents) in &payload {
-            let path = ts.join(file);
-            fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-            chmod(&path, 0o644);
-        }
-        let tmp = dir.join("..data_tmp");
-        symlink(&ts_name, &tmp).unwrap_or_else(|e| panic!("symlink {}: {e}", tmp.display()));
-        fs::rename(&tmp, &data).unwrap_or_else(|e| panic!("rename {}: {e}", tmp.display()));
-        for file in payload.keys() {
-            let link = dir.join(file);
-            if fs::symlink_metadata(&link).is_err() {
-                symlink(Path::new("..data").join(file), &link)
-                    .unwrap_or_else(|e| panic!("symlink {}: {e}", link.display()));
-            }
-        }
-        if let Some(old) = old_ts {
-            let old = dir.join(old);
-            fs::remove_dir_all(&old).unwrap_or_else(|e| panic!("rm -r {}: {e}", old.display()));
-        }
+        write_projected_files(&self.kubelet_dir, volume, files);
     }
 }
 
@@ -654,6 +636,67 @@ impl Drop for NodePod {
             .remove(&self.key);
         // Outside the lock: teardown takes a while.
         drop(state);
+    }
+}
+
+/// [`NodePod::write_projected_files`] in the pod directory `kubelet_dir`
+/// (one writer at a time).
+fn write_projected_files(kubelet_dir: &Path, volume: &str, files: &[(&str, &[u8])]) {
+    for name in std::iter::once(volume).chain(files.iter().map(|(f, _)| *f)) {
+        assert!(
+            !name.is_empty() && !name.contains('/') && !name.starts_with(".."),
+            "projected volume or file name {name:?}: one path element, not starting with '..'"
+        );
+    }
+    let plugin_dir = kubelet_dir.join("volumes/kubernetes.io~projected");
+    if !plugin_dir.exists() {
+        mkdir_mode(&plugin_dir, 0o755);
+    }
+    let dir = plugin_dir.join(volume);
+    if !dir.exists() {
+        mkdir_mode(&dir, 0o1777);
+    }
+    let data = dir.join("..data");
+    let old_ts = fs::read_link(&data).ok();
+
+    let mut payload: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    if let Some(old) = &old_ts {
+        let old = dir.join(old);
+        for entry in fs::read_dir(&old)
+            .unwrap_or_else(|e| panic!("read {}: {e}", old.display()))
+            .flatten()
+        {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                let contents = fs::read(entry.path())
+                    .unwrap_or_else(|e| panic!("read {}: {e}", entry.path().display()));
+                payload.insert(entry.file_name().to_string_lossy().into_owned(), contents);
+            }
+        }
+    }
+    for (file, contents) in files {
+        payload.insert((*file).to_owned(), contents.to_vec());
+    }
+
+    let ts_name = new_timestamp_dir(&dir);
+    let ts = dir.join(&ts_name);
+    for (file, contents) in &payload {
+        let path = ts.join(file);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        chmod(&path, 0o644);
+    }
+    let tmp = dir.join("..data_tmp");
+    symlink(&ts_name, &tmp).unwrap_or_else(|e| panic!("symlink {}: {e}", tmp.display()));
+    fs::rename(&tmp, &data).unwrap_or_else(|e| panic!("rename {}: {e}", tmp.display()));
+    for file in payload.keys() {
+        let link = dir.join(file);
+        if fs::symlink_metadata(&link).is_err() {
+            symlink(Path::new("..data").join(file), &link)
+                .unwrap_or_else(|e| panic!("symlink {}: {e}", link.display()));
+        }
+    }
+    if let Some(old) = old_ts {
+        let old = dir.join(old);
+        fs::remove_dir_all(&old).unwrap_or_else(|e| panic!("rm -r {}: {e}", old.display()));
     }
 }
 
@@ -702,8 +745,7 @@ impl Drop for PodState {
         }
         drop(self.pause.take());
         if let Some(attachment) = self.attachment.take() {
-            self.cni.del(Plugin::Bridge, &attachment);
-            self.cni.del(Plugin::Loopback, &attachment);
+            self.cni.del(&attachment);
         }
         drop(self.netns.take());
         if let Some(cgroup) = &self.cgroup
@@ -720,12 +762,6 @@ impl Drop for PodState {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Plugin {
-    Loopback,
-    Bridge,
-}
-
 /// One pod's attachment to the node network, as the runtime passes it to
 /// every plugin call.
 #[derive(Debug, Clone)]
@@ -735,108 +771,188 @@ struct Attachment {
     args: String,
 }
 
-/// Calls Debian's CNI plugins for a node, from inside the node namespace
-/// (where the runtime runs them on a real node, so the bridge and the host
-/// ends of the veths land there).
+/// Calls the CNI plugins for a node, from inside the node namespace (where
+/// the runtime runs them on a real node, so the bridge and the host ends
+/// of the veths land there).
 struct Cni {
-    bin_dir: PathBuf,
+    /// `CNI_PATH`: the node's writable plugin directory, then the system's.
+    bin_dirs: Vec<PathBuf>,
     node_netns: PathBuf,
     conf_dir: PathBuf,
-    bridge_conf: Vec<u8>,
-    loopback_conf: Vec<u8>,
+    loopback_conf: Value,
 }
 
 impl Cni {
-    /// Writes the node's network configurations into `<dir>/net.d` (IPAM
-    /// state goes to `<dir>/ipam`).
+    /// Writes the node's network configuration list (Debian's `bridge`
+    /// with `host-local` IPAM) as `<dir>/net.d/10-<node>.conflist`; IPAM
+    /// state goes to `<dir>/ipam`, installed plugins to `<dir>/bin`.
     fn new(node: &str, dir: &Path) -> Self {
-        let bin_dir = cni_bin_dir();
         let conf_dir = dir.join("net.d");
         mkdir_mode(&conf_dir, 0o755);
-        let bridge = json!({
+        let bin_dir = dir.join("bin");
+        mkdir_mode(&bin_dir, 0o755);
+        let list = json!({
             "cniVersion": CNI_VERSION,
             "name": node,
-            "type": "bridge",
-            "bridge": node,
-            "isGateway": true,
-            "ipMasq": false,
-            "hairpinMode": false,
-            "ipam": {
-                "type": "host-local",
-                "dataDir": dir.join("ipam"),
-                "ranges": [[{ "subnet": POD_SUBNET, "gateway": POD_GATEWAY.to_string() }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-            },
+            "plugins": [{
+                "type": "bridge",
+                "bridge": node,
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": false,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": dir.join("ipam"),
+                    "ranges": [[{ "subnet": POD_SUBNET, "gateway": POD_GATEWAY.to_string() }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                },
+            }],
         });
-        let loopback = json!({
-            "cniVersion": CNI_VERSION,
-            "name": "loopback",
-            "type": "loopback",
-        });
-        let bridge_conf = serde_json::to_vec_pretty(&bridge).expect("serialize");
-        let loopback_conf = serde_json::to_vec_pretty(&loopback).expect("serialize");
-        for (file, conf) in [
-            ("10-bridge.conf", &bridge_conf),
-            ("99-loopback.conf", &loopback_conf),
-        ] {
-            let path = conf_dir.join(file);
-            fs::write(&path, conf).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        }
+        let path = conf_dir.join(format!("10-{node}.conflist"));
+        fs::write(&path, serde_json::to_vec_pretty(&list).expect("serialize"))
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         Self {
-            bin_dir,
+            bin_dirs: vec![bin_dir, system_cni_bin_dir()],
             node_netns: PathBuf::from("/run/netns").join(node),
             conf_dir,
-            bridge_conf,
-            loopback_conf,
+            loopback_conf: json!({
+                "cniVersion": CNI_VERSION,
+                "name": "cni-loopback",
+                "type": "loopback",
+            }),
         }
     }
 
-    /// CNI ADD; panics with the plugin's error. Returns the result.
-    fn add(&self, plugin: Plugin, attachment: &Attachment) -> Value {
-        let out = self
-            .call(plugin, "ADD", attachment)
-            .unwrap_or_else(|e| panic!("{e}"));
-        serde_json::from_slice(&out).unwrap_or_else(|e| {
-            panic!(
-                "CNI {plugin:?} ADD: result is not JSON ({e}): {}",
-                String::from_utf8_lossy(&out)
-            )
-        })
+    /// The runtime's network: the first configuration file by name, read
+    /// at each call (containerd reloads it when it changes).
+    fn network(&self) -> Result<(Value, PathBuf), String> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.conf_dir)
+            .map_err(|e| format!("read {}: {e}", self.conf_dir.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("conf" | "conflist" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        let file = files
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("no CNI configuration in {}", self.conf_dir.display()))?;
+        let bytes = fs::read(&file).map_err(|e| format!("read {}: {e}", file.display()))?;
+        let conf = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not JSON: {e}", file.display()))?;
+        Ok((conf, file))
     }
 
-    /// CNI DEL; failures are reported, not raised (it runs from Drop).
-    fn del(&self, plugin: Plugin, attachment: &Attachment) {
-        if let Err(e) = self.call(plugin, "DEL", attachment) {
-            eprintln!("lattice-tests: {e}");
+    /// The list's plugins, each with the list's `cniVersion` and `name`.
+    fn chain(&self) -> Result<Vec<Value>, String> {
+        let (list, file) = self.network()?;
+        let plugins = list["plugins"]
+            .as_array()
+            .ok_or_else(|| format!("{}: no plugin list", file.display()))?;
+        Ok(plugins
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p["cniVersion"] = list["cniVersion"].clone();
+                p["name"] = list["name"].clone();
+                p
+            })
+            .collect())
+    }
+
+    /// CNI ADD: `loopback`, then the chain, each plugin's result passed to
+    /// the next. On failure, DEL (as the spec asks of a runtime) and the
+    /// failing plugin's error.
+    fn add(&self, a: &Attachment) -> Result<Value, String> {
+        let added = (|| {
+            self.call(&self.loopback_conf, "lo", "ADD", a)?;
+            let mut result = None;
+            for mut plugin in self.chain()? {
+                if let Some(prev) = result.take() {
+                    plugin["prevResult"] = prev;
+                }
+                let out = self.call(&plugin, "eth0", "ADD", a)?;
+                result = Some(serde_json::from_slice(&out).map_err(|e| {
+                    format!(
+                        "CNI {} ADD: result is not JSON ({e}): {}",
+                        plugin["type"],
+                        String::from_utf8_lossy(&out)
+                    )
+                })?);
+            }
+            result.ok_or_else(|| "the CNI configuration list is empty".to_owned())
+        })();
+        if added.is_err() {
+            self.del(a);
+        }
+        added
+    }
+
+    /// CNI DEL: the chain in reverse, then `loopback`; failures are
+    /// reported, not raised (it runs from Drop).
+    fn del(&self, a: &Attachment) {
+        let chain = self.chain().unwrap_or_else(|e| {
+            eprintln!("lattice-tests: CNI DEL: {e}");
+            Vec::new()
+        });
+        for plugin in chain
+            .iter()
+            .rev()
+            .chain(std::iter::once(&self.loopback_conf))
+        {
+            let ifname = if plugin["type"] == "loopback" {
+                "lo"
+            } else {
+                "eth0"
+            };
+            if let Err(e) = self.call(plugin, ifname, "DEL", a) {
+                eprintln!("lattice-tests: {e}");
+            }
         }
     }
 
-    fn call(&self, plugin: Plugin, command: &str, a: &Attachment) -> Result<Vec<u8>, String> {
-        let (program, ifname, conf) = match plugin {
-            Plugin::Loopback => ("loopback", "lo", &self.loopback_conf),
-            Plugin::Bridge => ("bridge", "eth0", &self.bridge_conf),
-        };
+    /// The plugin named by `conf`'s `type`, found in `CNI_PATH`.
+    fn call(
+        &self,
+        conf: &Value,
+        ifname: &str,
+        command: &str,
+        a: &Attachment,
+    ) -> Result<Vec<u8>, String> {
+        let program = conf["type"].as_str().unwrap_or_default().to_owned();
+        let binary = self
+            .bin_dirs
+            .iter()
+            .map(|d| d.join(&program))
+            .find(|p| p.is_file())
+            .ok_or_else(|| format!("CNI plugin {program:?} not found in {:?}", self.bin_dirs))?;
+        let cni_path = std::env::join_paths(&self.bin_dirs).expect("CNI_PATH");
         let mut child = Command::new("nsenter")
             .arg(format!("--net={}", self.node_netns.display()))
             .arg("--")
-            .arg(self.bin_dir.join(program))
+            .arg(&binary)
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &a.container_id)
             .env("CNI_NETNS", &a.netns)
             .env("CNI_IFNAME", ifname)
             .env("CNI_ARGS", &a.args)
-            .env("CNI_PATH", &self.bin_dir)
+            .env("CNI_PATH", cni_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("CNI {program} {command}: spawn: {e}"))?;
-        // A few hundred bytes: fits the pipe, no deadlock before reading.
+        // A few KiB at most: fits the pipe, no deadlock before reading.
         let written = child
             .stdin
             .take()
             .expect("piped stdin")
-            .write_all(conf)
+            .write_all(&serde_json::to_vec(conf).expect("serialize"))
             .map_err(|e| format!("CNI {program} {command}: writing the config: {e}"));
         let out = child
             .wait_with_output()
@@ -868,9 +984,9 @@ fn pod_ip(result: &Value) -> Option<Ipv4Addr> {
     })
 }
 
-/// Where the CNI plugins are: `$LATTICE_CNI_PATH`, else Debian's
+/// Where the system's CNI plugins are: `$LATTICE_CNI_PATH`, else Debian's
 /// /usr/lib/cni, else the upstream default /opt/cni/bin.
-fn cni_bin_dir() -> PathBuf {
+fn system_cni_bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LATTICE_CNI_PATH") {
         return PathBuf::from(dir);
     }

@@ -141,6 +141,19 @@ impl Cluster {
         args
     }
 
+    /// `--cni-conf-dir`, `--cni-bin-dir`, `--cni-plugin`: the agent chains
+    /// lattice-cni into this node's CNI configuration.
+    pub fn cni_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--cni-conf-dir".into(),
+            self.node.cni_conf_dir().into(),
+            "--cni-bin-dir".into(),
+            self.node.cni_bin_dir().into(),
+            "--cni-plugin".into(),
+            crate::agent::cni_plugin_bin().into(),
+        ]
+    }
+
     /// Applies `pod`'s API object.
     pub fn apply(&self, pod: &PodObject) -> Value {
         self.api.apply_pod(pod.json.clone())
@@ -330,17 +343,22 @@ impl PodObject {
     /// `app`, its IP in the status, service account `default`, no
     /// annotation yet.
     pub fn new(pod: &NodePod, node_name: &str) -> Self {
-        let ip = pod.ip().to_string();
+        Self::pending(pod.namespace(), pod.name(), pod.uid(), node_name).running(pod)
+    }
+
+    /// A pod bound to `node_name` whose sandbox the kubelet has yet to
+    /// start: phase Pending, no IP.
+    pub fn pending(namespace: &str, name: &str, uid: &str, node_name: &str) -> Self {
         Self {
             json: json!({
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {
-                    "name": pod.name(),
-                    "namespace": pod.namespace(),
-                    "uid": pod.uid(),
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": uid,
                     "annotations": {},
-                    "labels": {"app": pod.name()},
+                    "labels": {"app": name},
                 },
                 "spec": {
                     "nodeName": node_name,
@@ -348,14 +366,21 @@ impl PodObject {
                     "containers": [{"name": "app", "image": "app:1", "env": [], "volumeMounts": []}],
                     "volumes": [],
                 },
-                "status": {
-                    "phase": "Running",
-                    "podIP": ip,
-                    "podIPs": [{"ip": ip}],
-                    "hostIP": "169.254.64.1",
-                },
+                "status": {"phase": "Pending", "hostIP": "169.254.64.1"},
             }),
         }
+    }
+
+    /// The status the kubelet reports once `pod` runs: phase Running, its IP.
+    pub fn running(mut self, pod: &NodePod) -> Self {
+        let ip = pod.ip().to_string();
+        self.json["status"] = json!({
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": "169.254.64.1",
+        });
+        self
     }
 
     pub fn annotated(self) -> Self {
@@ -394,8 +419,15 @@ impl PodObject {
 
     /// What the EKS IRSA webhook adds, with the token file written on the
     /// node like the kubelet writes it.
-    pub fn irsa(mut self, pod: &NodePod, role_arn: &str, region: &str, token: &str) -> Self {
+    pub fn irsa(self, pod: &NodePod, role_arn: &str, region: &str, token: &str) -> Self {
         pod.write_projected(IRSA_VOLUME, "token", token);
+        self.irsa_env(role_arn, region)
+    }
+
+    /// What the EKS IRSA webhook adds, the token file left to the caller
+    /// (e.g. [`crate::node::PodSpec::projected`] with [`IRSA_VOLUME`] and
+    /// `token`, written before the sandbox starts).
+    pub fn irsa_env(mut self, role_arn: &str, region: &str) -> Self {
         self = self
             .env("AWS_STS_REGIONAL_ENDPOINTS", "regional")
             .env("AWS_DEFAULT_REGION", region)

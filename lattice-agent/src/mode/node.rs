@@ -16,11 +16,17 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin,
     bpf::Interceptor,
-    cli::NodeArgs,
+    cli::{CniFailurePolicy, NodeArgs},
     config::RunConfig,
     metrics::Metrics,
     netns::NetNs,
-    node::{NodeAgent, Startup, enroll::NodeContext, handover, identity::IdentityStore},
+    node::{
+        NodeAgent, Startup,
+        cni::{self, CniSettings},
+        enroll::NodeContext,
+        handover,
+        identity::IdentityStore,
+    },
     privilege, process,
     proxy::ProxyConfig,
     telemetry,
@@ -37,6 +43,12 @@ pub const KEPT_CAPABILITIES: [Capability; 3] = [
     Capability::CAP_SYS_PTRACE,
     Capability::CAP_DAC_READ_SEARCH,
 ];
+
+/// Kept as well with the CNI plugin (`--cni-conf-dir`): putting the plugin
+/// back into the runtime's configuration when the node's CNI rewrites it
+/// (a root-owned directory and file, replaced by a new file given back to
+/// its owner).
+pub const KEPT_FOR_CNI: [Capability; 2] = [Capability::CAP_DAC_OVERRIDE, Capability::CAP_CHOWN];
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeSetupError {
@@ -120,14 +132,26 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
             (None, handover::HandedOver::new())
         }
     };
-    let control = handover::bind_control(&args.run_dir).map_err(|source| {
-        NodeSetupError::RunDir {
+    let control =
+        handover::bind_control(&args.run_dir).map_err(|source| NodeSetupError::RunDir {
             path: args.run_dir.clone(),
             source,
+        })?;
+    let readiness = Arc::new(admin::Readiness::node());
+    readiness.set_attached(true);
+    let cni = match cni_settings(args)? {
+        Some(settings) => {
+            cni::install(&settings, &readiness)?;
+            Some((cni::bind_socket(&args.run_dir)?, Arc::new(settings)))
         }
-    })?;
+        None => None,
+    };
     if !run.keep_privileges {
-        privilege::drop_to(run.intercept.exempt_uid, &KEPT_CAPABILITIES)?;
+        let mut kept = KEPT_CAPABILITIES.to_vec();
+        if cni.is_some() {
+            kept.extend(KEPT_FOR_CNI);
+        }
+        privilege::drop_to(run.intercept.exempt_uid, &kept)?;
     }
 
     let runtime = process::runtime(args.proxy.workers)?;
@@ -168,8 +192,6 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
             ),
             handed_over: std::sync::Mutex::new(handed_over),
         };
-        let readiness = Arc::new(admin::Readiness::node());
-        readiness.set_attached(true);
         let (agent, watches) = NodeAgent::new(
             ctx,
             Startup {
@@ -177,6 +199,7 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
                 node_name: args.node_name.clone(),
                 predecessor,
                 control,
+                cni,
                 readiness: Arc::clone(&readiness),
             },
             &shutdown,
@@ -216,6 +239,44 @@ fn prepare_run_dir(path: &Path) -> Result<(), NodeSetupError> {
     };
     std::fs::create_dir_all(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// The CNI plugin's settings, when `--cni-conf-dir` asks for it.
+fn cni_settings(args: &NodeArgs) -> anyhow::Result<Option<CniSettings>> {
+    let Some(conf_dir) = &args.cni_conf_dir else {
+        return Ok(None);
+    };
+    check_dir("cni-conf-dir", conf_dir)?;
+    check_dir("cni-bin-dir", &args.cni_bin_dir)?;
+    let plugin = match &args.cni_plugin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context(
+                "locating this executable, beside which lattice-cni is (or give --cni-plugin)",
+            )?
+            .with_file_name(lattice_cni::conf::PLUGIN_TYPE),
+    };
+    let mut exempt = args.cni_exempt_namespaces.clone();
+    if let Ok(own) = std::env::var("POD_NAMESPACE")
+        && !own.is_empty()
+        && !exempt.contains(&own)
+    {
+        exempt.push(own);
+    }
+    let policy = match args.cni_failure_policy {
+        CniFailurePolicy::Fail => lattice_cni::conf::FailurePolicy::Fail,
+        CniFailurePolicy::Ignore => lattice_cni::conf::FailurePolicy::Ignore,
+    };
+    Ok(Some(CniSettings {
+        conf_dir: conf_dir.clone(),
+        bin_dir: args.cni_bin_dir.clone(),
+        plugin,
+        entry: lattice_cni::conf::PluginConf::new(
+            args.run_dir.join(lattice_cni::protocol::SOCKET_NAME),
+            policy,
+            exempt,
+        ),
+    }))
 }
 
 /// The kubelet's pod tree: `kubepods.slice` (systemd driver) or `kubepods`

@@ -1,8 +1,12 @@
-//! Enrolling one pod: find its cgroup, a process in it, and through that
-//! process its network namespace (checked to hold the pod's IP); create the
-//! proxy's listeners inside it; start the pod's proxy with the pod's own
-//! credentials; then, and only then, let the eBPF programs redirect that
+//! Enrolling one pod: find its network namespace, create the proxy's
+//! listeners inside it, start the pod's proxy with the pod's own
+//! credentials, then, and only then, let the eBPF programs redirect that
 //! namespace's Lattice connects.
+//!
+//! The namespace is given (by the CNI plugin as the pod's sandbox starts,
+//! or by the agent this one replaces), or found for a running pod: its
+//! cgroup, a process in it, that process's namespace, checked to hold the
+//! pod's IP.
 
 use std::{
     fs, io,
@@ -12,7 +16,7 @@ use std::{
 };
 
 use super::{
-    handover::HandedOver,
+    handover::{HandedOver, HandedPod},
     identity::{IdentityError, IdentityLease, IdentityStore},
     pod_spec::PodPlan,
 };
@@ -88,6 +92,10 @@ pub struct EnrolledPod {
     pub plan: PodPlan,
     /// Second descriptors of its listening sockets, to hand them over.
     pub listener_fds: Vec<std::os::fd::OwnedFd>,
+    pub netns: Arc<NetNs>,
+    /// The namespace was given rather than found through the pod's IP:
+    /// the pod is served whether or not the API shows an IP yet.
+    pub netns_given: bool,
     workload: Workload,
     /// Holds the pod's identity alive (and its token file in use).
     lease: Option<IdentityLease>,
@@ -135,8 +143,45 @@ impl EnrolledPod {
     }
 }
 
-/// Enrolls `plan`'s pod; nothing is left behind on error.
+/// Enrolls `plan`'s running pod, in the namespace the agent it replaces
+/// handed over or else the one found through its cgroup; nothing is left
+/// behind on error.
 pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollError> {
+    match take_handed_over(ctx, &plan.uid) {
+        Some(HandedPod {
+            listeners,
+            netns: Some(fd),
+        }) => {
+            let netns = NetNs::from_fd(fd, format!("handed over for pod {}", plan.uid))?;
+            serve(ctx, plan, Arc::new(netns), Some(listeners), true)
+        }
+        handed => {
+            let netns = find_netns(ctx, &plan)?;
+            serve(ctx, plan, netns, handed.map(|h| h.listeners), false)
+        }
+    }
+}
+
+/// Enrolls `plan`'s pod in `netns`, the namespace the CNI plugin passed as
+/// the pod's sandbox starts (before the API shows an IP).
+pub fn enroll_in(
+    ctx: &NodeContext,
+    plan: PodPlan,
+    netns: NetNs,
+) -> Result<EnrolledPod, EnrollError> {
+    let handed = take_handed_over(ctx, &plan.uid).map(|h| h.listeners);
+    serve(ctx, plan, Arc::new(netns), handed, true)
+}
+
+fn take_handed_over(ctx: &NodeContext, uid: &str) -> Option<HandedPod> {
+    ctx.handed_over
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(uid)
+}
+
+/// The namespace of a process in the pod's cgroup, if it holds the pod's IP.
+fn find_netns(ctx: &NodeContext, plan: &PodPlan) -> Result<Arc<NetNs>, EnrollError> {
     let cgroup = pod_cgroup::find_pod_cgroup(&ctx.cgroup_root, &plan.uid, "")?;
     let pid = first_process(&cgroup)?;
     let netns = Arc::new(NetNs::of_process(&ctx.proc_root, pid)?);
@@ -155,11 +200,23 @@ pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollErr
             found,
         });
     }
+    Ok(netns)
+}
+
+/// Listeners (handed over, if they are in `netns`, else new ones), the
+/// pod's proxy, and last the interceptor's redirect.
+fn serve(
+    ctx: &NodeContext,
+    plan: PodPlan,
+    netns: Arc<NetNs>,
+    handed: Option<Vec<std::net::TcpListener>>,
+    netns_given: bool,
+) -> Result<EnrolledPod, EnrollError> {
     let sockets = SocketFactory::In {
-        netns,
+        netns: Arc::clone(&netns),
         home: Arc::clone(&ctx.home),
     };
-    let listeners = match handed_over_listeners(ctx, &plan, &sockets)? {
+    let listeners = match adopt_listeners(&plan, handed, &sockets)? {
         Some(l) => l,
         None => bind_loopback(ctx.proxy_port, &sockets, true)?,
     };
@@ -193,6 +250,8 @@ pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollErr
     let pod = EnrolledPod {
         plan,
         listener_fds,
+        netns,
+        netns_given,
         workload,
         lease,
         metrics,
@@ -206,18 +265,13 @@ pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollErr
     Ok(pod)
 }
 
-/// The listening sockets the replaced agent served `plan`'s pod with, if
-/// it handed them over and they are in the pod's namespace.
-fn handed_over_listeners(
-    ctx: &NodeContext,
+/// The listening sockets the replaced agent served the pod with, if they
+/// are in the pod's namespace.
+fn adopt_listeners(
     plan: &PodPlan,
+    handed: Option<Vec<std::net::TcpListener>>,
     sockets: &SocketFactory,
 ) -> Result<Option<Listeners>, EnrollError> {
-    let handed = ctx
-        .handed_over
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&plan.uid);
     let Some(handed) = handed else {
         return Ok(None);
     };

@@ -5,7 +5,8 @@
 //! old one still serves. It connects to the old one's control socket
 //! (`<run dir>/agent.sock`) and asks for the listeners; they arrive as file
 //! descriptors (SCM_RIGHTS), the very sockets the pods' redirected connects
-//! land on. Both agents then accept from the same sockets, so no connection
+//! land on, each pod's with its network namespace (so a pod that has no IP
+//! in the API yet, enrolled by the CNI plugin, is served on at once). Both agents then accept from the same sockets, so no connection
 //! waiting in an accept queue is lost (a fresh `SO_REUSEPORT` socket beside
 //! the old one would lose those when the old one closes, unless every pod's
 //! namespace had `net.ipv4.tcp_migrate_req` set). Once the new agent serves
@@ -18,7 +19,8 @@
 //!
 //! ```text
 //! new → old: {"op":"next"}                  (repeated until "last")
-//! old → new: {"pods":[{"uid":..,"sockets":2},..],"last":false} + descriptors
+//! old → new: {"pods":[{"uid":..,"sockets":2,"netns":true},..],"last":false}
+//!            + descriptors: each pod's sockets, then its namespace
 //! new → old: {"op":"taken"}
 //! old → new: {"ok":true}
 //! ```
@@ -37,9 +39,9 @@ use std::{
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
-/// Pods per answer: two sockets each, within the kernel's 253 descriptors
-/// per SCM_RIGHTS message.
-const PODS_PER_BATCH: usize = 100;
+/// Pods per answer: two sockets and a namespace each, within the kernel's
+/// 253 descriptors per SCM_RIGHTS message.
+const PODS_PER_BATCH: usize = 80;
 /// How long either side waits for the other.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -71,6 +73,21 @@ enum Request {
 struct PodSockets {
     uid: String,
     sockets: usize,
+    /// Its network namespace follows its sockets.
+    #[serde(default)]
+    netns: bool,
+}
+
+/// What a running agent hands over for one pod.
+pub struct ServedPod {
+    pub listeners: Vec<OwnedFd>,
+    pub netns: Option<OwnedFd>,
+}
+
+/// What the new agent receives for one pod.
+pub struct HandedPod {
+    pub listeners: Vec<std::net::TcpListener>,
+    pub netns: Option<OwnedFd>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -92,8 +109,8 @@ pub fn bind_control(run_dir: &Path) -> io::Result<std::os::unix::net::UnixListen
     std::os::unix::net::UnixListener::bind(&path)
 }
 
-/// The listeners an old agent handed over, by pod UID.
-pub type HandedOver = HashMap<String, Vec<std::net::TcpListener>>;
+/// What an old agent handed over, by pod UID.
+pub type HandedOver = HashMap<String, HandedPod>;
 
 /// The successor's side: connects to a running agent, if any, and takes
 /// its pods' listeners. `Ok(None)` when no agent answers (first start, or
@@ -123,7 +140,11 @@ pub fn take_listeners(run_dir: &Path) -> Result<Option<(Predecessor, HandedOver)
     loop {
         conn.send(&Request::Next, &[])?;
         let (batch, fds): (Batch, Vec<OwnedFd>) = conn.receive()?;
-        let wanted: usize = batch.pods.iter().map(|p| p.sockets).sum();
+        let wanted: usize = batch
+            .pods
+            .iter()
+            .map(|p| p.sockets + usize::from(p.netns))
+            .sum();
         if wanted != fds.len() {
             return Err(conn.protocol(format!(
                 "{wanted} sockets announced, {} received",
@@ -132,12 +153,13 @@ pub fn take_listeners(run_dir: &Path) -> Result<Option<(Predecessor, HandedOver)
         }
         let mut fds = fds.into_iter();
         for pod in batch.pods {
-            let sockets = fds
+            let listeners = fds
                 .by_ref()
                 .take(pod.sockets)
                 .map(std::net::TcpListener::from)
                 .collect();
-            handed.insert(pod.uid, sockets);
+            let netns = if pod.netns { fds.next() } else { None };
+            handed.insert(pod.uid, HandedPod { listeners, netns });
         }
         if batch.last {
             break;
@@ -162,8 +184,9 @@ impl Predecessor {
 
 /// What the old agent's side needs from the running agent.
 pub trait Listeners: Send + Sync {
-    /// Duplicates of every enrolled pod's listening sockets, by pod UID.
-    fn listeners(&self) -> Vec<(String, Vec<OwnedFd>)>;
+    /// Duplicates of every enrolled pod's listening sockets and network
+    /// namespace, by pod UID.
+    fn listeners(&self) -> Vec<(String, ServedPod)>;
     /// The successor serves every pod: stop accepting, drain, stay away
     /// from the shared state.
     fn handed_over(&self);
@@ -191,14 +214,16 @@ pub fn serve_successor(
                 let batch = batches.next().unwrap_or(&[]);
                 let fds: Vec<RawFd> = batch
                     .iter()
-                    .flat_map(|(_, fds)| fds.iter().map(AsRawFd::as_raw_fd))
+                    .flat_map(|(_, pod)| pod.listeners.iter().chain(pod.netns.as_ref()))
+                    .map(AsRawFd::as_raw_fd)
                     .collect();
                 let answer = Batch {
                     pods: batch
                         .iter()
-                        .map(|(uid, fds)| PodSockets {
+                        .map(|(uid, pod)| PodSockets {
                             uid: uid.clone(),
-                            sockets: fds.len(),
+                            sockets: pod.listeners.len(),
+                            netns: pod.netns.is_some(),
                         })
                         .collect(),
                     last: batches.peek().is_none(),
@@ -329,16 +354,23 @@ mod tests {
     }
 
     impl Listeners for Old {
-        fn listeners(&self) -> Vec<(String, Vec<OwnedFd>)> {
+        fn listeners(&self) -> Vec<(String, ServedPod)> {
             self.sockets
                 .iter()
-                .map(|(uid, ls)| {
-                    (
-                        uid.clone(),
-                        ls.iter()
+                .enumerate()
+                .map(|(i, (uid, ls))| {
+                    let pod = ServedPod {
+                        listeners: ls
+                            .iter()
                             .map(|l| OwnedFd::from(l.try_clone().unwrap()))
                             .collect(),
-                    )
+                        // Every other pod with a namespace (any open file
+                        // stands in for one here).
+                        netns: i.is_multiple_of(2).then(|| {
+                            OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap())
+                        }),
+                    };
+                    (uid.clone(), pod)
                 })
                 .collect()
         }
@@ -391,10 +423,16 @@ mod tests {
             .expect("an agent answered");
         assert_eq!(taken.len(), 150);
         for (uid, addr) in &addrs {
-            assert_eq!(taken[uid][0].local_addr().unwrap(), *addr, "{uid}");
+            assert_eq!(
+                taken[uid].listeners[0].local_addr().unwrap(),
+                *addr,
+                "{uid}"
+            );
+            let i: usize = uid.strip_prefix("pod-").unwrap().parse().unwrap();
+            assert_eq!(taken[uid].netns.is_some(), i.is_multiple_of(2), "{uid}");
         }
         for (uid, _client) in &queued {
-            let (conn, _) = taken[uid][0].accept().unwrap();
+            let (conn, _) = taken[uid].listeners[0].accept().unwrap();
             drop(conn);
         }
         assert!(!handed.load(Ordering::SeqCst));

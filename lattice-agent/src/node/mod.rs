@@ -8,11 +8,17 @@
 //! backoff. Pods already running when the agent starts are enrolled from
 //! the first list; none needs a restart.
 //!
+//! With the CNI plugin chained (`--cni-conf-dir`), a pod is enrolled
+//! earlier: while its sandbox starts, before any of its containers runs
+//! (see [`cni`]); the API watch then only confirms it.
+//!
 //! Modules: [`pod_spec`] decides from the API object, [`identity`] holds
 //! each pod's AWS identity, [`enroll`] does the work on the node,
 //! [`events`] tells `kubectl describe pod`, [`handover`] passes the pods'
-//! listeners from an agent to the one replacing it.
+//! listeners from an agent to the one replacing it, [`cni`] answers the
+//! CNI plugin and keeps it chained.
 
+pub mod cni;
 pub mod enroll;
 pub mod events;
 pub mod handover;
@@ -20,7 +26,7 @@ pub mod identity;
 pub mod pod_spec;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     os::fd::OwnedFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -36,11 +42,13 @@ use kube::{
         watcher,
     },
 };
+use lattice_cni::protocol::{Command, Reply};
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use self::{
+    cni::{CniCall, CniSettings, PodLookup},
     enroll::{EnrolledPod, NodeContext},
     events::{EventPublisher, Kind, PodRef},
     pod_spec::{Decision, IdentityPlan, PodPlan},
@@ -48,6 +56,7 @@ use self::{
 use crate::{
     admin::{PodsReport, Readiness},
     metrics::Counts,
+    netns::NetNs,
 };
 
 /// First retry of a failed enrollment; doubles up to [`RETRY_MAX`].
@@ -66,26 +75,59 @@ pub struct NodeAgent {
     served: Arc<ServedListeners>,
     /// The agent this one replaces, until told it has taken over.
     predecessor: Option<handover::Predecessor>,
+    client: kube::Client,
+    /// The CNI plugin's socket (served once ready) and settings.
+    cni: Option<(std::os::unix::net::UnixListener, Arc<CniSettings>)>,
+    /// Pods whose sandbox the runtime deleted (CNI DEL): not enrolled again
+    /// through a process of theirs until a new sandbox is added.
+    sandbox_deleted: HashSet<String>,
     /// Served once this agent is ready.
     control: Option<std::os::unix::net::UnixListener>,
     readiness: Arc<Readiness>,
 }
 
-/// Second descriptors of every served pod's listening sockets, and the
-/// signal that a successor has taken them over.
+/// A served pod's listening sockets (second descriptors) and namespace.
+type ServedPod = (Vec<OwnedFd>, Arc<NetNs>);
+
+/// Second descriptors of every served pod's listening sockets, with its
+/// network namespace, and the signal that a successor has taken them over.
 #[derive(Default)]
 struct ServedListeners {
-    pods: Mutex<HashMap<String, Vec<OwnedFd>>>,
+    pods: Mutex<HashMap<String, ServedPod>>,
     replaced: CancellationToken,
 }
 
+impl ServedListeners {
+    fn insert(&self, uid: &str, fds: Vec<OwnedFd>, netns: Arc<NetNs>) {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_owned(), (fds, netns));
+    }
+
+    fn remove(&self, uid: &str) {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+}
+
 impl handover::Listeners for ServedListeners {
-    fn listeners(&self) -> Vec<(String, Vec<OwnedFd>)> {
+    fn listeners(&self) -> Vec<(String, handover::ServedPod)> {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         pods.iter()
-            .filter_map(|(uid, fds)| {
-                let dups = fds.iter().map(OwnedFd::try_clone).collect::<std::io::Result<Vec<_>>>();
-                match dups {
+            .filter_map(|(uid, (fds, netns))| {
+                let dups = || -> std::io::Result<handover::ServedPod> {
+                    Ok(handover::ServedPod {
+                        listeners: fds
+                            .iter()
+                            .map(OwnedFd::try_clone)
+                            .collect::<std::io::Result<Vec<_>>>()?,
+                        netns: Some(netns.duplicate()?),
+                    })
+                };
+                match dups() {
                     Ok(d) => Some((uid.clone(), d)),
                     Err(e) => {
                         tracing::warn!(pod_uid = %uid, error = %e, "cannot hand a pod's listeners over");
@@ -131,6 +173,8 @@ pub struct Startup {
     pub predecessor: Option<handover::Predecessor>,
     /// The control socket, bound, for the agent that will replace this one.
     pub control: std::os::unix::net::UnixListener,
+    /// The CNI plugin's socket, bound, and the plugin's settings.
+    pub cni: Option<(std::os::unix::net::UnixListener, Arc<CniSettings>)>,
     pub readiness: Arc<Readiness>,
 }
 
@@ -145,6 +189,7 @@ impl NodeAgent {
             node_name,
             predecessor,
             control,
+            cni,
             readiness,
         } = startup;
         let changed = Arc::new(Notify::new());
@@ -170,13 +215,16 @@ impl NodeAgent {
         }
         let agent = Self {
             ctx,
-            events: EventPublisher::new(client, &node_name),
+            events: EventPublisher::new(client.clone(), &node_name),
             pods,
             namespaces,
             state: HashMap::new(),
             report: Arc::new(NodeReport::default()),
             served: Arc::default(),
             predecessor,
+            client,
+            cni,
+            sandbox_deleted: HashSet::new(),
             control: Some(control),
             readiness,
         };
@@ -222,12 +270,17 @@ impl NodeAgent {
         if let Err(e) = self.serve_control(&shutdown) {
             tracing::warn!(error = %crate::credentials::error_chain(&e), "no control socket: a new agent will not be able to take over without losing connections");
         }
+        let (mut cni_calls, cni_settings) = self.serve_cni(&shutdown);
         self.readiness.set_pods_listed(true);
         tracing::info!("lattice-agent ready (node mode)");
         let replaced = self.served.replaced.clone();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                Some(call) = recv(&mut cni_calls) => {
+                    self.handle_cni(call);
+                    continue;
+                }
                 () = replaced.cancelled() => {
                     tracing::info!("a new agent took the pods over: not accepting any more; draining");
                     self.readiness.set_listening(false);
@@ -241,6 +294,206 @@ impl NodeAgent {
             next_retry = self.reconcile();
         }
         self.stop_all().await;
+        if let Some(settings) = cni_settings
+            && cni::leaving_for_good(&self.client).await
+        {
+            cni::uninstall(&settings);
+        }
+    }
+
+    /// Starts answering the CNI plugin and keeping it chained, if
+    /// configured; returns the calls to handle and the settings.
+    fn serve_cni(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> (Option<mpsc::Receiver<CniCall>>, Option<Arc<CniSettings>>) {
+        let Some((listener, settings)) = self.cni.take() else {
+            return (None, None);
+        };
+        cni::spawn_keeper(
+            Arc::clone(&settings),
+            Arc::clone(&self.readiness),
+            shutdown.clone(),
+        );
+        let (tx, rx) = mpsc::channel(64);
+        let lookup = PodLookup {
+            pods: self.pods.clone(),
+            namespaces: self.namespaces.clone(),
+            client: self.client.clone(),
+        };
+        if let Err(e) = cni::serve(listener, lookup, tx, shutdown.clone()) {
+            tracing::warn!(error = %e, "cannot serve the CNI plugin's socket: new pods are enrolled once the API shows them running");
+            return (None, Some(settings));
+        }
+        (Some(rx), Some(settings))
+    }
+
+    /// A CNI plugin call, for a pod whose sandbox the runtime is setting
+    /// up (`ADD`), checking (`CHECK`) or tearing down (`DEL`).
+    fn handle_cni(&mut self, call: CniCall) {
+        let CniCall {
+            request,
+            pod,
+            netns,
+            reply,
+        } = call;
+        let answer = match (request.command, pod, netns) {
+            (Command::Add, Some((pod, labels)), Some(netns)) => {
+                self.cni_add(&pod, labels.as_ref(), netns)
+            }
+            (Command::Check, Some((pod, labels)), Some(netns)) => {
+                self.cni_check(&pod, labels.as_ref(), &netns)
+            }
+            (Command::Del, ..) => self.cni_del(&request),
+            _ => Reply {
+                enrolled: false,
+                error: Some("incomplete CNI call".into()),
+            },
+        };
+        self.publish_state();
+        let _ = reply.send(answer);
+    }
+
+    fn cni_add(
+        &mut self,
+        pod: &Pod,
+        labels: Option<&BTreeMap<String, String>>,
+        netns: NetNs,
+    ) -> Reply {
+        let not_enrolled = Reply {
+            enrolled: false,
+            error: None,
+        };
+        let plan = match pod_spec::decide_at_start(pod, labels) {
+            Decision::Enroll(plan) => *plan,
+            Decision::Ignore => return not_enrolled,
+            Decision::Refuse(reason) => {
+                tracing::warn!(%reason, "not enrolling pod");
+                return not_enrolled;
+            }
+        };
+        let uid = plan.uid.clone();
+        self.sandbox_deleted.remove(&uid);
+        if let Some(PodState::Enrolled(known)) = self.state.get(&uid)
+            && same_netns(&known.netns, &netns)
+        {
+            // The runtime retried an ADD that succeeded.
+            return Reply {
+                enrolled: true,
+                error: None,
+            };
+        }
+        // A new sandbox for a pod served before (or a failed attempt).
+        if let Some(PodState::Enrolled(old)) = self.state.remove(&uid) {
+            self.served.remove(&uid);
+            drop(old.unenroll(&self.ctx));
+        }
+        let name = plan.display_name();
+        let started = Instant::now();
+        match enroll::enroll_in(&self.ctx, plan, netns) {
+            Ok(pod) => {
+                self.record_enrolled(uid, pod, started, "CNI ADD");
+                Reply {
+                    enrolled: true,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                self.ctx.metrics.count_enrollment(false);
+                let reason = crate::credentials::error_chain(&e);
+                tracing::warn!(pod = %name, %reason, "pod enrollment failed (CNI ADD); the runtime will retry");
+                Reply {
+                    enrolled: false,
+                    error: Some(format!(
+                        "lattice-agent could not enroll pod {name}: {reason}"
+                    )),
+                }
+            }
+        }
+    }
+
+    fn cni_check(
+        &mut self,
+        pod: &Pod,
+        labels: Option<&BTreeMap<String, String>>,
+        netns: &NetNs,
+    ) -> Reply {
+        let Decision::Enroll(plan) = pod_spec::decide_at_start(pod, labels) else {
+            return Reply {
+                enrolled: false,
+                error: None,
+            };
+        };
+        match self.state.get(&plan.uid) {
+            Some(PodState::Enrolled(known)) if same_netns(&known.netns, netns) => Reply {
+                enrolled: true,
+                error: None,
+            },
+            _ => Reply {
+                enrolled: false,
+                error: Some(format!(
+                    "pod {} asks for signing but its network namespace is not enrolled",
+                    plan.display_name()
+                )),
+            },
+        }
+    }
+
+    fn cni_del(&mut self, request: &lattice_cni::protocol::Request) -> Reply {
+        let uid = if request.pod_uid.is_empty() {
+            self.state.iter().find_map(|(uid, s)| {
+                let plan = match s {
+                    PodState::Enrolled(p) => &p.plan,
+                    PodState::Failed { plan, .. } => plan,
+                    PodState::Refused { .. } => return None,
+                };
+                (plan.namespace == request.pod_namespace && plan.name == request.pod_name)
+                    .then(|| uid.clone())
+            })
+        } else {
+            Some(request.pod_uid.clone())
+        };
+        if let Some(uid) = uid {
+            self.served.remove(&uid);
+            if let Some(PodState::Enrolled(pod)) = self.state.remove(&uid) {
+                tracing::info!(pod = %pod.plan.display_name(), "pod unenrolled: its sandbox was deleted");
+                drop(pod.unenroll(&self.ctx));
+            }
+            self.sandbox_deleted.insert(uid);
+        }
+        Reply {
+            enrolled: false,
+            error: None,
+        }
+    }
+
+    /// The enrolled-pods gauge and `/pods`, after a change.
+    fn publish_state(&self) {
+        self.ctx.metrics.enrolled_pods.set(
+            i64::try_from(
+                self.state
+                    .values()
+                    .filter(|s| matches!(s, PodState::Enrolled(_)))
+                    .count(),
+            )
+            .unwrap_or(i64::MAX),
+        );
+        self.report.update(&self.state);
+    }
+
+    /// Whether the pod's namespace is known without its IP: enrolled from
+    /// a CNI call, or handed over with its namespace.
+    fn netns_known(&self, uid: &str) -> bool {
+        match self.state.get(uid) {
+            Some(PodState::Enrolled(pod)) => pod.netns_given,
+            _ => self
+                .ctx
+                .handed_over
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(uid)
+                .is_some_and(|h| h.netns.is_some()),
+        }
     }
 
     /// Stops every pod's proxy (draining), leaving the shared state alone.
@@ -315,6 +568,7 @@ impl NodeAgent {
     /// next retry is due.
     fn reconcile(&mut self) -> Option<Instant> {
         let mut wanted: HashMap<String, Decision> = HashMap::new();
+        let mut present: HashSet<String> = HashSet::new();
         for pod in self.pods.state() {
             let labels = pod
                 .metadata
@@ -322,11 +576,22 @@ impl NodeAgent {
                 .as_deref()
                 .and_then(|ns| self.namespaces.get(&ObjectRef::new(ns)))
                 .and_then(|ns| ns.metadata.labels.clone());
-            let decision = pod_spec::decide(&pod, labels.as_ref());
-            if let (Some(uid), false) = (&pod.metadata.uid, decision == Decision::Ignore) {
+            let Some(uid) = &pod.metadata.uid else {
+                continue;
+            };
+            if self.sandbox_deleted.contains(uid) {
+                continue;
+            }
+            let mut decision = pod_spec::decide(&pod, labels.as_ref());
+            if decision == Decision::Ignore && self.netns_known(uid) {
+                decision = pod_spec::decide_at_start(&pod, labels.as_ref());
+            }
+            if decision != Decision::Ignore {
                 wanted.insert(uid.clone(), decision);
             }
+            present.insert(uid.clone());
         }
+        self.sandbox_deleted.retain(|uid| present.contains(uid));
 
         // Gone, or no longer asking.
         let leaving: Vec<String> = self
@@ -336,11 +601,7 @@ impl NodeAgent {
             .cloned()
             .collect();
         for uid in leaving {
-            self.served
-                .pods
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&uid);
+            self.served.remove(&uid);
             if let Some(PodState::Enrolled(pod)) = self.state.remove(&uid) {
                 tracing::info!(pod = %pod.plan.display_name(), "unenrolling pod");
                 self.events.publish(
@@ -362,16 +623,7 @@ impl NodeAgent {
                 Decision::Enroll(plan) => self.ensure_enrolled(uid, *plan, now),
             }
         }
-        self.ctx.metrics.enrolled_pods.set(
-            i64::try_from(
-                self.state
-                    .values()
-                    .filter(|s| matches!(s, PodState::Enrolled(_)))
-                    .count(),
-            )
-            .unwrap_or(i64::MAX),
-        );
-        self.report.update(&self.state);
+        self.publish_state();
         self.state
             .values()
             .filter_map(|s| match s {
@@ -387,11 +639,7 @@ impl NodeAgent {
         {
             return;
         }
-        self.served
-            .pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&uid);
+        self.served.remove(&uid);
         if let Some(PodState::Enrolled(pod)) = self.state.remove(&uid) {
             drop(pod.unenroll(&self.ctx));
         }
@@ -421,7 +669,12 @@ impl NodeAgent {
 
     fn ensure_enrolled(&mut self, uid: String, plan: PodPlan, now: Instant) {
         let (attempts, previous_reason) = match self.state.remove(&uid) {
-            Some(PodState::Enrolled(pod)) if pod.plan == plan => {
+            Some(PodState::Enrolled(mut pod))
+                if pod.plan == plan || (pod.netns_given && pod.plan.same_but_ips(&plan)) =>
+            {
+                // Served in the namespace it was given: an IP appearing in
+                // the API changes nothing.
+                pod.plan.ips = plan.ips;
                 self.state.insert(uid, PodState::Enrolled(pod));
                 return;
             }
@@ -456,33 +709,7 @@ impl NodeAgent {
         let name = plan.display_name();
         let started = Instant::now();
         match enroll::enroll(&self.ctx, plan.clone()) {
-            Ok(mut pod) => {
-                let fds = std::mem::take(&mut pod.listener_fds);
-                self.served
-                    .pods
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(uid.clone(), fds);
-                self.ctx.metrics.count_enrollment(true);
-                let note = enrolled_note(&pod);
-                tracing::info!(
-                    pod = %name,
-                    identity = pod.plan.identity.kind(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "pod enrolled"
-                );
-                if let Some(why) = &pod.missing_identity {
-                    tracing::warn!(pod = %name, reason = %why, "pod enrolled without credentials: its requests get 503");
-                }
-                self.events.publish(
-                    &pod_ref(&pod.plan),
-                    Kind::Normal,
-                    "Enrolled",
-                    "Enroll",
-                    note,
-                );
-                self.state.insert(uid, PodState::Enrolled(Box::new(pod)));
-            }
+            Ok(pod) => self.record_enrolled(uid, pod, started, "API"),
             Err(e) => {
                 self.ctx.metrics.count_enrollment(false);
                 let reason = crate::credentials::error_chain(&e);
@@ -511,6 +738,54 @@ impl NodeAgent {
                 );
             }
         }
+    }
+}
+
+impl NodeAgent {
+    /// Keeps a newly enrolled pod: for a successor, in `/pods`, in the log
+    /// and as an Event.
+    fn record_enrolled(
+        &mut self,
+        uid: String,
+        mut pod: EnrolledPod,
+        started: Instant,
+        via: &'static str,
+    ) {
+        let fds = std::mem::take(&mut pod.listener_fds);
+        self.served.insert(&uid, fds, Arc::clone(&pod.netns));
+        self.ctx.metrics.count_enrollment(true);
+        let name = pod.plan.display_name();
+        tracing::info!(
+            pod = %name,
+            identity = pod.plan.identity.kind(),
+            via,
+            took_ms = started.elapsed().as_millis() as u64,
+            "pod enrolled"
+        );
+        if let Some(why) = &pod.missing_identity {
+            tracing::warn!(pod = %name, reason = %why, "pod enrolled without credentials: its requests get 503");
+        }
+        self.events.publish(
+            &pod_ref(&pod.plan),
+            Kind::Normal,
+            "Enrolled",
+            "Enroll",
+            enrolled_note(&pod),
+        );
+        self.state.insert(uid, PodState::Enrolled(Box::new(pod)));
+    }
+}
+
+/// Two handles on the same network namespace.
+fn same_netns(a: &NetNs, b: &NetNs) -> bool {
+    matches!((a.id(), b.id()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The next CNI call, or never when the plugin is not served.
+async fn recv(calls: &mut Option<mpsc::Receiver<CniCall>>) -> Option<CniCall> {
+    match calls {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

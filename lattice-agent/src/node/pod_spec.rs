@@ -67,6 +67,18 @@ pub struct PodPlan {
 }
 
 impl PodPlan {
+    /// Equal but for the IPs: for a pod served in a namespace that was
+    /// given, new IPs change nothing.
+    pub fn same_but_ips(&self, other: &Self) -> bool {
+        Self {
+            ips: Vec::new(),
+            ..self.clone()
+        } == Self {
+            ips: Vec::new(),
+            ..other.clone()
+        }
+    }
+
     /// `namespace/name`, as people name pods.
     pub fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -123,8 +135,24 @@ impl ProjectedFile {
 }
 
 /// Decides what to do with `pod`, given its namespace's labels (`None`
-/// when the namespace is not known yet).
+/// when the namespace is not known yet): a pod is enrolled once it runs
+/// with an IP (its namespace is then found through that IP).
 pub fn decide(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> Decision {
+    decide_with(pod, namespace_labels, true)
+}
+
+/// [`decide`] for a pod whose network namespace is known without its IP
+/// (the CNI plugin passed it as the sandbox started, or the agent being
+/// replaced did): enrolled before the API shows it running.
+pub fn decide_at_start(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) -> Decision {
+    decide_with(pod, namespace_labels, false)
+}
+
+fn decide_with(
+    pod: &Pod,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    needs_ip: bool,
+) -> Decision {
     let meta = &pod.metadata;
     let (Some(uid), Some(name), Some(namespace)) = (&meta.uid, &meta.name, &meta.namespace) else {
         return Decision::Ignore;
@@ -156,7 +184,7 @@ pub fn decide(pod: &Pod, namespace_labels: Option<&BTreeMap<String, String>>) ->
         return Decision::Ignore;
     }
     let ips = pod_ips(pod);
-    if ips.is_empty() {
+    if needs_ip && ips.is_empty() {
         return Decision::Ignore;
     }
     let pod_name = format!("{namespace}/{name}");
@@ -441,6 +469,27 @@ mod tests {
                 "/var/lib/kubelet/pods/1111-2222/volumes/kubernetes.io~projected/aws-iam-token/token"
             )
         );
+    }
+
+    /// A pod whose sandbox is starting (Pending, no IP): enrolled only when
+    /// its namespace is known otherwise (CNI); the same plan but for IPs.
+    #[test]
+    fn a_starting_pod_is_enrolled_only_at_start() {
+        let mut j = irsa_pod();
+        j["status"] = serde_json::json!({"phase": "Pending"});
+        assert_eq!(decide(&pod(j.clone()), None), Decision::Ignore);
+        let Decision::Enroll(starting) = decide_at_start(&pod(j.clone()), None) else {
+            panic!("not enrolled at start")
+        };
+        assert!(starting.ips.is_empty());
+        let running = plan(irsa_pod());
+        assert_ne!(*starting, running);
+        assert!(starting.same_but_ips(&running));
+        j["metadata"]["annotations"] = serde_json::json!({});
+        assert_eq!(decide_at_start(&pod(j.clone()), None), Decision::Ignore);
+        j["status"] = serde_json::json!({"phase": "Succeeded"});
+        j["metadata"]["annotations"] = serde_json::json!({INJECT: "true"});
+        assert_eq!(decide_at_start(&pod(j), None), Decision::Ignore);
     }
 
     #[test]

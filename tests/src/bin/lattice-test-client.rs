@@ -28,6 +28,10 @@
 //!       before any reply is sent again once on a new connection (counted
 //!       as `retried`, as Go's net/http does for idempotent requests);
 //!       `connections` counts the connections opened
+//!   lattice-test-client first-call ADDR:PORT HOST PATH
+//!       what an app does at its first instruction: one GET (`Host: HOST`),
+//!       no retry; prints one JSON line: `outcome` (`reply` with `status`,
+//!       `refused`, or `error` with `reason`) and `connect_us`, `total_us`
 //!   lattice-test-client wait-signed ADDR:PORT SECS
 //!       prints `polling`, then GETs every millisecond (a new connection
 //!       each) until a reply from lattice-test-service shows the request
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
             Ok(secs) => with_addr(addr, |a| load_keepalive(a, Duration::from_secs(secs), host)),
             Err(_) => usage(),
         },
+        ["first-call", addr, host, path] => with_addr(addr, |a| first_call(a, host, path)),
         ["wait-signed", addr, secs] => match secs.parse() {
             Ok(secs) => with_addr(addr, |a| wait_signed(a, Duration::from_secs(secs))),
             Err(_) => usage(),
@@ -97,7 +102,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
          | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
-         | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST"
+         | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST \
+         | first-call ADDR:PORT HOST PATH"
     );
     ExitCode::from(64)
 }
@@ -522,6 +528,43 @@ fn read_chunked(s: &mut TcpStream) -> Result<Vec<u8>, ReplyError> {
         }
         body.extend_from_slice(&chunk[..size]);
     }
+}
+
+/// One GET, no retry (see the usage); prints what happened.
+fn first_call(addr: SocketAddr, host: &str, path: &str) -> ExitCode {
+    let started = std::time::Instant::now();
+    let us =
+        |since: std::time::Instant| u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let line = match connect(addr, false) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => serde_json::json!({
+            "outcome": "refused", "connect_us": us(started), "total_us": us(started),
+        }),
+        Err(e) => serde_json::json!({
+            "outcome": "error", "reason": format!("connect: {:?}: {e}", e.kind()),
+            "connect_us": us(started), "total_us": us(started),
+        }),
+        Ok(mut stream) => {
+            let connect_us = us(started);
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            let answer = stream
+                .write_all(request.as_bytes())
+                .map_err(ReplyError::Io)
+                .and_then(|()| read_reply(&mut stream));
+            match answer {
+                Ok(reply) => serde_json::json!({
+                    "outcome": "reply", "status": reply.status,
+                    "connect_us": connect_us, "total_us": us(started),
+                }),
+                Err(e) => serde_json::json!({
+                    "outcome": "error", "reason": e.to_string(),
+                    "connect_us": connect_us, "total_us": us(started),
+                }),
+            }
+        }
+    };
+    println!("{line}");
+    ExitCode::SUCCESS
 }
 
 /// GETs until one arrives signed (see the usage); prints when.

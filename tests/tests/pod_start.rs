@@ -1,0 +1,237 @@
+//! Pod start: with lattice-cni chained after the node's CNI, the node agent
+//! enrolls a pod while its sandbox is set up, so the app's very first
+//! connect to VPC Lattice is signed (or refused), never sent unsigned.
+//!
+//! Pods start here as the kubelet and containerd start them: the pod is in
+//! the API (Pending) and its projected token on disk; the runtime runs
+//! `loopback`, then every plugin of the node's `.conflist` (Debian's
+//! `bridge`, then lattice-cni as the agent chained it); the app runs and
+//! calls Lattice at once; only then does the API show the pod Running.
+//! The service is the botocore verifier on 169.254.171.33 in the node's
+//! namespace, which answers 403 to anything unsigned.
+
+use std::{collections::VecDeque, time::Duration};
+
+use lattice_tests::{
+    Bpffs,
+    node::{LATTICE_V4, NodePod, PodSpec, random_uuid},
+    node_agent::{Cluster, IRSA_VOLUME, NodeAgent, PodObject},
+    reliability::Record,
+    require_root, test_bin,
+    verifier::{Verifier, python},
+};
+use serde_json::Value;
+
+const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
+const MOTO_PORT: &str = "5000";
+const ROLE: &str = "arn:aws:iam::123456789012:role/start";
+/// Pod starts with the plugin chained.
+const STARTS: usize = 200;
+/// Pod starts without it: what the plugin prevents must show here.
+const CONTROL_STARTS: usize = 20;
+/// Pods kept running at once; older ones are deleted (CNI DEL) as new ones
+/// start, as a busy node's do.
+const WINDOW: usize = 20;
+/// A refused connect must come back at once, not after a timeout.
+const REFUSED_FAST: Duration = Duration::from_millis(100);
+
+/// What a set of pod starts saw.
+#[derive(Debug, Default)]
+struct Starts {
+    signed: u64,
+    refused: u64,
+    /// Anything else: a reply other than 200, a reset, a timeout.
+    failed: Vec<String>,
+    slowest_refusal_us: u64,
+    call_us: Vec<u64>,
+}
+
+impl Starts {
+    fn attempted(&self) -> u64 {
+        self.signed + self.refused + self.failed.len() as u64
+    }
+
+    fn p(&mut self, q: f64) -> f64 {
+        self.call_us.sort_unstable();
+        let n = self.call_us.len();
+        if n == 0 {
+            return 0.0;
+        }
+        self.call_us[((n as f64 * q).ceil() as usize).clamp(1, n) - 1] as f64 / 1e3
+    }
+}
+
+/// Starts `count` annotated IRSA pods named `<prefix>-<i>`, each app
+/// calling `/<prefix>/<i>` first thing.
+fn start_pods(cluster: &Cluster, prefix: &str, count: usize) -> Starts {
+    let mut starts = Starts::default();
+    let mut running: VecDeque<(NodePod, String)> = VecDeque::new();
+    for i in 0..count {
+        let name = format!("{prefix}-{i}");
+        let uid = random_uuid();
+        let object = |o: PodObject| {
+            o.annotated()
+                .service_account("start")
+                .irsa_env(ROLE, "us-west-2")
+        };
+        cluster.apply(&object(PodObject::pending(
+            "shop",
+            &name,
+            &uid,
+            cluster.node.name(),
+        )));
+        let pod = cluster
+            .node
+            .add_pod(PodSpec::new("shop", &name).uid(&uid).projected(
+                IRSA_VOLUME,
+                "token",
+                "token",
+            ));
+        let out = pod
+            .command(test_bin("lattice-test-client"))
+            .uid(1000)
+            .args([
+                "first-call",
+                &format!("{LATTICE_V4}:80"),
+                HOST,
+                &format!("/{prefix}/{i}"),
+            ])
+            .run(Duration::from_secs(30));
+        let call: Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("{name}: first-call output ({e}): {out}"));
+        let total = call["total_us"].as_u64().unwrap_or_default();
+        match (call["outcome"].as_str(), call["status"].as_u64()) {
+            (Some("reply"), Some(200)) => {
+                starts.signed += 1;
+                starts.call_us.push(total);
+            }
+            (Some("refused"), _) => {
+                starts.refused += 1;
+                starts.slowest_refusal_us = starts.slowest_refusal_us.max(total);
+            }
+            _ => starts.failed.push(format!("{name}: {call}")),
+        }
+        // The kubelet reports the pod running after its containers started.
+        cluster.apply(&object(PodObject::new(&pod, cluster.node.name())));
+        running.push_back((pod, name));
+        if running.len() > WINDOW {
+            let (old, old_name) = running.pop_front().expect("a running pod");
+            drop(old);
+            cluster.api.delete_pod("shop", &old_name);
+        }
+    }
+    starts
+}
+
+/// Requests under `/<prefix>/` the verifier refused as unsigned.
+fn unsigned(verifier: &Verifier, prefix: &str) -> Vec<String> {
+    verifier
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with(&format!("/{prefix}/")) && r.status != 200)
+        .map(|r| format!("{} {}", r.path, r.status))
+        .collect()
+}
+
+#[test]
+fn pods_calling_lattice_at_their_first_instruction_are_never_unsigned() {
+    if !require_root("pods_calling_lattice_at_their_first_instruction_are_never_unsigned") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let python = python().unwrap_or_else(|m| panic!("{m}"));
+    let verifier = Verifier::start_as(
+        cluster.node.command(python),
+        LATTICE_V4,
+        80,
+        &lattice_tests::verifier::UNUSED_KEY,
+        &["--moto-sts-port", MOTO_PORT],
+    );
+    let bpffs = Bpffs::new();
+    let pin = bpffs.path().join("lattice-node");
+    let pin_arg = pin.to_str().unwrap().to_owned();
+    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let env = [("AWS_ENDPOINT_URL_STS", sts.as_str())];
+
+    // Without the plugin: a pod is enrolled once the API shows it running,
+    // too late for an app that calls at once.
+    let mut agent = NodeAgent::start(&cluster, cluster.agent_command(["--pin", &pin_arg]), &env);
+    let control = start_pods(&cluster, "control", CONTROL_STARTS);
+    let control_unsigned = unsigned(&verifier, "control");
+    agent.stop();
+
+    let mut args = vec!["--pin".into(), pin_arg.clone().into()];
+    args.extend(cluster.cni_args());
+    let mut agent = NodeAgent::start(&cluster, cluster.agent_command(args), &env);
+    let conflist = chained_conflist(&cluster);
+    let mut with_plugin = start_pods(&cluster, "start", STARTS);
+    let start_unsigned = unsigned(&verifier, "start");
+
+    let record = Record {
+        id: "pod-start",
+        fault: "pod start: the app calls Lattice at its first instruction, before the API shows the pod running".into(),
+        load: format!("{STARTS} pod starts (CNI chain loopback, bridge, lattice-cni), one call each"),
+        attempted: with_plugin.attempted(),
+        failed: with_plugin.refused + with_plugin.failed.len() as u64,
+        unsigned: start_unsigned.len() as u64,
+        recovery_ms: None,
+        notes: format!(
+            "first call p50 {:.1} ms / p99 {:.1} ms (includes fetching the pod's credentials); without the plugin {} of {CONTROL_STARTS} first calls left unsigned",
+            with_plugin.p(0.5),
+            with_plugin.p(0.99),
+            control_unsigned.len(),
+        ),
+    };
+    record.save();
+    assert!(
+        !control_unsigned.is_empty(),
+        "without the plugin every first call was signed: the test no longer sees the race it guards against ({control:?})"
+    );
+    assert!(
+        start_unsigned.is_empty(),
+        "requests reached the service unsigned: {start_unsigned:?}\n{}",
+        agent.log()
+    );
+    assert!(
+        with_plugin.failed.is_empty(),
+        "first calls neither signed nor refused: {:?}",
+        with_plugin.failed
+    );
+    assert!(
+        with_plugin.slowest_refusal_us < REFUSED_FAST.as_micros() as u64,
+        "a refusal took {} µs",
+        with_plugin.slowest_refusal_us
+    );
+
+    // An agent leaving for good (not in a DaemonSet here) takes the plugin
+    // out of the chain.
+    let status = agent.stop();
+    assert!(status.success(), "{status}\n{}", agent.log());
+    let after: Value = serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
+    assert!(
+        !after.to_string().contains("lattice-cni"),
+        "plugin left in {}: {after}",
+        conflist.display()
+    );
+}
+
+/// The node's configuration list, once the agent has chained the plugin
+/// last in it.
+fn chained_conflist(cluster: &Cluster) -> std::path::PathBuf {
+    let file = cluster
+        .node
+        .cni_conf_dir()
+        .join(format!("10-{}.conflist", cluster.node.name()));
+    let list: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let plugins = list["plugins"].as_array().expect("plugins");
+    assert_eq!(
+        plugins
+            .iter()
+            .map(|p| p["type"].clone())
+            .collect::<Vec<_>>(),
+        ["bridge", "lattice-cni"],
+        "{list}"
+    );
+    assert!(cluster.node.cni_bin_dir().join("lattice-cni").is_file());
+    file
+}
