@@ -267,6 +267,76 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
     );
 }
 
+/// The Lattice service itself goes away for 2 s under load and comes back:
+/// meanwhile the agent answers each request with 502 (the app's connects
+/// to the agent still succeed: no hang, no refusal), nothing goes out
+/// unsigned, and requests succeed again once the service is back, without
+/// anything restarting.
+#[test]
+fn upstream_down_under_load_502s_then_recovers() {
+    if !require_root("upstream_down_under_load_502s_then_recovers") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let python = python().unwrap_or_else(|m| panic!("{m}"));
+    let service = || {
+        Verifier::start_as(
+            cluster.node.command(&python),
+            LATTICE_V4,
+            80,
+            &DEMO_CREDENTIALS,
+            &[],
+        )
+    };
+    let before = service();
+    let pod = cluster.node.add_pod(PodSpec::new("shop", "upstream-0"));
+    let container = pod.add_container();
+    let _sidecar = start_sidecar(&cluster, &pod, &container);
+
+    let load = start_load(&pod, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let unsigned_before = unsigned(&before);
+    drop(before);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = service();
+    let back = monotonic_ns();
+    let result = load_result(load, Duration::from_secs(40));
+    let recovered = result["recovered_ns"].as_u64().map(u128::from);
+    let record = Record {
+        id: "upstream-down",
+        fault: "the Lattice service down for 2 s".into(),
+        load: "1 app, new connection per request, back to back, 8 s".into(),
+        attempted: count(&result, "ok") + count(&result, "failed") + count(&result, "refused"),
+        failed: count(&result, "failed") + count(&result, "refused"),
+        unsigned: unsigned_before + unsigned(&after),
+        recovery_ms: recovered.map(|r| (r.saturating_sub(back)) as f64 / 1e6),
+        notes: format!(
+            "every failure a 502 from the agent ({} during the outage); recovery counted from \
+             the service listening again",
+            count(&result, "failed")
+        ),
+    };
+    record.save();
+    assert_eq!(
+        record.unsigned, 0,
+        "unsigned requests reached the service: {result}"
+    );
+    assert_eq!(count(&result, "refused"), 0, "{result}");
+    assert!(
+        count(&result, "failed") > 0,
+        "the outage went unseen: {result}"
+    );
+    let reasons = result["reasons"].as_array().expect("reasons");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.as_str().is_some_and(|r| r.starts_with("HTTP/1.1 502 "))),
+        "failures other than 502: {result}"
+    );
+    assert!(recovered.is_some(), "never recovered: {result}");
+    assert!(count(&result, "ok") > 100, "{result}");
+}
+
 /// A rolling update of the node agent, as the DaemonSet does it
 /// (`maxSurge: 1`): the new agent starts beside the old one, takes the
 /// pods' listening sockets over (`--run-dir`'s control socket), and the old

@@ -7,6 +7,7 @@ mod cmd;
 mod demo;
 mod ebpf;
 mod image;
+mod reliability;
 mod setup;
 mod test;
 
@@ -52,6 +53,13 @@ enum Task {
         #[arg(long, default_value = "all")]
         arch: image::Platforms,
     },
+    /// Print the "Reliability" table from the last `cargo xtask test` run's
+    /// records (<target>/reliability/*.json).
+    Reliability {
+        /// Also write it into README.md between its reliability markers.
+        #[arg(long)]
+        update_readme: bool,
+    },
     /// Benchmark lattice against direct traffic and iptables interception;
     /// writes <target>/bench/report.{md,json,png}. Needs root.
     Bench {
@@ -86,6 +94,9 @@ fn run(task: Task) -> Result<()> {
         Task::Image { arch } => {
             image::build_image(&ws.root, &ws.target_dir, &arch.arches())?;
             Ok(())
+        }
+        Task::Reliability { update_readme } => {
+            reliability::run(&ws.root, &ws.target_dir, update_readme)
         }
         Task::Bench { quick, pods } => bench::run(&ws, &ready, quick, pods),
     }

@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 use crate::{
     Workspace, cmd,
     image::{self, Arch},
+    reliability,
     setup::Ready,
 };
 
@@ -34,10 +35,19 @@ pub fn run(ws: &Workspace, ready: &Ready, test_args: &[String]) -> Result<()> {
     let mut failed = Vec::new();
     for step in steps(test_args) {
         eprintln!("==> {}", step.name);
+        if step.name == "test" {
+            reliability::clear(&ws.target_dir)?;
+        }
         if let Err(err) = run_step(ws, ready, &step) {
             eprintln!("==> {} FAILED: {err:#}", step.name);
             failed.push(step.name);
         }
+    }
+    // The lifecycle tests' figures, failing runs included (each test
+    // writes its record before its assertions).
+    match reliability::table(&ws.target_dir) {
+        Ok(table) => eprintln!("==> reliability (README \"Reliability\")\n{table}"),
+        Err(err) => eprintln!("==> no reliability table: {err:#}"),
     }
     if !failed.is_empty() {
         bail!("failed step(s): {}", failed.join(", "));

@@ -21,7 +21,8 @@
 //!       would; prints one JSON line: `ok` (status 200), `refused`,
 //!       `failed` (anything else, with the first few reasons), and
 //!       CLOCK_MONOTONIC ns of the first and last refusal and of the first
-//!       200 after the last refusal, the 200s' p50/p99/max latency (µs)
+//!       200 after the last refusal or failure (`recovered_ns`), the 200s'
+//!       p50/p99/max latency (µs)
 //!   lattice-test-client load-keepalive ADDR:PORT SECS HOST
 //!       the same on one kept-alive connection at a time, as an HTTP
 //!       client library would: a request whose reused connection closes
@@ -603,6 +604,9 @@ struct LoadStats {
     reasons: Vec<String>,
     first_refused: Option<u128>,
     last_refused: Option<u128>,
+    /// The last refusal or failure: an outage as the app sees it.
+    last_bad: Option<u128>,
+    /// The first 200 after `last_bad`.
     recovered: Option<u128>,
     /// Request latencies of the 200s, microseconds.
     latencies_us: Vec<u64>,
@@ -613,7 +617,7 @@ impl LoadStats {
         self.ok += 1;
         self.latencies_us
             .push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        if self.last_refused.is_some() && self.recovered.is_none() {
+        if self.last_bad.is_some() && self.recovered.is_none() {
             self.recovered = Some(lattice_tests::time::monotonic_ns());
         }
     }
@@ -623,12 +627,15 @@ impl LoadStats {
         let now = lattice_tests::time::monotonic_ns();
         self.first_refused.get_or_insert(now);
         self.last_refused = Some(now);
+        self.last_bad = Some(now);
         self.recovered = None;
         std::thread::sleep(Duration::from_millis(5));
     }
 
     fn failed(&mut self, reason: String) {
         self.failed += 1;
+        self.last_bad = Some(lattice_tests::time::monotonic_ns());
+        self.recovered = None;
         if self.reasons.len() < 5 {
             self.reasons.push(reason);
         }
