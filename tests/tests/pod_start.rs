@@ -235,3 +235,72 @@ fn chained_conflist(cluster: &Cluster) -> std::path::PathBuf {
     assert!(cluster.node.cni_bin_dir().join("lattice-cni").is_file());
     file
 }
+
+/// The chain is kept and the plugin fails closed: the runtime rewriting its
+/// configuration drops the plugin, and the agent chains it again; while no
+/// agent serves the socket (killed: a crash leaves the chain as it is), a
+/// pod's sandbox fails with an error naming the cause (failurePolicy
+/// fail, the default) while pods of an exempt namespace (kube-system)
+/// start; once an agent serves again, pods start enrolled.
+#[test]
+fn the_chain_is_kept_and_sandboxes_wait_for_the_agent() {
+    if !require_root("the_chain_is_kept_and_sandboxes_wait_for_the_agent") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let python = python().unwrap_or_else(|m| panic!("{m}"));
+    let verifier = Verifier::start_as(
+        cluster.node.command(python),
+        LATTICE_V4,
+        80,
+        &lattice_tests::verifier::UNUSED_KEY,
+        &["--moto-sts-port", MOTO_PORT],
+    );
+    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let env = [("AWS_ENDPOINT_URL_STS", sts.as_str())];
+    let start = || NodeAgent::start(&cluster, cluster.agent_command(cluster.cni_args()), &env);
+    let mut agent = start();
+    let conflist = chained_conflist(&cluster);
+
+    // The primary CNI writes its file again, without the plugin.
+    let mut list: Value = serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
+    list["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["type"] != "lattice-cni");
+    std::fs::write(&conflist, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
+    let rewritten = std::time::Instant::now();
+    while !std::fs::read_to_string(&conflist)
+        .unwrap()
+        .contains("lattice-cni")
+    {
+        assert!(
+            rewritten.elapsed() < Duration::from_secs(10),
+            "the plugin was not chained again:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("chained again after {:?}", rewritten.elapsed());
+    chained_conflist(&cluster);
+
+    agent.kill();
+    let err = match cluster.node.try_add_pod(PodSpec::new("shop", "no-agent-0")) {
+        Ok(pod) => panic!("{} started while no agent served the plugin", pod.uid()),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("lattice node agent unreachable") && err.contains("failurePolicy fail"),
+        "{err}"
+    );
+    let exempt = cluster
+        .node
+        .try_add_pod(PodSpec::new("kube-system", "dns-0"))
+        .unwrap_or_else(|e| panic!("an exempt pod failed to start: {e}"));
+    drop(exempt);
+
+    let _agent = start();
+    let back = start_pods(&cluster, "back", 3);
+    assert!(back.failed.is_empty() && back.signed > 0, "{back:?}");
+    assert!(unsigned(&verifier, "back").is_empty());
+}
