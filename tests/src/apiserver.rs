@@ -13,7 +13,9 @@
 //! - Resources: `pods` and `namespaces` (read, list, watch; their state is
 //!   set by the test through [`ApiServer::apply_pod`] and friends), `v1`
 //!   `events` and `events.k8s.io/v1` `events` (also create and patch, so
-//!   clients can post Events; [`ApiServer::events`] returns them).
+//!   clients can post Events; [`ApiServer::events`] returns them), and
+//!   `apps/v1` `daemonsets` (read, list, watch; set by the test through
+//!   [`ApiServer::apply_daemonset`]).
 //! - Objects are the real JSON shape. One global resourceVersion counter
 //!   orders every change (as etcd's revision does); the server assigns
 //!   `metadata.uid`, `resourceVersion` and `creationTimestamp`, and a name
@@ -50,7 +52,7 @@
 //!   real server's main columns for pods and namespaces) and `as=PartialObjectMetadata`
 //!   (kube-rs's metadata watches); JSON otherwise.
 //! - Discovery: `/version`, `/api`, `/api/v1`, `/apis`,
-//!   `/apis/events.k8s.io[/v1]` (the legacy documents; a client asking for
+//!   `/apis/apps[/v1]`, `/apis/events.k8s.io[/v1]` (the legacy documents; a client asking for
 //!   aggregated discovery falls back to them as with an older server),
 //!   `/healthz`, `/livez`, `/readyz`; and an OpenAPI v3 index and
 //!   group-version documents without schemas that only declare the
@@ -317,6 +319,18 @@ impl ApiServer {
 
     pub fn namespace(&self, name: &str) -> Option<Value> {
         self.shared.store().get(Kind::Namespace, name).cloned()
+    }
+
+    /// Creates or replaces a DaemonSet (`apps/v1`), as
+    /// [`ApiServer::apply_pod`]. A `metadata.deletionTimestamp` in it marks
+    /// it as being deleted (the stand-in has no graceful deletion itself).
+    pub fn apply_daemonset(&self, daemonset: Value) -> Value {
+        self.apply(Kind::DaemonSet, daemonset)
+    }
+
+    /// Deletes a DaemonSet (not its pods).
+    pub fn delete_daemonset(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.delete(Kind::DaemonSet, &store::key(namespace, name))
     }
 
     /// The Events clients created (both APIs), in order of creation, each
@@ -642,6 +656,7 @@ fn parse_target(segments: &[&str]) -> Option<Target> {
     let (kinds, rest): (&[Kind], &[&str]) = match segments {
         ["api", "v1", rest @ ..] => (&[Kind::Pod, Kind::Namespace, Kind::Event], rest),
         ["apis", "events.k8s.io", "v1", rest @ ..] => (&[Kind::EventV1], rest),
+        ["apis", "apps", "v1", rest @ ..] => (&[Kind::DaemonSet], rest),
         _ => return None,
     };
     let kind_of = |plural: &str| {
@@ -693,6 +708,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         ["api", "v1"] if get => return discovery(wire::core_resources()),
         ["apis"] if get => return discovery(wire::group_list()),
         ["apis", "events.k8s.io"] if get => return discovery(wire::events_group_doc()),
+        ["apis", "apps"] if get => return discovery(wire::apps_group_doc()),
+        ["apis", "apps", "v1"] if get => return discovery(wire::apps_resources()),
         ["apis", "events.k8s.io", "v1"] if get => return discovery(wire::events_resources()),
         ["openapi", "v3"] if get => return discovery(wire::openapi_v3_root()),
         ["openapi", "v3", "api", "v1"] if get => {
@@ -700,6 +717,9 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         ["openapi", "v3", "apis", "events.k8s.io", "v1"] if get => {
             return discovery(wire::openapi_v3(&[Kind::EventV1]));
+        }
+        ["openapi", "v3", "apis", "apps", "v1"] if get => {
+            return discovery(wire::openapi_v3(&[Kind::DaemonSet]));
         }
         ["healthz" | "livez" | "readyz"] if get => {
             return Ok(respond(

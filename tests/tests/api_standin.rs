@@ -427,6 +427,52 @@ fn kubectl_lists_what_was_applied() {
     );
 }
 
+/// DaemonSets (`apps/v1`, read only): kubectl finds the group by
+/// discovery, gets one, sees it gone once deleted.
+#[test]
+fn kubectl_gets_daemonsets_of_the_apps_group() {
+    let server = ApiServer::start();
+    server.apply_namespace(namespace_manifest("lattice-system"));
+    let applied = server.apply_daemonset(json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": { "name": "lattice-agent", "namespace": "lattice-system" },
+        "spec": { "selector": { "matchLabels": { "app": "lattice-agent" } } },
+    }));
+    let kubectl = Kubectl::new(&server);
+    let one = kubectl.json(&[
+        "get",
+        "ds",
+        "lattice-agent",
+        "-n",
+        "lattice-system",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(one["apiVersion"], "apps/v1");
+    assert_eq!(one["kind"], "DaemonSet");
+    assert_eq!(one["metadata"]["uid"], applied["metadata"]["uid"]);
+    let table = kubectl.run(&["get", "daemonsets", "-A"]);
+    assert!(
+        table.success() && table.stdout.contains("lattice-agent"),
+        "{table}"
+    );
+
+    assert!(
+        server
+            .delete_daemonset("lattice-system", "lattice-agent")
+            .is_some()
+    );
+    let missing = kubectl.run(&["get", "daemonset", "lattice-agent", "-n", "lattice-system"]);
+    assert!(!missing.success());
+    assert!(
+        missing
+            .stderr
+            .contains("daemonsets.apps \"lattice-agent\" not found"),
+        "{missing}"
+    );
+}
+
 #[test]
 fn kubectl_selectors_filter() {
     let server = ApiServer::start();

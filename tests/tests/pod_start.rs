@@ -304,3 +304,68 @@ fn the_chain_is_kept_and_sandboxes_wait_for_the_agent() {
     assert!(back.failed.is_empty() && back.signed > 0, "{back:?}");
     assert!(unsigned(&verifier, "back").is_empty());
 }
+
+/// Run by a DaemonSet (`POD_NAME`, `POD_NAMESPACE` from the downward API),
+/// an agent that exits keeps the plugin in the chain while its DaemonSet
+/// stands (a restart or an upgrade: new pods wait for the next agent rather
+/// than start un-intercepted), and takes it out once the DaemonSet is being
+/// deleted (lattice uninstalled).
+#[test]
+fn the_plugin_leaves_the_chain_only_with_the_daemonset() {
+    if !require_root("the_plugin_leaves_the_chain_only_with_the_daemonset") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let daemonset = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": { "name": "lattice-agent", "namespace": "lattice-system" },
+        "spec": { "selector": { "matchLabels": { "app": "lattice-agent" } } },
+    });
+    let ds = cluster.api.apply_daemonset(daemonset.clone());
+    cluster.api.apply_pod(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "lattice-agent-x7k2p",
+            "namespace": "lattice-system",
+            "labels": { "app": "lattice-agent" },
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "lattice-agent",
+                "uid": ds["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": { "containers": [{ "name": "agent", "image": "lattice-agent" }] },
+    }));
+    let env = [
+        ("POD_NAME", "lattice-agent-x7k2p"),
+        ("POD_NAMESPACE", "lattice-system"),
+    ];
+    let start = || NodeAgent::start(&cluster, cluster.agent_command(cluster.cni_args()), &env);
+
+    let mut agent = start();
+    let conflist = chained_conflist(&cluster);
+    let status = agent.stop();
+    assert!(status.success(), "{status}\n{}", agent.log());
+    assert!(
+        std::fs::read_to_string(&conflist)
+            .unwrap()
+            .contains("lattice-cni"),
+        "the plugin left the chain while the DaemonSet stands:\n{}",
+        agent.log()
+    );
+
+    let mut agent = start();
+    chained_conflist(&cluster);
+    let mut deleting = daemonset;
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+    cluster.api.apply_daemonset(deleting);
+    let status = agent.stop();
+    assert!(status.success(), "{status}\n{}", agent.log());
+    let after = std::fs::read_to_string(&conflist).unwrap();
+    assert!(
+        !after.contains("lattice-cni"),
+        "the plugin stayed after the DaemonSet went:\n{after}\n{}",
+        agent.log()
+    );
+}

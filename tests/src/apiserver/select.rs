@@ -203,6 +203,7 @@ fn field_labels(kind: Kind) -> &'static [&'static str] {
             "status.nominatedNodeName",
         ],
         Kind::Namespace => &["metadata.name", "status.phase"],
+        Kind::DaemonSet => &["metadata.name", "metadata.namespace"],
         Kind::Event => &[
             "metadata.name",
             "metadata.namespace",

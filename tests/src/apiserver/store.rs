@@ -18,12 +18,15 @@ pub(crate) enum Kind {
     /// `events.k8s.io/v1` Event, stored apart from the core ones: the real
     /// server converts between the two, the stand-in does not.
     EventV1,
+    /// `apps/v1` DaemonSet (read only through the API: the test sets it).
+    DaemonSet,
 }
 
 impl Kind {
     pub(crate) fn api_version(self) -> &'static str {
         match self {
             Kind::EventV1 => "events.k8s.io/v1",
+            Kind::DaemonSet => "apps/v1",
             _ => "v1",
         }
     }
@@ -33,6 +36,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::Event | Kind::EventV1 => "Event",
+            Kind::DaemonSet => "DaemonSet",
         }
     }
 
@@ -41,6 +45,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Namespace => "namespaces",
             Kind::Event | Kind::EventV1 => "events",
+            Kind::DaemonSet => "daemonsets",
         }
     }
 
@@ -53,6 +58,7 @@ impl Kind {
     pub(crate) fn resource_name(self) -> &'static str {
         match self {
             Kind::EventV1 => "events.events.k8s.io",
+            Kind::DaemonSet => "daemonsets.apps",
             _ => self.plural(),
         }
     }
@@ -60,6 +66,7 @@ impl Kind {
     pub(crate) fn group(self) -> &'static str {
         match self {
             Kind::EventV1 => "events.k8s.io",
+            Kind::DaemonSet => "apps",
             _ => "",
         }
     }
@@ -90,6 +97,13 @@ impl Kind {
             }
             Kind::Event => obj["involvedObject"] = json!({}),
             Kind::EventV1 => obj["eventTime"] = Value::Null,
+            Kind::DaemonSet => {
+                obj["spec"] = json!({ "selector": null, "template": { "metadata": { "creationTimestamp": null }, "spec": { "containers": null } } });
+                obj["status"] = json!({
+                    "currentNumberScheduled": 0, "numberMisscheduled": 0,
+                    "desiredNumberScheduled": 0, "numberReady": 0,
+                });
+            }
         }
         obj
     }

@@ -159,9 +159,35 @@ fn events_group() -> Value {
     })
 }
 
+fn apps_group() -> Value {
+    json!({
+        "name": "apps",
+        "versions": [{ "groupVersion": "apps/v1", "version": "v1" }],
+        "preferredVersion": { "groupVersion": "apps/v1", "version": "v1" },
+    })
+}
+
 /// `GET /apis`.
 pub(crate) fn group_list() -> Value {
-    json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [events_group()] })
+    json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [apps_group(), events_group()] })
+}
+
+/// `GET /apis/apps`.
+pub(crate) fn apps_group_doc() -> Value {
+    let mut group = apps_group();
+    group["kind"] = json!("APIGroup");
+    group["apiVersion"] = json!("v1");
+    group
+}
+
+/// `GET /apis/apps/v1`.
+pub(crate) fn apps_resources() -> Value {
+    json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": "apps/v1",
+        "resources": [resource(Kind::DaemonSet, READ, &["ds"])],
+    })
 }
 
 /// `GET /apis/events.k8s.io`.
@@ -217,7 +243,11 @@ pub(crate) fn events_resources() -> Value {
 /// `GET /openapi/v3`: the group-versions with a document.
 pub(crate) fn openapi_v3_root() -> Value {
     let entry = |gv: &str| json!({ "serverRelativeURL": format!("/openapi/v3/{gv}?hash=STANDIN") });
-    json!({ "paths": { "api/v1": entry("api/v1"), "apis/events.k8s.io/v1": entry("apis/events.k8s.io/v1") } })
+    json!({ "paths": {
+        "api/v1": entry("api/v1"),
+        "apis/apps/v1": entry("apis/apps/v1"),
+        "apis/events.k8s.io/v1": entry("apis/events.k8s.io/v1"),
+    } })
 }
 
 /// `GET /openapi/v3/<group-version>`: just enough OpenAPI for kubectl to
@@ -415,6 +445,13 @@ fn table(kind: Kind, objects: &[&Value], include: IncludeObject, metadata: Optio
             column("Name", "string", "name", 0, "Name of the object"),
             column("Created At", "date", "", 0, "Time of creation"),
         ],
+        Kind::DaemonSet => vec![
+            column("Name", "string", "name", 0, "Name of the daemon set"),
+            column("Desired", "integer", "", 0, "Pods that should run"),
+            column("Current", "integer", "", 0, "Pods running"),
+            column("Ready", "integer", "", 0, "Pods ready"),
+            column("Age", "string", "", 0, "Time since creation"),
+        ],
     };
     let rows: Vec<Value> = objects
         .iter()
@@ -457,6 +494,16 @@ fn table(kind: Kind, objects: &[&Value], include: IncludeObject, metadata: Optio
                     age
                 ]),
                 Kind::Event | Kind::EventV1 => json!([name, created]),
+                Kind::DaemonSet => {
+                    let count = |f: &str| object["status"][f].as_u64().unwrap_or(0);
+                    json!([
+                        name,
+                        count("desiredNumberScheduled"),
+                        count("currentNumberScheduled"),
+                        count("numberReady"),
+                        age
+                    ])
+                }
             };
             let mut row = json!({ "cells": cells });
             match include {
