@@ -480,8 +480,10 @@ def cmd_node(args):
     docs = render(args.kubectl, os.path.join(args.workspace, "deploy", "node"))
     daemonsets = find_docs(docs, "DaemonSet")
     roles = find_docs(docs, "ClusterRole")
-    check(len(daemonsets) == 1 and len(roles) == 1, "deploy/node: one DaemonSet, one ClusterRole")
-    print(json.dumps({"daemonset": daemonsets[0], "clusterrole": roles[0],
+    ns_roles = find_docs(docs, "Role")
+    check(len(daemonsets) == 1 and len(roles) == 1 and len(ns_roles) == 1,
+          "deploy/node: one DaemonSet, one ClusterRole, one Role")
+    print(json.dumps({"daemonset": daemonsets[0], "clusterrole": roles[0], "role": ns_roles[0],
                       "kinds": sorted(d["kind"] for d in docs)}))
 
 

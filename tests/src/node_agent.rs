@@ -61,6 +61,11 @@ pub const NODE_START_CAPS: [&str; 5] = [
 ];
 /// What it keeps once it runs as UID 101, to serve pods that arrive later.
 pub const NODE_KEPT_CAPS: [&str; 3] = ["sys_admin", "sys_ptrace", "dac_read_search"];
+/// Added to both sets when it chains the CNI plugin (deploy/node does):
+/// putting the plugin back into the runtime's root-owned configuration
+/// whenever the node's CNI rewrites it, as UID 101, and giving the new
+/// file back to its owner.
+pub const NODE_CNI_CAPS: [&str; 2] = ["dac_override", "chown"];
 
 /// A node and the API stand-in, reachable on the node's loopback.
 pub struct Cluster {

@@ -64,8 +64,9 @@ fn kyverno_policy_injects_the_native_sidecar_into_annotated_templates_only() {
 
 /// deploy/node grants the node agent what tests/tests/node_privilege.rs
 /// measured and nothing more: RBAC read on pods and namespaces and create
-/// on events (no secrets, no tokens); a non-privileged container with the
-/// measured capabilities; the host's PID namespace and four hostPaths
+/// on events (no secrets, no tokens), and in its own namespace get on
+/// DaemonSets; a non-privileged container with the measured capabilities
+/// (the CNI plugin's included); the host's PID namespace and six hostPaths
 /// (two read-only); readiness on /readyz; every node; updates that surge
 /// a new agent beside the old one, never leaving the node without one.
 #[test]
@@ -92,6 +93,8 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
             "ClusterRoleBinding",
             "DaemonSet",
             "Namespace",
+            "Role",
+            "RoleBinding",
             "ServiceAccount"
         ])
     );
@@ -132,6 +135,13 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
     want.sort();
     assert_eq!(got, want, "ClusterRole rules");
 
+    assert_eq!(
+        v["role"]["rules"],
+        serde_json::json!([{"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]}]),
+        "Role rules"
+    );
+    assert_eq!(v["role"]["metadata"]["namespace"], "lattice-system");
+
     let ds = &v["daemonset"];
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["hostPID"], true);
@@ -164,6 +174,7 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
     added.sort();
     let mut measured: Vec<String> = lattice_tests::node_agent::NODE_START_CAPS
         .iter()
+        .chain(&lattice_tests::node_agent::NODE_CNI_CAPS)
         .map(|c| c.to_uppercase())
         .collect();
     measured.sort();
@@ -175,6 +186,24 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
             && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
         "NODE_NAME from the downward API"
     );
+    for (name, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        assert!(
+            env.iter()
+                .any(|e| e["name"] == name && e["valueFrom"]["fieldRef"]["fieldPath"] == field),
+            "{name} from the downward API"
+        );
+    }
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{name} set"))
+    };
+    assert_eq!(value("LATTICE_CNI_CONF_DIR"), "/etc/cni/net.d");
+    assert_eq!(value("LATTICE_CNI_BIN_DIR"), "/opt/cni/bin");
     let run_dir = env
         .iter()
         .find(|e| e["name"] == "LATTICE_RUN_DIR")
@@ -217,6 +246,8 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
     assert_eq!(
         host_paths,
         [
+            ("/etc/cni/net.d".to_owned(), "None".to_owned(), false),
+            ("/opt/cni/bin".to_owned(), "None".to_owned(), false),
             ("/sys/fs/bpf".to_owned(), "None".to_owned(), false),
             ("/sys/fs/cgroup".to_owned(), "None".to_owned(), true),
             (

@@ -16,6 +16,11 @@
 //! - DAC_READ_SEARCH: the kubelet's pod directories are root's, mode 0750,
 //!   and the projected tokens are inside them.
 //!
+//! With the CNI plugin chained (deploy/node), DAC_OVERRIDE and CHOWN are
+//! added to both sets: as UID 101 the agent writes the plugin back into
+//! the runtime's root-owned configuration directory whenever the node's CNI
+//! rewrites its file, and gives the new file back to root.
+//!
 //! (SETUID and SETGID switch to UID 101 after attaching.) The bounding set
 //! keeps the start set: without CAP_SETPCAP it cannot be
 //! narrowed, and with no_new_privs nothing can be regained from it.
@@ -28,7 +33,8 @@ use lattice_tests::{
     agent_bin,
     node::{LATTICE_V4, PodSpec},
     node_agent::{
-        Cluster, IRSA_VOLUME, NODE_KEPT_CAPS, NODE_START_CAPS, NodeAgent, PodObject, app_request,
+        Cluster, IRSA_VOLUME, NODE_CNI_CAPS, NODE_KEPT_CAPS, NODE_START_CAPS, NodeAgent, PodObject,
+        app_request,
     },
     require_root,
     spawn::PodCommand,
@@ -41,6 +47,8 @@ const MOTO_PORT: &str = "5000";
 /// Capability numbers (linux/capability.h) of the names used here.
 fn cap_bit(name: &str) -> u64 {
     let n = match name {
+        "chown" => 0,
+        "dac_override" => 1,
         "dac_read_search" => 2,
         "setgid" => 6,
         "setuid" => 7,
@@ -255,4 +263,105 @@ fn each_kept_capability_is_what_a_new_pod_needs() {
         !as_uid_101_with(&cluster, &without("dac_read_search"), &read),
         "the kubelet's pod directory without CAP_DAC_READ_SEARCH"
     );
+}
+
+/// With the CNI plugin: the start set plus DAC_OVERRIDE and CHOWN, kept
+/// after the switch to UID 101; the plugin is chained again after the
+/// runtime's file is rewritten, and the file stays root's. Without either
+/// capability the start fails naming it, and the kernel shows why each is
+/// needed: creating a file in the root-owned directory as UID 101, giving
+/// it to root.
+#[test]
+fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
+    if !require_root("with_the_cni_plugin_it_keeps_dac_override_and_chown") {
+        return;
+    }
+    require_tool("setpriv", "util-linux");
+    use std::os::unix::fs::MetadataExt as _;
+    let cluster = Cluster::new();
+    let start: Vec<&str> = NODE_START_CAPS
+        .iter()
+        .chain(&NODE_CNI_CAPS)
+        .copied()
+        .collect();
+    let kept: Vec<&str> = NODE_KEPT_CAPS
+        .iter()
+        .chain(&NODE_CNI_CAPS)
+        .copied()
+        .collect();
+    let with_cni = |caps: &[&str]| agent_with(&cluster, caps).args(cluster.cni_args());
+
+    let agent = NodeAgent::start(&cluster, with_cni(&start), &[]);
+    for status in thread_statuses(agent.pid()) {
+        assert_eq!(
+            status_field(&status, "Uid"),
+            "101\t101\t101\t101",
+            "{status}"
+        );
+        assert_eq!(status_field(&status, "CapEff"), mask(&kept), "{status}");
+        assert_eq!(status_field(&status, "CapPrm"), mask(&kept), "{status}");
+    }
+    let conflist = cluster
+        .node
+        .cni_conf_dir()
+        .join(format!("10-{}.conflist", cluster.node.name()));
+    let chained = || {
+        std::fs::read_to_string(&conflist)
+            .unwrap()
+            .contains("lattice-cni")
+    };
+    assert!(chained(), "{}", agent.log());
+    // The node's CNI writes its file again (as root), without the plugin.
+    let mut list: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
+    list["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["type"] != "lattice-cni");
+    std::fs::write(&conflist, serde_json::to_vec(&list).unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !chained() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not chained again as UID 101:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let meta = std::fs::metadata(&conflist).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "the file stays root's");
+    drop(agent);
+
+    for missing in NODE_CNI_CAPS {
+        let set: Vec<&str> = start.iter().copied().filter(|c| *c != missing).collect();
+        let mut cmd = with_cni(&set).build();
+        cmd.env_clear().envs(lattice_tests::node_agent::clean_env());
+        let mut child = lattice_tests::ChildGuard::spawn(cmd, format!("agent without {missing}"));
+        let status = child
+            .wait_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("started without {missing}:\n{}", child.captured()));
+        let out = child.output(status);
+        assert!(!out.success(), "started without {missing}:\n{out}");
+        let why = format!("CAP_{}", missing.to_uppercase());
+        assert!(
+            out.stderr.contains(&why),
+            "without {missing}, expected {why:?}:\n{out}"
+        );
+    }
+
+    let dir = cluster.node.cni_conf_dir();
+    let probe = dir.join("probe.tmp");
+    let probe = probe.to_str().unwrap();
+    let without = |cap: &str| -> Vec<&str> { kept.iter().copied().filter(|c| *c != cap).collect() };
+    assert!(
+        !as_uid_101_with(&cluster, &without("dac_override"), &["touch", probe]),
+        "created a file in the root-owned directory without CAP_DAC_OVERRIDE"
+    );
+    assert!(as_uid_101_with(&cluster, &kept, &["touch", probe]));
+    assert!(
+        !as_uid_101_with(&cluster, &without("chown"), &["chown", "0:0", probe]),
+        "gave a file to root without CAP_CHOWN"
+    );
+    assert!(as_uid_101_with(&cluster, &kept, &["chown", "0:0", probe]));
+    std::fs::remove_file(probe).unwrap();
 }
