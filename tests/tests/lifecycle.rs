@@ -629,7 +629,7 @@ fn credential_outage_503s_then_recovers_without_a_storm() {
     assert!(
         outage_calls.len() >= 2
             && outage_calls.len() <= 15
-            && outage.attempted >= 30
+            && outage.attempted >= 20
             && (outage_calls.len() as u64) < outage.attempted / 2,
         "{} calls to the endpoint for {} requests during {OUTAGE:?}: {outage_calls:?}",
         outage_calls.len(),

@@ -680,8 +680,10 @@ fn a_flooding_pod_does_not_starve_another() {
         held >= 1000,
         "the flood held only {held} connections: {flood_out}"
     );
+    // The flood is served too: it keeps the agent at least ten times as
+    // busy as the other pod's requests.
     assert!(
-        requests > 10_000,
+        requests > 10 * 400,
         "the flood's active clients got little through: {flood_out}"
     );
     assert!(
