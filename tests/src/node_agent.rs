@@ -224,6 +224,20 @@ impl NodeAgent {
         self.child.stderr()
     }
 
+    /// Waits until the agent's log holds `needle` (its lines are read by
+    /// another thread, which may lag behind the agent's state).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the agent's log after {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `GET <admin><path>` from the node's namespace: (status, body).
     pub fn admin(&self, path: &str) -> (u16, String) {
         let out = curl_in(&self.node_netns, &[&format!("{}{path}", self.admin)]);
