@@ -67,6 +67,16 @@ pub const NODE_KEPT_CAPS: [&str; 3] = ["sys_admin", "sys_ptrace", "dac_read_sear
 /// file back to its owner.
 pub const NODE_CNI_CAPS: [&str; 2] = ["dac_override", "chown"];
 
+/// moto's STS, on the node's loopback, served by the Lattice-like service
+/// ([`Cluster::lattice_service`]).
+pub const MOTO_PORT: &str = "5000";
+
+/// `AWS_ENDPOINT_URL_STS` for node agents: moto's STS on the node's
+/// loopback.
+pub fn sts_url() -> String {
+    format!("http://127.0.0.1:{MOTO_PORT}")
+}
+
 /// A node and the API stand-in, reachable on the node's loopback.
 pub struct Cluster {
     // Dropped first: the stand-in's listener lives in the node's netns.
@@ -157,6 +167,24 @@ impl Cluster {
             "--cni-plugin".into(),
             crate::agent::cni_plugin_bin().into(),
         ]
+    }
+
+    /// The Lattice-like service: the botocore verifier on
+    /// [`LATTICE_V4`](crate::node::LATTICE_V4):80 in the node's namespace,
+    /// accepting the keys its in-process moto STS ([`MOTO_PORT`]) issues,
+    /// with `extra` verifier arguments (e.g. a container-credentials
+    /// endpoint).
+    pub fn lattice_service(&self, extra: &[&str]) -> crate::verifier::Verifier {
+        let python = crate::verifier::python().unwrap_or_else(|m| panic!("{m}"));
+        let mut args = vec!["--moto-sts-port", MOTO_PORT];
+        args.extend_from_slice(extra);
+        crate::verifier::Verifier::start_as(
+            self.node.command(python),
+            crate::node::LATTICE_V4,
+            80,
+            &crate::verifier::UNUSED_KEY,
+            &args,
+        )
     }
 
     /// Applies `pod`'s API object.

@@ -15,7 +15,7 @@ use lattice_tests::{
     Bpffs, ChildGuard, agent_bin,
     bpftool::attached_programs,
     node::{LATTICE_V4, NodePod, PodSpec},
-    node_agent::{Cluster, NodeAgent, PodObject},
+    node_agent::{Cluster, NodeAgent, PodObject, sts_url},
     reliability::Record,
     require_root,
     spawn::Stream,
@@ -26,7 +26,6 @@ use lattice_tests::{
 use serde_json::Value;
 
 const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
-const MOTO_PORT: &str = "5000";
 /// How long the kubelet takes to start a crashed container again.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -182,14 +181,7 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
         return;
     }
     let cluster = Cluster::new();
-    let python = python().unwrap_or_else(|m| panic!("{m}"));
-    let verifier = Verifier::start_as(
-        cluster.node.command(python),
-        LATTICE_V4,
-        80,
-        &lattice_tests::verifier::UNUSED_KEY,
-        &["--moto-sts-port", MOTO_PORT],
-    );
+    let verifier = cluster.lattice_service(&[]);
     let bpffs = Bpffs::new();
     let pin = bpffs.path().join("lattice-node");
     let pin_arg = pin.to_str().unwrap().to_owned();
@@ -205,7 +197,7 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
                 "token",
             ),
     );
-    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let sts = sts_url();
     let start = || {
         NodeAgent::start(
             &cluster,
@@ -351,14 +343,7 @@ fn node_agent_replaced_under_load_loses_no_request() {
     }
     const REPLACEMENTS: usize = 3;
     let cluster = Cluster::new();
-    let python = python().unwrap_or_else(|m| panic!("{m}"));
-    let verifier = Verifier::start_as(
-        cluster.node.command(python),
-        LATTICE_V4,
-        80,
-        &lattice_tests::verifier::UNUSED_KEY,
-        &["--moto-sts-port", MOTO_PORT],
-    );
+    let verifier = cluster.lattice_service(&[]);
     let bpffs = Bpffs::new();
     let pin = bpffs.path().join("lattice-node");
     let pin_arg = pin.to_str().unwrap().to_owned();
@@ -380,7 +365,7 @@ fn node_agent_replaced_under_load_loses_no_request() {
             pod
         })
         .collect();
-    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let sts = sts_url();
     // The binary users deploy: the latencies recorded are the release's.
     let agent_bin = lattice_tests::agent::release_agent_bin();
     let start = || {

@@ -23,15 +23,14 @@ use lattice_tests::{
     node::{LATTICE_V4, NodePod, POD_IDENTITY_V4, PodSpec},
     node_agent::{
         AppReply, Cluster, INJECT, NodeAgent, POD_IDENTITY_TOKEN_FILE, POD_IDENTITY_VOLUME,
-        PodObject, app_request,
+        PodObject, app_request, sts_url,
     },
     reliability::Record,
     require_root, test_bin,
-    verifier::{UNUSED_KEY, Verifier, python},
+    verifier::UNUSED_KEY,
 };
 use serde_json::json;
 
-const MOTO_PORT: &str = "5000";
 const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
 const REGION: &str = "us-west-2";
@@ -45,24 +44,8 @@ fn role(name: &str) -> String {
     format!("arn:aws:iam::123456789012:role/{name}")
 }
 
-/// The Lattice-like service in the node's namespace, with moto's STS on
-/// the node's loopback and, given tokens, a container-credentials endpoint
-/// on the Pod Identity Agent's address.
-fn lattice_service(cluster: &Cluster, extra: &[&str]) -> Verifier {
-    let python = python().unwrap_or_else(|m| panic!("{m}"));
-    let mut args = vec!["--moto-sts-port", MOTO_PORT];
-    args.extend_from_slice(extra);
-    Verifier::start_as(
-        cluster.node.command(python),
-        LATTICE_V4,
-        80,
-        &UNUSED_KEY,
-        &args,
-    )
-}
-
 fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
-    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let sts = sts_url();
     NodeAgent::start(
         cluster,
         cluster.agent_command(args),
@@ -98,7 +81,7 @@ fn pods_sign_with_their_own_identity_none_cross_signed() {
         return;
     }
     let cluster = Cluster::new();
-    let verifier = lattice_service(&cluster, &[]);
+    let verifier = cluster.lattice_service(&[]);
     let a = cluster.node.add_pod(PodSpec::new("shop", "cart-0"));
     let b = cluster.node.add_pod(PodSpec::new("shop", "pay-0"));
     irsa_pod(&cluster, &a, "cart", 1);
@@ -203,7 +186,7 @@ fn enrollment_follows_annotations_and_namespace_labels() {
         return;
     }
     let cluster = Cluster::new();
-    let verifier = lattice_service(&cluster, &[]);
+    let verifier = cluster.lattice_service(&[]);
     let p = cluster.node.add_pod(PodSpec::new("shop", "late-0"));
     let plain = PodObject::new(&p, cluster.node.name())
         .service_account("late")
@@ -344,7 +327,7 @@ fn failed_enrollment_is_reported_and_retried() {
         return;
     }
     let cluster = Cluster::new();
-    let _verifier = lattice_service(&cluster, &[]);
+    let _verifier = cluster.lattice_service(&[]);
     let p = cluster
         .node
         .add_pod(PodSpec::new("shop", "v4only-0").ipv6(false));
@@ -404,7 +387,7 @@ fn a_pod_without_identity_gets_503_naming_it() {
         return;
     }
     let cluster = Cluster::new();
-    let verifier = lattice_service(&cluster, &[]);
+    let verifier = cluster.lattice_service(&[]);
     let p = cluster.node.add_pod(PodSpec::new("shop", "nocreds-0"));
     cluster.apply(
         &PodObject::new(&p, cluster.node.name())
@@ -454,19 +437,16 @@ fn pod_identity_follows_token_rotation() {
     let expected = cluster.node.temp_dir().join("pod-identity-token");
     fs::write(&expected, "pod-identity-token-1").unwrap();
     let token_spec = format!("@{}", expected.display());
-    let verifier = lattice_service(
-        &cluster,
-        &[
-            "--container-creds-host",
-            POD_IDENTITY_V4,
-            "--container-creds-port",
-            "80",
-            "--container-creds-token",
-            &token_spec,
-            "--container-creds-lifetime",
-            "6",
-        ],
-    );
+    let verifier = cluster.lattice_service(&[
+        "--container-creds-host",
+        POD_IDENTITY_V4,
+        "--container-creds-port",
+        "80",
+        "--container-creds-token",
+        &token_spec,
+        "--container-creds-lifetime",
+        "6",
+    ]);
     let p = cluster.node.add_pod(PodSpec::new("shop", "podid-0"));
     cluster.apply(
         &PodObject::new(&p, cluster.node.name())
@@ -530,7 +510,7 @@ fn hundred_pods_come_and_go_leaving_nothing() {
         return;
     }
     let cluster = Cluster::new();
-    let _verifier = lattice_service(&cluster, &[]);
+    let _verifier = cluster.lattice_service(&[]);
     let bpffs = Bpffs::new();
     let pin = bpffs.path().to_str().unwrap().to_owned();
     let agent = start_agent(&cluster, &["--pin", &pin]);
@@ -606,7 +586,7 @@ fn a_flooding_pod_does_not_starve_another() {
         return;
     }
     let cluster = Cluster::new();
-    let _sts = lattice_service(&cluster, &[]);
+    let _sts = cluster.lattice_service(&[]);
     let mut services = Vec::new();
     for addr in ["169.254.171.34", "169.254.171.35"] {
         cluster.node.add_lo_addr(&format!("{addr}/32"));
@@ -626,7 +606,7 @@ fn a_flooding_pod_does_not_starve_another() {
     let victim = cluster.node.add_pod(PodSpec::new("shop", "quiet-0"));
     irsa_pod(&cluster, &flooder, "flood", 1);
     irsa_pod(&cluster, &victim, "quiet", 2);
-    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let sts = sts_url();
     let agent = NodeAgent::start(
         &cluster,
         cluster.agent_command_with(release_agent_bin(), [] as [&str; 0]),
@@ -759,7 +739,7 @@ fn expired_watch_relists_and_misses_nothing() {
         return;
     }
     let cluster = Cluster::new();
-    let _verifier = lattice_service(&cluster, &[]);
+    let _verifier = cluster.lattice_service(&[]);
     let p = cluster.node.add_pod(PodSpec::new("shop", "gap-0"));
     let plain = PodObject::new(&p, cluster.node.name())
         .service_account("gap")

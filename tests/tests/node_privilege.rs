@@ -34,15 +34,12 @@ use lattice_tests::{
     node::{LATTICE_V4, PodSpec},
     node_agent::{
         Cluster, IRSA_VOLUME, NODE_CNI_CAPS, NODE_KEPT_CAPS, NODE_START_CAPS, NodeAgent, PodObject,
-        app_request,
+        app_request, sts_url,
     },
     require_root,
     spawn::PodCommand,
-    verifier::{UNUSED_KEY, Verifier, python},
 };
 use sidecar_support::{require_tool, setpriv_caps, status_field, thread_statuses};
-
-const MOTO_PORT: &str = "5000";
 
 /// Capability numbers (linux/capability.h) of the names used here.
 fn cap_bit(name: &str) -> u64 {
@@ -77,10 +74,6 @@ fn agent_with(cluster: &Cluster, caps: &[&str]) -> PodCommand {
         .args(cluster.agent_args())
 }
 
-fn sts_env() -> String {
-    format!("http://127.0.0.1:{MOTO_PORT}")
-}
-
 #[test]
 fn node_agent_serves_with_exactly_the_measured_set() {
     if !require_root("node_agent_serves_with_exactly_the_measured_set") {
@@ -88,14 +81,7 @@ fn node_agent_serves_with_exactly_the_measured_set() {
     }
     require_tool("setpriv", "util-linux");
     let cluster = Cluster::new();
-    let python = python().unwrap_or_else(|m| panic!("{m}"));
-    let _service = Verifier::start_as(
-        cluster.node.command(python),
-        LATTICE_V4,
-        80,
-        &UNUSED_KEY,
-        &["--moto-sts-port", MOTO_PORT],
-    );
+    let _service = cluster.lattice_service(&[]);
     let pod = cluster.node.add_pod(PodSpec::new("shop", "least-0"));
     cluster.apply(
         &PodObject::new(&pod, cluster.node.name())
@@ -111,7 +97,7 @@ fn node_agent_serves_with_exactly_the_measured_set() {
     let agent = NodeAgent::start(
         &cluster,
         agent_with(&cluster, &NODE_START_CAPS),
-        &[("AWS_ENDPOINT_URL_STS", &sts_env())],
+        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
     );
     agent.wait_pod(pod.uid(), Some("enrolled"), Duration::from_secs(15));
     let r = app_request(&pod, &[&format!("http://{LATTICE_V4}/least")]);

@@ -15,15 +15,14 @@ use std::{collections::VecDeque, time::Duration};
 use lattice_tests::{
     Bpffs,
     node::{LATTICE_V4, NodePod, PodSpec, random_uuid},
-    node_agent::{Cluster, IRSA_VOLUME, NodeAgent, PodObject},
+    node_agent::{Cluster, IRSA_VOLUME, NodeAgent, PodObject, sts_url},
     reliability::Record,
     require_root, test_bin,
-    verifier::{Verifier, python},
+    verifier::Verifier,
 };
 use serde_json::Value;
 
 const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
-const MOTO_PORT: &str = "5000";
 const ROLE: &str = "arn:aws:iam::123456789012:role/start";
 /// Pod starts with the plugin chained.
 const STARTS: usize = 200;
@@ -139,18 +138,11 @@ fn pods_calling_lattice_at_their_first_instruction_are_never_unsigned() {
         return;
     }
     let cluster = Cluster::new();
-    let python = python().unwrap_or_else(|m| panic!("{m}"));
-    let verifier = Verifier::start_as(
-        cluster.node.command(python),
-        LATTICE_V4,
-        80,
-        &lattice_tests::verifier::UNUSED_KEY,
-        &["--moto-sts-port", MOTO_PORT],
-    );
+    let verifier = cluster.lattice_service(&[]);
     let bpffs = Bpffs::new();
     let pin = bpffs.path().join("lattice-node");
     let pin_arg = pin.to_str().unwrap().to_owned();
-    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let sts = sts_url();
     let env = [("AWS_ENDPOINT_URL_STS", sts.as_str())];
 
     // Without the plugin: a pod is enrolled once the API shows it running,
@@ -248,15 +240,8 @@ fn the_chain_is_kept_and_sandboxes_wait_for_the_agent() {
         return;
     }
     let cluster = Cluster::new();
-    let python = python().unwrap_or_else(|m| panic!("{m}"));
-    let verifier = Verifier::start_as(
-        cluster.node.command(python),
-        LATTICE_V4,
-        80,
-        &lattice_tests::verifier::UNUSED_KEY,
-        &["--moto-sts-port", MOTO_PORT],
-    );
-    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let verifier = cluster.lattice_service(&[]);
+    let sts = sts_url();
     let env = [("AWS_ENDPOINT_URL_STS", sts.as_str())];
     let start = || NodeAgent::start(&cluster, cluster.agent_command(cluster.cni_args()), &env);
     let mut agent = start();

@@ -33,7 +33,7 @@ use std::{
 
 use lattice_tests::{
     node::{LATTICE_V4, NodePod, PodSpec},
-    node_agent::{Cluster, NodeAgent, PodObject},
+    node_agent::{Cluster, MOTO_PORT, NodeAgent, PodObject, sts_url},
     spawn::Stream,
     test_bin,
     verifier::{UNUSED_KEY, Verifier, python},
@@ -41,7 +41,6 @@ use lattice_tests::{
 use serde_json::{Value, json};
 
 const MOTO_ADDR: &str = "169.254.171.40";
-const MOTO_PORT: &str = "5000";
 const HOST: &str = "bench-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -151,7 +150,7 @@ fn run(args: &Args) -> Result<Value, String> {
         .spawn();
     upstream.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
 
-    let sts = format!("http://127.0.0.1:{MOTO_PORT}");
+    let sts = sts_url();
     let agent = NodeAgent::start(
         &cluster,
         cluster.agent_command_with(&args.agent, ["--log", "warn,lattice_agent::mode=info"]),
