@@ -238,30 +238,14 @@ pub fn serve(
     calls: mpsc::Sender<CniCall>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::UnixListener::from_std(listener)?;
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = listener.accept() => r,
-            };
-            let stream = match accepted.and_then(|(s, _)| s.into_std()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "CNI socket accept failed");
-                    continue;
-                }
-            };
-            let (lookup, calls) = (lookup.clone(), calls.clone());
-            tokio::spawn(async move {
-                if let Err(e) = answer(stream, lookup, calls).await {
-                    tracing::warn!(error = %e, "CNI plugin call failed");
-                }
-            });
-        }
-    });
-    Ok(())
+    super::spawn_unix_accept(listener, "CNI", shutdown, move |stream| {
+        let (lookup, calls) = (lookup.clone(), calls.clone());
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, lookup, calls).await {
+                tracing::warn!(error = %e, "CNI plugin call failed");
+            }
+        });
+    })
 }
 
 /// One plugin call: read it, resolve the pod, let the agent loop act,

@@ -529,39 +529,22 @@ impl NodeAgent {
             .as_pathname()
             .map(std::path::Path::to_owned)
             .unwrap_or_default();
-        listener.set_nonblocking(true)?;
-        let listener = tokio::net::UnixListener::from_std(listener)?;
         let served = Arc::clone(&self.served);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    r = listener.accept() => r,
-                };
-                let stream = match accepted.and_then(|(s, _)| s.into_std()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "control socket accept failed");
-                        continue;
-                    }
-                };
-                let (served, path) = (Arc::clone(&served), path.clone());
-                tokio::task::spawn_blocking(move || {
-                    let handed = stream
-                        .set_nonblocking(false)
-                        .map_err(|source| handover::HandoverError::Io {
-                            path: path.clone(),
-                            source,
-                        })
-                        .and_then(|()| handover::serve_successor(stream, &path, &*served));
-                    if let Err(e) = handed {
-                        tracing::warn!(error = %crate::credentials::error_chain(&e), "handing the listeners over failed");
-                    }
-                });
-            }
-        });
-        Ok(())
+        spawn_unix_accept(listener, "control", shutdown.clone(), move |stream| {
+            let (served, path) = (Arc::clone(&served), path.clone());
+            tokio::task::spawn_blocking(move || {
+                let handed = stream
+                    .set_nonblocking(false)
+                    .map_err(|source| handover::HandoverError::Io {
+                        path: path.clone(),
+                        source,
+                    })
+                    .and_then(|()| handover::serve_successor(stream, &path, &*served));
+                if let Err(e) = handed {
+                    tracing::warn!(error = %crate::credentials::error_chain(&e), "handing the listeners over failed");
+                }
+            });
+        })
     }
 
     /// Brings the served pods in line with the stores; returns when the
@@ -990,6 +973,32 @@ impl PodsReport for NodeReport {
         out.push('\n');
         out
     }
+}
+
+/// Accepts on a unix socket until `shutdown`, giving each connection (a
+/// std stream, still non-blocking) to `on_connection`, which is called on
+/// the runtime and must not block. `what` names the socket in logs.
+pub(crate) fn spawn_unix_accept(
+    listener: std::os::unix::net::UnixListener,
+    what: &'static str,
+    shutdown: CancellationToken,
+    mut on_connection: impl FnMut(std::os::unix::net::UnixStream) + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            match accepted.and_then(|(s, _)| s.into_std()) {
+                Ok(stream) => on_connection(stream),
+                Err(e) => tracing::warn!(error = %e, socket = what, "unix socket accept failed"),
+            }
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]
