@@ -361,6 +361,51 @@ impl AppReply {
     }
 }
 
+/// What one app saw over `n` sequential GETs on one kept-alive connection.
+pub struct SequentialGets {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Answers other than 200.
+    pub failed: u64,
+    /// Answers showing the request reached the service without SigV4.
+    pub unsigned: u64,
+}
+
+/// `n` sequential GETs on one connection from `pod` (as UID 1000), each
+/// timed by curl, against lattice-test-service (whose answer says whether
+/// the request arrived signed).
+pub fn sequential_gets(pod: &NodePod, url: &str, n: usize) -> SequentialGets {
+    let out = pod
+        .command("curl")
+        .uid(APP_UID)
+        .args(["-q", "-sS", "--noproxy", "*"])
+        .args(["-w", "\\n%{http_code} %{time_total}\\n"])
+        .arg(format!("{url}/r[1-{n}]"))
+        .run(Duration::from_secs(120));
+    let (mut failed, mut unsigned) = (0, 0);
+    let mut times = Vec::new();
+    for line in out.stdout.lines().filter(|l| !l.is_empty()) {
+        if line.starts_with("service ") {
+            unsigned += u64::from(line.contains("credential=none"));
+            continue;
+        }
+        let (status, t) = line
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("status and time: {line:?}\n{out}"));
+        failed += u64::from(status != "200");
+        times.push(t.parse::<f64>().unwrap());
+    }
+    assert_eq!(times.len(), n, "{out}");
+    times.sort_by(f64::total_cmp);
+    let ms = |i: usize| times[i] * 1000.0;
+    SequentialGets {
+        p50_ms: ms(n / 2),
+        p99_ms: ms(n * 99 / 100),
+        failed,
+        unsigned,
+    }
+}
+
 /// The app's curl in `pod` (its netns and app container cgroup) as
 /// [`APP_UID`], plain HTTP, never a proxy.
 pub fn app_request(pod: &NodePod, args: &[&str]) -> AppReply {

@@ -23,7 +23,7 @@ use lattice_tests::{
     node::{LATTICE_V4, NodePod, POD_IDENTITY_V4, PodSpec},
     node_agent::{
         AppReply, Cluster, INJECT, NodeAgent, POD_IDENTITY_TOKEN_FILE, POD_IDENTITY_VOLUME,
-        PodObject, app_request, sts_url,
+        PodObject, app_request, sequential_gets, sts_url,
     },
     reliability::Record,
     require_root, test_bin,
@@ -622,7 +622,7 @@ fn a_flooding_pod_does_not_starve_another() {
         "victim's request unsigned: {warm:?}"
     );
 
-    let before = victim_latency(&victim, victim_url, 200);
+    let before = sequential_gets(&victim, victim_url, 200);
 
     // As root (intercepted like any UID but 101).
     let mut flood = flooder
@@ -630,7 +630,7 @@ fn a_flooding_pod_does_not_starve_another() {
         .args(["flood", "169.254.171.34:80", "1900", "100", "20"])
         .spawn();
     std::thread::sleep(Duration::from_secs(5));
-    let during = victim_latency(&victim, victim_url, 400);
+    let during = sequential_gets(&victim, victim_url, 400);
     let status = flood
         .wait_timeout(Duration::from_secs(60))
         .expect("flood ends");
@@ -678,50 +678,6 @@ fn a_flooding_pod_does_not_starve_another() {
         before.p99_ms,
         agent.log()
     );
-}
-
-/// What one app saw over `n` sequential GETs on one kept-alive connection.
-struct Latency {
-    p50_ms: f64,
-    p99_ms: f64,
-    /// Answers other than 200.
-    failed: u64,
-    /// Answers showing the request reached the service without SigV4.
-    unsigned: u64,
-}
-
-/// `n` sequential GETs on one connection from `pod` (as UID 1000), each
-/// timed by curl; the service's answer says whether it arrived signed.
-fn victim_latency(pod: &NodePod, url: &str, n: usize) -> Latency {
-    let out = pod
-        .command("curl")
-        .uid(1000)
-        .args(["-q", "-sS", "--noproxy", "*"])
-        .args(["-w", "\\n%{http_code} %{time_total}\\n"])
-        .arg(format!("{url}/r[1-{n}]"))
-        .run(Duration::from_secs(120));
-    let (mut failed, mut unsigned) = (0, 0);
-    let mut times = Vec::new();
-    for line in out.stdout.lines().filter(|l| !l.is_empty()) {
-        if line.starts_with("service ") {
-            unsigned += u64::from(line.contains("credential=none"));
-            continue;
-        }
-        let (status, t) = line
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("status and time: {line:?}\n{out}"));
-        failed += u64::from(status != "200");
-        times.push(t.parse::<f64>().unwrap());
-    }
-    assert_eq!(times.len(), n, "{out}");
-    times.sort_by(f64::total_cmp);
-    let ms = |i: usize| times[i] * 1000.0;
-    Latency {
-        p50_ms: ms(n / 2),
-        p99_ms: ms(n * 99 / 100),
-        failed,
-        unsigned,
-    }
 }
 
 fn field(line: &str, name: &str) -> usize {

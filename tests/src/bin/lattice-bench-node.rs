@@ -13,7 +13,11 @@
 //! - keep-alive throughput (c=16) and latency (c=1) through the node agent,
 //!   through a sidecar agent, and direct, taking turns, median of rounds;
 //! - the connect4 program's cost per connect (kernel BPF statistics) from
-//!   an enrolled pod (redirected) and from a pod that is not (passed on).
+//!   an enrolled pod (redirected) and from a pod that is not (passed on);
+//! - fairness: one pod's 400 sequential requests on a kept-alive
+//!   connection, p50/p99 before and while another pod floods the agent
+//!   (1,900 slowloris connections and 100 back to back, to an upstream of
+//!   its own).
 //!
 //! The upstream is lattice-test-service --keep-alive on 169.254.171.33 in
 //! the node's namespace; STS is moto. Prints a Markdown table and writes
@@ -33,7 +37,7 @@ use std::{
 
 use lattice_tests::{
     node::{LATTICE_V4, NodePod, PodSpec},
-    node_agent::{Cluster, MOTO_PORT, NodeAgent, PodObject, sts_url},
+    node_agent::{Cluster, MOTO_PORT, NodeAgent, PodObject, sequential_gets, sts_url},
     spawn::Stream,
     test_bin,
     verifier::{UNUSED_KEY, Verifier, python},
@@ -153,7 +157,7 @@ fn run(args: &Args) -> Result<Value, String> {
     let sts = sts_url();
     let agent = NodeAgent::start(
         &cluster,
-        cluster.agent_command_with(&args.agent, ["--log", "warn,lattice_agent::mode=info"]),
+        cluster.agent_command_with(&args.agent, ["--log", "warn,lattice_agent::node=info"]),
         &[("AWS_ENDPOINT_URL_STS", &sts)],
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -280,6 +284,10 @@ fn run(args: &Args) -> Result<Value, String> {
     let sidecar_rss = rss_mib(sidecar.pid())?;
 
     let gate = connect4_cost(&cluster, &pods[0], &direct_pod)?;
+    let flood = match pods.get(1) {
+        Some(flooder) => Some(flood(&cluster, &pods[0], flooder)?),
+        None => None,
+    };
     drop(sidecar);
     drop(upstream);
     let (node, side, direct) = (medians[0], medians[1], medians[2]);
@@ -311,6 +319,58 @@ fn run(args: &Args) -> Result<Value, String> {
         "c1_p99_ms": {"node": node.2, "sidecar": side.2, "direct": direct.2},
         "added_p50_ms": {"node": node.1 - direct.1, "sidecar": side.1 - direct.1},
         "connect4_ns": {"enrolled": gate.0, "not_enrolled": gate.1},
+        "flood": flood,
+    }))
+}
+
+/// The victim's 400 sequential requests before and during a flood from
+/// `flooder` (to an upstream of its own, so the agent is what it loads).
+fn flood(cluster: &Cluster, victim: &NodePod, flooder: &NodePod) -> Result<Value, String> {
+    const FLOOD_ADDR: &str = "169.254.171.34";
+    check_stop()?;
+    cluster.node.add_lo_addr(&format!("{FLOOD_ADDR}/32"));
+    let mut upstream = cluster
+        .node
+        .command(test_bin("lattice-test-service"))
+        .args(["--keep-alive", &format!("tcp:{FLOOD_ADDR}:80")])
+        .spawn();
+    upstream.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
+    let url = format!("http://{LATTICE_V4}/fair");
+    let before = sequential_gets(victim, &url, 400);
+    let mut flood = flooder
+        .command(test_bin("lattice-test-client"))
+        .args(["flood", &format!("{FLOOD_ADDR}:80"), "1900", "100", "20"])
+        .spawn();
+    std::thread::sleep(Duration::from_secs(5));
+    let during = sequential_gets(victim, &url, 400);
+    let status = flood
+        .wait_timeout(Duration::from_secs(60))
+        .ok_or("the flood did not end")?;
+    let out = flood.output(status);
+    let requests: u64 = out
+        .stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("requests=")?.parse().ok())
+        .ok_or_else(|| format!("flood output:\n{out}"))?;
+    if before.failed + during.failed + before.unsigned + during.unsigned > 0 {
+        return Err(format!(
+            "the victim's requests failed or went unsigned during the flood: \
+             {} failed, {} unsigned",
+            before.failed + during.failed,
+            before.unsigned + during.unsigned
+        ));
+    }
+    eprintln!(
+        "bench node: flood: victim p50/p99 {:.2}/{:.2} ms before, {:.2}/{:.2} ms during \
+         ({requests} flood requests)",
+        before.p50_ms, before.p99_ms, during.p50_ms, during.p99_ms
+    );
+    Ok(json!({
+        "victim_p50_ms_before": before.p50_ms,
+        "victim_p99_ms_before": before.p99_ms,
+        "victim_p50_ms": during.p50_ms,
+        "victim_p99_ms": during.p99_ms,
+        "flood_requests": requests,
     }))
 }
 
@@ -477,6 +537,18 @@ fn markdown(r: &Value) -> String {
         f(&r["connect4_ns"]["enrolled"]),
         f(&r["connect4_ns"]["not_enrolled"]),
     ));
+    if r["flood"].is_object() {
+        out.push_str(&format!(
+            "| one pod flooding the agent | value |\n|---|--:|\n\
+             | another pod's 400 requests, p50 / p99, before the flood | {:.2} / {:.2} ms |\n\
+             | the same during the flood ({} flood requests) | {:.2} / {:.2} ms |\n\n",
+            f(&r["flood"]["victim_p50_ms_before"]),
+            f(&r["flood"]["victim_p99_ms_before"]),
+            r["flood"]["flood_requests"],
+            f(&r["flood"]["victim_p50_ms"]),
+            f(&r["flood"]["victim_p99_ms"]),
+        ));
+    }
     out.push_str("| path | keep-alive c=16 req/s | c=1 p50 ms | c=1 p99 ms | added p50 ms |\n|---|--:|--:|--:|--:|\n");
     for path in ["node", "sidecar", "direct"] {
         let added = r["added_p50_ms"]
