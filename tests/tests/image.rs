@@ -2,17 +2,20 @@
 //! file with buildah (reused while newer than the agent binaries): an OCI
 //! index of an amd64 and an arm64 (v8) image, each config naming its
 //! platform, the entrypoint and the non-root user 101, each image holding
-//! only the agent carrying the file capabilities BPF and NET_ADMIN and its
+//! only the agent, carrying the file capabilities BPF and NET_ADMIN, and
+//! the CNI plugin `/lattice-cni`, carrying none; both with their
 //! dependency list (`cargo auditable`).
 //!
 //! amd64: the unpacked root filesystem runs `lattice-agent --version` and
-//! `self-check` under chroot, and the unpacked binary started the way
-//! containerd starts deploy/sidecar (UID 101, no_new_privs, bounding set
-//! BPF + NET_ADMIN) attaches and serves /readyz.
-//! arm64: the unpacked binary is an AArch64 executable and, under Debian's
-//! qemu-user-static in a chroot of its root filesystem, prints its version
-//! and passes `self-check` (SigV4 and TLS crypto known answers, the eBPF
-//! object) as the aarch64 machine it was built for.
+//! `self-check` and the plugin's CNI VERSION command under chroot, and the
+//! unpacked binary started the way containerd starts deploy/sidecar (UID
+//! 101, no_new_privs, bounding set BPF + NET_ADMIN) attaches and serves
+//! /readyz.
+//! arm64: the unpacked binaries are AArch64 executables and, under Debian's
+//! qemu-user-static in a chroot of their root filesystem, the agent prints
+//! its version and passes `self-check` (SigV4 and TLS crypto known answers,
+//! the eBPF object) as the aarch64 machine it was built for, and the plugin
+//! answers VERSION.
 //!
 //! Needs root (chroot, setcap; buildah without a rootless setup) and
 //! buildah, skopeo, tar, getcap, qemu-aarch64-static (Debian packages,
@@ -164,7 +167,7 @@ fn unpack(arch: Arch) -> Unpacked {
     Unpacked { _tmp: tmp, rootfs }
 }
 
-/// Every regular file under `rootfs`, relative to it.
+/// Every regular file under `rootfs`, relative to it, sorted.
 fn files(rootfs: &Path) -> Vec<PathBuf> {
     fn walk(dir: &Path, base: &Path, out: &mut Vec<PathBuf>) {
         for entry in fs::read_dir(dir).expect("read rootfs").flatten() {
@@ -178,6 +181,7 @@ fn files(rootfs: &Path) -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     walk(rootfs, rootfs, &mut out);
+    out.sort();
     out
 }
 
@@ -189,6 +193,46 @@ fn assert_file_caps(agent: &Path, arch: Arch) {
         file_caps(agent),
         Some((want, "ep".to_owned())),
         "file capabilities of the {arch} image's /lattice-agent"
+    );
+}
+
+/// The plugin carries no file capabilities: the runtime runs it as root on
+/// the host, and it never runs in the container.
+fn assert_no_file_caps(plugin: &Path, arch: Arch) {
+    assert_eq!(
+        file_caps(plugin),
+        None,
+        "file capabilities of the {arch} image's /lattice-cni"
+    );
+}
+
+/// `command` (the image's `/lattice-cni`, run in its root filesystem) as
+/// the container runtime runs it for the CNI VERSION command: only
+/// `CNI_COMMAND` set, nothing on stdin. Asserts the answer is the
+/// plugin's version JSON.
+fn assert_cni_version(mut command: Command, arch: Arch) {
+    let out = command
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{arch} /lattice-cni VERSION: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{arch} /lattice-cni VERSION printed no JSON ({e}): {stdout}"));
+    assert_eq!(
+        answer,
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        }),
+        "{arch} /lattice-cni VERSION"
     );
 }
 
@@ -283,16 +327,16 @@ fn amd64_image_unpacks_and_runs_the_agent_under_chroot() {
     }
     let Unpacked { rootfs, _tmp } = unpack(Arch::Amd64);
 
-    // Nothing but the agent (and, for a glibc fallback build, its libraries).
+    // Nothing but the agent and the plugin (and, for a glibc fallback
+    // build, their libraries).
     let content = files(&rootfs);
-    assert!(
-        content.contains(&PathBuf::from("lattice-agent")),
-        "{content:?}"
-    );
+    for binary in ["lattice-agent", "lattice-cni"] {
+        assert!(content.contains(&PathBuf::from(binary)), "{content:?}");
+    }
     for file in &content {
         let name = file.to_string_lossy();
         assert!(
-            name == "lattice-agent" || name.contains(".so"),
+            name == "lattice-agent" || name == "lattice-cni" || name.contains(".so"),
             "unexpected file in the image: {name}"
         );
     }
@@ -313,6 +357,12 @@ fn amd64_image_unpacks_and_runs_the_agent_under_chroot() {
     let help = chroot(&["--help"]);
     assert!(help.contains("sidecar"), "{help}");
     assert_self_check(&chroot(&["self-check"]), "x86_64");
+
+    // The plugin runs there too, as the runtime runs it.
+    assert_no_file_caps(&rootfs.join("lattice-cni"), Arch::Amd64);
+    let mut plugin = Command::new("chroot");
+    plugin.arg(&rootfs).arg("/lattice-cni");
+    assert_cni_version(plugin, Arch::Amd64);
 
     // With the sidecar's capability set the image's non-root start works:
     // attach, drop, serve.
@@ -363,13 +413,19 @@ fn arm64_image_passes_its_self_check_under_qemu() {
     }
     let Unpacked { rootfs, _tmp } = unpack(Arch::Arm64);
 
-    // Only the agent: a static AArch64 binary, with the file capabilities
-    // (the xattr survived the arm64 layer).
+    // Only the agent and the plugin: static AArch64 binaries, the agent
+    // with the file capabilities (the xattr survived the arm64 layer).
     let content = files(&rootfs);
-    assert_eq!(content, [PathBuf::from("lattice-agent")]);
+    assert_eq!(
+        content,
+        [PathBuf::from("lattice-agent"), PathBuf::from("lattice-cni")]
+    );
     let agent_file = rootfs.join("lattice-agent");
     assert_eq!(elf_machine(&agent_file), EM_AARCH64);
     assert_file_caps(&agent_file, Arch::Arm64);
+    let plugin_file = rootfs.join("lattice-cni");
+    assert_eq!(elf_machine(&plugin_file), EM_AARCH64);
+    assert_no_file_caps(&plugin_file, Arch::Arm64);
 
     // The emulator (itself static) joins the root filesystem, so the agent
     // runs with nothing but what the image holds.
@@ -390,6 +446,11 @@ fn arm64_image_passes_its_self_check_under_qemu() {
         format!("lattice-agent {}", env!("CARGO_PKG_VERSION"))
     );
     assert_self_check(&run(&["self-check"]), "aarch64");
+    let mut plugin = Command::new("chroot");
+    plugin
+        .arg(&rootfs)
+        .args(["/qemu-aarch64-static", "/lattice-cni"]);
+    assert_cni_version(plugin, Arch::Arm64);
 }
 
 /// The crates `cargo auditable` embedded in `binary`, name to versions.
@@ -428,11 +489,11 @@ fn locked_versions(names: &[&str]) -> BTreeMap<String, String> {
 }
 
 #[test]
-fn both_binaries_carry_their_dependency_list() {
-    if !ready("both_binaries_carry_their_dependency_list") {
+fn every_binary_carries_its_dependency_list() {
+    if !ready("every_binary_carries_its_dependency_list") {
         return;
     }
-    let wanted = [
+    let agent_crates = [
         "lattice-agent",
         "aws-sigv4",
         "aya",
@@ -440,16 +501,22 @@ fn both_binaries_carry_their_dependency_list() {
         "rustls",
         "tokio",
     ];
-    let locked = locked_versions(&wanted);
-    assert_eq!(locked.len(), wanted.len(), "{locked:?}");
+    let plugin_crates = ["lattice-cni", "nix", "serde_json"];
     for arch in Arch::ALL {
         let Unpacked { rootfs, _tmp } = unpack(arch);
-        let crates = audited_crates(&rootfs.join("lattice-agent"));
-        for (name, version) in &locked {
-            assert!(
-                crates.get(name).is_some_and(|v| v.contains(version)),
-                "{arch}: {name} {version} not in the embedded list: {crates:?}"
-            );
+        for (binary, wanted) in [
+            ("lattice-agent", &agent_crates[..]),
+            ("lattice-cni", &plugin_crates[..]),
+        ] {
+            let locked = locked_versions(wanted);
+            assert_eq!(locked.len(), wanted.len(), "{locked:?}");
+            let crates = audited_crates(&rootfs.join(binary));
+            for (name, version) in &locked {
+                assert!(
+                    crates.get(name).is_some_and(|v| v.contains(version)),
+                    "{arch} /{binary}: {name} {version} not in the embedded list: {crates:?}"
+                );
+            }
         }
     }
 }

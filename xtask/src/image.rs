@@ -4,7 +4,12 @@
 //! engine, nothing run inside the image, so no emulation for the foreign
 //! platform) and written to `<target>/image/lattice-agent.oci.tar`.
 //!
-//! The agent is statically linked for `<arch>-unknown-linux-musl` (the Rust
+//! Each image holds two binaries: the agent, `/lattice-agent`, and the
+//! chained CNI plugin, `/lattice-cni`, which the node agent copies into the
+//! node's CNI bin directory (the container runtime runs it there, on the
+//! host, as root).
+//!
+//! Both are statically linked for `<arch>-unknown-linux-musl` (the Rust
 //! targets are added with rustup when missing). C dependencies (ring, used
 //! by rustls) need a C compiler for each target: musl-gcc (Debian package
 //! musl-tools) for the build machine's own architecture, Debian's cross gcc
@@ -20,10 +25,11 @@
 //! binaries carry their dependency list (section `.dep-v0`) for scanners
 //! such as Trivy or Grype.
 //!
-//! Each staged binary gets the file capabilities BPF and NET_ADMIN
+//! Each staged agent gets the file capabilities BPF and NET_ADMIN
 //! (`setcap`; buildah's COPY keeps the security.capability xattr in the
 //! layer), so the image can run as its non-root USER 101: see
-//! deploy/Containerfile.
+//! deploy/Containerfile. The plugin gets none: it is never executed in the
+//! container, and a copy to the host does not keep the xattr anyway.
 //!
 //! Incremental: cargo rebuilds only what changed, and buildah does not run
 //! again while the archive is newer than the staged binaries and the
@@ -43,6 +49,8 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 const IMAGE: &str = "lattice-agent";
+/// The CNI plugin's package and binary, staged as `/lattice-cni`.
+const PLUGIN: &str = "lattice-cni";
 const ARCHIVE: &str = "lattice-agent.oci.tar";
 /// The image binary's file capabilities: the sidecar's minimal set (see
 /// tests/tests/least_privilege.rs), granted at exec to the non-root user.
@@ -212,23 +220,29 @@ pub fn build_image(
 
     let mut staged = Vec::new();
     for built in build_agents(workspace, target_dir, arches)? {
-        // One build context a platform: context/<arch>/rootfs/lattice-agent.
+        // One build context a platform: context/<arch>/rootfs/lattice-agent
+        // and rootfs/lattice-cni.
         let context = out_dir.join("context").join(built.arch.name());
         let binary = context.join("rootfs").join(IMAGE);
-        if !is_newer(&binary, &built.binary) || !has_file_caps(&binary) {
+        let plugin = context.join("rootfs").join(PLUGIN);
+        if !is_newer(&binary, &built.binary)
+            || !is_newer(&plugin, &built.plugin)
+            || !has_file_caps(&binary)
+        {
             stage(&built, &context)?;
         }
         eprintln!(
-            "image: {} agent: {} bytes stripped ({})",
+            "image: {} agent: {} bytes stripped, CNI plugin: {} bytes stripped ({})",
             built.arch,
             fs::metadata(&binary)?.len(),
+            fs::metadata(&plugin)?.len(),
             built.linkage
         );
-        staged.push((built.arch, context, binary));
+        staged.push((built.arch, context, binary, plugin));
     }
     if staged
         .iter()
-        .all(|(_, _, binary)| is_newer(&archive, binary))
+        .all(|(_, _, binary, plugin)| is_newer(&archive, binary) && is_newer(&archive, plugin))
         && is_newer(&archive, &containerfile)
         && fs::read_to_string(&platforms_stamp).is_ok_and(|p| p == platforms)
     {
@@ -239,7 +253,7 @@ pub fn build_image(
     // Every binary runs here (the foreign one under qemu-user) and reports
     // the same version, which becomes the tag and label.
     let mut version = None::<String>;
-    for (arch, _, binary) in &staged {
+    for (arch, _, binary, _) in &staged {
         let v = agent_version(*arch, binary)?;
         if let Some(first) = &version {
             ensure!(
@@ -271,7 +285,7 @@ pub fn build_image(
     let result = (|| {
         // Each image is added to the manifest list `tag`, which buildah
         // creates with the first.
-        for (arch, context, _) in &staged {
+        for (arch, context, _, _) in &staged {
             run(&mut buildah(&[
                 "build",
                 "--isolation",
@@ -327,15 +341,17 @@ impl std::fmt::Display for Linkage {
     }
 }
 
-/// A release agent built for one platform.
+/// The release agent and CNI plugin built for one platform.
 struct Built {
     arch: Arch,
     binary: PathBuf,
+    plugin: PathBuf,
     linkage: Linkage,
 }
 
-/// Builds the release agent for every arch in one cargo run: static musl
-/// where that target can be had, else (native arch only) glibc.
+/// Builds the release agent and CNI plugin for every arch in one cargo
+/// run: static musl where that target can be had, else (native arch only)
+/// glibc.
 fn build_agents(
     workspace: &Path,
     target_dir: &Path,
@@ -353,9 +369,16 @@ fn build_agents(
              the binaries carry no dependency list"
         );
     }
-    cmd.args(["build", "--release", "--package", IMAGE])
-        .arg("--target-dir")
-        .arg(target_dir);
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        IMAGE,
+        "--package",
+        PLUGIN,
+    ])
+    .arg("--target-dir")
+    .arg(target_dir);
     let mut built = Vec::new();
     for &arch in arches {
         let (target, linkage) = if musl_target_available(arch)? {
@@ -375,9 +398,11 @@ fn build_agents(
             cross_compile_env(&mut cmd, arch, &target);
         }
         cmd.args(["--target", &target]);
+        let release = target_dir.join(&target).join("release");
         built.push(Built {
             arch,
-            binary: target_dir.join(&target).join("release").join(IMAGE),
+            binary: release.join(IMAGE),
+            plugin: release.join(PLUGIN),
             linkage,
         });
     }
@@ -507,26 +532,34 @@ fn path_with_bpf_linker() -> Option<OsString> {
     std::env::join_paths(paths).ok()
 }
 
-/// Fills `context/rootfs` with the stripped binary (and, for glibc, its libraries).
+/// Fills `context/rootfs` with the stripped agent and plugin (and, for
+/// glibc, their libraries).
 fn stage(built: &Built, context: &Path) -> anyhow::Result<()> {
     let rootfs = context.join("rootfs");
     let _ = fs::remove_dir_all(context);
     fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
     let staged = rootfs.join(IMAGE);
-    fs::copy(&built.binary, &staged)
-        .with_context(|| format!("copying {} (was it built?)", built.binary.display()))?;
-    // The release profile keeps debug info (for profiling); the image needs
-    // none. The architecture's own strip: binutils' `strip` reads only the
-    // build machine's.
-    run(Command::new(format!("{}-strip", built.arch.gnu_prefix()))
-        .arg("--strip-debug")
-        .arg(&staged))?;
+    for (binary, name) in [(&built.binary, IMAGE), (&built.plugin, PLUGIN)] {
+        let dest = rootfs.join(name);
+        fs::copy(binary, &dest)
+            .with_context(|| format!("copying {} (was it built?)", binary.display()))?;
+        // The release profile keeps debug info (for profiling); the image
+        // needs none. The architecture's own strip: binutils' `strip` reads
+        // only the build machine's.
+        run(Command::new(format!("{}-strip", built.arch.gnu_prefix()))
+            .arg("--strip-debug")
+            .arg(&dest))?;
+    }
     // After strip, which writes a new file without the xattr. Needs
     // CAP_SETFCAP (root), as buildah without a rootless setup does anyway.
     run(Command::new("setcap").arg(FILE_CAPS).arg(&staged))
         .context("setting the image binary's file capabilities (needs root)")?;
     if let Linkage::GlibcWithLibraries = built.linkage {
-        for lib in shared_libraries(&built.binary)? {
+        let mut libraries = shared_libraries(&built.binary)?;
+        libraries.extend(shared_libraries(&built.plugin)?);
+        libraries.sort();
+        libraries.dedup();
+        for lib in libraries {
             let dest = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
             fs::create_dir_all(dest.parent().expect("library path has a parent"))?;
             // Follow symlinks: the image gets the file under the name ldd uses.
