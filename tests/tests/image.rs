@@ -207,12 +207,12 @@ fn assert_no_file_caps(plugin: &Path, arch: Arch) {
 }
 
 /// `command` (the image's `/lattice-cni`, run in its root filesystem) as
-/// the container runtime runs it for the CNI VERSION command: only
-/// `CNI_COMMAND` set, nothing on stdin. Asserts the answer is the
-/// plugin's version JSON.
+/// the container runtime runs it for the CNI VERSION command: its own
+/// environment (libcni passes it on; `chroot` is found through PATH) plus
+/// `CNI_COMMAND`, nothing on stdin. Asserts the answer is the plugin's
+/// version JSON.
 fn assert_cni_version(mut command: Command, arch: Arch) {
     let out = command
-        .env_clear()
         .env("CNI_COMMAND", "VERSION")
         .stdin(std::process::Stdio::null())
         .output()

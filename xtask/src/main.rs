@@ -46,8 +46,9 @@ enum Task {
     },
     /// Run the end-to-end demo on this machine.
     Demo,
-    /// Build the lattice-agent OCI image (an index of amd64 and arm64
-    /// images) into <target>/image/lattice-agent.oci.tar.
+    /// Build the lattice-agent OCI image (the agent and the CNI plugin; an
+    /// index of amd64 and arm64 images) into
+    /// <target>/image/lattice-agent.oci.tar.
     Image {
         /// Platforms to build: amd64, arm64 or all.
         #[arg(long, default_value = "all")]
