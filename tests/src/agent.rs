@@ -76,14 +76,36 @@ pub fn release_agent_bin() -> PathBuf {
             path.display()
         );
     };
-    if let Some(debug) = find_agent_bin().ok().and_then(|d| modified(&d)) {
+    // Stale when a source it is built from changed after it was built
+    // (the debug agent's own date says nothing: `cargo test` may relink
+    // it with other features).
+    let sources = ["lattice-agent", "lattice-ebpf", "lattice-common"]
+        .iter()
+        .map(|c| crate::workspace().join(c))
+        .chain([crate::workspace().join("Cargo.lock")]);
+    if let Some((newest, changed)) = sources.filter_map(|p| newest_file(&p)).max() {
         assert!(
-            release >= debug,
-            "release agent {} is older than the debug agent: rebuild it with `cargo xtask image`",
-            path.display()
+            release >= newest,
+            "release agent {} is older than {}: rebuild it with `cargo xtask image`",
+            path.display(),
+            changed.display()
         );
     }
     path
+}
+
+/// The most recently modified file under `path` (or `path` itself).
+fn newest_file(path: &std::path::Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return Some((meta.modified().ok()?, path.to_owned()));
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "target")
+        .filter_map(|e| newest_file(&e.path()))
+        .max()
 }
 
 /// `lattice-agent run --cgroup <pod cgroup> ARGS...`, placed inside the pod

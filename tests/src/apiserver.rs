@@ -170,6 +170,9 @@ struct Shared {
     changed: watch::Sender<u64>,
     /// Bumped by [`ApiServer::close_watches`] and on drop: ends every watch.
     close: watch::Sender<u64>,
+    /// True while [`ApiServer::hold_watches`]'s guard lives: new watch
+    /// requests wait.
+    held: watch::Sender<bool>,
     bookmark_interval: Mutex<Duration>,
     log: Mutex<Vec<Logged>>,
     open_watches: AtomicUsize,
@@ -186,6 +189,25 @@ impl Shared {
 
     fn notify(&self, rv: u64) {
         self.changed.send_replace(rv);
+    }
+
+    /// Returns once no [`WatchHold`] lives.
+    async fn unheld(&self) {
+        let mut held = self.held.subscribe();
+        let _ = held.wait_for(|h| !*h).await;
+    }
+}
+
+/// While it lives, new watch requests wait (unanswered) and open streams
+/// go on: with [`ApiServer::close_watches`], a test makes clients miss
+/// changes, as a client cut off from the real server does.
+pub struct WatchHold {
+    shared: Arc<Shared>,
+}
+
+impl Drop for WatchHold {
+    fn drop(&mut self) {
+        self.shared.held.send_replace(false);
     }
 }
 
@@ -228,6 +250,7 @@ impl ApiServer {
             store: Mutex::new(Store::new()),
             changed: watch::Sender::new(0),
             close: watch::Sender::new(0),
+            held: watch::Sender::new(false),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             log: Mutex::new(Vec::new()),
             open_watches: AtomicUsize::new(0),
@@ -361,6 +384,15 @@ impl ApiServer {
     /// their last resourceVersion.
     pub fn close_watches(&self) {
         self.shared.close.send_modify(|generation| *generation += 1);
+    }
+
+    /// Holds new watch requests until the guard is dropped (see
+    /// [`WatchHold`]).
+    pub fn hold_watches(&self) -> WatchHold {
+        self.shared.held.send_replace(true);
+        WatchHold {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// How often watches that allow bookmarks get one (watches started
@@ -742,6 +774,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (Method::GET, Target::Collection { kind, namespace }) => {
             let filter = filter(kind, namespace, None, &query)?;
             if query.flag("watch") {
+                shared.unheld().await;
                 start_watch(shared, kind, filter, render, &query)
             } else {
                 list(shared, kind, &filter, render, &query)
@@ -757,6 +790,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         ) => {
             if query.flag("watch") {
                 let filter = filter(kind, namespace, Some(name), &query)?;
+                shared.unheld().await;
                 return start_watch(shared, kind, filter, render, &query);
             }
             let key = store::key(namespace.as_deref().unwrap_or(""), &name);

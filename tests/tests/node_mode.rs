@@ -703,10 +703,18 @@ fn expired_watch_relists_and_misses_nothing() {
     cluster.apply(&plain);
     let agent = start_agent(&cluster, &[]);
     let lists_before = list_requests(&cluster);
-    cluster.api.compact();
+    // The agent is cut off: its watches end and cannot resume until the
+    // annotation has happened and the history holding it is forgotten.
+    let hold = cluster.api.hold_watches();
+    cluster.api.close_watches();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.api.open_watches() > 0 {
+        assert!(Instant::now() < deadline, "watches still open");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     cluster.apply(&plain.clone().annotated());
     cluster.api.compact();
-    cluster.api.close_watches();
+    drop(hold);
     agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(30));
     assert_eq!(get(&p, "/after-gap").status, 200);
     assert!(

@@ -483,7 +483,7 @@ fn get_with_reserved_and_percent_encoded_characters() {
             assert!(signed.iter().any(|s| s == h), "{h} unsigned: {j}");
         }
     }
-    let seen = verifier.requests();
+    let seen = verifier.wait_requests(cases.len() + 1, Duration::from_secs(10));
     assert_eq!(seen.len(), cases.len() + 1, "{seen:?}");
     assert!(seen[1..].iter().all(|r| r.status == 200), "{seen:?}");
     assert_not_logged(
@@ -536,7 +536,7 @@ fn query_arrives_in_the_order_the_app_sent() {
             assert_eq!(j["http_version"], version, "{sent}");
         }
     }
-    let seen = verifier.requests();
+    let seen = verifier.wait_requests(2 * cases.len(), Duration::from_secs(10));
     assert_eq!(seen.len(), 2 * cases.len(), "{seen:?}");
     for (r, (_, want)) in seen.iter().zip(cases.iter().chain(cases.iter())) {
         assert_eq!(r.status, 200, "{r:?}");
@@ -687,10 +687,10 @@ fn ipv6_and_ipv4_mapped_destinations() {
     assert_eq!(j["path"], "/mapped");
     assert_eq!(j["access_key"], STATIC.access_key_id);
 
-    let six = verifier6.requests();
+    let six = verifier6.wait_requests(1, Duration::from_secs(10));
     assert_eq!(six.len(), 1, "{six:?}");
     assert_eq!((six[0].path.as_str(), six[0].status), ("/six", 200));
-    let four = verifier4.requests();
+    let four = verifier4.wait_requests(1, Duration::from_secs(10));
     assert_eq!(four.len(), 1, "{four:?}");
     assert_eq!((four[0].path.as_str(), four[0].status), ("/mapped", 200));
     let logs = agent.logs();
@@ -741,7 +741,7 @@ fn h2c_grpc_style_request_is_signed_and_forwarded() {
     assert_eq!(j["host"], HOST);
     assert_eq!(j["body_length"], 10);
     assert_eq!(j["access_key"], STATIC.access_key_id);
-    let seen = verifier.requests();
+    let seen = verifier.wait_requests(1, Duration::from_secs(10));
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].http_version, "HTTP/2");
     assert_eq!(seen[0].header("content-type"), Some("application/grpc"));
@@ -965,7 +965,7 @@ fn client_sent_fake_authorization_is_replaced() {
     assert_eq!(j["access_key"], STATIC.access_key_id);
     assert_ne!(j["amz_date"], "20000101T000000Z");
     assert_eq!(j["content_sha256"], "UNSIGNED-PAYLOAD");
-    let seen = verifier.requests();
+    let seen = verifier.wait_requests(1, Duration::from_secs(10));
     assert_eq!(seen.len(), 1, "{seen:?}");
     let count = |name: &str| seen[0].headers.iter().filter(|(n, _)| n == name).count();
     for name in [
