@@ -21,6 +21,7 @@
 //!   the API stand-in, and pods' API objects as the EKS webhooks shape them;
 //! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
 //! - [`bpffs`]: a private bpffs mount for `--pin`.
+//! - [`orig_dst`]: `SO_ORIGINAL_DST`, as proxies written for iptables ask it;
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
 //!   a pod, and the demo credentials.
 //! - [`apiserver`]: the Kubernetes API stand-in kube-rs and kubectl talk to;
@@ -35,6 +36,7 @@ pub mod cgroup;
 pub mod netns;
 pub mod node;
 pub mod node_agent;
+pub mod orig_dst;
 pub mod pod;
 pub mod random;
 pub mod reliability;
