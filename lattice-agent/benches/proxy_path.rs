@@ -1,7 +1,7 @@
-//! Micro-benchmarks of the per-request and per-connection work of the proxy:
-//! signing one request (headers only), and finding a connection's original
-//! destination — from the eBPF map (lattice) and, on a map miss, from
-//! conntrack with SO_ORIGINAL_DST (the seed's iptables NAT).
+//! Micro-benchmarks of the per-connection work of the proxy: finding a
+//! connection's original destination — from the eBPF map (lattice) and, on
+//! a map miss, from conntrack with SO_ORIGINAL_DST (the seed's iptables
+//! NAT). Signing, the per-request work, is in `benches/signing.rs`.
 //!
 //! The lookups need root: they load and attach the real programs to a
 //! cgroup of their own and make real connections, inside a network
@@ -15,45 +15,14 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::Command,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
-use aws_credential_types::Credentials;
 use criterion::{Criterion, criterion_group, criterion_main};
 use lattice_agent::{
     bpf::{InterceptConfig, Interceptor},
     nat_orig_dst::nat_original_destination,
-    sign::{self, Algorithm, Payload, RequestToSign, SigningConfig},
 };
-
-fn signing(c: &mut Criterion) {
-    let creds = Credentials::new(
-        "AKIDLATTICEBENCH",
-        "lattice/bench/SECRET+key0123456789abcdefgh",
-        Some("SESSION-TOKEN-lattice-bench".to_owned()),
-        None,
-        "bench",
-    );
-    let req = RequestToSign {
-        method: "GET",
-        path: "/api/v1/items/42",
-        query: Some("limit=10&page=2"),
-        host: "inventory-8080-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws",
-        payload: &Payload::Unsigned,
-    };
-    let mut group = c.benchmark_group("sign");
-    for (name, algorithm) in [("sigv4", Algorithm::SigV4), ("sigv4a", Algorithm::SigV4a)] {
-        let cfg = SigningConfig {
-            service: "vpc-lattice-svcs".to_owned(),
-            region: "us-west-2".to_owned(),
-            algorithm,
-        };
-        group.bench_function(format!("{name}_headers_only"), |b| {
-            b.iter(|| sign::sign(black_box(&req), &creds, &cfg, SystemTime::now()).unwrap());
-        });
-    }
-    group.finish();
-}
 
 /// Address the eBPF programs intercept (→ the listener).
 const LATTICE_TARGET: &str = "169.254.171.33:80";
@@ -233,5 +202,5 @@ fn cgroup2_mount() -> PathBuf {
         .expect("no cgroup2 mount")
 }
 
-criterion_group!(benches, signing, orig_dst);
+criterion_group!(benches, orig_dst);
 criterion_main!(benches);
