@@ -70,6 +70,10 @@ enum Task {
         /// Pods served by the node agent in the node-mode scenario.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=1000))]
         pods: u32,
+        /// Also profile the agent under the keep-alive load (perf) and
+        /// write <target>/bench/flamegraph.svg.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -99,7 +103,19 @@ fn run(task: Task) -> Result<()> {
         Task::Reliability { update_readme } => {
             reliability::run(&ws.root, &ws.target_dir, update_readme)
         }
-        Task::Bench { quick, pods } => bench::run(&ws, &ready, quick, pods),
+        Task::Bench {
+            quick,
+            pods,
+            profile,
+        } => bench::run(
+            &ws,
+            &ready,
+            &bench::Options {
+                quick,
+                pods,
+                profile,
+            },
+        ),
     }
 }
 

@@ -38,6 +38,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     // the node fixture's pod network: CNI bridge, host-local, loopback
     "containernetworking-plugins",
+    // `cargo xtask bench --profile`: perf record / perf script
+    "linux-perf",
 ];
 
 const REQUIREMENTS: &str = "tests/requirements.txt";

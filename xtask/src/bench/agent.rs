@@ -1,5 +1,6 @@
 //! lattice-agent in the pod's namespace (in a cgroup of its own, outside the
-//! app's), signing with static credentials from the environment.
+//! app's), signing with static credentials from the environment; or, for
+//! the floor, attaching its programs only (`--intercept-only`).
 
 use std::{
     fs::File,
@@ -24,17 +25,31 @@ const ACCESS_KEY: &str = "AKIDLATTICEBENCH";
 const SECRET_KEY: &str = "lattice/bench/SECRET+key0123456789abcdefgh";
 const REGION: &str = "us-west-2";
 
+/// What the agent does once attached.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The signing proxy, with this many proxy threads (`--workers`).
+    Proxy { workers: u16 },
+    /// Nothing: another proxy serves the port (`--intercept-only`).
+    InterceptOnly,
+}
+
+/// The line an intercept-only agent logs once attached.
+const INTERCEPT_ONLY_READY: &str = "lattice-agent ready (intercept only)";
+
 pub struct Agent {
     pub process: ChildGuard,
 }
 
 impl Agent {
-    /// Starts the agent attached to `attach_to` and waits for /readyz.
+    /// Starts the agent attached to `attach_to` and waits until it is
+    /// ready: /readyz for the proxy, its ready line when intercept-only.
     pub fn start(
         binary: &Path,
         ns: &Netns,
         own_cgroup: &Path,
         attach_to: &Path,
+        role: Role,
         dir: &Path,
         stop: &Interrupt,
     ) -> Result<Self> {
@@ -63,9 +78,13 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).context("creating the agent's log")?);
-        // For comparing proxy thread counts (the agent's --workers).
-        if let Some(workers) = std::env::var_os("LATTICE_WORKERS") {
-            command.env("LATTICE_WORKERS", workers);
+        match role {
+            Role::Proxy { workers } => {
+                command.args(["--workers", &workers.to_string()]);
+            }
+            Role::InterceptOnly => {
+                command.arg("--intercept-only");
+            }
         }
         let child = command
             .spawn()
@@ -80,6 +99,20 @@ impl Agent {
                     "lattice-agent exited at start ({status}):\n{}",
                     process.log_tail()
                 );
+            }
+            if role == Role::InterceptOnly {
+                let log = std::fs::read_to_string(&process.log).unwrap_or_default();
+                if log.contains(INTERCEPT_ONLY_READY) {
+                    return Ok(Self { process });
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "lattice-agent --intercept-only not ready within 30s:\n{}",
+                        process.log_tail()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
             let code = cmd::read(ns.command("curl").args([
                 "-s",

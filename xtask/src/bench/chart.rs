@@ -1,5 +1,5 @@
-//! report.png: throughput and p99 latency per scenario, for each
-//! concurrency of the keep-alive workload and for new connections.
+//! report.png: throughput, p99 latency and the proxy's CPU per request,
+//! per scenario, for each load of the bench.
 
 use std::path::Path;
 
@@ -9,15 +9,18 @@ use plotters::{prelude::*, style::FontStyle};
 use super::report::{Run, SCENARIOS};
 
 const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const GROUPS: [(&str, Option<u32>, &str); 4] = [
-    ("keepalive", Some(1), "keep-alive c=1"),
-    ("keepalive", Some(16), "keep-alive c=16"),
-    ("keepalive", Some(64), "keep-alive c=64"),
-    ("newconn", Some(16), "new conn c=16"),
+const GROUPS: [(&str, Option<u32>, &str); 5] = [
+    ("keepalive", Some(1), "k-a c=1"),
+    ("keepalive", Some(16), "k-a c=16"),
+    ("keepalive", Some(64), "k-a c=64"),
+    ("newconn", Some(1), "new c=1"),
+    ("newconn", Some(16), "new c=16"),
 ];
-const COLORS: [RGBColor; 3] = [
+/// One per scenario, in [`SCENARIOS`] order.
+const COLORS: [RGBColor; 4] = [
     RGBColor(120, 120, 120),
     RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
     RGBColor(255, 127, 14),
 ];
 
@@ -32,19 +35,30 @@ pub fn draw(runs: &[Run], path: &Path) -> Result<()> {
     )
     .map_err(|_| anyhow!("{FONT_FILE} is not a usable font"))?;
 
-    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    let root = BitMapBackend::new(path, (2100, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let (left, right) = root.split_horizontally(700);
+    let panels = root.split_evenly((1, 3));
     panel(
-        &left,
+        &panels[0],
         runs,
         "Throughput (requests/s, higher is better)",
         0,
         |r| r.rps,
     )?;
-    panel(&right, runs, "p99 latency (ms, lower is better)", 1, |r| {
-        r.p99_ms
-    })?;
+    panel(
+        &panels[1],
+        runs,
+        "p99 latency (ms, lower is better)",
+        1,
+        |r| r.p99_ms,
+    )?;
+    panel(
+        &panels[2],
+        runs,
+        "Proxy CPU per request (µs, lower is better)",
+        0,
+        |r| r.agent_cpu_us_per_req,
+    )?;
     root.present().map_err(plot_err)?;
     Ok(())
 }

@@ -1,15 +1,19 @@
-//! `cargo xtask bench [--quick]`: lattice against direct traffic and the
-//! seed's iptables interception, side by side in one run on this machine.
+//! `cargo xtask bench [--quick]`: lattice against direct traffic, against
+//! the floor of any user-space proxy on its path, and against the seed's
+//! iptables interception, side by side in one run on this machine.
 //!
 //! Each scenario gets its own network namespace (nginx on its `lo` at
 //! 169.254.171.33:80), cgroup tree and scratch directory, all removed at the
 //! end, on error, panic or Ctrl-C alike; the run then checks that nothing it
-//! created is left. The three exist side by side and take turns for every
+//! created is left. They exist side by side and take turns for every
 //! measurement, so machine drift hits them alike and ratios hold.
 //!
 //! - `direct`: wrk → nginx.
 //! - `lattice`: wrk in the pod cgroup → eBPF connect redirect → agent
 //!   (signs) → nginx.
+//! - `floor`: the same redirect (the agent attached with
+//!   `--intercept-only`) → a one-thread TCP relay (no HTTP, no signing) →
+//!   nginx: what the two extra loopback hops alone cost.
 //! - `iptables`: wrk → the seed's NAT REDIRECT rules → the same agent, its
 //!   programs attached to an empty cgroup so they see nothing; it finds the
 //!   original destination with SO_ORIGINAL_DST.
@@ -18,9 +22,12 @@ mod agent;
 mod cgroup;
 mod chart;
 mod interrupt;
+mod micro;
 mod netns;
 mod nginx;
 mod process;
+mod profile;
+mod relay;
 mod report;
 mod scratch;
 mod upload;
@@ -35,12 +42,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use self::{
-    agent::Agent,
+    agent::{Agent, Role},
     cgroup::CgroupTree,
     interrupt::Interrupt,
     netns::Netns,
     nginx::Nginx,
     process::ProcStats,
+    relay::Relay,
     report::{Machine, Report, Run},
     scratch::{ScratchDir, unique_name},
 };
@@ -81,19 +89,36 @@ impl Plan {
 enum Scenario {
     Direct,
     Lattice,
+    Floor,
     Iptables,
 }
 
 impl Scenario {
-    const ALL: [Self; 3] = [Self::Direct, Self::Lattice, Self::Iptables];
+    const ALL: [Self; 4] = [Self::Direct, Self::Lattice, Self::Floor, Self::Iptables];
 
     fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Lattice => "lattice",
+            Self::Floor => "floor",
             Self::Iptables => "iptables",
         }
     }
+}
+
+/// The measured workloads: (name, connections), each for every scenario.
+const WORKLOADS: [(&str, u32); 5] = [
+    ("keepalive", 1),
+    ("keepalive", 16),
+    ("keepalive", 64),
+    ("newconn", 1),
+    ("newconn", 16),
+];
+
+/// The programs the scenarios run.
+struct Binaries {
+    agent: PathBuf,
+    relay: PathBuf,
 }
 
 /// What the run created, to check afterwards that all of it is gone.
@@ -104,7 +129,21 @@ struct Created {
     pids: Vec<u32>,
 }
 
-pub fn run(ws: &Workspace, ready: &Ready, quick: bool, pods: u32) -> Result<()> {
+/// What `cargo xtask bench` was asked for.
+pub struct Options {
+    pub quick: bool,
+    /// Pods of the node-mode scenario.
+    pub pods: u32,
+    /// Also write a flame graph of the agent under the keep-alive load.
+    pub profile: bool,
+}
+
+pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
+    let Options {
+        quick,
+        pods,
+        profile,
+    } = *opts;
     let stop = Interrupt::install()?;
     for tool in [
         "nginx",
@@ -123,17 +162,24 @@ pub fn run(ws: &Workspace, ready: &Ready, quick: bool, pods: u32) -> Result<()> 
     cmd::without_cargo_run_env(&mut build).current_dir(&ws.root);
     ready.apply(&mut build)?;
     cmd::run(build.args(["build", "--release", "--package", "lattice-agent"]))?;
-    let binary = ws.target_dir.join("release/lattice-agent");
-    // The node-mode scenario and its cheap upstream, from the test kit.
+    let binaries = Binaries {
+        agent: ws.target_dir.join("release/lattice-agent"),
+        relay: ws.target_dir.join("release/lattice-bench-relay"),
+    };
+    // The floor's relay, the node-mode scenario and its cheap upstream,
+    // from the test kit.
     let mut build = Command::new("cargo");
     cmd::without_cargo_run_env(&mut build).current_dir(&ws.root);
     ready.apply(&mut build)?;
     cmd::run(build.args(["build", "--release", "--package", "lattice-tests", "--bins"]))?;
 
     let plan = Plan::new(quick);
+    let out = ws.target_dir.join("bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
+    let flamegraph = profile.then(|| out.join("flamegraph.svg"));
     let host_rules = host_nat_rules();
     let mut created = Created::default();
-    let measured = measure_all(&binary, &plan, &stop, &mut created);
+    let measured = measure_all(&binaries, &plan, flamegraph.as_deref(), &stop, &mut created);
     // Checked even after a failure: a leak matters more than the figures.
     let clean = check_clean(&created, &host_rules);
     let runs = measured?;
@@ -145,10 +191,10 @@ pub fn run(ws: &Workspace, ready: &Ready, quick: bool, pods: u32) -> Result<()> 
         created.pids.len()
     );
 
-    let out = ws.target_dir.join("bench");
-    std::fs::create_dir_all(&out).with_context(|| format!("mkdir {}", out.display()))?;
-    let (node, node_markdown) = node_scenario(ws, ready, &binary, quick, pods, &out)?;
-    let mut targets = report::targets(&runs);
+    let (node, node_markdown) = node_scenario(ws, ready, &binaries.agent, quick, pods, &out)?;
+    let micro = micro::signing(ws, ready, quick)?;
+    let cost = report::cost(&runs);
+    let mut targets = report::targets(&runs, &cost, &micro);
     targets.extend(report::node_targets(&node));
     let report = Report {
         quick,
@@ -157,6 +203,8 @@ pub fn run(ws: &Workspace, ready: &Ready, quick: bool, pods: u32) -> Result<()> 
         node_markdown,
         targets,
         runs,
+        cost,
+        micro,
     };
     report::write(&report, &out)?;
     chart::draw(&report.runs, &out.join("report.png"))?;
@@ -165,6 +213,9 @@ pub fn run(ws: &Workspace, ready: &Ready, quick: bool, pods: u32) -> Result<()> 
         "bench: wrote {0}/report.md, {0}/report.json, {0}/report.png",
         out.display()
     );
+    if let Some(svg) = flamegraph {
+        eprintln!("bench: wrote {}", svg.display());
+    }
     Ok(())
 }
 
@@ -207,12 +258,15 @@ fn node_scenario(
     Ok((figures, tables))
 }
 
-/// One scenario's world. Fields drop in order: agent, nginx, cgroups (and
-/// any process left in them), namespace (and its iptables rules), scratch
-/// directory.
+/// One scenario's world. Fields drop in order: agent, relay, nginx, cgroups
+/// (and any process left in them), namespace (and its iptables rules),
+/// scratch directory.
 struct Pod {
     scenario: Scenario,
     agent: Option<Agent>,
+    /// The floor's proxy, in place of the agent's.
+    relay: Option<Relay>,
+    /// The proxy's process, whichever it is: the agent or the relay.
     stats: Option<ProcStats>,
     /// Held for its drop, which stops it.
     _nginx: Nginx,
@@ -221,13 +275,15 @@ struct Pod {
     scripts: (PathBuf, PathBuf),
     /// Requests sent through it, to check against the agent's count.
     sent: u64,
+    /// Connections at least opened through it, to check the relay's count.
+    connections: u64,
     dir: ScratchDir,
 }
 
 impl Pod {
     fn new(
         scenario: Scenario,
-        binary: &Path,
+        binaries: &Binaries,
         stop: &Interrupt,
         created: &mut Created,
     ) -> Result<Self> {
@@ -243,32 +299,54 @@ impl Pod {
         if scenario == Scenario::Iptables {
             seed_nat_rules(&ns)?;
         }
-        let attach_to = match scenario {
+        let proxy = Role::Proxy { workers: workers() };
+        let attach = match scenario {
             Scenario::Direct => None,
-            Scenario::Lattice => Some(cgroups.app()),
+            Scenario::Lattice => Some((cgroups.app(), proxy)),
+            Scenario::Floor => Some((cgroups.app(), Role::InterceptOnly)),
             // Nobody runs there: the programs see no traffic, NAT steers it.
-            Scenario::Iptables => Some(cgroups.empty()),
+            Scenario::Iptables => Some((cgroups.empty(), proxy)),
         };
-        let agent = attach_to
-            .map(|to| Agent::start(binary, &ns, &cgroups.agent(), &to, dir.path(), stop))
+        let agent = attach
+            .map(|(to, role)| {
+                Agent::start(
+                    &binaries.agent,
+                    &ns,
+                    &cgroups.agent(),
+                    &to,
+                    role,
+                    dir.path(),
+                    stop,
+                )
+            })
             .transpose()?;
-        let stats = match &agent {
-            Some(a) => {
-                created.pids.push(a.process.pid());
-                Some(ProcStats::new(a.process.pid())?)
-            }
-            None => None,
+        if let Some(a) = &agent {
+            created.pids.push(a.process.pid());
+        }
+        let relay = (scenario == Scenario::Floor)
+            .then(|| Relay::start(&binaries.relay, &ns, &cgroups.app(), dir.path(), stop))
+            .transpose()?;
+        if let Some(r) = &relay {
+            created.pids.push(r.process.pid());
+        }
+        let proxy_pid = match (&relay, &agent) {
+            (Some(r), _) => Some(r.process.pid()),
+            (None, Some(a)) => Some(a.process.pid()),
+            (None, None) => None,
         };
+        let stats = proxy_pid.map(ProcStats::new).transpose()?;
         let scripts = wrk::write_scripts(dir.path())?;
         Ok(Self {
             scenario,
             agent,
+            relay,
             stats,
             _nginx: nginx,
             cgroups,
             ns,
             scripts,
             sent: 0,
+            connections: 0,
             dir,
         })
     }
@@ -322,12 +400,21 @@ impl Pod {
             );
         }
         self.sent += w.requests;
+        self.connections += if workload == "newconn" {
+            w.requests
+        } else {
+            u64::from(c)
+        };
+        let cpu_us = cpu_before
+            .zip(cpu_after)
+            .map(|(a, b)| (b - a) / w.requests.max(1) as f64 * 1e6);
         eprintln!(
-            "bench:   {name:8} {workload:9} c={c:<2}: {:>6.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} socket errors",
+            "bench:   {name:8} {workload:9} c={c:<2}: {:>6.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} socket errors{}",
             w.rps(),
             w.p50_us / 1000.0,
             w.p99_us / 1000.0,
-            w.errors
+            w.errors,
+            cpu_us.map_or_else(String::new, |us| format!(", proxy CPU {us:.1} µs/req"))
         );
         Ok(Run {
             workload,
@@ -341,9 +428,7 @@ impl Pod {
                 .as_ref()
                 .map(ProcStats::peak_rss_mib)
                 .transpose()?,
-            agent_cpu_s_per_10k: cpu_before
-                .zip(cpu_after)
-                .map(|(a, b)| (b - a) / w.requests.max(1) as f64 * 10_000.0),
+            agent_cpu_us_per_req: cpu_us,
             requests: Some(w.requests),
             errors: Some(w.errors),
             duration_s: Some(w.duration_us as f64 / 1e6),
@@ -357,6 +442,7 @@ impl Pod {
         }
         let up = upload::run(&self.ns, &self.cgroups.app(), self.dir.path(), stop)?;
         self.sent += 1;
+        self.connections += 1;
         let peak = self
             .stats
             .as_ref()
@@ -378,9 +464,51 @@ impl Pod {
         })
     }
 
-    /// The traffic really went through the agent, and the agent always
-    /// knew where it was going (eBPF record, or SO_ORIGINAL_DST under NAT).
-    fn check_agent_saw_everything(&self) -> Result<()> {
+    /// Samples the agent under the keep-alive load at c=16 (a run of its
+    /// own, not in the figures) and draws `svg`.
+    fn profile(&mut self, svg: &Path, plan: &Plan, stop: &Interrupt) -> Result<()> {
+        let pid = self
+            .agent
+            .as_ref()
+            .map(|a| a.process.pid())
+            .context("no agent to profile")?;
+        let dir = svg.parent().context("the flame graph's directory")?;
+        eprintln!("bench: profiling the agent (perf record) under keep-alive c=16");
+        let recording = profile::Recording::start(pid, dir)?;
+        let w = wrk::run(
+            &self.ns,
+            &self.cgroups.app(),
+            &self.scripts.0,
+            16,
+            plan.duration,
+            stop,
+        )?;
+        self.sent += w.requests;
+        self.connections += 16;
+        recording.finish(
+            svg,
+            &format!(
+                "lattice-agent, keep-alive c=16, {:.0} req/s (perf record)",
+                w.rps()
+            ),
+            stop,
+        )
+    }
+
+    /// The traffic really went through the proxy, and it always knew where
+    /// it was going (eBPF record, or SO_ORIGINAL_DST from the getsockopt
+    /// program or from conntrack under NAT). Stops the floor's relay.
+    fn check_proxy_saw_everything(&mut self) -> Result<()> {
+        if let Some(relay) = &mut self.relay {
+            let relayed = relay.stop()?;
+            if relayed < self.connections {
+                bail!(
+                    "floor: the relay relayed {relayed} connections; at least {} were opened",
+                    self.connections
+                );
+            }
+            return Ok(());
+        }
         if self.agent.is_none() {
             return Ok(());
         }
@@ -416,14 +544,15 @@ fn median_by(mut rounds: Vec<Run>, key: impl Fn(&Run) -> Option<f64>) -> Option<
 }
 
 fn measure_all(
-    binary: &Path,
+    binaries: &Binaries,
     plan: &Plan,
+    flamegraph: Option<&Path>,
     stop: &Interrupt,
     created: &mut Created,
 ) -> Result<Vec<Run>> {
     let mut pods = Vec::new();
     for scenario in Scenario::ALL {
-        pods.push(Pod::new(scenario, binary, stop, created)?);
+        pods.push(Pod::new(scenario, binaries, stop, created)?);
     }
     let mut rows: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
 
@@ -452,14 +581,10 @@ fn measure_all(
             stop,
         )?;
         pod.sent += w.requests;
+        pod.connections += 16;
     }
 
-    for (workload, c) in [
-        ("keepalive", 1),
-        ("keepalive", 16),
-        ("keepalive", 64),
-        ("newconn", 16),
-    ] {
+    for (workload, c) in WORKLOADS {
         let mut rounds: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
         for _ in 0..plan.rounds {
             for (pod, rounds) in pods.iter_mut().zip(&mut rounds) {
@@ -479,10 +604,24 @@ fn measure_all(
     for (rows, uploads) in rows.iter_mut().zip(uploads) {
         rows.extend(median_by(uploads, |r| r.throughput_mib_s));
     }
-    for pod in &pods {
-        pod.check_agent_saw_everything()?;
+    if let Some(svg) = flamegraph
+        && let Some(pod) = pods.iter_mut().find(|p| p.scenario == Scenario::Lattice)
+    {
+        pod.profile(svg, plan, stop)?;
+    }
+    for pod in &mut pods {
+        pod.check_proxy_saw_everything()?;
     }
     Ok(rows.into_iter().flatten().collect())
+}
+
+/// The agent's proxy threads: `LATTICE_WORKERS` from the bench's
+/// environment (to compare thread counts), else its default of one.
+fn workers() -> u16 {
+    std::env::var("LATTICE_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1)
 }
 
 /// The seed's init-container rules (../shared/seeds), with the agent's port,

@@ -1,6 +1,6 @@
-//! The figures of one bench run: the Markdown table (stdout and
+//! The figures of one bench run: the Markdown tables (stdout and
 //! report.md), the raw JSON (report.json, checked against its schema before
-//! it is written) and the targets of the performance issue.
+//! it is written) and the targets of the performance issues.
 
 use std::{fmt::Write as _, fs, path::Path};
 
@@ -8,7 +8,16 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-pub const SCENARIOS: [&str; 3] = ["direct", "lattice", "iptables"];
+pub const SCENARIOS: [&str; 4] = ["direct", "lattice", "floor", "iptables"];
+/// The scenarios with a proxy between the app and nginx.
+pub const PROXIES: [&str; 3] = ["lattice", "floor", "iptables"];
+/// The loads the proxy cost is reported for: (workload, connections).
+pub const COST_LOADS: [(&str, u32); 4] = [
+    ("keepalive", 1),
+    ("keepalive", 16),
+    ("newconn", 1),
+    ("newconn", 16),
+];
 pub const WORKLOADS: [&str; 4] = ["keepalive", "newconn", "upload", "idle"];
 
 /// One measured row; a figure that does not apply is `None` (null in JSON).
@@ -22,9 +31,11 @@ pub struct Run {
     pub p99_ms: Option<f64>,
     pub p999_ms: Option<f64>,
     pub throughput_mib_s: Option<f64>,
-    /// Peak RSS during the run (VmHWM reset at its start); RSS for `idle`.
+    /// The proxy's (agent's, or the floor's relay's) peak RSS during the
+    /// run (VmHWM reset at its start); RSS for `idle`.
     pub agent_rss_mib: Option<f64>,
-    pub agent_cpu_s_per_10k: Option<f64>,
+    /// The proxy's CPU time (user + system) per request.
+    pub agent_cpu_us_per_req: Option<f64>,
     pub requests: Option<u64>,
     pub errors: Option<u64>,
     pub duration_s: Option<f64>,
@@ -95,12 +106,63 @@ impl Machine {
 pub struct Target {
     pub name: &'static str,
     pub measured: Option<f64>,
-    pub limit: f64,
+    /// None when it depends on a figure that is missing.
+    pub limit: Option<f64>,
     /// "min" (measured must be >= limit) or "max" (<=).
     pub kind: &'static str,
     pub unit: &'static str,
+    /// The absolute figures behind a ratio or a relative limit.
+    pub detail: String,
     /// None when a figure it needs is missing.
     pub met: Option<bool>,
+}
+
+impl Target {
+    fn new(
+        name: &'static str,
+        measured: Option<f64>,
+        kind: &'static str,
+        limit: Option<f64>,
+        unit: &'static str,
+    ) -> Self {
+        let met = measured.zip(limit).map(|(m, l)| match kind {
+            "min" => m >= l,
+            _ => m <= l,
+        });
+        Self {
+            name,
+            measured,
+            limit,
+            kind,
+            unit,
+            detail: String::new(),
+            met,
+        }
+    }
+
+    fn detail(mut self, detail: Option<String>) -> Self {
+        self.detail = detail.unwrap_or_default();
+        self
+    }
+}
+
+/// What a proxy costs at one load: its CPU per request and the latency it
+/// adds over `direct` in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cost {
+    pub scenario: &'static str,
+    pub workload: &'static str,
+    pub concurrency: u32,
+    pub cpu_us_per_req: Option<f64>,
+    pub added_p50_us: Option<f64>,
+    pub added_p99_us: Option<f64>,
+}
+
+/// Micro-benchmarks (criterion), nanoseconds per iteration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Micro {
+    pub sign_sigv4_ns: Option<f64>,
+    pub sign_sigv4a_ns: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +170,9 @@ pub struct Report {
     pub quick: bool,
     pub machine: Machine,
     pub runs: Vec<Run>,
+    /// Each proxy's cost, from `runs`.
+    pub cost: Vec<Cost>,
+    pub micro: Micro,
     /// The node-mode scenario's figures (lattice-bench-node's JSON).
     pub node: Option<Value>,
     /// Its tables, as lattice-bench-node printed them.
@@ -121,70 +186,94 @@ fn find<'a>(runs: &'a [Run], scenario: &str, workload: &str, c: Option<u32>) -> 
         .find(|r| r.scenario == scenario && r.workload == workload && r.concurrency == c)
 }
 
+/// Each proxy's CPU per request and added latency, against `direct`.
+pub fn cost(runs: &[Run]) -> Vec<Cost> {
+    let added = |a: Option<f64>, direct: Option<f64>| Some((a? - direct?) * 1000.0);
+    let mut out = Vec::new();
+    for scenario in PROXIES {
+        for (workload, c) in COST_LOADS {
+            let Some(run) = find(runs, scenario, workload, Some(c)) else {
+                continue;
+            };
+            let direct = find(runs, "direct", workload, Some(c));
+            out.push(Cost {
+                scenario,
+                workload,
+                concurrency: c,
+                cpu_us_per_req: run.agent_cpu_us_per_req,
+                added_p50_us: added(run.p50_ms, direct.and_then(|d| d.p50_ms)),
+                added_p99_us: added(run.p99_ms, direct.and_then(|d| d.p99_ms)),
+            });
+        }
+    }
+    out
+}
+
 /// The performance issue's targets, from this run's figures.
-pub fn targets(runs: &[Run]) -> Vec<Target> {
-    let ka16 = |s| find(runs, s, "keepalive", Some(16));
-    let nc16 = |s| find(runs, s, "newconn", Some(16));
-    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
-    let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
-    let t = |name, measured: Option<f64>, kind, limit, unit| Target {
-        name,
-        measured,
-        limit,
-        kind,
-        unit,
-        met: measured.map(|m| {
-            if kind == "min" {
-                m >= limit
-            } else {
-                m <= limit
-            }
-        }),
+pub fn targets(runs: &[Run], cost: &[Cost], micro: &Micro) -> Vec<Target> {
+    let cost_of = |scenario: &str, workload: &str, c: u32| {
+        cost.iter()
+            .find(|k| k.scenario == scenario && k.workload == workload && k.concurrency == c)
     };
+    let cpu16 = |s| cost_of(s, "keepalive", 16).and_then(|k| k.cpu_us_per_req);
+    let (lattice_cpu, floor_cpu) = (cpu16("lattice"), cpu16("floor"));
+    let p50 = |s| cost_of(s, "keepalive", 1).and_then(|k| k.added_p50_us);
+    let (lattice_p50, floor_p50) = (p50("lattice"), p50("floor"));
+    let nc16 = |s| find(runs, s, "newconn", Some(16)).and_then(|r| r.rps);
+    let (lattice_nc, iptables_nc) = (nc16("lattice"), nc16("iptables"));
     vec![
-        t(
-            "lattice keep-alive throughput at c=16 / direct",
-            ratio(
-                ka16("lattice").and_then(|r| r.rps),
-                ka16("direct").and_then(|r| r.rps),
-            ),
-            "min",
-            0.6,
-            "x",
-        ),
-        t(
-            "p99 latency lattice adds at c=16",
-            diff(
-                ka16("lattice").and_then(|r| r.p99_ms),
-                ka16("direct").and_then(|r| r.p99_ms),
-            ),
+        Target::new(
+            "proxy CPU per keep-alive request at c=16, lattice / floor",
+            lattice_cpu.zip(floor_cpu).map(|(l, f)| l / f),
             "max",
-            1.0,
-            "ms",
-        ),
-        t(
-            "lattice new-connection rate / iptables",
-            ratio(
-                nc16("lattice").and_then(|r| r.rps),
-                nc16("iptables").and_then(|r| r.rps),
-            ),
-            "min",
-            1.0,
+            Some(1.5),
             "x",
+        )
+        .detail(
+            lattice_cpu
+                .zip(floor_cpu)
+                .map(|(l, f)| format!("lattice {l:.1} µs, floor {f:.1} µs")),
         ),
-        t(
+        Target::new(
+            "p50 latency lattice adds over direct, keep-alive c=1",
+            lattice_p50,
+            "max",
+            floor_p50.map(|f| f + 10.0),
+            "µs",
+        )
+        .detail(floor_p50.map(|f| format!("floor adds {f:.0} µs; limit = floor + 10 µs"))),
+        Target::new(
+            "lattice new-connection rate at c=16 / iptables",
+            lattice_nc.zip(iptables_nc).map(|(l, i)| l / i),
+            "min",
+            Some(1.0),
+            "x",
+        )
+        .detail(
+            lattice_nc
+                .zip(iptables_nc)
+                .map(|(l, i)| format!("lattice {l:.0}/s, iptables {i:.0}/s")),
+        ),
+        Target::new(
             "lattice agent idle RSS",
             find(runs, "lattice", "idle", None).and_then(|r| r.agent_rss_mib),
             "max",
-            16.0,
+            Some(16.0),
             "MiB",
         ),
-        t(
+        Target::new(
             "lattice agent peak RSS during the 256 MiB upload",
             find(runs, "lattice", "upload", None).and_then(|r| r.agent_rss_mib),
             "max",
-            32.0,
+            Some(32.0),
             "MiB",
+        ),
+        Target::new(
+            "SigV4 signing of a headers-only request (criterion)",
+            micro.sign_sigv4_ns.map(|ns| ns / 1000.0),
+            "max",
+            Some(2.0),
+            "µs",
         ),
     ]
 }
@@ -192,13 +281,8 @@ pub fn targets(runs: &[Run]) -> Vec<Target> {
 /// The node-mode issue's targets, from lattice-bench-node's figures.
 pub fn node_targets(node: &Value) -> Vec<Target> {
     let f = |v: &Value| v.as_f64();
-    let t = |name, measured: Option<f64>, limit, unit| Target {
-        name,
-        measured,
-        limit,
-        kind: "max",
-        unit,
-        met: measured.map(|m| m <= limit),
+    let t = |name, measured: Option<f64>, limit, unit| {
+        Target::new(name, measured, "max", Some(limit), unit)
     };
     let ratio = match (
         f(&node["added_p50_ms"]["node"]),
@@ -243,7 +327,7 @@ pub fn markdown(report: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| scenario | workload | conc. | req/s | p50 ms | p99 ms | p99.9 ms | MiB/s | agent RSS MiB | agent CPU s / 10k req |"
+        "| scenario | workload | conc. | req/s | p50 ms | p99 ms | p99.9 ms | MiB/s | proxy RSS MiB | proxy CPU µs / req |"
     );
     let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in &report.runs {
@@ -260,7 +344,39 @@ pub fn markdown(report: &Report) -> String {
             cell(r.p999_ms, 3),
             cell(r.throughput_mib_s, 0),
             cell(r.agent_rss_mib, 1),
-            cell(r.agent_cpu_s_per_10k, 3),
+            cell(r.agent_cpu_us_per_req, 1),
+        );
+    }
+    if !report.cost.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nWhat each proxy costs (CPU per request; latency added over direct):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| proxy | workload | conc. | CPU µs / req | added p50 µs | added p99 µs |"
+        );
+        let _ = writeln!(md, "|---|---|--:|--:|--:|--:|");
+        for k in &report.cost {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                k.scenario,
+                k.workload,
+                k.concurrency,
+                cell(k.cpu_us_per_req, 1),
+                cell(k.added_p50_us, 0),
+                cell(k.added_p99_us, 0),
+            );
+        }
+    }
+    if report.micro.sign_sigv4_ns.is_some() || report.micro.sign_sigv4a_ns.is_some() {
+        let us = |ns: Option<f64>| ns.map(|n| n / 1000.0);
+        let _ = writeln!(
+            md,
+            "\nSigning one headers-only request (criterion): SigV4 {} µs, SigV4A {} µs.",
+            cell(us(report.micro.sign_sigv4_ns), 2),
+            cell(us(report.micro.sign_sigv4a_ns), 1),
         );
     }
     if !report.node_markdown.is_empty() {
@@ -275,13 +391,18 @@ pub fn markdown(report: &Report) -> String {
             Some(false) => "**missed**".to_owned(),
             None => "not measured".to_owned(),
         };
+        let detail = if t.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", t.detail)
+        };
         let _ = writeln!(
             md,
-            "| {} | {} {} | {op} {} {} | {result} |",
+            "| {}{detail} | {} {} | {op} {} {} | {result} |",
             t.name,
             cell(t.measured, 2),
             t.unit,
-            t.limit,
+            cell(t.limit, 2),
             t.unit
         );
     }
@@ -331,7 +452,7 @@ pub fn check_schema(json: &Value) -> Result<()> {
             "p50_ms",
             "p99_ms",
             "agent_rss_mib",
-            "agent_cpu_s_per_10k",
+            "agent_cpu_us_per_req",
         ] {
             match obj.get(key) {
                 Some(Value::Null) => {}
@@ -349,17 +470,31 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<Run> {
-        let ka = |scenario, rps, p99| Run {
+        let run = |scenario, workload, c, rps, p50, p99, cpu| Run {
             scenario,
-            workload: "keepalive",
-            concurrency: Some(16),
+            workload,
+            concurrency: Some(c),
             rps: Some(rps),
+            p50_ms: Some(p50),
             p99_ms: Some(p99),
+            agent_cpu_us_per_req: cpu,
             ..Run::default()
         };
         vec![
-            ka("direct", 10_000.0, 1.0),
-            ka("lattice", 7_000.0, 1.5),
+            run("direct", "keepalive", 1, 15_000.0, 0.060, 0.150, None),
+            run("direct", "keepalive", 16, 90_000.0, 0.170, 0.900, None),
+            run("lattice", "keepalive", 1, 9_000.0, 0.100, 0.300, Some(40.0)),
+            run(
+                "lattice",
+                "keepalive",
+                16,
+                40_000.0,
+                0.390,
+                1.600,
+                Some(21.0),
+            ),
+            run("floor", "keepalive", 1, 11_000.0, 0.095, 0.200, Some(20.0)),
+            run("floor", "keepalive", 16, 60_000.0, 0.250, 1.000, Some(15.0)),
             Run {
                 scenario: "lattice",
                 workload: "idle",
@@ -384,34 +519,69 @@ mod tests {
     }
 
     #[test]
+    fn cost_is_against_direct_in_the_same_run() {
+        let cost = cost(&sample());
+        let lattice16 = cost
+            .iter()
+            .find(|k| k.scenario == "lattice" && k.concurrency == 16)
+            .unwrap();
+        assert_eq!(lattice16.cpu_us_per_req, Some(21.0));
+        assert!((lattice16.added_p50_us.unwrap() - 220.0).abs() < 1e-6);
+        assert!((lattice16.added_p99_us.unwrap() - 700.0).abs() < 1e-6);
+        // No newconn figures, no iptables scenario: no rows for them.
+        assert_eq!(cost.len(), 4);
+    }
+
+    #[test]
     fn targets_compare_within_the_run() {
-        let t = targets(&sample());
-        assert_eq!(t[0].met, Some(true), "0.7 >= 0.6");
-        assert!((t[0].measured.unwrap() - 0.7).abs() < 1e-9);
-        assert_eq!(t[1].met, Some(true), "0.5 ms added <= 1 ms");
+        let runs = sample();
+        let micro = Micro {
+            sign_sigv4_ns: Some(2500.0),
+            sign_sigv4a_ns: None,
+        };
+        let t = targets(&runs, &cost(&runs), &micro);
+        assert!((t[0].measured.unwrap() - 1.4).abs() < 1e-9, "21 / 15");
+        assert_eq!(t[0].met, Some(true));
+        assert_eq!(t[0].detail, "lattice 21.0 µs, floor 15.0 µs");
+        // Lattice adds 40 µs at c=1, the floor 35: within floor + 10.
+        assert!((t[1].measured.unwrap() - 40.0).abs() < 1e-6);
+        assert!((t[1].limit.unwrap() - 45.0).abs() < 1e-6);
+        assert_eq!(t[1].met, Some(true));
         assert_eq!(t[2].met, None, "no newconn figures");
         assert_eq!(t[3].met, Some(false), "20 MiB idle > 16 MiB");
+        assert_eq!(t[4].met, None, "no upload");
+        assert_eq!(t[5].met, Some(false), "2.5 µs > 2 µs");
     }
 
     #[test]
     fn schema_accepts_the_report_and_rejects_bad_rows() {
+        let runs = sample();
+        let cost = cost(&runs);
+        let micro = Micro::default();
         let report = Report {
             quick: true,
             machine: Machine::read(),
-            runs: sample(),
+            targets: targets(&runs, &cost, &micro),
+            runs,
+            cost,
+            micro,
             node: None,
             node_markdown: String::new(),
-            targets: targets(&sample()),
         };
         let mut json = serde_json::to_value(&report).unwrap();
         check_schema(&json).unwrap();
-        assert_eq!(json["runs"][2]["rps"], Value::Null);
+        assert_eq!(json["runs"][6]["rps"], Value::Null);
         json["runs"][0]["scenario"] = "envoy".into();
         assert!(check_schema(&json).is_err());
         json["runs"][0]["scenario"] = "direct".into();
         json["runs"][1].as_object_mut().unwrap().remove("p99_ms");
         assert!(check_schema(&json).is_err());
         assert!(check_schema(&serde_json::json!({"runs": []})).is_err());
-        assert!(markdown(&report).contains("| lattice | keepalive | 16 | 7000 |"));
+        let md = markdown(&report);
+        assert!(md.contains("| lattice | keepalive | 16 | 40000 |"), "{md}");
+        assert!(
+            md.contains("| floor | keepalive | 16 | 15.0 | 80 | 100 |"),
+            "{md}"
+        );
     }
 }
