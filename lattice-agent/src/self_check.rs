@@ -123,23 +123,24 @@ impl KnownSignature {
         }
     }
 
-    /// Signs the request with [`sign::sign`] and returns its headers.
+    /// Signs the request as the proxy does ([`sign::Signer`]) and returns
+    /// its headers.
     pub fn sign(&self) -> Result<sign::Signed, SelfCheckError> {
         let query = wire_query(self.query).map_err(|source| SelfCheckError::Query {
             vector: self.name,
             source,
         })?;
         let payload = self.payload();
-        sign::sign(
-            &self.request(&query, &payload),
-            &credentials(self.token),
-            &signing_config(),
-            signing_time(),
-        )
-        .map_err(|source| SelfCheckError::Sign {
-            vector: self.name,
-            source,
-        })
+        sign::Signer::new(signing_config())
+            .sign(
+                &self.request(&query, &payload),
+                &credentials(self.token),
+                signing_time(),
+            )
+            .map_err(|source| SelfCheckError::Sign {
+                vector: self.name,
+                source,
+            })
     }
 
     /// Signs the request and compares the signature with botocore's.

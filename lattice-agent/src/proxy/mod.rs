@@ -33,7 +33,7 @@ use crate::{
     netns::SocketFactory,
     orig_dst::OriginalDestination,
     query,
-    sign::{self, Algorithm, Payload, RequestToSign, SigningConfig},
+    sign::{self, Algorithm, Payload, RequestToSign, Signer, SigningConfig},
 };
 
 /// The proxy's settings, built once from [`ProxyArgs`].
@@ -137,6 +137,8 @@ pub struct WorkloadProxy {
 /// State shared by every connection of one workload.
 pub(crate) struct Shared {
     cfg: Arc<ProxyConfig>,
+    /// Keeps the workload's signing key between requests.
+    signer: Signer,
     upstream: Upstream,
     creds: WorkloadCredentials,
     metrics: WorkloadMetrics,
@@ -164,6 +166,7 @@ pub async fn serve(
         sockets,
     });
     let shared = Arc::new(Shared {
+        signer: Signer::new(cfg.signing.clone()),
         cfg,
         upstream,
         creds,
@@ -262,10 +265,13 @@ async fn forward(
         host: authority.as_str(),
         payload: &payload,
     };
-    let signed = sign::sign(&to_sign, &creds, &cfg.signing, SystemTime::now()).map_err(|e| {
-        shared.metrics.signing_failures.inc();
-        RequestError::Signing(e.to_string())
-    })?;
+    let signed = shared
+        .signer
+        .sign(&to_sign, &creds, SystemTime::now())
+        .map_err(|e| {
+            shared.metrics.signing_failures.inc();
+            RequestError::Signing(e.to_string())
+        })?;
     if cfg.log_signing
         && let Some(t) = sign::trace(&to_sign, &signed)
     {
