@@ -14,7 +14,7 @@ use crate::{
     metrics::{IdentityLabel, Metrics, WorkloadLabels},
     netns::SocketFactory,
     privilege, process,
-    proxy::{ProxyConfig, WorkloadProxy},
+    proxy::{ProxyConfig, WorkloadProxy, workers::WorkerPool},
     telemetry,
     workload::{Listeners, Workload, bind_loopback},
 };
@@ -40,8 +40,20 @@ pub fn serve(cfg: RunConfig) -> anyhow::Result<()> {
         privilege::drop_to(cfg.intercept.exempt_uid, &[])?;
     }
 
-    // Built only now, so every runtime thread starts unprivileged.
-    let runtime = process::runtime(cfg.proxy.workers)?;
+    // Built only now, so every runtime thread starts unprivileged. With
+    // `--workers N`, connections are spread over N threads of their own
+    // (proxy::workers); the main thread accepts, and serves the admin
+    // endpoints and the credential refreshes.
+    let runtime = process::runtime(1)?;
+    let serving = match serving {
+        Some((mut proxy, listeners, admin)) if cfg.proxy.workers > 1 => {
+            let pool = WorkerPool::start(usize::from(cfg.proxy.workers))
+                .context("starting the --workers threads")?;
+            proxy.workers = Some(Arc::new(pool));
+            Some((proxy, listeners, admin))
+        }
+        serving => serving,
+    };
     let orig_dst = NetnsOrigDst {
         map: interceptor.orig_dst(),
         netns: 0,

@@ -8,6 +8,7 @@ pub mod headers;
 pub mod server;
 pub mod units;
 pub mod upstream;
+pub mod workers;
 
 use std::{
     net::SocketAddr,
@@ -53,6 +54,9 @@ pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
     /// Open client connections per workload; more wait in the backlog.
     pub max_connections: usize,
+    /// `--workers` threads connections are spread over; `None` serves
+    /// them on the runtime the proxy runs on.
+    pub workers: Option<Arc<workers::WorkerPool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,7 @@ impl ProxyConfig {
             log_signing: args.log_signing,
             admin_addr: args.admin_addr,
             max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            workers: None,
         })
     }
 
@@ -317,7 +322,7 @@ async fn forward(
     }
     let upstream_req = Request::from_parts(parts, body);
     let started = Instant::now();
-    let sent = shared.upstream.send(dst, proto, upstream_req);
+    let sent = shared.upstream.send(dst, proto, conn.worker, upstream_req);
     let resp = match cfg.request_timeout {
         Some(limit) => tokio::time::timeout(limit, sent)
             .await

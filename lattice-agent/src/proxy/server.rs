@@ -31,6 +31,9 @@ use crate::orig_dst::OriginalDestination;
 /// One accepted client connection.
 pub(super) struct ConnCtx {
     pub peer: SocketAddr,
+    /// The `--workers` thread serving it (0 without a worker pool): the
+    /// upstream pool it uses.
+    pub worker: usize,
     /// Where the client was connecting to; `None` answers every request 421.
     pub dst: Option<SocketAddr>,
     pub activity: Arc<Activity>,
@@ -147,22 +150,57 @@ async fn accept_loop(
                 tracing::warn!(%peer, "connection without an original destination; answering 421");
             }
         };
-        let conn = serve_connection(
-            Arc::clone(&shared),
-            Arc::clone(&builder),
-            stream,
-            ConnCtx {
-                peer,
-                dst,
-                activity: Arc::new(Activity::new()),
-            },
-            shutdown.clone(),
-            hard_stop.clone(),
-        );
-        tracker.spawn(async move {
-            conn.await;
-            drop(slot);
-        });
+        let ctx = |worker| ConnCtx {
+            peer,
+            dst,
+            worker,
+            activity: Arc::new(Activity::new()),
+        };
+        match shared.cfg.workers.as_deref() {
+            None => {
+                let conn = serve_connection(
+                    Arc::clone(&shared),
+                    Arc::clone(&builder),
+                    stream,
+                    ctx(0),
+                    shutdown.clone(),
+                    hard_stop.clone(),
+                );
+                tracker.spawn(async move {
+                    conn.await;
+                    drop(slot);
+                });
+            }
+            Some(pool) => {
+                // The socket moves to the worker's own event loop.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "handing the connection to a worker");
+                        continue;
+                    }
+                };
+                let (worker, _) = pool.next();
+                let (shared, builder) = (Arc::clone(&shared), Arc::clone(&builder));
+                let ctx = ctx(worker);
+                let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+                pool.spawn_on(
+                    worker,
+                    tracker.track_future(async move {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => {
+                                serve_connection(shared, builder, stream, ctx, shutdown, hard_stop)
+                                    .await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(peer = %ctx.peer, error = %e, "registering the connection with its worker");
+                            }
+                        }
+                        drop(slot);
+                    }),
+                );
+            }
+        }
     }
 }
 

@@ -107,13 +107,16 @@ pub struct UpstreamConfig {
 
 type HttpClient = Client<Connector, ProxyBody>;
 
-/// Beyond this many distinct (destination, protocol) pairs the client map
-/// is reset (their pooled connections close when idle).
+/// Beyond this many distinct (destination, protocol, worker) keys the
+/// client map is reset (their pooled connections close when idle).
 const MAX_CLIENTS: usize = 4096;
 
 pub struct Upstream {
     cfg: UpstreamConfig,
-    clients: Mutex<HashMap<(SocketAddr, Protocol), HttpClient>>,
+    /// One client (and connection pool) per destination, protocol and
+    /// `--workers` thread: a thread only reuses connections its own event
+    /// loop drives.
+    clients: Mutex<HashMap<(SocketAddr, Protocol, usize), HttpClient>>,
 }
 
 impl Upstream {
@@ -133,9 +136,9 @@ impl Upstream {
         }
     }
 
-    fn client(&self, dst: SocketAddr, proto: Protocol) -> HttpClient {
+    fn client(&self, dst: SocketAddr, proto: Protocol, worker: usize) -> HttpClient {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&(dst, proto)) {
+        if let Some(c) = clients.get(&(dst, proto, worker)) {
             return c.clone();
         }
         if clients.len() >= MAX_CLIENTS {
@@ -157,18 +160,20 @@ impl Upstream {
             .timer(TokioTimer::new())
             .http2_only(proto == Protocol::Http2)
             .build(connector);
-        clients.insert((dst, proto), client.clone());
+        clients.insert((dst, proto, worker), client.clone());
         client
     }
 
-    /// Sends `req` (absolute URI with the client's authority) to `dst`.
+    /// Sends `req` (absolute URI with the client's authority) to `dst`,
+    /// over a connection of `worker`'s pool.
     pub async fn send(
         &self,
         dst: SocketAddr,
         proto: Protocol,
+        worker: usize,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, RequestError> {
-        let client = self.client(dst, proto);
+        let client = self.client(dst, proto, worker);
         client
             .request(req)
             .await
