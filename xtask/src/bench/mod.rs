@@ -11,6 +11,8 @@
 //! - `direct`: wrk → nginx.
 //! - `lattice`: wrk in the pod cgroup → eBPF connect redirect → agent
 //!   (signs) → nginx.
+//! - `lattice-w2`: the same with the agent's `--workers 2`: how its
+//!   throughput scales with a second proxy thread.
 //! - `floor`: the same redirect (the agent attached with
 //!   `--intercept-only`) → a one-thread TCP relay (no HTTP, no signing) →
 //!   nginx: what the two extra loopback hops alone cost.
@@ -89,17 +91,25 @@ impl Plan {
 enum Scenario {
     Direct,
     Lattice,
+    LatticeW2,
     Floor,
     Iptables,
 }
 
 impl Scenario {
-    const ALL: [Self; 4] = [Self::Direct, Self::Lattice, Self::Floor, Self::Iptables];
+    const ALL: [Self; 5] = [
+        Self::Direct,
+        Self::Lattice,
+        Self::LatticeW2,
+        Self::Floor,
+        Self::Iptables,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Lattice => "lattice",
+            Self::LatticeW2 => "lattice-w2",
             Self::Floor => "floor",
             Self::Iptables => "iptables",
         }
@@ -299,10 +309,11 @@ impl Pod {
         if scenario == Scenario::Iptables {
             seed_nat_rules(&ns)?;
         }
-        let proxy = Role::Proxy { workers: workers() };
+        let proxy = Role::Proxy { workers: 1 };
         let attach = match scenario {
             Scenario::Direct => None,
             Scenario::Lattice => Some((cgroups.app(), proxy)),
+            Scenario::LatticeW2 => Some((cgroups.app(), Role::Proxy { workers: 2 })),
             Scenario::Floor => Some((cgroups.app(), Role::InterceptOnly)),
             // Nobody runs there: the programs see no traffic, NAT steers it.
             Scenario::Iptables => Some((cgroups.empty(), proxy)),
@@ -613,15 +624,6 @@ fn measure_all(
         pod.check_proxy_saw_everything()?;
     }
     Ok(rows.into_iter().flatten().collect())
-}
-
-/// The agent's proxy threads: `LATTICE_WORKERS` from the bench's
-/// environment (to compare thread counts), else its default of one.
-fn workers() -> u16 {
-    std::env::var("LATTICE_WORKERS")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(1)
 }
 
 /// The seed's init-container rules (../shared/seeds), with the agent's port,

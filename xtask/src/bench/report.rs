@@ -8,9 +8,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-pub const SCENARIOS: [&str; 4] = ["direct", "lattice", "floor", "iptables"];
+pub const SCENARIOS: [&str; 5] = ["direct", "lattice", "lattice-w2", "floor", "iptables"];
 /// The scenarios with a proxy between the app and nginx.
-pub const PROXIES: [&str; 3] = ["lattice", "floor", "iptables"];
+pub const PROXIES: [&str; 4] = ["lattice", "lattice-w2", "floor", "iptables"];
 /// The loads the proxy cost is reported for: (workload, connections).
 pub const COST_LOADS: [(&str, u32); 4] = [
     ("keepalive", 1),
@@ -209,6 +209,11 @@ pub fn cost(runs: &[Run]) -> Vec<Cost> {
     out
 }
 
+/// What a second worker thread must add to the agent's throughput. Less
+/// than 2×: on this two-core machine the load generator and nginx share
+/// the cores with the agent.
+const WORKERS_SCALING: f64 = 1.2;
+
 /// The performance issue's targets, from this run's figures.
 pub fn targets(runs: &[Run], cost: &[Cost], micro: &Micro) -> Vec<Target> {
     let cost_of = |scenario: &str, workload: &str, c: u32| {
@@ -221,6 +226,8 @@ pub fn targets(runs: &[Run], cost: &[Cost], micro: &Micro) -> Vec<Target> {
     let (lattice_p50, floor_p50) = (p50("lattice"), p50("floor"));
     let nc16 = |s| find(runs, s, "newconn", Some(16)).and_then(|r| r.rps);
     let (lattice_nc, iptables_nc) = (nc16("lattice"), nc16("iptables"));
+    let ka64 = |s| find(runs, s, "keepalive", Some(64)).and_then(|r| r.rps);
+    let (w1, w2) = (ka64("lattice"), ka64("lattice-w2"));
     vec![
         Target::new(
             "proxy CPU per keep-alive request at c=16, lattice / floor",
@@ -267,6 +274,17 @@ pub fn targets(runs: &[Run], cost: &[Cost], micro: &Micro) -> Vec<Target> {
             "max",
             Some(32.0),
             "MiB",
+        ),
+        Target::new(
+            "keep-alive throughput at c=64, --workers 2 / --workers 1",
+            w2.zip(w1).map(|(two, one)| two / one),
+            "min",
+            Some(WORKERS_SCALING),
+            "x",
+        )
+        .detail(
+            w1.zip(w2)
+                .map(|(one, two)| format!("1 worker {one:.0}/s, 2 workers {two:.0}/s")),
         ),
         Target::new(
             "SigV4 signing of a headers-only request (criterion)",
@@ -550,7 +568,26 @@ mod tests {
         assert_eq!(t[2].met, None, "no newconn figures");
         assert_eq!(t[3].met, Some(false), "20 MiB idle > 16 MiB");
         assert_eq!(t[4].met, None, "no upload");
-        assert_eq!(t[5].met, Some(false), "2.5 µs > 2 µs");
+        assert_eq!(t[5].met, None, "no lattice-w2 figures");
+        assert_eq!(t[6].met, Some(false), "2.5 µs > 2 µs");
+    }
+
+    #[test]
+    fn workers_scaling_is_against_one_worker_at_c64() {
+        let mut runs = sample();
+        let ka64 = |scenario, rps| Run {
+            scenario,
+            workload: "keepalive",
+            concurrency: Some(64),
+            rps: Some(rps),
+            ..Run::default()
+        };
+        runs.push(ka64("lattice", 30_000.0));
+        runs.push(ka64("lattice-w2", 33_000.0));
+        let t = targets(&runs, &cost(&runs), &Micro::default());
+        assert!((t[5].measured.unwrap() - 1.1).abs() < 1e-9);
+        assert_eq!(t[5].met, Some(false), "1.1 < 1.2");
+        assert_eq!(t[5].detail, "1 worker 30000/s, 2 workers 33000/s");
     }
 
     #[test]
