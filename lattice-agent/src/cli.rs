@@ -255,9 +255,11 @@ pub struct ProxyArgs {
     pub log_signing: bool,
 
     /// Proxy worker threads. One (the default) serves a pod's traffic on a
-    /// single thread with no cross-thread wake-ups, which keeps tail latency
-    /// and CPU lowest when the node is busy; raise it for pods that push
-    /// more than one core's worth of requests.
+    /// single thread, which keeps CPU per request lowest; raise it for pods
+    /// that push more than one core's worth of requests. With `run` and
+    /// `sidecar`, each connection is then served start to end by one of N
+    /// single-threaded workers (handed out in turn), so requests still
+    /// never wake another thread.
     #[arg(long, env = "LATTICE_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
 
