@@ -544,6 +544,44 @@ fn query_arrives_in_the_order_the_app_sent() {
     }
 }
 
+/// With `--workers 2` the connections are served by two worker threads of
+/// the agent's own: every request, HTTP/1.1 and h2c, arrives signed, and
+/// the agent still drains and stops cleanly.
+#[test]
+fn requests_spread_over_two_workers_are_all_signed() {
+    if !require_root("requests_spread_over_two_workers_are_all_signed") {
+        return;
+    }
+    let pod = Pod::new();
+    let verifier = Verifier::start(&pod, LATTICE_V4, 80, &STATIC);
+    let mut agent = RunningAgent::with_static(&pod, &["--workers", "2"]);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect();
+    for worker in ["lattice-wrk-0", "lattice-wrk-1"] {
+        assert!(threads.iter().any(|t| t == worker), "{threads:?}");
+    }
+    let mut sent = 0;
+    for h2c in [false, true] {
+        for i in 0..4 {
+            let args: &[&str] = if h2c {
+                &["--http2-prior-knowledge"]
+            } else {
+                &[]
+            };
+            let j = to_service(&pod, args, &format!("/w?i={i}")).assert_ok();
+            assert_eq!(j["query"], format!("i={i}"));
+            sent += 1;
+        }
+    }
+    let seen = verifier.requests();
+    assert_eq!(seen.len(), sent, "{seen:?}");
+    assert!(seen.iter().all(|r| r.status == 200), "{seen:?}");
+    agent.stop();
+}
+
 /// A query whose percent-encoded bytes are not UTF-8 cannot be signed so
 /// that every verifier agrees: 400 naming the pair, nothing forwarded.
 #[test]

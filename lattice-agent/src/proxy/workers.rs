@@ -38,7 +38,8 @@ impl std::fmt::Debug for WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `n` worker threads (`lattice-worker-<i>`).
+    /// Starts `n` worker threads, `lattice-wrk-<i>` (short enough for the
+    /// kernel's 15-byte thread names, so `top` and `/proc` show them whole).
     pub fn start(n: usize) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
         let mut workers = Vec::with_capacity(n);
@@ -49,7 +50,7 @@ impl WorkerPool {
             let handle = runtime.handle().clone();
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("lattice-worker-{i}"))
+                .name(format!("lattice-wrk-{i}"))
                 .spawn(move || runtime.block_on(stop.cancelled()))?;
             workers.push(Worker {
                 handle,
@@ -115,8 +116,8 @@ mod tests {
             });
             rx.recv().unwrap().unwrap()
         };
-        assert_eq!(name(0), "lattice-worker-0");
-        assert_eq!(name(1), "lattice-worker-1");
+        assert_eq!(name(0), "lattice-wrk-0");
+        assert_eq!(name(1), "lattice-wrk-1");
         let order: Vec<usize> = (0..4).map(|_| pool.next().0).collect();
         assert_eq!(order, [0, 1, 0, 1]);
         drop(pool);
