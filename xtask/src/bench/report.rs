@@ -334,6 +334,12 @@ pub fn node_targets(node: &Value) -> Vec<Target> {
             1.1,
             "x",
         ),
+        t(
+            "another pod's p99 while one pod floods the agent",
+            f(&node["flood"]["victim_p99_ms"]),
+            50.0,
+            "ms",
+        ),
     ]
 }
 
@@ -529,10 +535,14 @@ mod tests {
             "rss_per_added_pod_kib": 300.0,
             "enrollment_ms": {"p99": 40.0},
             "added_p50_ms": {"node": 0.05, "sidecar": 0.05},
+            "flood": {"victim_p99_ms": 80.0},
         });
         let t = node_targets(&node);
         let met: Vec<Option<bool>> = t.iter().map(|t| t.met).collect();
-        assert_eq!(met, [Some(true), Some(false), Some(true), Some(true)]);
+        assert_eq!(
+            met,
+            [Some(true), Some(false), Some(true), Some(true), Some(false)]
+        );
         assert_eq!(node_targets(&serde_json::json!({}))[3].met, None);
     }
 
