@@ -68,6 +68,32 @@ fn unsigned(verifier: &Verifier) -> u64 {
         .count() as u64
 }
 
+/// A pod annotated for the node agent, with an IRSA identity (role `node`).
+fn annotated_irsa_pod(cluster: &Cluster, name: &str) -> NodePod {
+    let pod = cluster.node.add_pod(PodSpec::new("shop", name));
+    cluster.apply(
+        &PodObject::new(&pod, cluster.node.name())
+            .annotated()
+            .service_account("node")
+            .irsa(
+                &pod,
+                "arn:aws:iam::123456789012:role/node",
+                "us-west-2",
+                "token",
+            ),
+    );
+    pod
+}
+
+/// The node agent `bin` with its programs and maps pinned under `pin`.
+fn start_pinned_agent(cluster: &Cluster, bin: &std::path::Path, pin: &str) -> NodeAgent {
+    NodeAgent::start(
+        cluster,
+        cluster.agent_command_with(bin, ["--pin", pin]),
+        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
+    )
+}
+
 /// `lattice-agent sidecar` in `pod`, in a container of its own, as the
 /// image starts it (as root here; it switches to UID 101 after attaching).
 fn start_sidecar(cluster: &Cluster, pod: &NodePod, container: &std::path::Path) -> ChildGuard {
@@ -185,26 +211,8 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
     let bpffs = Bpffs::new();
     let pin = bpffs.path().join("lattice-node");
     let pin_arg = pin.to_str().unwrap().to_owned();
-    let pod = cluster.node.add_pod(PodSpec::new("shop", "node-0"));
-    cluster.apply(
-        &PodObject::new(&pod, cluster.node.name())
-            .annotated()
-            .service_account("node")
-            .irsa(
-                &pod,
-                "arn:aws:iam::123456789012:role/node",
-                "us-west-2",
-                "token",
-            ),
-    );
-    let sts = sts_url();
-    let start = || {
-        NodeAgent::start(
-            &cluster,
-            cluster.agent_command(["--pin", &pin_arg]),
-            &[("AWS_ENDPOINT_URL_STS", &sts)],
-        )
-    };
+    let pod = annotated_irsa_pod(&cluster, "node-0");
+    let start = || start_pinned_agent(&cluster, &agent_bin(), &pin_arg);
     let mut agent = start();
     agent.wait_pod(pod.uid(), Some("enrolled"), Duration::from_secs(15));
     let kubepods = cluster.node.cgroup_root().join("kubepods.slice");
@@ -349,32 +357,11 @@ fn node_agent_replaced_under_load_loses_no_request() {
     let pin_arg = pin.to_str().unwrap().to_owned();
     let pods: Vec<NodePod> = ["kept", "fresh"]
         .into_iter()
-        .map(|name| {
-            let pod = cluster.node.add_pod(PodSpec::new("shop", name));
-            cluster.apply(
-                &PodObject::new(&pod, cluster.node.name())
-                    .annotated()
-                    .service_account("node")
-                    .irsa(
-                        &pod,
-                        "arn:aws:iam::123456789012:role/node",
-                        "us-west-2",
-                        "token",
-                    ),
-            );
-            pod
-        })
+        .map(|name| annotated_irsa_pod(&cluster, name))
         .collect();
-    let sts = sts_url();
     // The binary users deploy: the latencies recorded are the release's.
-    let agent_bin = lattice_tests::agent::release_agent_bin();
-    let start = || {
-        NodeAgent::start(
-            &cluster,
-            cluster.agent_command_with(&agent_bin, ["--pin", &pin_arg]),
-            &[("AWS_ENDPOINT_URL_STS", &sts)],
-        )
-    };
+    let release = lattice_tests::agent::release_agent_bin();
+    let start = || start_pinned_agent(&cluster, &release, &pin_arg);
     let mut agent = start();
     for pod in &pods {
         agent.wait_pod(pod.uid(), Some("enrolled"), Duration::from_secs(15));
