@@ -74,6 +74,15 @@ enum Task {
         /// write <target>/bench/flamegraph.svg.
         #[arg(long)]
         profile: bool,
+        /// Run only these scenarios (comma-separated); the default is all.
+        /// Targets whose figures were not measured are shown as such.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Part>,
+        /// Also run the `baseline` scenario: `lattice` with this agent
+        /// binary (e.g. built from another commit), for an A/B comparison
+        /// within one run.
+        #[arg(long, value_name = "PATH")]
+        baseline_agent: Option<PathBuf>,
     },
 }
 
@@ -107,6 +116,8 @@ fn run(task: Task) -> Result<()> {
             quick,
             pods,
             profile,
+            only,
+            baseline_agent,
         } => bench::run(
             &ws,
             &ready,
@@ -114,6 +125,8 @@ fn run(task: Task) -> Result<()> {
                 quick,
                 pods,
                 profile,
+                only,
+                baseline_agent,
             },
         ),
     }

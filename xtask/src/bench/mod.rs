@@ -19,6 +19,9 @@
 //! - `iptables`: wrk → the seed's NAT REDIRECT rules → the same agent, its
 //!   programs attached to an empty cgroup so they see nothing; it finds the
 //!   original destination with SO_ORIGINAL_DST.
+//! - `baseline` (only with `--baseline-agent PATH`): `lattice` with another
+//!   agent binary, e.g. one built from another commit, so a change is
+//!   judged against what it replaces within one run.
 
 mod agent;
 mod cgroup;
@@ -87,6 +90,33 @@ impl Plan {
     }
 }
 
+/// A way for the app to reach nginx; one of these, or `node`, may be
+/// picked with `--only` (`Node` is the node-mode scenario, which runs on
+/// its own).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Part {
+    Direct,
+    Lattice,
+    #[value(name = "lattice-w2")]
+    LatticeW2,
+    Floor,
+    Iptables,
+    Node,
+}
+
+impl Part {
+    fn scenario(self) -> Option<Scenario> {
+        match self {
+            Self::Direct => Some(Scenario::Direct),
+            Self::Lattice => Some(Scenario::Lattice),
+            Self::LatticeW2 => Some(Scenario::LatticeW2),
+            Self::Floor => Some(Scenario::Floor),
+            Self::Iptables => Some(Scenario::Iptables),
+            Self::Node => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     Direct,
@@ -94,15 +124,18 @@ enum Scenario {
     LatticeW2,
     Floor,
     Iptables,
+    Baseline,
 }
 
 impl Scenario {
-    const ALL: [Self; 5] = [
+    /// The scenarios measured side by side (`Baseline` when asked for).
+    const ALL: [Self; 6] = [
         Self::Direct,
         Self::Lattice,
         Self::LatticeW2,
         Self::Floor,
         Self::Iptables,
+        Self::Baseline,
     ];
 
     fn name(self) -> &'static str {
@@ -112,6 +145,7 @@ impl Scenario {
             Self::LatticeW2 => "lattice-w2",
             Self::Floor => "floor",
             Self::Iptables => "iptables",
+            Self::Baseline => "baseline",
         }
     }
 }
@@ -129,6 +163,8 @@ const WORKLOADS: [(&str, u32); 5] = [
 struct Binaries {
     agent: PathBuf,
     relay: PathBuf,
+    /// The `baseline` scenario's agent.
+    baseline: Option<PathBuf>,
 }
 
 /// What the run created, to check afterwards that all of it is gone.
@@ -146,6 +182,10 @@ pub struct Options {
     pub pods: u32,
     /// Also write a flame graph of the agent under the keep-alive load.
     pub profile: bool,
+    /// Only these scenarios; empty: all.
+    pub only: Vec<Part>,
+    /// Adds the `baseline` scenario, run with this agent binary.
+    pub baseline_agent: Option<PathBuf>,
 }
 
 pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
@@ -153,7 +193,25 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
         quick,
         pods,
         profile,
+        ref only,
+        ref baseline_agent,
     } = *opts;
+    let wanted = |p: Part| only.is_empty() || only.contains(&p);
+    let scenarios: Vec<Scenario> = Scenario::ALL
+        .into_iter()
+        .filter(|&s| match s {
+            Scenario::Baseline => baseline_agent.is_some(),
+            s => only.is_empty() || only.iter().any(|p| p.scenario() == Some(s)),
+        })
+        .collect();
+    if let Some(b) = baseline_agent
+        && !b.is_file()
+    {
+        bail!("--baseline-agent {}: no such file", b.display());
+    }
+    if profile && !wanted(Part::Lattice) {
+        bail!("--profile samples the lattice scenario's agent: add `lattice` to --only");
+    }
     let stop = Interrupt::install()?;
     for tool in [
         "nginx",
@@ -175,6 +233,7 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
     let binaries = Binaries {
         agent: ws.target_dir.join("release/lattice-agent"),
         relay: ws.target_dir.join("release/lattice-bench-relay"),
+        baseline: baseline_agent.clone(),
     };
     // The floor's relay, the node-mode scenario and its cheap upstream,
     // from the test kit.
@@ -189,7 +248,14 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
     let flamegraph = profile.then(|| out.join("flamegraph.svg"));
     let host_rules = host_nat_rules();
     let mut created = Created::default();
-    let measured = measure_all(&binaries, &plan, flamegraph.as_deref(), &stop, &mut created);
+    let measured = measure_all(
+        &scenarios,
+        &binaries,
+        &plan,
+        flamegraph.as_deref(),
+        &stop,
+        &mut created,
+    );
     // Checked even after a failure: a leak matters more than the figures.
     let clean = check_clean(&created, &host_rules);
     let runs = measured?;
@@ -201,15 +267,22 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
         created.pids.len()
     );
 
-    let (node, node_markdown) = node_scenario(ws, ready, &binaries.agent, quick, pods, &out)?;
+    let (node, node_markdown) = if wanted(Part::Node) {
+        let (figures, tables) = node_scenario(ws, ready, &binaries.agent, quick, pods, &out)?;
+        (Some(figures), tables)
+    } else {
+        (None, String::new())
+    };
     let micro = micro::signing(ws, ready, quick)?;
     let cost = report::cost(&runs);
     let mut targets = report::targets(&runs, &cost, &micro);
-    targets.extend(report::node_targets(&node));
+    if let Some(node) = &node {
+        targets.extend(report::node_targets(node));
+    }
     let report = Report {
         quick,
         machine: Machine::read(),
-        node: Some(node),
+        node,
         node_markdown,
         targets,
         runs,
@@ -317,11 +390,16 @@ impl Pod {
             Scenario::Floor => Some((cgroups.app(), Role::InterceptOnly)),
             // Nobody runs there: the programs see no traffic, NAT steers it.
             Scenario::Iptables => Some((cgroups.empty(), proxy)),
+            Scenario::Baseline => Some((cgroups.app(), proxy)),
+        };
+        let agent_binary = match (scenario, &binaries.baseline) {
+            (Scenario::Baseline, Some(b)) => b,
+            _ => &binaries.agent,
         };
         let agent = attach
             .map(|(to, role)| {
                 Agent::start(
-                    &binaries.agent,
+                    agent_binary,
                     &ns,
                     &cgroups.agent(),
                     &to,
@@ -555,6 +633,7 @@ fn median_by(mut rounds: Vec<Run>, key: impl Fn(&Run) -> Option<f64>) -> Option<
 }
 
 fn measure_all(
+    scenarios: &[Scenario],
     binaries: &Binaries,
     plan: &Plan,
     flamegraph: Option<&Path>,
@@ -562,7 +641,7 @@ fn measure_all(
     created: &mut Created,
 ) -> Result<Vec<Run>> {
     let mut pods = Vec::new();
-    for scenario in Scenario::ALL {
+    for &scenario in scenarios {
         pods.push(Pod::new(scenario, binaries, stop, created)?);
     }
     let mut rows: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];

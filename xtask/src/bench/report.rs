@@ -8,9 +8,16 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-pub const SCENARIOS: [&str; 5] = ["direct", "lattice", "lattice-w2", "floor", "iptables"];
+pub const SCENARIOS: [&str; 6] = [
+    "direct",
+    "lattice",
+    "lattice-w2",
+    "floor",
+    "iptables",
+    "baseline",
+];
 /// The scenarios with a proxy between the app and nginx.
-pub const PROXIES: [&str; 4] = ["lattice", "lattice-w2", "floor", "iptables"];
+pub const PROXIES: [&str; 5] = ["lattice", "lattice-w2", "floor", "iptables", "baseline"];
 /// The loads the proxy cost is reported for: (workload, connections).
 pub const COST_LOADS: [(&str, u32); 4] = [
     ("keepalive", 1),
