@@ -15,7 +15,9 @@ use sha2::{Digest as _, Sha256};
 use support::{
     AK, BoxError, Creds, ProxyChild, REGION, SK, TOKEN, Verifier, closed_port, empty, full, get,
     h1, h2, python, send_on, send1,
-    servers::{CredsMode, CredsServer, h2_replay_upstream, slow_upstream},
+    servers::{
+        AfterResponse, ConnUpstream, CredsMode, CredsServer, h2_replay_upstream, slow_upstream,
+    },
 };
 
 /// Entry point of the proxy child processes (a no-op in the normal run).
@@ -782,6 +784,38 @@ async fn idle_client_connections_are_closed() {
     );
 }
 
+/// A request head trickling in (a byte every 200 ms, never finished) does
+/// not hold a connection past `--idle-timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn trickled_request_head_is_cut_off_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let p = ProxyChild::start(
+        Some(closed_port()),
+        Creds::Static,
+        &[("LATTICE_IDLE_TIMEOUT", "1s")],
+    );
+    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    tcp.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (mut rd, mut wr) = tcp.into_split();
+    let trickle = tokio::spawn(async move {
+        while wr.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut buf)).await;
+    trickle.abort();
+    assert!(closed.is_ok(), "the connection was still open after 10 s");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
 /// `--upstream-tls`: SNI and certificate name from the Host / :authority,
 /// trust from `--ca-file`; HTTP/1.1 and h2 (ALPN) upstream.
 #[tokio::test(flavor = "multi_thread")]
@@ -880,4 +914,124 @@ async fn role_arn_assumes_a_role_on_top_of_the_chain() {
     let ak = r.json()["access_key"].as_str().unwrap().to_owned();
     assert!(ak != AK && ak != "AKIDBASEENVKEY", "{ak}");
     assert!(!p.logs().contains("base/env/secret"));
+}
+
+/// `conn=<n>` of a [`ConnUpstream`] answer.
+fn upstream_conn(r: &support::Resp) -> u64 {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    text.strip_prefix("conn=")
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected answer {text:?}"))
+}
+
+async fn get_on(s: &mut hyper::client::conn::http1::SendRequest<support::Body>, host: &str) -> u64 {
+    upstream_conn(
+        &send_on(
+            s,
+            Request::get("/")
+                .header("host", host)
+                .body(empty())
+                .unwrap(),
+        )
+        .await,
+    )
+}
+
+/// A client connection's requests share one upstream connection; a closed
+/// client connection leaves it to the next one; client connections open
+/// at the same time get one each; another authority gets its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_kept_per_client_connection_and_reused() {
+    let up = ConnUpstream::start(AfterResponse::KeepAlive).await;
+    let p = ProxyChild::start(Some(up.addr), Creds::Static, &[]);
+
+    let mut a = h1(p.addr).await;
+    let first = get_on(&mut a, HOST).await;
+    for _ in 0..4 {
+        assert_eq!(get_on(&mut a, HOST).await, first);
+    }
+    drop(a);
+    // The agent sees the client close after a moment; until then it still
+    // holds the upstream connection, so wait for the pool to have it.
+    let mut reused = false;
+    for _ in 0..50 {
+        let mut b = h1(p.addr).await;
+        if get_on(&mut b, HOST).await == first {
+            reused = true;
+            // Held by `b` now: a client connection open at the same time
+            // gets another one.
+            let mut c = h1(p.addr).await;
+            let other = get_on(&mut c, HOST).await;
+            assert_ne!(other, first);
+            assert_eq!(get_on(&mut b, HOST).await, first);
+            assert_eq!(get_on(&mut c, HOST).await, other);
+            // Another authority on the same client connection: a
+            // connection of its own, and back again.
+            let elsewhere = get_on(&mut b, "other.example").await;
+            assert!(elsewhere != first && elsewhere != other);
+            assert_eq!(get_on(&mut b, HOST).await, first);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        reused,
+        "a new client connection never reused the pooled upstream connection"
+    );
+}
+
+/// Upstreams that close connections (with `Connection: close`, or silently
+/// when idle) cost the client nothing: every request is answered, on a new
+/// connection where needed.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_closing_connections_is_transparent() {
+    let up = ConnUpstream::start(AfterResponse::Close).await;
+    let p = ProxyChild::start(Some(up.addr), Creds::Static, &[]);
+    let mut a = h1(p.addr).await;
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(get_on(&mut a, HOST).await);
+    }
+    seen.dedup();
+    assert_eq!(seen.len(), 5, "each answer closed its connection: {seen:?}");
+
+    let up = ConnUpstream::start(AfterResponse::CloseWhenIdle(Duration::from_millis(100))).await;
+    let p = ProxyChild::start(Some(up.addr), Creds::Static, &[]);
+    let mut a = h1(p.addr).await;
+    let first = get_on(&mut a, HOST).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = get_on(&mut a, HOST).await;
+    assert_ne!(second, first, "the upstream closed the first connection");
+}
+
+/// `--idle-timeout` also closes pooled upstream connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_upstream_connections_are_closed() {
+    let up = ConnUpstream::start(AfterResponse::KeepAlive).await;
+    let p = ProxyChild::start(
+        Some(up.addr),
+        Creds::Static,
+        &[("LATTICE_IDLE_TIMEOUT", "1s")],
+    );
+    let mut a = h1(p.addr).await;
+    let n = get_on(&mut a, HOST).await;
+    let released = Instant::now();
+    drop(a);
+    let closed_at = loop {
+        if let Some(&(_, at)) = up.closed().iter().find(|(c, _)| *c == n) {
+            break at;
+        }
+        assert!(
+            released.elapsed() < Duration::from_secs(10),
+            "the idle upstream connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let idle = closed_at - released;
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(5),
+        "closed after {idle:?} with --idle-timeout 1s"
+    );
 }

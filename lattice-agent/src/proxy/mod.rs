@@ -11,11 +11,13 @@ pub mod upstream;
 pub mod workers;
 
 use std::{
+    borrow::Cow,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
+use futures_util::future::Either;
 use http::{HeaderValue, Request, Response, Uri, Version, header::HOST};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
@@ -25,7 +27,7 @@ use self::{
     body::{Guarded, ProxyBody, boxed},
     errors::RequestError,
     server::ConnCtx,
-    upstream::{Protocol, TlsConfigError, TlsConfigs, Upstream, UpstreamConfig},
+    upstream::{TlsConfigError, TlsConfigs, Upstream, UpstreamConfig},
 };
 use crate::{
     cli::ProxyArgs,
@@ -258,14 +260,10 @@ async fn forward(
 
     // Sign the request target as it will be forwarded: the path as sent,
     // the query in the app's order with ambiguous pairs normalised.
-    let path = parts.uri.path().to_owned();
-    let query = match parts.uri.query() {
-        Some(q) => Some(query::wire_query(q)?.into_owned()),
-        None => None,
-    };
+    let query = parts.uri.query().map(query::wire_query).transpose()?;
     let to_sign = RequestToSign {
         method: parts.method.as_str(),
-        path: &path,
+        path: parts.uri.path(),
         query: query.as_deref(),
         host: authority.as_str(),
         payload: &payload,
@@ -288,41 +286,69 @@ async fn forward(
             "signed request"
         );
     }
+    // The request target as forwarded, where it differs from the app's:
+    // a normalised query, or an absolute-form target.
+    let target = match &query {
+        Some(Cow::Owned(q)) if q.is_empty() => Some(parts.uri.path().to_owned()),
+        Some(Cow::Owned(q)) => Some(format!("{}?{q}", parts.uri.path())),
+        _ if parts.uri.authority().is_some() => Some(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned(),
+        ),
+        _ => None,
+    };
+    drop(query);
     for (name, value) in signed.headers {
         parts.headers.insert(name, value);
     }
 
     // Forward to the original destination, with the client's authority.
-    let proto = if parts.version == Version::HTTP_2 {
-        Protocol::Http2
+    let sent = if parts.version == Version::HTTP_2 {
+        // hyper-util's client takes an absolute URI; it sends the
+        // authority as `:authority`.
+        let target = target.unwrap_or_else(|| {
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned()
+        });
+        parts.uri = Uri::builder()
+            .scheme(shared.upstream.scheme())
+            .authority(authority)
+            .path_and_query(target)
+            .build()
+            .map_err(|e| RequestError::BadRequest(format!("request target: {e}")))?;
+        parts.headers.remove(HOST);
+        Either::Left(
+            shared
+                .upstream
+                .send_h2(dst, conn.worker, Request::from_parts(parts, body)),
+        )
     } else {
-        Protocol::Http1
-    };
-    let target = match &query {
-        Some(q) if !q.is_empty() => format!("{path}?{q}"),
-        _ => path,
-    };
-    parts.uri = Uri::builder()
-        .scheme(shared.upstream.scheme())
-        .authority(authority.clone())
-        .path_and_query(target)
-        .build()
-        .map_err(|e| RequestError::BadRequest(format!("request target: {e}")))?;
-    match proto {
-        Protocol::Http1 => {
-            parts.version = Version::HTTP_11;
+        // Origin form, and the authority in `Host`.
+        if let Some(target) = target {
+            parts.uri = Uri::try_from(target)
+                .map_err(|e| RequestError::BadRequest(format!("request target: {e}")))?;
+        }
+        parts.version = Version::HTTP_11;
+        if parts.headers.get(HOST).map(HeaderValue::as_bytes) != Some(authority.as_str().as_bytes())
+        {
             let host = HeaderValue::from_str(authority.as_str())
                 .map_err(|_| RequestError::BadRequest("invalid authority".into()))?;
             parts.headers.insert(HOST, host);
         }
-        Protocol::Http2 => {
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(HOST);
-        }
-    }
-    let upstream_req = Request::from_parts(parts, body);
+        Either::Right(shared.upstream.send_h1(
+            &conn.upstream,
+            dst,
+            authority.as_str(),
+            Request::from_parts(parts, body),
+        ))
+    };
     let started = Instant::now();
-    let sent = shared.upstream.send(dst, proto, conn.worker, upstream_req);
     let resp = match cfg.request_timeout {
         Some(limit) => tokio::time::timeout(limit, sent)
             .await

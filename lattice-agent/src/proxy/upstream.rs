@@ -1,11 +1,16 @@
-//! Forwarding to the original destination: pooled keep-alive connections
+//! Forwarding to the original destination over keep-alive connections
 //! (HTTP/1.1, or HTTP/2 for h2c clients), optionally over TLS.
 //!
 //! Where to connect is only ever the original destination's IP and port.
-//! The request URI carries the client's authority (for the pool key, the
-//! HTTP/2 `:authority`, and TLS SNI/certificate name), never an address: each
-//! original destination has clients of its own whose connector dials that
-//! destination whatever the URI says.
+//! The client's authority (the `Host` header, or the HTTP/2 `:authority`)
+//! only names the TLS server, never an address: connections are kept per
+//! original destination and dial that destination whatever it says.
+//!
+//! HTTP/1.1: a client connection keeps the upstream connection its last
+//! request used ([`StickyH1`]), so a request costs no pool lookup; closed
+//! client connections leave theirs in an idle pool per destination and
+//! worker. HTTP/2: one multiplexing client (hyper-util's pool) per
+//! destination and worker.
 
 use std::{
     collections::HashMap,
@@ -16,7 +21,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http::{Request, Response, Uri};
@@ -106,24 +111,41 @@ pub struct UpstreamConfig {
 }
 
 type HttpClient = Client<Connector, ProxyBody>;
+type H1Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
 
-/// Beyond this many distinct (destination, protocol, worker) keys the
-/// client map is reset (their pooled connections close when idle).
+/// Beyond this many distinct (destination, worker) keys the HTTP/2 client
+/// map is reset (their pooled connections close when idle).
 const MAX_CLIENTS: usize = 4096;
+
+/// A destination as seen from one `--workers` thread (a thread only uses
+/// connections its own event loop drives).
+type Key = (SocketAddr, usize);
+
+/// Idle HTTP/1.1 connections are also kept apart by the authority they
+/// were opened for: with TLS it is the server name the certificate was
+/// checked against.
+type IdleKey = (SocketAddr, usize, String);
 
 pub struct Upstream {
     cfg: UpstreamConfig,
-    /// One client (and connection pool) per destination, protocol and
-    /// `--workers` thread: a thread only reuses connections its own event
-    /// loop drives.
-    clients: Mutex<HashMap<(SocketAddr, Protocol, usize), HttpClient>>,
+    h1: hyper::client::conn::http1::Builder,
+    /// HTTP/1.1 connections no client connection holds.
+    idle_h1: Arc<IdleH1>,
+    /// HTTP/2 (h2c clients): one multiplexing client per destination and
+    /// worker.
+    h2_clients: Mutex<HashMap<Key, HttpClient>>,
 }
 
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Self {
         Self {
+            idle_h1: Arc::new(IdleH1 {
+                idle_timeout: cfg.idle_timeout,
+                conns: Mutex::new(HashMap::new()),
+            }),
+            h1: hyper::client::conn::http1::Builder::new(),
             cfg,
-            clients: Mutex::new(HashMap::new()),
+            h2_clients: Mutex::new(HashMap::new()),
         }
     }
 
@@ -136,48 +158,269 @@ impl Upstream {
         }
     }
 
-    fn client(&self, dst: SocketAddr, proto: Protocol, worker: usize) -> HttpClient {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = clients.get(&(dst, proto, worker)) {
+    /// The HTTP/1.1 upstream slot of a new client connection to `dst`.
+    pub fn sticky(&self, dst: Option<SocketAddr>, worker: usize) -> StickyH1 {
+        StickyH1 {
+            held: Mutex::new(Held::default()),
+            home: dst.map(|dst| (Arc::clone(&self.idle_h1), (dst, worker))),
+        }
+    }
+
+    /// Closes pooled HTTP/1.1 connections idle longer than the idle
+    /// timeout; run now and then.
+    pub fn close_idle(&self) {
+        self.idle_h1.close_expired();
+    }
+
+    /// Sends `req` (origin-form URI, `Host: authority`) to `dst` over the
+    /// client connection's own upstream connection for `authority`, else
+    /// one from its worker's idle pool, else a new one. A request that a
+    /// reused connection closed before taking it is sent again on another.
+    pub async fn send_h1(
+        &self,
+        sticky: &StickyH1,
+        dst: SocketAddr,
+        authority: &str,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, RequestError> {
+        let Some((_, (_, worker))) = &sticky.home else {
+            return Err(RequestError::Upstream {
+                dst,
+                reason: "no upstream for this connection".into(),
+            });
+        };
+        loop {
+            let reused = sticky
+                .take(authority)
+                .or_else(|| self.idle_h1.take((dst, *worker, authority.to_owned())));
+            let (mut sender, was_reused) = match reused {
+                Some(s) => (s, true),
+                None => (self.connect_h1(dst, authority).await?, false),
+            };
+            if let Err(e) = sender.ready().await {
+                if was_reused {
+                    continue;
+                }
+                return Err(RequestError::Upstream {
+                    dst,
+                    reason: error_chain(&e),
+                });
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    sticky.put(authority, sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if was_reused => req = unsent,
+                    _ => {
+                        return Err(RequestError::Upstream {
+                            dst,
+                            reason: error_chain(e.error()),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// A new HTTP/1.1 connection to `dst` (`host`: the client's authority,
+    /// the TLS server name); its connection task runs on the calling
+    /// thread's runtime.
+    async fn connect_h1(&self, dst: SocketAddr, host: &str) -> Result<H1Sender, RequestError> {
+        let connector = self.connector(dst, Protocol::Http1);
+        let conn = tokio::time::timeout(self.cfg.connect_timeout, connector.connect(host))
+            .await
+            .map_err(|_| ConnectError::Timeout)
+            .and_then(|r| r)
+            .map_err(|e| connect_error(dst, self.cfg.connect_timeout, &e))?;
+        let (sender, connection) =
+            self.h1
+                .handshake(conn)
+                .await
+                .map_err(|e| RequestError::Upstream {
+                    dst,
+                    reason: error_chain(&e),
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%dst, error = %error_chain(&e), "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn connector(&self, dst: SocketAddr, proto: Protocol) -> Connector {
+        let tls = self.cfg.tls.as_ref().map(|t| match proto {
+            Protocol::Http1 => Arc::clone(&t.http1),
+            Protocol::Http2 => Arc::clone(&t.http2),
+        });
+        Connector {
+            dst,
+            tls,
+            connect_timeout: self.cfg.connect_timeout,
+            sockets: self.cfg.sockets.clone(),
+        }
+    }
+
+    fn h2_client(&self, dst: SocketAddr, worker: usize) -> HttpClient {
+        let mut clients = self.h2_clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&(dst, worker)) {
             return c.clone();
         }
         if clients.len() >= MAX_CLIENTS {
             clients.clear();
         }
-        let tls = self.cfg.tls.as_ref().map(|t| match proto {
-            Protocol::Http1 => Arc::clone(&t.http1),
-            Protocol::Http2 => Arc::clone(&t.http2),
-        });
-        let connector = Connector {
-            dst,
-            tls,
-            connect_timeout: self.cfg.connect_timeout,
-            sockets: self.cfg.sockets.clone(),
-        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(self.cfg.idle_timeout)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .http2_only(proto == Protocol::Http2)
-            .build(connector);
-        clients.insert((dst, proto, worker), client.clone());
+            .http2_only(true)
+            .build(self.connector(dst, Protocol::Http2));
+        clients.insert((dst, worker), client.clone());
         client
     }
 
-    /// Sends `req` (absolute URI with the client's authority) to `dst`,
-    /// over a connection of `worker`'s pool.
-    pub async fn send(
+    /// Sends `req` (absolute URI with the client's authority) to `dst`
+    /// over HTTP/2, on a connection of `worker`'s pool.
+    pub async fn send_h2(
         &self,
         dst: SocketAddr,
-        proto: Protocol,
         worker: usize,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, RequestError> {
-        let client = self.client(dst, proto, worker);
+        let client = self.h2_client(dst, worker);
         client
             .request(req)
             .await
             .map_err(|e| classify(dst, self.cfg.connect_timeout, &e))
+    }
+}
+
+/// The HTTP/1.1 upstream connection of one client connection. Its
+/// requests come one after another, so the connection that carried one
+/// carries the next without a pool lookup; when the client connection
+/// closes, the upstream connection goes to its worker's idle pool for the
+/// next client connection to the same destination and authority.
+pub struct StickyH1 {
+    held: Mutex<Held>,
+    home: Option<(Arc<IdleH1>, Key)>,
+}
+
+/// A connection held between requests, and the authority it is for
+/// (kept while the connection is lent to a request, so the next request
+/// for the same authority costs no allocation).
+#[derive(Default)]
+struct Held {
+    authority: String,
+    sender: Option<H1Sender>,
+}
+
+impl StickyH1 {
+    fn take(&self, authority: &str) -> Option<H1Sender> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.authority == authority {
+            held.sender.take()
+        } else {
+            None
+        }
+    }
+
+    /// Keeps `sender` for the next request; one it replaces (requests
+    /// that overlapped, or another authority) goes to the idle pool.
+    fn put(&self, authority: &str, sender: H1Sender) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let spare = if held.authority == authority {
+            held.sender
+                .replace(sender)
+                .map(|s| (authority.to_owned(), s))
+        } else {
+            let old = std::mem::replace(
+                &mut *held,
+                Held {
+                    authority: authority.to_owned(),
+                    sender: Some(sender),
+                },
+            );
+            old.sender.map(|s| (old.authority, s))
+        };
+        drop(held);
+        if let (Some((authority, spare)), Some((pool, (dst, worker)))) = (spare, &self.home) {
+            pool.put((*dst, *worker, authority), spare);
+        }
+    }
+}
+
+impl Drop for StickyH1 {
+    fn drop(&mut self) {
+        let held = std::mem::take(self.held.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if let (Some(sender), Some((pool, (dst, worker)))) = (held.sender, &self.home) {
+            pool.put((*dst, *worker, held.authority), sender);
+        }
+    }
+}
+
+/// Idle HTTP/1.1 upstream connections by destination, worker and
+/// authority, most recently used last.
+struct IdleH1 {
+    idle_timeout: Duration,
+    conns: Mutex<HashMap<IdleKey, Vec<(H1Sender, Instant)>>>,
+}
+
+impl IdleH1 {
+    fn put(&self, key: IdleKey, sender: H1Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if conns.len() >= MAX_CLIENTS && !conns.contains_key(&key) {
+            // Dropped: its connection closes.
+            return;
+        }
+        conns.entry(key).or_default().push((sender, Instant::now()));
+    }
+
+    fn take(&self, key: IdleKey) -> Option<H1Sender> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = conns.get_mut(&key)?;
+        let mut found = None;
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
+                found = Some(sender);
+                break;
+            }
+        }
+        if idle.is_empty() {
+            conns.remove(&key);
+        }
+        found
+    }
+
+    fn close_expired(&self) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|_, idle| {
+            idle.retain(|(sender, since)| {
+                !sender.is_closed() && since.elapsed() < self.idle_timeout
+            });
+            !idle.is_empty()
+        });
+    }
+}
+
+fn connect_error(dst: SocketAddr, connect_timeout: Duration, e: &ConnectError) -> RequestError {
+    match e {
+        ConnectError::Timeout => RequestError::UpstreamConnectTimeout {
+            dst,
+            after: connect_timeout,
+        },
+        ConnectError::Io(io) => RequestError::UpstreamUnreachable {
+            dst,
+            reason: io_reason(io),
+        },
+        ConnectError::Tls(reason) => RequestError::UpstreamUnreachable {
+            dst,
+            reason: format!("TLS: {reason}"),
+        },
     }
 }
 
@@ -190,20 +433,7 @@ fn classify(
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(ce) = s.downcast_ref::<ConnectError>() {
-            return match ce {
-                ConnectError::Timeout => RequestError::UpstreamConnectTimeout {
-                    dst,
-                    after: connect_timeout,
-                },
-                ConnectError::Io(io) => RequestError::UpstreamUnreachable {
-                    dst,
-                    reason: io_reason(io),
-                },
-                ConnectError::Tls(reason) => RequestError::UpstreamUnreachable {
-                    dst,
-                    reason: format!("TLS: {reason}"),
-                },
-            };
+            return connect_error(dst, connect_timeout, ce);
         }
         source = s.source();
     }
@@ -254,7 +484,8 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            tokio::time::timeout(this.connect_timeout, this.connect(&uri))
+            let host = uri.host().unwrap_or_default();
+            tokio::time::timeout(this.connect_timeout, this.connect(host))
                 .await
                 .map_err(|_| ConnectError::Timeout)?
         })
@@ -262,7 +493,9 @@ impl tower_service::Service<Uri> for Connector {
 }
 
 impl Connector {
-    async fn connect(&self, uri: &Uri) -> Result<Conn, ConnectError> {
+    /// Connects to the destination; `host` (an authority or host) names
+    /// the TLS server.
+    async fn connect(&self, host: &str) -> Result<Conn, ConnectError> {
         let socket = self.sockets.tcp_socket(&self.dst)?;
         let tcp = TcpSocket::from_std_stream(socket.into())
             .connect(self.dst)
@@ -271,11 +504,7 @@ impl Connector {
         let Some(tls) = &self.tls else {
             return Ok(Conn::Plain(TokioIo::new(tcp)));
         };
-        let host = uri
-            .host()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let host = host_of(host);
         let name = ServerName::try_from(host.to_owned())
             .map_err(|_| ConnectError::Tls(format!("invalid server name {host:?}")))?;
         let stream = TlsConnector::from(Arc::clone(tls))
@@ -283,6 +512,15 @@ impl Connector {
             .await
             .map_err(|e| ConnectError::Tls(error_chain(&e)))?;
         Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
+    }
+}
+
+/// The host of an authority (`host`, `host:port`, `[v6]:port`), without
+/// brackets.
+fn host_of(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
     }
 }
 

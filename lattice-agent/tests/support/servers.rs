@@ -370,3 +370,94 @@ pub async fn tls_upstream(cert: &std::path::Path, key: &std::path::Path) -> Sock
     });
     addr
 }
+
+/// What [`ConnUpstream`] does with a connection after a response.
+#[derive(Debug, Clone, Copy)]
+pub enum AfterResponse {
+    /// Waits for the next request.
+    KeepAlive,
+    /// Answers with `Connection: close` and closes.
+    Close,
+    /// Closes, without notice, once no request came for this long (as
+    /// servers with a keep-alive timeout do).
+    CloseWhenIdle(Duration),
+}
+
+/// A plain HTTP/1.1 upstream (tokio sockets, no HTTP library: the tests
+/// see each TCP connection) answering every request with
+/// `conn=<n> host=<Host>`, n counting its connections from 1, and keeping
+/// when each connection was closed by the other side.
+pub struct ConnUpstream {
+    pub addr: SocketAddr,
+    closed: Arc<Mutex<Vec<(u64, std::time::Instant)>>>,
+}
+
+impl ConnUpstream {
+    pub async fn start(after: AfterResponse) -> Self {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let closed_by_peer = Arc::clone(&closed);
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                n += 1;
+                let closed = Arc::clone(&closed_by_peer);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let read = match after {
+                                AfterResponse::CloseWhenIdle(idle) if buf.is_empty() => {
+                                    match tokio::time::timeout(idle, tcp.read(&mut chunk)).await {
+                                        Ok(r) => r,
+                                        // Idle too long: close without a word.
+                                        Err(_) => return,
+                                    }
+                                }
+                                _ => tcp.read(&mut chunk).await,
+                            };
+                            match read {
+                                Ok(0) | Err(_) => {
+                                    closed.lock().unwrap().push((n, std::time::Instant::now()));
+                                    return;
+                                }
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                        buf.drain(..head_end);
+                        let host = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("host").then(|| v.trim().to_owned())
+                            })
+                            .unwrap_or_default();
+                        let body = format!("conn={n} host={host}");
+                        let close = matches!(after, AfterResponse::Close);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{}\r\n{body}",
+                            body.len(),
+                            if close { "connection: close\r\n" } else { "" }
+                        );
+                        if tcp.write_all(resp.as_bytes()).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, closed }
+    }
+
+    /// Connections the other side has closed: (n, when).
+    pub fn closed(&self) -> Vec<(u64, std::time::Instant)> {
+        self.closed.lock().unwrap().clone()
+    }
+}
