@@ -14,24 +14,42 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers the signer sets; whatever the client sent for them is dropped.
-const SIGNING_HEADERS: [&str; 5] = [
-    "authorization",
-    "x-amz-date",
-    "x-amz-security-token",
-    "x-amz-content-sha256",
-    "x-amz-region-set",
+const SIGNING_HEADERS: [HeaderName; 5] = [
+    http::header::AUTHORIZATION,
+    HeaderName::from_static("x-amz-date"),
+    HeaderName::from_static("x-amz-security-token"),
+    HeaderName::from_static("x-amz-content-sha256"),
+    HeaderName::from_static("x-amz-region-set"),
+];
+
+/// Hop-by-hop headers removed whatever `Connection` says.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    TE,
 ];
 
 /// Removes hop-by-hop headers: `Connection` and every header it names,
 /// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and
 /// `TE` except its `trailers` token (kept for gRPC).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, no lookups.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
+    // Headers `Connection` names; `close` and `keep-alive` (the usual
+    // tokens) need no lookup of their own.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
         // `Connection: te` must not take `TE: trailers` with it.
@@ -58,14 +76,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
                 .next()
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    headers.remove(TE);
-    if te_trailers {
+    if headers.remove(TE).is_some() && te_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
 }
 
 /// Drops client-sent `Authorization` and `X-Amz-*` signature headers.
 pub fn remove_client_signing(headers: &mut HeaderMap) {
+    if !headers.keys().any(|n| SIGNING_HEADERS.contains(n)) {
+        return;
+    }
     for name in SIGNING_HEADERS {
         headers.remove(name);
     }
@@ -142,9 +162,27 @@ mod tests {
             ("trailer", "grpc-status"),
         ]);
         remove_hop_by_hop(&mut h);
-        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, ["content-type", "x-amz-target", "trailer", "te"]);
+        // The order of different field names carries no meaning (RFC 9110
+        // §5.3); removal reorders them.
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "te", "trailer", "x-amz-target"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn end_to_end_headers_untouched() {
+        let pairs = [
+            ("host", "svc.example"),
+            ("x-amz-target", "kept"),
+            ("content-type", "application/json"),
+            ("x-multi", "1"),
+            ("x-multi", "2"),
+        ];
+        let mut h = map(&pairs);
+        remove_hop_by_hop(&mut h);
+        remove_client_signing(&mut h);
+        assert_eq!(h, map(&pairs));
     }
 
     #[test]
