@@ -176,7 +176,7 @@ fn hex_pair(bytes: &[u8], at: usize) -> Option<u8> {
     u8::try_from(hi * 16 + lo).ok()
 }
 
-fn is_unreserved(b: u8) -> bool {
+pub(crate) fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')
 }
 

@@ -193,7 +193,7 @@ impl Signer {
         for part in [req.method, "\n"] {
             creq.update(part);
         }
-        creq.update(canonical_path(req.path));
+        creq.update(canonical_path(req.path).as_bytes());
         creq.update("\n");
         if let Some(q) = req.query.filter(|q| !q.is_empty()) {
             let canonical =
@@ -220,20 +220,39 @@ impl Signer {
         for part in ["\n", signed_headers, "\n", payload] {
             creq.update(part);
         }
-        let creq_hash = hex::encode(creq.finalize());
+        let mut creq_hash = [0u8; 64];
+        hex::encode_to_slice(creq.finalize(), &mut creq_hash)
+            .map_err(|_| SignError::Params("canonical request hash".into()))?;
+        // Lowercase hex digits: always UTF-8.
+        let creq_hash = std::str::from_utf8(&creq_hash)
+            .map_err(|_| SignError::Params("canonical request hash".into()))?;
 
-        let mut scope = String::with_capacity(64);
-        let _ = write!(
-            scope,
-            "{date}/{}/{}/aws4_request",
-            self.cfg.region, self.cfg.service
-        );
-        let string_to_sign = format!("{V4_ALGORITHM}\n{amz_date}\n{scope}\n{creq_hash}");
+        // Plain pushes into buffers of the right size: this runs for every
+        // request, and format machinery costs more than the hashing.
+        let scope = [
+            date,
+            "/",
+            &self.cfg.region,
+            "/",
+            &self.cfg.service,
+            "/aws4_request",
+        ];
+        let string_to_sign = concat(&[
+            &[V4_ALGORITHM, "\n", amz_date, "\n"],
+            &scope,
+            &["\n", creq_hash],
+        ]);
         let signature = v4::calculate_signature(key, string_to_sign.as_bytes());
-        let authorization = format!(
-            "{V4_ALGORITHM} Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
-            creds.access_key_id()
-        );
+        let authorization = concat(&[
+            &[V4_ALGORITHM, " Credential=", creds.access_key_id(), "/"],
+            &scope,
+            &[
+                ", SignedHeaders=",
+                signed_headers,
+                ", Signature=",
+                &signature,
+            ],
+        ]);
         let mut authorization = HeaderValue::try_from(authorization)
             .map_err(|_| SignError::HeaderValue("authorization"))?;
         authorization.set_sensitive(true);
@@ -306,6 +325,16 @@ impl Signer {
         });
         Ok((key, token_header))
     }
+}
+
+/// The parts, joined, in one allocation.
+fn concat(parts: &[&[&str]]) -> String {
+    let len = parts.iter().flat_map(|p| p.iter()).map(|p| p.len()).sum();
+    let mut out = String::with_capacity(len);
+    for part in parts.iter().flat_map(|p| p.iter()) {
+        out.push_str(part);
+    }
+    out
 }
 
 /// `YYYYMMDDTHHMMSSZ` (UTC) of `time`, as `x-amz-date` spells it.
@@ -455,7 +484,10 @@ pub fn sign(
 /// The canonical path: dot segments and empty segments removed, then every
 /// byte but unreserved ones and `/` percent-encoded again (a `%` of the wire
 /// form becomes `%25`).
-pub fn canonical_path(path: &str) -> String {
+pub fn canonical_path(path: &str) -> Cow<'_, str> {
+    if is_canonical_path(path) {
+        return Cow::Borrowed(path);
+    }
     let mut segments: Vec<&str> = Vec::new();
     for seg in path.split('/') {
         match seg {
@@ -476,7 +508,26 @@ pub fn canonical_path(path: &str) -> String {
     }
     let mut encoded = String::with_capacity(normalized.len());
     query::encode_into(normalized.as_bytes(), true, &mut encoded);
-    encoded
+    Cow::Owned(encoded)
+}
+
+/// Whether `path` is its own canonical form (the usual case, checked
+/// without allocating): absolute, only unreserved bytes and `/`, and no
+/// empty, `.` or `..` segment (a trailing `/` is kept as is).
+fn is_canonical_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if !path.bytes().all(|b| b == b'/' || query::is_unreserved(b)) {
+        return false;
+    }
+    if rest.is_empty() {
+        return true;
+    }
+    let segments = rest.strip_suffix('/').unwrap_or(rest);
+    segments
+        .split('/')
+        .all(|seg| !matches!(seg, "" | "." | ".."))
 }
 
 /// Canonical request and string-to-sign of a signed request, for
@@ -825,5 +876,17 @@ mod tests {
         assert_eq!(canonical_path("//a//b/"), "/a/b/");
         assert_eq!(canonical_path("/a%20b"), "/a%2520b");
         assert_eq!(canonical_path("/c:d@e"), "/c%3Ad%40e");
+        // Already canonical: borrowed as is.
+        for path in ["/", "/a/b", "/a/b/", "/.a/b..c/~x-y_z", "/index.json"] {
+            assert!(
+                matches!(canonical_path(path), Cow::Borrowed(p) if p == path),
+                "{path}"
+            );
+        }
+        assert_eq!(canonical_path("/a/."), "/a");
+        assert_eq!(canonical_path("/a/.."), "/");
+        assert_eq!(canonical_path("/a/../"), "/");
+        assert_eq!(canonical_path("a/b"), "/a/b");
+        assert_eq!(canonical_path("//"), "/");
     }
 }
