@@ -9,11 +9,14 @@
 
 use std::{
     convert::Infallible,
+    future::Future as _,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -23,9 +26,12 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFutureOwned},
+    task::TaskTracker,
+};
 
-use super::{ProxyConfig, Shared};
+use super::{ProxyConfig, Shared, upstream::StickyH1};
 use crate::orig_dst::OriginalDestination;
 
 /// One accepted client connection.
@@ -37,6 +43,8 @@ pub(super) struct ConnCtx {
     /// Where the client was connecting to; `None` answers every request 421.
     pub dst: Option<SocketAddr>,
     pub activity: Arc<Activity>,
+    /// The HTTP/1.1 upstream connection this connection's requests use.
+    pub upstream: StickyH1,
 }
 
 pub(super) async fn run(
@@ -62,6 +70,7 @@ pub(super) async fn run(
             hard_stop.clone(),
         ));
     }
+    let sweep = tokio::spawn(close_idle_upstreams(Arc::clone(&shared), shutdown.clone()));
     while accepts.join_next().await.is_some() {}
 
     tracker.close();
@@ -84,6 +93,21 @@ pub(super) async fn run(
         hard_stop.cancel();
         tracker.wait().await;
     }
+    sweep.abort();
+}
+
+/// Closes pooled upstream connections once idle for `--idle-timeout`,
+/// checking a few times per timeout, until shutdown.
+async fn close_idle_upstreams(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let period = (shared.cfg.idle_timeout / 4).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => shared.upstream.close_idle(),
+        }
+    }
 }
 
 fn http_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
@@ -91,11 +115,15 @@ fn http_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     let head_limit = usize::try_from(cfg.max_header_bytes)
         .unwrap_or(usize::MAX)
         .max(8192);
+    // No header read timer: it would cost a timer per request, and
+    // `serve_connection` closes a connection once no request has been in
+    // flight for --idle-timeout, which includes a request head trickling
+    // in.
     b.http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
         .max_buf_size(head_limit)
-        .header_read_timeout(cfg.idle_timeout);
+        .header_read_timeout(None);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
@@ -155,6 +183,7 @@ async fn accept_loop(
             dst,
             worker,
             activity: Arc::new(Activity::new()),
+            upstream: shared.upstream.sticky(dst, worker),
         };
         match shared.cfg.workers.as_deref() {
             None => {
@@ -230,28 +259,87 @@ async fn serve_connection(
     tokio::pin!(conn);
     let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                }
-                return;
+    let mut shutdown = CancelWatch::new(shutdown);
+    let mut hard_stop = CancelWatch::new(hard_stop);
+    let mut closing = Closing::No;
+    // Polled by hand rather than with `select!`, which would poll every
+    // branch (taking each token's lock) on every wake-up of a request.
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
-            () = shutdown.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = hard_stop.cancelled() => return,
-            _ = tick.tick(), if !closing => {
-                if activity.idle_for() >= idle_timeout {
+            return Poll::Ready(());
+        }
+        if hard_stop.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let mut close = closing == Closing::No && shutdown.poll(cx).is_ready();
+        if close {
+            closing = Closing::Shutdown;
+        }
+        // Until it is pending, so the next tick is armed.
+        while closing != Closing::Shutdown && tick.poll_tick(cx).is_ready() {
+            match closing {
+                Closing::No if activity.idle_for() >= idle_timeout => {
                     tracing::debug!(%peer, "closing idle client connection");
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    closing = Closing::Idle;
+                    close = true;
                 }
+                // A graceful close waits for a request being read; with
+                // none in flight for that long, a head still arriving is
+                // trickling in: the connection goes.
+                Closing::Idle if activity.idle_for() >= idle_timeout => return Poll::Ready(()),
+                _ => {}
             }
         }
+        if close {
+            conn.as_mut().graceful_shutdown();
+            // The connection has to be polled to act on it.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await;
+}
+
+/// Why a connection is being closed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    No,
+    /// Draining for shutdown: bounded by --drain-timeout (`hard_stop`).
+    Shutdown,
+    /// Idle for --idle-timeout: dropped a tick later if still open.
+    Idle,
+}
+
+/// A cancellation token watched from one task's poll: its future takes a
+/// lock when polled, so it is polled once to register the task and then
+/// only once the token is cancelled (an atomic load), not on every
+/// wake-up of the task.
+struct CancelWatch {
+    token: CancellationToken,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    registered: bool,
+}
+
+impl CancelWatch {
+    fn new(token: CancellationToken) -> Self {
+        Self {
+            cancelled: Box::pin(token.clone().cancelled_owned()),
+            token,
+            registered: false,
+        }
+    }
+
+    /// Must be called from the same task every time (the waker
+    /// registered first is the one woken).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.registered && !self.token.is_cancelled() {
+            return Poll::Pending;
+        }
+        self.registered = true;
+        self.cancelled.as_mut().poll(cx)
     }
 }
 
