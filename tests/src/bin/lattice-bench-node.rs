@@ -155,6 +155,26 @@ fn run(args: &Args) -> Result<Value, String> {
     upstream.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
 
     let sts = sts_url();
+    // moto loads its STS model on its first call (a few hundred ms in
+    // Python); one call beforehand keeps that out of the first pod's
+    // enrollment time, which then holds only the agent's own set-up.
+    let warm = cluster
+        .node
+        .command("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--data",
+            "Action=AssumeRoleWithWebIdentity&Version=2011-06-15&RoleArn=arn:aws:iam::123456789012:role/warm&RoleSessionName=warm&WebIdentityToken=warm",
+            &sts,
+        ])
+        .run(Duration::from_secs(30));
+    if warm.stdout.trim() != "200" {
+        return Err(format!("warming up moto's STS at {sts}: {warm:?}"));
+    }
     let agent = NodeAgent::start(
         &cluster,
         cluster.agent_command_with(&args.agent, ["--log", "warn,lattice_agent::node=info"]),

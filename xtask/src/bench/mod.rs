@@ -494,16 +494,22 @@ impl Pod {
         } else {
             u64::from(c)
         };
+        let per_req = |a: f64, b: f64| (b - a) / w.requests.max(1) as f64 * 1e6;
+        let user_us = cpu_before.zip(cpu_after).map(|(a, b)| per_req(a.0, b.0));
         let cpu_us = cpu_before
             .zip(cpu_after)
-            .map(|(a, b)| (b - a) / w.requests.max(1) as f64 * 1e6);
+            .map(|(a, b)| per_req(a.0 + a.1, b.0 + b.1));
         eprintln!(
             "bench:   {name:8} {workload:9} c={c:<2}: {:>6.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} socket errors{}",
             w.rps(),
             w.p50_us / 1000.0,
             w.p99_us / 1000.0,
             w.errors,
-            cpu_us.map_or_else(String::new, |us| format!(", proxy CPU {us:.1} µs/req"))
+            cpu_us
+                .zip(user_us)
+                .map_or_else(String::new, |(us, user)| format!(
+                    ", proxy CPU {us:.1} µs/req ({user:.1} user)"
+                ))
         );
         Ok(Run {
             workload,
@@ -518,6 +524,7 @@ impl Pod {
                 .map(ProcStats::peak_rss_mib)
                 .transpose()?,
             agent_cpu_us_per_req: cpu_us,
+            agent_user_us_per_req: user_us,
             requests: Some(w.requests),
             errors: Some(w.errors),
             duration_s: Some(w.duration_us as f64 / 1e6),

@@ -129,8 +129,8 @@ impl ProcStats {
         fs::write(&path, "5").with_context(|| format!("writing {path}"))
     }
 
-    /// User + system CPU time of all its threads, seconds.
-    pub fn cpu_seconds(&self) -> Result<f64> {
+    /// CPU time of all its threads, seconds: (user, system).
+    pub fn cpu_seconds(&self) -> Result<(f64, f64)> {
         let path = format!("/proc/{}/stat", self.pid);
         let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         // The command name may hold spaces and parentheses: fields are
@@ -148,6 +148,6 @@ impl ProcStats {
                 .map(|t| t as f64)
                 .with_context(|| format!("malformed {path}"))
         };
-        Ok((tick(11)? + tick(12)?) / self.ticks_per_s)
+        Ok((tick(11)? / self.ticks_per_s, tick(12)? / self.ticks_per_s))
     }
 }

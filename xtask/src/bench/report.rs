@@ -43,6 +43,9 @@ pub struct Run {
     pub agent_rss_mib: Option<f64>,
     /// The proxy's CPU time (user + system) per request.
     pub agent_cpu_us_per_req: Option<f64>,
+    /// The user-space part of it: the rest is the kernel's (socket I/O,
+    /// wake-ups), which any proxy on the path pays.
+    pub agent_user_us_per_req: Option<f64>,
     pub requests: Option<u64>,
     pub errors: Option<u64>,
     pub duration_s: Option<f64>,
@@ -161,6 +164,7 @@ pub struct Cost {
     pub workload: &'static str,
     pub concurrency: u32,
     pub cpu_us_per_req: Option<f64>,
+    pub user_us_per_req: Option<f64>,
     pub added_p50_us: Option<f64>,
     pub added_p99_us: Option<f64>,
 }
@@ -208,6 +212,7 @@ pub fn cost(runs: &[Run]) -> Vec<Cost> {
                 workload,
                 concurrency: c,
                 cpu_us_per_req: run.agent_cpu_us_per_req,
+                user_us_per_req: run.agent_user_us_per_req,
                 added_p50_us: added(run.p50_ms, direct.and_then(|d| d.p50_ms)),
                 added_p99_us: added(run.p99_ms, direct.and_then(|d| d.p99_ms)),
             });
@@ -381,21 +386,22 @@ pub fn markdown(report: &Report) -> String {
     if !report.cost.is_empty() {
         let _ = writeln!(
             md,
-            "\nWhat each proxy costs (CPU per request; latency added over direct):\n"
+            "\nWhat each proxy costs (CPU per request, and its user-space part; latency added over direct):\n"
         );
         let _ = writeln!(
             md,
-            "| proxy | workload | conc. | CPU µs / req | added p50 µs | added p99 µs |"
+            "| proxy | workload | conc. | CPU µs / req | of it user µs | added p50 µs | added p99 µs |"
         );
-        let _ = writeln!(md, "|---|---|--:|--:|--:|--:|");
+        let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|");
         for k in &report.cost {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 k.scenario,
                 k.workload,
                 k.concurrency,
                 cell(k.cpu_us_per_req, 1),
+                cell(k.user_us_per_req, 1),
                 cell(k.added_p50_us, 0),
                 cell(k.added_p99_us, 0),
             );
@@ -464,7 +470,9 @@ pub fn check_schema(json: &Value) -> Result<()> {
         .get("runs")
         .and_then(Value::as_array)
         .context("no `runs` list")?;
-    ensure!(!runs.is_empty(), "`runs` is empty");
+    // Empty only when the run was the node scenario alone (--only node).
+    let node_only = json.get("node").is_some_and(|n| !n.is_null());
+    ensure!(!runs.is_empty() || node_only, "`runs` is empty");
     for (i, run) in runs.iter().enumerate() {
         let obj = run
             .as_object()
@@ -634,7 +642,7 @@ mod tests {
         let md = markdown(&report);
         assert!(md.contains("| lattice | keepalive | 16 | 40000 |"), "{md}");
         assert!(
-            md.contains("| floor | keepalive | 16 | 15.0 | 80 | 100 |"),
+            md.contains("| floor | keepalive | 16 | 15.0 | – | 80 | 100 |"),
             "{md}"
         );
     }
