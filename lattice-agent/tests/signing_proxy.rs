@@ -757,63 +757,49 @@ async fn upstream_403_passes_through_untouched() {
     );
 }
 
-/// `--idle-timeout`: an idle keep-alive client connection is closed.
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_client_connections_are_closed() {
+/// `--idle-timeout` closes a client connection with no request in flight:
+/// idle after its answer, or with a request head trickling in (a byte
+/// every 200 ms, never finished). Returns what the proxy wrote.
+async fn closed_after_idle_timeout(head: String, trickle: bool) -> Vec<u8> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let p = ProxyChild::start(
         Some(closed_port()),
         Creds::Static,
         &[("LATTICE_IDLE_TIMEOUT", "1s")],
     );
-    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    tcp.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf))
-        .await
-        .expect("connection closed by the proxy")
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 502"));
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
-        "{waited:?}"
-    );
-}
-
-/// A request head trickling in (a byte every 200 ms, never finished) does
-/// not hold a connection past `--idle-timeout`.
-#[tokio::test(flavor = "multi_thread")]
-async fn trickled_request_head_is_cut_off_at_the_idle_timeout() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let p = ProxyChild::start(
-        Some(closed_port()),
-        Creds::Static,
-        &[("LATTICE_IDLE_TIMEOUT", "1s")],
-    );
-    let mut tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
-    tcp.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let started = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
     let (mut rd, mut wr) = tcp.into_split();
-    let trickle = tokio::spawn(async move {
-        while wr.write_all(b"x").await.is_ok() {
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        while trickle && wr.write_all(b"x").await.is_ok() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Held open until the proxy closes.
+        std::future::pending::<()>().await;
     });
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut buf)).await;
-    trickle.abort();
+    writer.abort();
     assert!(closed.is_ok(), "the connection was still open after 10 s");
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_client_connections_are_closed() {
+    let answer =
+        closed_after_idle_timeout(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n"), false).await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 502"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trickled_request_head_is_cut_off_at_the_idle_timeout() {
+    closed_after_idle_timeout(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n"), true).await;
 }
 
 /// `--upstream-tls`: SNI and certificate name from the Host / :authority,
