@@ -291,13 +291,7 @@ async fn forward(
     let target = match &query {
         Some(Cow::Owned(q)) if q.is_empty() => Some(parts.uri.path().to_owned()),
         Some(Cow::Owned(q)) => Some(format!("{}?{q}", parts.uri.path())),
-        _ if parts.uri.authority().is_some() => Some(
-            parts
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .to_owned(),
-        ),
+        _ if parts.uri.authority().is_some() => Some(origin_form(&parts.uri)),
         _ => None,
     };
     drop(query);
@@ -309,13 +303,7 @@ async fn forward(
     let sent = if parts.version == Version::HTTP_2 {
         // hyper-util's client takes an absolute URI; it sends the
         // authority as `:authority`.
-        let target = target.unwrap_or_else(|| {
-            parts
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .to_owned()
-        });
+        let target = target.unwrap_or_else(|| origin_form(&parts.uri));
         parts.uri = Uri::builder()
             .scheme(shared.upstream.scheme())
             .authority(authority)
@@ -364,4 +352,11 @@ async fn forward(
     let (mut rparts, rbody) = resp.into_parts();
     headers::remove_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, boxed(rbody)))
+}
+
+/// The path and query of `uri` (`/` when it has none).
+fn origin_form(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned()
 }

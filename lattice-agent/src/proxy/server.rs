@@ -99,9 +99,7 @@ pub(super) async fn run(
 /// Closes pooled upstream connections once idle for `--idle-timeout`,
 /// checking a few times per timeout, until shutdown.
 async fn close_idle_upstreams(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let period = (shared.cfg.idle_timeout / 4).max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = idle_checks(shared.cfg.idle_timeout);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -257,8 +255,7 @@ async fn serve_connection(
     });
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = idle_checks(idle_timeout);
     let mut shutdown = CancelWatch::new(shutdown);
     let mut hard_stop = CancelWatch::new(hard_stop);
     let mut closing = Closing::No;
@@ -301,6 +298,14 @@ async fn serve_connection(
         Poll::Pending
     })
     .await;
+}
+
+/// When idleness is checked: four times per `idle_timeout`, at most
+/// every 100 ms.
+fn idle_checks(idle_timeout: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 /// Why a connection is being closed.

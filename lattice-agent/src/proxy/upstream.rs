@@ -385,7 +385,7 @@ impl IdleH1 {
         let idle = conns.get_mut(&key)?;
         let mut found = None;
         while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
+            if self.usable(&sender, since) {
                 found = Some(sender);
                 break;
             }
@@ -396,12 +396,15 @@ impl IdleH1 {
         found
     }
 
+    /// Open, and idle for less than the idle timeout.
+    fn usable(&self, sender: &H1Sender, idle_since: Instant) -> bool {
+        !sender.is_closed() && idle_since.elapsed() < self.idle_timeout
+    }
+
     fn close_expired(&self) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         conns.retain(|_, idle| {
-            idle.retain(|(sender, since)| {
-                !sender.is_closed() && since.elapsed() < self.idle_timeout
-            });
+            idle.retain(|(sender, since)| self.usable(sender, *since));
             !idle.is_empty()
         });
     }
