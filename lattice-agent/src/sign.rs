@@ -10,9 +10,10 @@
 //! Two paths compute the same signature. [`Signer`], what the proxy uses,
 //! signs SigV4 with aws-sigv4's building blocks: the signing key from
 //! `generate_signing_key`, derived once per day, credentials, region and
-//! service and then reused, and the signature from `calculate_signature`,
-//! over a canonical request hashed as it is written (no intermediate
-//! request, header map or strings). [`sign`] hands the whole request to
+//! service and then reused (as an HMAC already keyed with it), and the
+//! signature as `calculate_signature` computes it, HMAC-SHA256 of the
+//! string to sign, over a canonical request hashed as it is written (no
+//! intermediate request, header map or strings). [`sign`] hands the whole request to
 //! aws-sigv4's `http_request::sign`, which derives the key every time; the
 //! signer uses it for SigV4A, and the tests hold the two paths to the same
 //! output.
@@ -32,6 +33,7 @@ use aws_sigv4::{
     sign::{v4, v4a},
 };
 use aws_smithy_runtime_api::client::identity::Identity;
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::{HeaderName, HeaderValue};
 use sha2::{Digest as _, Sha256};
 
@@ -112,10 +114,17 @@ impl Signed {
 }
 
 /// Signs requests for one [`SigningConfig`], keeping the SigV4 signing
-/// key of the credentials and day it last signed for.
+/// key of the credentials and day it last signed for, and the
+/// `x-amz-date` of the second it last signed in.
 pub struct Signer {
     cfg: SigningConfig,
-    cached: Mutex<Option<CachedKey>>,
+    cached: Mutex<Cached>,
+}
+
+#[derive(Default)]
+struct Cached {
+    key: Option<CachedKey>,
+    time: Option<CachedTime>,
 }
 
 /// A derived SigV4 signing key and what it was derived from. The session
@@ -126,8 +135,17 @@ struct CachedKey {
     token: Option<String>,
     /// `YYYYMMDD`, the credential scope's date.
     date: [u8; 8],
-    key: [u8; 32],
+    /// HMAC-SHA256 keyed with the signing key: each request clones it
+    /// instead of hashing the key's inner and outer pads again.
+    mac: Hmac<Sha256>,
     token_header: Option<HeaderValue>,
+}
+
+/// `x-amz-date` of one second, as text and as a header value.
+struct CachedTime {
+    unix_secs: u64,
+    text: [u8; 16],
+    header: HeaderValue,
 }
 
 impl std::fmt::Debug for Signer {
@@ -144,7 +162,7 @@ impl Signer {
     pub fn new(cfg: SigningConfig) -> Self {
         Self {
             cfg,
-            cached: Mutex::new(None),
+            cached: Mutex::new(Cached::default()),
         }
     }
 
@@ -171,12 +189,11 @@ impl Signer {
         creds: &Credentials,
         time: SystemTime,
     ) -> Result<Signed, SignError> {
-        let amz_date = amz_date(time)?;
+        let (mac, token_header, amz_date, amz_date_header) = self.cached(creds, time)?;
         // ASCII digits, `T` and `Z`: always UTF-8.
         let amz_date =
             std::str::from_utf8(&amz_date).map_err(|_| SignError::HeaderValue("x-amz-date"))?;
         let date = &amz_date[..8];
-        let (key, token_header) = self.key(creds, date)?;
         let token = creds.session_token();
         let payload = match req.payload {
             Payload::Unsigned => UNSIGNED_PAYLOAD,
@@ -223,12 +240,9 @@ impl Signer {
         let mut creq_hash = [0u8; 64];
         hex::encode_to_slice(creq.finalize(), &mut creq_hash)
             .map_err(|_| SignError::Params("canonical request hash".into()))?;
-        // Lowercase hex digits: always UTF-8.
-        let creq_hash = std::str::from_utf8(&creq_hash)
-            .map_err(|_| SignError::Params("canonical request hash".into()))?;
 
-        // Plain pushes into buffers of the right size: this runs for every
-        // request, and format machinery costs more than the hashing.
+        // The string to sign goes straight into the keyed HMAC, and the
+        // signature is hex on the stack: this runs for every request.
         let scope = [
             date,
             "/",
@@ -237,12 +251,21 @@ impl Signer {
             &self.cfg.service,
             "/aws4_request",
         ];
-        let string_to_sign = concat(&[
-            &[V4_ALGORITHM, "\n", amz_date, "\n"],
-            &scope,
-            &["\n", creq_hash],
-        ]);
-        let signature = v4::calculate_signature(key, string_to_sign.as_bytes());
+        let mut mac = mac;
+        for part in [V4_ALGORITHM, "\n", amz_date, "\n"]
+            .iter()
+            .chain(&scope)
+            .chain(&["\n"])
+        {
+            mac.update(part.as_bytes());
+        }
+        mac.update(&creq_hash);
+        let mut signature = [0u8; 64];
+        hex::encode_to_slice(mac.finalize().into_bytes(), &mut signature)
+            .map_err(|_| SignError::Params("signature".into()))?;
+        // Lowercase hex digits: always UTF-8.
+        let signature =
+            std::str::from_utf8(&signature).map_err(|_| SignError::Params("signature".into()))?;
         let authorization = concat(&[
             &[V4_ALGORITHM, " Credential=", creds.access_key_id(), "/"],
             &scope,
@@ -250,7 +273,7 @@ impl Signer {
                 ", SignedHeaders=",
                 signed_headers,
                 ", Signature=",
-                &signature,
+                signature,
             ],
         ]);
         let mut authorization = HeaderValue::try_from(authorization)
@@ -258,10 +281,7 @@ impl Signer {
         authorization.set_sensitive(true);
 
         let mut headers = Vec::with_capacity(4);
-        headers.push((
-            HeaderName::from_static("x-amz-date"),
-            HeaderValue::from_str(amz_date).map_err(|_| SignError::HeaderValue("x-amz-date"))?,
-        ));
+        headers.push((HeaderName::from_static("x-amz-date"), amz_date_header));
         headers.push((http::header::AUTHORIZATION, authorization));
         headers.push((
             HeaderName::from_static("x-amz-content-sha256"),
@@ -277,22 +297,57 @@ impl Signer {
         Ok(Signed { headers })
     }
 
-    /// The signing key for `creds` on `date` (and the token's header
-    /// value), derived only when either changed since the last request.
-    fn key(
+    /// The keyed HMAC for `creds` on `time`'s day, the token's header
+    /// value and `time`'s `x-amz-date` (text and header value), each
+    /// computed only when what it depends on changed since the last
+    /// request.
+    #[allow(clippy::type_complexity)]
+    fn cached(
         &self,
         creds: &Credentials,
-        date: &str,
-    ) -> Result<([u8; 32], Option<HeaderValue>), SignError> {
+        time: SystemTime,
+    ) -> Result<(Hmac<Sha256>, Option<HeaderValue>, [u8; 16], HeaderValue), SignError> {
+        let unix_secs = time
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| SignError::Params("signing time before 1970".into()))?
+            .as_secs();
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cached.as_ref()
-            && c.date.as_slice() == date.as_bytes()
-            && c.access_key_id == creds.access_key_id()
-            && c.secret == creds.secret_access_key()
-            && c.token.as_deref() == creds.session_token()
-        {
-            return Ok((c.key, c.token_header.clone()));
-        }
+        let cached = &mut *cached;
+        let now = match &cached.time {
+            Some(t) if t.unix_secs == unix_secs => t,
+            _ => {
+                let text = amz_date(time)?;
+                let header = HeaderValue::from_bytes(&text)
+                    .map_err(|_| SignError::HeaderValue("x-amz-date"))?;
+                cached.time.insert(CachedTime {
+                    unix_secs,
+                    text,
+                    header,
+                })
+            }
+        };
+        let date = &now.text[..8];
+        let key = match &cached.key {
+            Some(c)
+                if c.date.as_slice() == date
+                    && c.access_key_id == creds.access_key_id()
+                    && c.secret == creds.secret_access_key()
+                    && c.token.as_deref() == creds.session_token() =>
+            {
+                c
+            }
+            _ => cached.key.insert(self.derive(creds, date)?),
+        };
+        Ok((
+            key.mac.clone(),
+            key.token_header.clone(),
+            now.text,
+            now.header.clone(),
+        ))
+    }
+
+    /// Derives the signing key for `creds` on `date` (`YYYYMMDD`).
+    fn derive(&self, creds: &Credentials, date: &[u8]) -> Result<CachedKey, SignError> {
         let token_header = creds
             .session_token()
             .map(|t| {
@@ -302,28 +357,27 @@ impl Signer {
                 Ok::<_, SignError>(v)
             })
             .transpose()?;
+        let date_str =
+            std::str::from_utf8(date).map_err(|_| SignError::Params("signing date".into()))?;
         let derived = v4::generate_signing_key(
             creds.secret_access_key(),
             // Any time of that day: the key depends on the date only.
-            parse_date(date)?,
+            parse_date(date_str)?,
             &self.cfg.region,
             &self.cfg.service,
         );
-        let key: [u8; 32] = derived
-            .as_ref()
-            .try_into()
-            .map_err(|_| SignError::Params("signing key is not 32 bytes".into()))?;
+        let mac = Hmac::<Sha256>::new_from_slice(derived.as_ref())
+            .map_err(|_| SignError::Params("signing key".into()))?;
         let mut day = [0u8; 8];
-        day.copy_from_slice(date.as_bytes());
-        *cached = Some(CachedKey {
+        day.copy_from_slice(date);
+        Ok(CachedKey {
             access_key_id: creds.access_key_id().to_owned(),
             secret: creds.secret_access_key().to_owned(),
             token: creds.session_token().map(str::to_owned),
             date: day,
-            key,
-            token_header: token_header.clone(),
-        });
-        Ok((key, token_header))
+            mac,
+            token_header,
+        })
     }
 }
 
