@@ -111,7 +111,7 @@ pub enum WorkloadCredentials {
 }
 
 impl WorkloadCredentials {
-    pub fn current(&self) -> Result<Credentials, CredentialsUnavailable> {
+    pub fn current(&self) -> Result<Arc<Credentials>, CredentialsUnavailable> {
         match self {
             Self::Cache(cache) => cache.current(),
             Self::Missing(why) => Err(CredentialsUnavailable(why.to_string())),
@@ -123,7 +123,7 @@ impl WorkloadCredentials {
     pub async fn wait_current(
         &self,
         limit: Duration,
-    ) -> Result<Credentials, CredentialsUnavailable> {
+    ) -> Result<Arc<Credentials>, CredentialsUnavailable> {
         match self {
             Self::Cache(cache) => cache.wait_current(limit).await,
             Self::Missing(_) => self.current(),
@@ -138,7 +138,9 @@ pub struct CredentialsUnavailable(pub String);
 
 #[derive(Debug, Default)]
 struct State {
-    current: Option<Credentials>,
+    /// Shared with the requests signing with it: aws-config's credentials
+    /// carry a property map that a clone would copy per request.
+    current: Option<Arc<Credentials>>,
     last_error: Option<String>,
 }
 
@@ -177,7 +179,7 @@ impl CredentialsCache {
     pub fn fixed(creds: Credentials) -> Arc<Self> {
         Arc::new(Self {
             state: RwLock::new(State {
-                current: Some(creds),
+                current: Some(Arc::new(creds)),
                 last_error: None,
             }),
             loaded_once: AtomicBool::new(true),
@@ -186,10 +188,10 @@ impl CredentialsCache {
     }
 
     /// The current credentials, or why there are none. Never blocks on I/O.
-    pub fn current(&self) -> Result<Credentials, CredentialsUnavailable> {
+    pub fn current(&self) -> Result<Arc<Credentials>, CredentialsUnavailable> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         match &state.current {
-            Some(c) if !expired(c, SystemTime::now()) => Ok(c.clone()),
+            Some(c) if !expired(c, SystemTime::now()) => Ok(Arc::clone(c)),
             Some(_) => Err(CredentialsUnavailable(match &state.last_error {
                 Some(e) => format!("credentials expired; refreshing failed: {e}"),
                 None => {
@@ -213,22 +215,29 @@ impl CredentialsCache {
     pub async fn wait_current(
         &self,
         limit: Duration,
-    ) -> Result<Credentials, CredentialsUnavailable> {
+    ) -> Result<Arc<Credentials>, CredentialsUnavailable> {
+        // Every request comes here: once something was fetched, no clock
+        // read and no waiter registration.
+        if !self.first_fetch_pending() {
+            return self.current();
+        }
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             // Registered before looking, so a fetch in between is not missed.
             let fetched = self.fetched.notified();
-            let pending = {
-                let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-                state.current.is_none() && state.last_error.is_none()
-            };
-            if !pending {
+            if !self.first_fetch_pending() {
                 return self.current();
             }
             if tokio::time::timeout_at(deadline, fetched).await.is_err() {
                 return self.current();
             }
         }
+    }
+
+    /// Neither credentials nor an error were fetched yet.
+    fn first_fetch_pending(&self) -> bool {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.current.is_none() && state.last_error.is_none()
     }
 
     /// Puts credentials in the cache as a refresh would (unit tests).
@@ -240,7 +249,7 @@ impl CredentialsCache {
     fn store(&self, creds: Credentials) {
         {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-            state.current = Some(creds);
+            state.current = Some(Arc::new(creds));
             state.last_error = None;
         }
         self.fetched.notify_waiters();

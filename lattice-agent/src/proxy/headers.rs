@@ -22,8 +22,11 @@ const SIGNING_HEADERS: [HeaderName; 5] = [
     HeaderName::from_static("x-amz-region-set"),
 ];
 
-/// Hop-by-hop headers removed whatever `Connection` says.
-const HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP_COUNT: usize = 6;
+
+/// Hop-by-hop headers removed whatever `Connection` says (`Connection`
+/// first and `TE` last: [`remove_hop_by_hop`] treats those two apart).
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -36,35 +39,43 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and
 /// `TE` except its `trailers` token (kept for gRPC).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names, no lookups.
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
-        return;
-    }
-    // Headers `Connection` names; `close` and `keep-alive` (the usual
-    // tokens) need no lookup of their own.
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        // `Connection: te` must not take `TE: trailers` with it.
-        if name != TE {
-            headers.remove(&name);
+    // One pass over the names notes which are there: most messages carry
+    // none, and most of the rest only `Connection`, so nothing else is
+    // looked up.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
         }
     }
-    for name in [
-        CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        TRANSFER_ENCODING,
-        UPGRADE,
-    ] {
-        headers.remove(name);
+    let [connection, rest @ .., te] = present;
+    if connection {
+        // Headers `Connection` names; `close` and `keep-alive` (the usual
+        // tokens) need no lookup of their own.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            // `Connection: te` must not take `TE: trailers` with it.
+            if name != TE {
+                headers.remove(&name);
+            }
+        }
+        headers.remove(CONNECTION);
+    }
+    for (name, there) in HOP_BY_HOP[1..HOP_BY_HOP.len() - 1].iter().zip(rest) {
+        if there {
+            headers.remove(name);
+        }
+    }
+    if !te {
+        return;
     }
     let te_trailers = headers
         .get_all(TE)

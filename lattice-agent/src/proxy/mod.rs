@@ -14,7 +14,7 @@ use std::{
     borrow::Cow,
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use futures_util::future::Either;
@@ -197,30 +197,33 @@ async fn handle(
     let busy = conn.activity.begin();
     let method = req.method().clone();
     let client_version = req.version();
-    let (resp, own_error) = match forward(&shared, &conn, req).await {
-        Ok(r) => (r, false),
+    // Boxed once, with the guard: the busy mark lasts until the body ends.
+    let (mut resp, own_error) = match forward(&shared, &conn, req).await {
+        Ok(r) => (r.map(|b| boxed(Guarded::new(b, busy))), false),
         Err(e) => {
             tracing::debug!(peer = %conn.peer, error = %e, "request not forwarded");
-            (e.into_response(), true)
+            (
+                e.into_response().map(|b| boxed(Guarded::new(b, busy))),
+                true,
+            )
         }
     };
     shared
         .metrics
         .count_request(&method, resp.status(), own_error);
-    let (mut parts, body) = resp.into_parts();
-    parts.version = if client_version == Version::HTTP_2 {
+    *resp.version_mut() = if client_version == Version::HTTP_2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
     };
-    Response::from_parts(parts, boxed(Guarded::new(body, busy)))
+    resp
 }
 
 async fn forward(
     shared: &Shared,
     conn: &ConnCtx,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, RequestError> {
+) -> Result<Response<Incoming>, RequestError> {
     let cfg = &shared.cfg;
 
     // Original destination: the only place we ever connect to.
@@ -336,9 +339,9 @@ async fn forward(
             Request::from_parts(parts, body),
         ))
     };
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let resp = match cfg.request_timeout {
-        Some(limit) => tokio::time::timeout(limit, sent)
+        Some(limit) => tokio::time::timeout_at(started + limit, sent)
             .await
             .map_err(|_| RequestError::UpstreamTimeout { dst, after: limit })??,
         None => sent.await?,
@@ -349,9 +352,9 @@ async fn forward(
         .observe(started.elapsed().as_secs_f64());
 
     // Respond: the upstream's response as is, minus hop-by-hop headers.
-    let (mut rparts, rbody) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut rparts.headers);
-    Ok(Response::from_parts(rparts, boxed(rbody)))
+    let mut resp = resp;
+    headers::remove_hop_by_hop(resp.headers_mut());
+    Ok(resp)
 }
 
 /// The path and query of `uri` (`/` when it has none).

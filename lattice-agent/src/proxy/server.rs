@@ -13,8 +13,8 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -245,6 +245,7 @@ async fn serve_connection(
     });
     let idle_timeout = shared.cfg.idle_timeout;
     let activity = Arc::clone(&ctx.activity);
+    let mut quiet = QuietSince::new(Instant::now());
     let peer = ctx.peer;
     let ctx = Arc::new(ctx);
     let svc_shared = Arc::clone(&shared);
@@ -277,8 +278,9 @@ async fn serve_connection(
         }
         // Until it is pending, so the next tick is armed.
         while closing != Closing::Shutdown && tick.poll_tick(cx).is_ready() {
+            let idle_for = quiet.idle_for(&activity, Instant::now());
             match closing {
-                Closing::No if activity.idle_for() >= idle_timeout => {
+                Closing::No if idle_for >= idle_timeout => {
                     tracing::debug!(%peer, "closing idle client connection");
                     closing = Closing::Idle;
                     close = true;
@@ -286,7 +288,7 @@ async fn serve_connection(
                 // A graceful close waits for a request being read; with
                 // none in flight for that long, a head still arriving is
                 // trickling in: the connection goes.
-                Closing::Idle if activity.idle_for() >= idle_timeout => return Poll::Ready(()),
+                Closing::Idle if idle_for >= idle_timeout => return Poll::Ready(()),
                 _ => {}
             }
         }
@@ -361,17 +363,19 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     Guard(Some(f))
 }
 
-/// Requests in flight on a connection and when it was last busy.
+/// Requests in flight on a connection and how many have finished: enough
+/// for the connection's idle checks to tell whether it was busy since the
+/// last check, without a clock read or a lock per request.
 pub(super) struct Activity {
     in_flight: AtomicUsize,
-    last_active: Mutex<Instant>,
+    finished: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
-            last_active: Mutex::new(Instant::now()),
+            finished: AtomicU64::new(0),
         }
     }
 
@@ -380,23 +384,41 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         ActivityGuard(Arc::clone(self))
     }
-
-    fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Duration::ZERO;
-        }
-        self.last_active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-    }
 }
 
 pub(super) struct ActivityGuard(Arc<Activity>);
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        *self.0.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.finished.fetch_add(1, Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The idle checks' view of one connection's [`Activity`]: since when no
+/// request was in flight or finished, as seen at the checks (at most one
+/// check late, so a connection closes within `idle_timeout` plus one
+/// check of its last request).
+struct QuietSince {
+    finished: u64,
+    since: Instant,
+}
+
+impl QuietSince {
+    fn new(now: Instant) -> Self {
+        Self {
+            finished: 0,
+            since: now,
+        }
+    }
+
+    fn idle_for(&mut self, activity: &Activity, now: Instant) -> Duration {
+        let finished = activity.finished.load(Ordering::Acquire);
+        if activity.in_flight.load(Ordering::Acquire) > 0 || finished != self.finished {
+            self.finished = finished;
+            self.since = now;
+            return Duration::ZERO;
+        }
+        now.saturating_duration_since(self.since)
     }
 }
