@@ -117,8 +117,10 @@ fn http_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     // `serve_connection` closes a connection once no request has been in
     // flight for --idle-timeout, which includes a request head trickling
     // in.
+    // One buffer and send(2), not writev(2), as for the upstream.
     b.http1()
         .timer(TokioTimer::new())
+        .writev(false)
         .keep_alive(true)
         .max_buf_size(head_limit)
         .header_read_timeout(None);
