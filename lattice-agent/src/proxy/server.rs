@@ -424,3 +424,31 @@ impl QuietSince {
         now.saturating_duration_since(self.since)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_time_counts_from_the_first_check_without_activity() {
+        let activity = Arc::new(Activity::new());
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut quiet = QuietSince::new(t0);
+        assert_eq!(quiet.idle_for(&activity, at(5)), Duration::from_secs(5));
+
+        // In flight across checks: never idle.
+        let busy = activity.begin();
+        assert_eq!(quiet.idle_for(&activity, at(10)), Duration::ZERO);
+        assert_eq!(quiet.idle_for(&activity, at(20)), Duration::ZERO);
+        drop(busy);
+        // Finished since the last check: busy then, quiet from now on.
+        assert_eq!(quiet.idle_for(&activity, at(21)), Duration::ZERO);
+        assert_eq!(quiet.idle_for(&activity, at(24)), Duration::from_secs(3));
+
+        // A request begun and finished between two checks counts too.
+        drop(activity.begin());
+        assert_eq!(quiet.idle_for(&activity, at(30)), Duration::ZERO);
+        assert_eq!(quiet.idle_for(&activity, at(31)), Duration::from_secs(1));
+    }
+}
