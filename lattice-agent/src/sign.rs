@@ -141,6 +141,15 @@ struct CachedKey {
     token_header: Option<HeaderValue>,
 }
 
+/// Where one request's SigV4 signature starts, from [`Signer::prepared`].
+struct Prepared {
+    /// HMAC keyed with the day's signing key.
+    mac: Hmac<Sha256>,
+    token_header: Option<HeaderValue>,
+    amz_date: [u8; 16],
+    amz_date_header: HeaderValue,
+}
+
 /// `x-amz-date` of one second, as text and as a header value.
 struct CachedTime {
     unix_secs: u64,
@@ -189,7 +198,12 @@ impl Signer {
         creds: &Credentials,
         time: SystemTime,
     ) -> Result<Signed, SignError> {
-        let (mac, token_header, amz_date, amz_date_header) = self.cached(creds, time)?;
+        let Prepared {
+            mac,
+            token_header,
+            amz_date,
+            amz_date_header,
+        } = self.prepared(creds, time)?;
         // ASCII digits, `T` and `Z`: always UTF-8.
         let amz_date =
             std::str::from_utf8(&amz_date).map_err(|_| SignError::HeaderValue("x-amz-date"))?;
@@ -297,16 +311,9 @@ impl Signer {
         Ok(Signed { headers })
     }
 
-    /// The keyed HMAC for `creds` on `time`'s day, the token's header
-    /// value and `time`'s `x-amz-date` (text and header value), each
-    /// computed only when what it depends on changed since the last
-    /// request.
-    #[allow(clippy::type_complexity)]
-    fn cached(
-        &self,
-        creds: &Credentials,
-        time: SystemTime,
-    ) -> Result<(Hmac<Sha256>, Option<HeaderValue>, [u8; 16], HeaderValue), SignError> {
+    /// What signing `creds` at `time` starts from, each part computed
+    /// only when what it depends on changed since the last request.
+    fn prepared(&self, creds: &Credentials, time: SystemTime) -> Result<Prepared, SignError> {
         let unix_secs = time
             .duration_since(UNIX_EPOCH)
             .map_err(|_| SignError::Params("signing time before 1970".into()))?
@@ -338,12 +345,12 @@ impl Signer {
             }
             _ => cached.key.insert(self.derive(creds, date)?),
         };
-        Ok((
-            key.mac.clone(),
-            key.token_header.clone(),
-            now.text,
-            now.header.clone(),
-        ))
+        Ok(Prepared {
+            mac: key.mac.clone(),
+            token_header: key.token_header.clone(),
+            amz_date: now.text,
+            amz_date_header: now.header.clone(),
+        })
     }
 
     /// Derives the signing key for `creds` on `date` (`YYYYMMDD`).
