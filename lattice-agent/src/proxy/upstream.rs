@@ -236,10 +236,9 @@ impl Upstream {
     /// thread's runtime.
     async fn connect_h1(&self, dst: SocketAddr, host: &str) -> Result<H1Sender, RequestError> {
         let connector = self.connector(dst, Protocol::Http1);
-        let conn = tokio::time::timeout(self.cfg.connect_timeout, connector.connect(host))
+        let conn = connector
+            .connect(host)
             .await
-            .map_err(|_| ConnectError::Timeout)
-            .and_then(|r| r)
             .map_err(|e| connect_error(dst, self.cfg.connect_timeout, &e))?;
         let (sender, connection) =
             self.h1
@@ -493,19 +492,21 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default();
-            tokio::time::timeout(this.connect_timeout, this.connect(host))
-                .await
-                .map_err(|_| ConnectError::Timeout)?
-        })
+        Box::pin(async move { this.connect(uri.host().unwrap_or_default()).await })
     }
 }
 
 impl Connector {
-    /// Connects to the destination; `host` (an authority or host) names
-    /// the TLS server.
+    /// Connects to the destination within `--connect-timeout` (TCP and
+    /// TLS); `host` (an authority or host) names the TLS server.
     async fn connect(&self, host: &str) -> Result<Conn, ConnectError> {
+        tokio::time::timeout(self.connect_timeout, self.dial(host))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
+
+    /// [`Self::connect`] without its time limit.
+    async fn dial(&self, host: &str) -> Result<Conn, ConnectError> {
         let socket = self.sockets.tcp_socket(&self.dst)?;
         let tcp = TcpSocket::from_std_stream(socket.into())
             .connect(self.dst)
