@@ -340,7 +340,7 @@ async fn forward(
         ))
     };
     let started = tokio::time::Instant::now();
-    let resp = match cfg.request_timeout {
+    let mut resp = match cfg.request_timeout {
         Some(limit) => tokio::time::timeout_at(started + limit, sent)
             .await
             .map_err(|_| RequestError::UpstreamTimeout { dst, after: limit })??,
@@ -352,7 +352,6 @@ async fn forward(
         .observe(started.elapsed().as_secs_f64());
 
     // Respond: the upstream's response as is, minus hop-by-hop headers.
-    let mut resp = resp;
     headers::remove_hop_by_hop(resp.headers_mut());
     Ok(resp)
 }
