@@ -199,7 +199,7 @@ impl Signer {
         time: SystemTime,
     ) -> Result<Signed, SignError> {
         let Prepared {
-            mac,
+            mut mac,
             token_header,
             amz_date,
             amz_date_header,
@@ -265,7 +265,6 @@ impl Signer {
             &self.cfg.service,
             "/aws4_request",
         ];
-        let mut mac = mac;
         for part in [V4_ALGORITHM, "\n", amz_date, "\n"]
             .iter()
             .chain(&scope)
