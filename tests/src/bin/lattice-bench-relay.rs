@@ -7,7 +7,15 @@
 //! signing, one thread. Its CPU per request and the latency it adds are
 //! what the two extra loopback hops cost any proxy on this path.
 //!
-//! Usage: lattice-bench-relay PORT
+//! With `--http` (the bench's `http-floor`) each connection is HTTP/1.1
+//! through hyper instead, built as the agent is (hyper's server and client
+//! on one current-thread runtime, one upstream connection per client
+//! connection, each message written with one send(2)), but forwarding
+//! requests unchanged: no signing, no header rules, no metrics. What it
+//! costs above the byte relay is what parsing and writing HTTP/1 on both
+//! hops costs with hyper; what the agent costs above it is the agent's own.
+//!
+//! Usage: lattice-bench-relay [--http] PORT
 //! Listens on 127.0.0.1:PORT and prints `listening`; on SIGTERM or SIGINT
 //! prints `relayed N connections` and exits.
 
@@ -18,6 +26,8 @@ use std::{
     rc::Rc,
 };
 
+use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
+use hyper_util::rt::TokioIo;
 use lattice_tests::orig_dst::original_dst;
 use tokio::{
     io::copy_bidirectional,
@@ -26,9 +36,25 @@ use tokio::{
     task::LocalSet,
 };
 
+/// What is relayed: bytes, or HTTP/1.1 messages through hyper.
+#[derive(Clone, Copy)]
+enum Mode {
+    Bytes,
+    Http,
+}
+
 fn main() -> ExitCode {
-    let Some(port) = std::env::args().nth(1).and_then(|p| p.parse::<u16>().ok()) else {
-        eprintln!("usage: lattice-bench-relay PORT");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (mode, port) = match args.as_slice() {
+        [port] => (Mode::Bytes, port),
+        [flag, port] if flag == "--http" => (Mode::Http, port),
+        _ => {
+            eprintln!("usage: lattice-bench-relay [--http] PORT");
+            return ExitCode::from(64);
+        }
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        eprintln!("lattice-bench-relay: PORT: not a port number: {port}");
         return ExitCode::from(64);
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -41,7 +67,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match LocalSet::new().block_on(&runtime, serve(port)) {
+    match LocalSet::new().block_on(&runtime, serve(mode, port)) {
         Ok(relayed) => {
             println!("relayed {relayed} connections");
             ExitCode::SUCCESS
@@ -54,7 +80,7 @@ fn main() -> ExitCode {
 }
 
 /// Relays until SIGTERM/SIGINT; returns how many connections it took.
-async fn serve(port: u16) -> std::io::Result<u64> {
+async fn serve(mode: Mode, port: u16) -> std::io::Result<u64> {
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -77,7 +103,10 @@ async fn serve(port: u16) -> std::io::Result<u64> {
             match connect(&client, peer).await {
                 Ok(upstream) => {
                     relayed.set(relayed.get() + 1);
-                    relay(client, upstream).await;
+                    match mode {
+                        Mode::Bytes => relay(client, upstream).await,
+                        Mode::Http => relay_http(client, upstream).await,
+                    }
                 }
                 Err(e) => eprintln!("lattice-bench-relay: {peer}: {e}"),
             }
@@ -100,4 +129,44 @@ async fn connect(client: &TcpStream, peer: SocketAddr) -> std::io::Result<TcpStr
 /// generator stops is how a run ends, not an error worth a line.
 async fn relay(mut client: TcpStream, mut upstream: TcpStream) {
     let _ = copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// Serves `client`'s requests with hyper, each sent on over `upstream`
+/// and answered with the upstream's response, unchanged.
+async fn relay_http(client: TcpStream, upstream: TcpStream) {
+    let (sender, upstream_conn) = match hyper::client::conn::http1::Builder::new()
+        .writev(false)
+        .handshake::<_, Incoming>(TokioIo::new(upstream))
+        .await
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("lattice-bench-relay: upstream handshake: {e}");
+            return;
+        }
+    };
+    tokio::task::spawn_local(async move {
+        let _ = upstream_conn.await;
+    });
+    // hyper's HTTP/1 server calls the service for one request at a time,
+    // so the sender is taken for a request and put back once its response
+    // head is in.
+    let sender: Rc<Cell<Option<SendRequest<Incoming>>>> = Rc::new(Cell::new(Some(sender)));
+    let service = service_fn(move |req| {
+        let sender = Rc::clone(&sender);
+        async move {
+            let mut s = sender
+                .take()
+                .ok_or_else(|| std::io::Error::other("upstream connection lost"))?;
+            let resp = s.send_request(req).await.map_err(std::io::Error::other)?;
+            sender.set(Some(s));
+            Ok::<_, std::io::Error>(resp)
+        }
+    });
+    // A reset when the load generator stops ends the connection: no line.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .writev(false)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(client), service)
+        .await;
 }

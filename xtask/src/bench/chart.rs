@@ -17,11 +17,12 @@ const GROUPS: [(&str, Option<u32>, &str); 5] = [
     ("newconn", Some(16), "new c=16"),
 ];
 /// One per scenario, in [`SCENARIOS`] order.
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 7] = [
     RGBColor(120, 120, 120),
     RGBColor(31, 119, 180),
     RGBColor(148, 103, 189),
     RGBColor(44, 160, 44),
+    RGBColor(23, 190, 207),
     RGBColor(255, 127, 14),
     RGBColor(140, 86, 75),
 ];

@@ -16,6 +16,10 @@
 //! - `floor`: the same redirect (the agent attached with
 //!   `--intercept-only`) → a one-thread TCP relay (no HTTP, no signing) →
 //!   nginx: what the two extra loopback hops alone cost.
+//! - `http-floor`: the same, but the relay speaks HTTP/1.1 through hyper on
+//!   both hops, as the agent does, and forwards requests unchanged (no
+//!   signing, no header rules, no metrics): what hyper's HTTP/1 server and
+//!   client cost on this path. `lattice` above it is the agent's own work.
 //! - `iptables`: wrk → the seed's NAT REDIRECT rules → the same agent, its
 //!   programs attached to an empty cgroup so they see nothing; it finds the
 //!   original destination with SO_ORIGINAL_DST.
@@ -53,7 +57,7 @@ use self::{
     netns::Netns,
     nginx::Nginx,
     process::ProcStats,
-    relay::Relay,
+    relay::{Relay, RelayMode},
     report::{Machine, Report, Run},
     scratch::{ScratchDir, unique_name},
 };
@@ -100,6 +104,8 @@ pub enum Part {
     #[value(name = "lattice-w2")]
     LatticeW2,
     Floor,
+    #[value(name = "http-floor")]
+    HttpFloor,
     Iptables,
     Node,
 }
@@ -111,6 +117,7 @@ impl Part {
             Self::Lattice => Some(Scenario::Lattice),
             Self::LatticeW2 => Some(Scenario::LatticeW2),
             Self::Floor => Some(Scenario::Floor),
+            Self::HttpFloor => Some(Scenario::HttpFloor),
             Self::Iptables => Some(Scenario::Iptables),
             Self::Node => None,
         }
@@ -123,17 +130,19 @@ enum Scenario {
     Lattice,
     LatticeW2,
     Floor,
+    HttpFloor,
     Iptables,
     Baseline,
 }
 
 impl Scenario {
     /// The scenarios measured side by side (`Baseline` when asked for).
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Direct,
         Self::Lattice,
         Self::LatticeW2,
         Self::Floor,
+        Self::HttpFloor,
         Self::Iptables,
         Self::Baseline,
     ];
@@ -144,6 +153,7 @@ impl Scenario {
             Self::Lattice => "lattice",
             Self::LatticeW2 => "lattice-w2",
             Self::Floor => "floor",
+            Self::HttpFloor => "http-floor",
             Self::Iptables => "iptables",
             Self::Baseline => "baseline",
         }
@@ -387,7 +397,7 @@ impl Pod {
             Scenario::Direct => None,
             Scenario::Lattice => Some((cgroups.app(), proxy)),
             Scenario::LatticeW2 => Some((cgroups.app(), Role::Proxy { workers: 2 })),
-            Scenario::Floor => Some((cgroups.app(), Role::InterceptOnly)),
+            Scenario::Floor | Scenario::HttpFloor => Some((cgroups.app(), Role::InterceptOnly)),
             // Nobody runs there: the programs see no traffic, NAT steers it.
             Scenario::Iptables => Some((cgroups.empty(), proxy)),
             Scenario::Baseline => Some((cgroups.app(), proxy)),
@@ -412,9 +422,13 @@ impl Pod {
         if let Some(a) = &agent {
             created.pids.push(a.process.pid());
         }
-        let relay = (scenario == Scenario::Floor)
-            .then(|| Relay::start(&binaries.relay, &ns, &cgroups.app(), dir.path(), stop))
-            .transpose()?;
+        let relay = match scenario {
+            Scenario::Floor => Some(RelayMode::Bytes),
+            Scenario::HttpFloor => Some(RelayMode::Http),
+            _ => None,
+        }
+        .map(|mode| Relay::start(&binaries.relay, mode, &ns, &cgroups.app(), dir.path(), stop))
+        .transpose()?;
         if let Some(r) = &relay {
             created.pids.push(r.process.pid());
         }
@@ -599,7 +613,8 @@ impl Pod {
             let relayed = relay.stop()?;
             if relayed < self.connections {
                 bail!(
-                    "floor: the relay relayed {relayed} connections; at least {} were opened",
+                    "{}: the relay relayed {relayed} connections; at least {} were opened",
+                    self.scenario.name(),
                     self.connections
                 );
             }

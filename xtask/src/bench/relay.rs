@@ -1,7 +1,8 @@
-//! The floor's proxy: the test kit's `lattice-bench-relay` (a one-thread
-//! TCP relay, no HTTP, no signing) on the agent's port, in the app's cgroup
-//! (where the cgroup/getsockopt program answers its `SO_ORIGINAL_DST`) and
-//! as the exempt UID (so its own upstream connects are not redirected).
+//! The floors' proxy: the test kit's `lattice-bench-relay` (one thread, no
+//! signing; bytes for `floor`, HTTP/1.1 through hyper for `http-floor`) on
+//! the agent's port, in the app's cgroup (where the cgroup/getsockopt
+//! program answers its `SO_ORIGINAL_DST`) and as the exempt UID (so its own
+//! upstream connects are not redirected).
 
 use std::{
     fs::{self, File},
@@ -21,6 +22,13 @@ use super::{
 };
 use crate::cmd;
 
+/// What the relay relays.
+#[derive(Clone, Copy)]
+pub enum RelayMode {
+    Bytes,
+    Http,
+}
+
 pub struct Relay {
     pub process: ChildGuard,
     out: std::path::PathBuf,
@@ -30,6 +38,7 @@ impl Relay {
     /// Starts the relay and waits until it listens.
     pub fn start(
         binary: &Path,
+        mode: RelayMode,
         ns: &Netns,
         app_cgroup: &Path,
         dir: &Path,
@@ -44,6 +53,10 @@ impl Relay {
             .arg(format!("--regid={uid}"))
             .arg("--clear-groups")
             .arg(binary)
+            .args(match mode {
+                RelayMode::Bytes => None,
+                RelayMode::Http => Some("--http"),
+            })
             .arg(PROXY_PORT.to_string())
             .stdin(Stdio::null())
             .stdout(File::create(&out).context("creating the relay's output")?)

@@ -8,16 +8,24 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-pub const SCENARIOS: [&str; 6] = [
+pub const SCENARIOS: [&str; 7] = [
     "direct",
     "lattice",
     "lattice-w2",
     "floor",
+    "http-floor",
     "iptables",
     "baseline",
 ];
 /// The scenarios with a proxy between the app and nginx.
-pub const PROXIES: [&str; 5] = ["lattice", "lattice-w2", "floor", "iptables", "baseline"];
+pub const PROXIES: [&str; 6] = [
+    "lattice",
+    "lattice-w2",
+    "floor",
+    "http-floor",
+    "iptables",
+    "baseline",
+];
 /// The loads the proxy cost is reported for: (workload, connections).
 pub const COST_LOADS: [(&str, u32); 4] = [
     ("keepalive", 1),
