@@ -202,11 +202,7 @@ impl Upstream {
                 .or_else(|| self.idle_h1.take((dst, *worker, authority.to_owned())));
             let (mut sender, was_reused) = match reused {
                 Some(s) => (s, true),
-                // Boxed: the connect future (TCP, TLS, handshake) is most
-                // of this future's size, and every request's future is
-                // moved by value on its way into hyper; kept inline, each
-                // request would copy it for a connect that rarely happens.
-                None => (Box::pin(self.connect_h1(dst, authority)).await?, false),
+                None => (self.connect_h1(dst, authority).await?, false),
             };
             if let Err(e) = sender.ready().await {
                 if was_reused {
