@@ -17,15 +17,8 @@ pub const SCENARIOS: [&str; 7] = [
     "iptables",
     "baseline",
 ];
-/// The scenarios with a proxy between the app and nginx.
-pub const PROXIES: [&str; 6] = [
-    "lattice",
-    "lattice-w2",
-    "floor",
-    "http-floor",
-    "iptables",
-    "baseline",
-];
+/// The scenarios with a proxy between the app and nginx: all but `direct`.
+pub const PROXIES: &[&str] = SCENARIOS.split_at(1).1;
 /// The loads the proxy cost is reported for: (workload, connections).
 pub const COST_LOADS: [(&str, u32); 4] = [
     ("keepalive", 1),
