@@ -147,7 +147,9 @@ impl Scenario {
         Self::Baseline,
     ];
 
-    fn name(self) -> &'static str {
+    /// The name in the logs, `--only` and the report (see
+    /// [`report::SCENARIOS`]).
+    const fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
             Self::Lattice => "lattice",

@@ -8,15 +8,18 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-pub const SCENARIOS: [&str; 7] = [
-    "direct",
-    "lattice",
-    "lattice-w2",
-    "floor",
-    "http-floor",
-    "iptables",
-    "baseline",
-];
+use super::Scenario;
+
+/// Every scenario's name, in the order they are measured and shown.
+pub const SCENARIOS: [&str; Scenario::ALL.len()] = {
+    let mut names = [""; Scenario::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = Scenario::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 /// The scenarios with a proxy between the app and nginx: all but `direct`.
 pub const PROXIES: &[&str] = SCENARIOS.split_at(1).1;
 /// The loads the proxy cost is reported for: (workload, connections).
