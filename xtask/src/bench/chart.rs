@@ -78,9 +78,17 @@ fn panel(
             .find(|r| r.scenario == scenario && r.workload == workload && r.concurrency == c)
             .and_then(&value)
     };
-    let max = SCENARIOS
+    // Only the scenarios this panel has figures for get bars and a legend
+    // entry; each keeps its colour from its place in SCENARIOS.
+    let shown: Vec<(usize, &str)> = SCENARIOS
         .iter()
-        .flat_map(|s| GROUPS.iter().filter_map(|g| figure(s, *g)))
+        .copied()
+        .enumerate()
+        .filter(|(_, s)| GROUPS.iter().any(|g| figure(s, *g).is_some()))
+        .collect();
+    let max = shown
+        .iter()
+        .flat_map(|(_, s)| GROUPS.iter().filter_map(|g| figure(s, *g)))
         .fold(0.0_f64, f64::max)
         .max(1e-3);
     let x = 0.0..GROUPS.len() as f64;
@@ -108,12 +116,12 @@ fn panel(
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(plot_err)?;
-    let width = 0.8 / SCENARIOS.len() as f64;
-    for (si, scenario) in SCENARIOS.iter().enumerate() {
+    let width = 0.8 / shown.len().max(1) as f64;
+    for (slot, &(si, scenario)) in shown.iter().enumerate() {
         let color = COLORS[si];
         let bars = GROUPS.iter().enumerate().filter_map(|(gi, g)| {
             let v = figure(scenario, *g)?;
-            let x0 = gi as f64 + 0.1 + si as f64 * width;
+            let x0 = gi as f64 + 0.1 + slot as f64 * width;
             Some(Rectangle::new(
                 [(x0, 0.0), (x0 + width * 0.95, v)],
                 color.filled(),
@@ -122,7 +130,7 @@ fn panel(
         chart
             .draw_series(bars)
             .map_err(plot_err)?
-            .label(*scenario)
+            .label(scenario)
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
     }
     chart
