@@ -17,7 +17,7 @@ const GROUPS: [(&str, Option<u32>, &str); 5] = [
     ("newconn", Some(16), "new c=16"),
 ];
 /// One per scenario, in [`SCENARIOS`] order.
-const COLORS: [RGBColor; 7] = [
+const COLORS: [RGBColor; SCENARIOS.len()] = [
     RGBColor(120, 120, 120),
     RGBColor(31, 119, 180),
     RGBColor(148, 103, 189),
