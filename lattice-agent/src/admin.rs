@@ -112,7 +112,7 @@ pub trait PodsReport: Send + Sync {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("--admin-addr {addr}: {source}")]
+#[error("binding the admin endpoint on {addr}")]
 pub struct AdminBindError {
     pub addr: SocketAddr,
     #[source]

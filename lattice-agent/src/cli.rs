@@ -217,7 +217,7 @@ pub struct ProxyArgs {
     pub sign_payload: bool,
 
     /// Largest body buffered under --sign-payload (bytes; KiB/MiB/GiB suffixes allowed).
-    #[arg(long, env = "LATTICE_MAX_SIGNED_BODY", default_value = "10MiB", value_parser = crate::proxy::units::parse_bytes)]
+    #[arg(long, env = "LATTICE_MAX_SIGNED_BODY", default_value = "10MiB", value_parser = crate::config::units::parse_bytes)]
     pub max_signed_body: u64,
 
     /// Connect to the original destination with TLS; SNI and the certificate
@@ -230,23 +230,23 @@ pub struct ProxyArgs {
     pub ca_file: Option<PathBuf>,
 
     /// Upper bound on connecting (and TLS handshake) to the original destination.
-    #[arg(long, env = "LATTICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::config::units::parse_duration)]
     pub connect_timeout: Duration,
 
     /// Upper bound from forwarding a request to its response headers (0 = none).
-    #[arg(long, env = "LATTICE_REQUEST_TIMEOUT", default_value = "60s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_REQUEST_TIMEOUT", default_value = "60s", value_parser = crate::config::units::parse_duration)]
     pub request_timeout: Duration,
 
     /// Close client and pooled upstream connections idle this long.
-    #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::config::units::parse_duration)]
     pub idle_timeout: Duration,
 
     /// On shutdown, how long in-flight requests may take to finish.
-    #[arg(long, env = "LATTICE_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::config::units::parse_duration)]
     pub drain_timeout: Duration,
 
     /// Largest request head (request line and headers) accepted; larger gets 431.
-    #[arg(long, env = "LATTICE_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = crate::proxy::units::parse_bytes)]
+    #[arg(long, env = "LATTICE_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = crate::config::units::parse_bytes)]
     pub max_header_bytes: u64,
 
     /// Log each canonical request and string-to-sign (signature, security

@@ -147,7 +147,7 @@ fn keep_chained(settings: &CniSettings, readiness: &Readiness, last_error: &mut 
             readiness.set_cni(Ok(()));
         }
         Err(e) => {
-            let why = crate::credentials::error_chain(&e);
+            let why = crate::error_chain(&e);
             if last_error.as_deref() != Some(why.as_str()) {
                 tracing::warn!(reason = %why, "CNI plugin not in the runtime's chain; new pods are enrolled only once the API shows them running");
             }
@@ -164,7 +164,7 @@ pub fn uninstall(settings: &CniSettings) {
         Ok(files) if files.is_empty() => {}
         Ok(files) => tracing::info!(?files, "CNI plugin taken out of the runtime's chain"),
         Err(e) => {
-            tracing::warn!(error = %crate::credentials::error_chain(&e), "could not take the CNI plugin out of the runtime's chain")
+            tracing::warn!(error = %crate::error_chain(&e), "could not take the CNI plugin out of the runtime's chain")
         }
     }
 }
@@ -200,7 +200,7 @@ pub async fn leaving_for_good(client: &kube::Client) -> bool {
     match tokio::time::timeout(LOOKUP_TIMEOUT, check).await {
         Ok(Ok(leaving)) => leaving,
         Ok(Err(e)) => {
-            tracing::warn!(error = %crate::credentials::error_chain(&e), "cannot tell whether the agent's DaemonSet is being deleted; the CNI plugin stays in the chain (if lattice is being uninstalled, remove the lattice-cni entry from the node's CNI configuration)");
+            tracing::warn!(error = %crate::error_chain(&e), "cannot tell whether the agent's DaemonSet is being deleted; the CNI plugin stays in the chain (if lattice is being uninstalled, remove the lattice-cni entry from the node's CNI configuration)");
             false
         }
         Err(_) => {
@@ -312,8 +312,7 @@ async fn resolve(
         return Ok((None, None));
     }
     let fd = fd.ok_or("no network namespace came with the call")?;
-    let netns =
-        NetNs::from_fd(fd, &request.netns).map_err(|e| crate::credentials::error_chain(&e))?;
+    let netns = NetNs::from_fd(fd, &request.netns).map_err(|e| crate::error_chain(&e))?;
     let pod = find_pod(request, lookup).await?;
     let labels = namespace_labels(&request.pod_namespace, lookup).await?;
     Ok((Some((pod, labels)), Some(netns)))
@@ -336,10 +335,7 @@ async fn find_pod(request: &Request, lookup: &PodLookup) -> Result<Pod, String> 
             "pod {name} (uid {}) not found in the Kubernetes API",
             request.pod_uid
         )),
-        Ok(Err(e)) => Err(format!(
-            "looking up pod {name}: {}",
-            crate::credentials::error_chain(&e)
-        )),
+        Ok(Err(e)) => Err(format!("looking up pod {name}: {}", crate::error_chain(&e))),
         Err(_) => Err(format!(
             "looking up pod {name}: the Kubernetes API did not answer within {LOOKUP_TIMEOUT:?}"
         )),
@@ -358,7 +354,7 @@ async fn namespace_labels(
         Ok(Ok(ns)) => Ok(ns.and_then(|ns| ns.metadata.labels)),
         Ok(Err(e)) => Err(format!(
             "looking up namespace {namespace}: {}",
-            crate::credentials::error_chain(&e)
+            crate::error_chain(&e)
         )),
         Err(_) => Err(format!(
             "looking up namespace {namespace}: the Kubernetes API did not answer within {LOOKUP_TIMEOUT:?}"

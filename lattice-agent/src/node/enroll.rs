@@ -134,9 +134,8 @@ impl EnrolledPod {
         } = self;
         let all = Arc::clone(&ctx.metrics);
         tokio::spawn(async move {
-            if let Err(e) = workload.stop().await {
-                tracing::warn!(pod = %plan.display_name(), error = %e, "pod proxy stopped with an error");
-            }
+            workload.stop().await;
+            tracing::debug!(pod = %plan.display_name(), "pod proxy stopped");
             all.forget_workload(&metrics);
             drop(lease);
         })

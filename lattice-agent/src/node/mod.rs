@@ -249,7 +249,7 @@ impl NodeAgent {
             match tokio::task::spawn_blocking(move || predecessor.taken()).await {
                 Ok(Ok(())) => tracing::info!("took over from the agent this one replaces"),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %crate::credentials::error_chain(&e), "the replaced agent did not confirm the takeover")
+                    tracing::warn!(error = %crate::error_chain(&e), "the replaced agent did not confirm the takeover")
                 }
                 Err(e) => tracing::warn!(error = %e, "takeover task failed"),
             }
@@ -268,7 +268,7 @@ impl NodeAgent {
             );
         }
         if let Err(e) = self.serve_control(&shutdown) {
-            tracing::warn!(error = %crate::credentials::error_chain(&e), "no control socket: a new agent will not be able to take over without losing connections");
+            tracing::warn!(error = %crate::error_chain(&e), "no control socket: a new agent will not be able to take over without losing connections");
         }
         let (mut cni_calls, cni_settings) = self.serve_cni(&shutdown);
         self.readiness.set_pods_listed(true);
@@ -400,7 +400,7 @@ impl NodeAgent {
             }
             Err(e) => {
                 self.ctx.metrics.count_enrollment(false);
-                let reason = crate::credentials::error_chain(&e);
+                let reason = crate::error_chain(&e);
                 tracing::warn!(pod = %name, %reason, "pod enrollment failed (CNI ADD); the runtime will retry");
                 Reply {
                     enrolled: false,
@@ -541,7 +541,7 @@ impl NodeAgent {
                     })
                     .and_then(|()| handover::serve_successor(stream, &path, &*served));
                 if let Err(e) = handed {
-                    tracing::warn!(error = %crate::credentials::error_chain(&e), "handing the listeners over failed");
+                    tracing::warn!(error = %crate::error_chain(&e), "handing the listeners over failed");
                 }
             });
         })
@@ -695,7 +695,7 @@ impl NodeAgent {
             Ok(pod) => self.record_enrolled(uid, pod, started, "API"),
             Err(e) => {
                 self.ctx.metrics.count_enrollment(false);
-                let reason = crate::credentials::error_chain(&e);
+                let reason = crate::error_chain(&e);
                 let attempts = attempts.saturating_add(1);
                 let delay = retry_delay(attempts);
                 // One Event per failure reason, not one per retry.
