@@ -53,6 +53,7 @@ impl RunConfig {
                 pin: i.pin.clone(),
                 held_by_cgroup: false,
                 gate_by_netns: false,
+                gate_capacity: lattice_common::ENROLLED_CAPACITY,
             },
             proxy: proxy.clone(),
             intercept_only: i.intercept_only,

@@ -109,6 +109,7 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
         &args.proxy,
     )?;
     run.intercept.gate_by_netns = true;
+    run.intercept.gate_capacity = args.max_pods;
     let home = Arc::new(NetNs::current()?);
 
     let mut interceptor = Interceptor::attach(&run.intercept)?;
