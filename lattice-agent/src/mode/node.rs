@@ -191,7 +191,6 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
                 Arc::clone(&metrics),
                 shutdown.child_token(),
             ),
-            handed_over: std::sync::Mutex::new(handed_over),
         };
         let (agent, watches) = NodeAgent::new(
             ctx,
@@ -199,6 +198,7 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
                 client,
                 node_name: args.node_name.clone(),
                 predecessor,
+                handed_over,
                 control,
                 cni,
                 readiness: Arc::clone(&readiness),
