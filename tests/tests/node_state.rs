@@ -220,7 +220,8 @@ fn a_failed_re_enrollment_refuses_connects_instead_of_hanging() {
 /// namespaces of pods that still ask for signing, so thirteen enrollments
 /// fit a table of six, and a pod that stopped asking while no agent ran is
 /// let go (its requests leave as they would without lattice) instead of
-/// having its connects refused for ever.
+/// having its connects refused for ever. One pod more than the table
+/// holds fails with a reason naming the limit.
 #[test]
 fn the_gate_keeps_only_pods_that_ask_across_crashes() {
     if !require_root("the_gate_keeps_only_pods_that_ask_across_crashes") {
@@ -291,6 +292,43 @@ fn the_gate_keeps_only_pods_that_ask_across_crashes() {
     }
     assert!(enrollments > CAPACITY, "{enrollments} enrollments");
     assert_eq!(map_entries(&gate), last_round.len());
+
+    // More pods at once than the table holds: the one too many fails with
+    // a reason naming the limit (and is retried); the others are served.
+    let extra: Vec<NodePod> = (0..=CAPACITY - last_round.len())
+        .map(|i| {
+            cluster
+                .node
+                .add_pod(PodSpec::new("churn", &format!("extra-{i}")))
+        })
+        .collect();
+    for (i, pod) in extra.iter().enumerate() {
+        irsa_pod(&cluster, pod, "extra", 100 + i);
+    }
+    let deadline = Instant::now() + ENROLL_TIMEOUT;
+    let states = loop {
+        let rows: Vec<_> = extra
+            .iter()
+            .filter_map(|p| agent.pod_row(p.uid()))
+            .collect();
+        let states: Vec<String> = rows
+            .iter()
+            .map(|r| r["state"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        if states.len() == extra.len() && states.iter().all(|s| s == "enrolled" || s == "failed") {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "{rows:?}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let failed: Vec<_> = states.iter().filter(|r| r["state"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{states:?}");
+    let reason = failed[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("is full") && reason.contains("--max-pods"),
+        "{reason}"
+    );
+    assert_eq!(map_entries(&gate), CAPACITY);
     let signed_unexpectedly = verifier
         .requests()
         .iter()
