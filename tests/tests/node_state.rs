@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use lattice_tests::{
     Bpffs,
-    bpftool::map_entries,
+    bpftool::{map_entries, map_update},
     node::{LATTICE_V4, NodePod, PodSpec},
     node_agent::{AppReply, Cluster, INJECT, NodeAgent, PodObject, app_request, sts_url},
     require_root,
@@ -399,4 +399,40 @@ fn credential_series_go_with_the_last_pod_of_their_identity() {
     cluster.api.delete_pod("shop", a2.name());
     agent.wait_pod(a2.uid(), None, ENROLL_TIMEOUT);
     gone("shared");
+}
+
+/// An agent taking over from a running one (a rolling update) brings the
+/// gate in line with the pods it serves: a namespace entry no pod asks for
+/// (left, say, by an agent that crashed before the running one started
+/// and did not reconcile the gate) is removed; the served pod stays
+/// served throughout.
+#[test]
+fn an_agent_taking_over_removes_gate_entries_no_pod_asks_for() {
+    if !require_root("an_agent_taking_over_removes_gate_entries_no_pod_asks_for") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _verifier = cluster.lattice_service(&[]);
+    let bpffs = Bpffs::new();
+    let pin = bpffs.path().to_str().unwrap().to_owned();
+    let gate = bpffs.path().join("map_ENROLLED_NETNS");
+    let p = cluster.node.add_pod(PodSpec::new("shop", "takeover-0"));
+    irsa_pod(&cluster, &p, "takeover", 1);
+    let old = start_agent(&cluster, &["--pin", &pin]);
+    old.wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    assert_eq!(get(&p, "/before").status, 200);
+    // A cookie no namespace has (the kernel counts them up from 1).
+    map_update(&gate, &u64::MAX.to_ne_bytes(), &1u32.to_ne_bytes());
+    assert_eq!(map_entries(&gate), 2);
+
+    let new = start_agent(&cluster, &["--pin", &pin]);
+    old.wait_log("a new agent took the pods over", ENROLL_TIMEOUT);
+    assert_eq!(new.pod_row(p.uid()).expect("in /pods")["state"], "enrolled");
+    assert_eq!(
+        map_entries(&gate),
+        1,
+        "the stale entry stays after the takeover\n{}",
+        new.log()
+    );
+    assert_eq!(get(&p, "/after").status, 200);
 }

@@ -75,9 +75,7 @@ pub enum BpfError {
     Pin { path: PathBuf, detail: String },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
-    #[error(
-        "the table of enrolled network namespaces is full: {capacity} pods (--max-pods) are served already"
-    )]
+    #[error("the table of enrolled network namespaces is full: it holds {capacity} (--max-pods)")]
     GateFull { capacity: u32 },
 }
 
