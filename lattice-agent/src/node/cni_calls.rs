@@ -4,7 +4,7 @@
 //! `DEL` lets it go until its next sandbox. [`super::cni`] receives the
 //! calls and resolves their pods.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use lattice_cni::protocol::{Command, Reply, Request};
@@ -101,7 +101,10 @@ impl NodeAgent {
         };
         let uid = plan.uid.clone();
         let name = plan.display_name();
-        let Some(effects) = self.table.on_cni_add(&uid, plan, id, &request.container_id) else {
+        let Some(effects) =
+            self.table
+                .on_cni_add(&uid, plan, id, &request.container_id, Instant::now())
+        else {
             // The runtime retried an ADD that succeeded.
             return reply(true, None);
         };

@@ -231,7 +231,7 @@ impl NodeAgent {
         // Leaving first: their gate entries make room for new ones.
         for uid in self.table.uids() {
             if !present.contains(uid.as_str()) {
-                let effects = self.table.on_gone(&uid);
+                let effects = self.table.on_gone(&uid, now);
                 self.apply(&uid, effects, None, "API");
             }
         }

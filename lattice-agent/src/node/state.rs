@@ -53,6 +53,9 @@ use super::{events::PodRef, pod_spec::PodPlan};
 /// First retry of a failed enrollment; doubles up to [`RETRY_MAX`].
 const RETRY_START: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long a pod enrolled through the CNI plugin, which the API watch
+/// has not shown yet, is kept although the API store lacks it.
+const API_GRACE: Duration = Duration::from_secs(30);
 
 /// A network namespace's device and inode: equal exactly when two handles
 /// name the same namespace (see `NetNs::id`).
@@ -123,6 +126,10 @@ pub struct Entry<S, H> {
     /// Cookies of the namespaces it keeps in the gate: the one it is
     /// served in or, while it fails, those its connects are refused in.
     gated: BTreeSet<u64>,
+    /// Since when it is known from a CNI call alone (the plugin's lookup
+    /// found the pod ahead of the watch): until the API store shows it, or
+    /// for [`API_GRACE`], its absence from the store is not its departure.
+    unseen_since: Option<Instant>,
 }
 
 impl<S, H> Entry<S, H> {
@@ -130,6 +137,7 @@ impl<S, H> Entry<S, H> {
         Self {
             phase,
             gated: BTreeSet::new(),
+            unseen_since: None,
         }
     }
 
@@ -351,12 +359,11 @@ impl<S, H> PodTable<S, H> {
     /// The API's view of a present pod, and where its processes are
     /// (`seen`, for a served pod).
     pub fn on_api(&mut self, uid: &str, want: Want, seen: Seen, now: Instant) -> Effects<S, H> {
-        if let Some(Entry {
-            phase: Phase::SandboxDeleted,
-            ..
-        }) = self.pods.get(uid)
-        {
-            return Effects::default();
+        if let Some(entry) = self.pods.get_mut(uid) {
+            entry.unseen_since = None;
+            if let Phase::SandboxDeleted = entry.phase {
+                return Effects::default();
+            }
         }
         match want {
             Want::Nothing => self.remove(uid, Leaving::NotAsking),
@@ -365,8 +372,17 @@ impl<S, H> PodTable<S, H> {
         }
     }
 
-    /// The pod is gone from the API.
-    pub fn on_gone(&mut self, uid: &str) -> Effects<S, H> {
+    /// The pod is not in the API store: gone, unless it came through the
+    /// CNI plugin a moment ago and the watch has yet to show it.
+    pub fn on_gone(&mut self, uid: &str, now: Instant) -> Effects<S, H> {
+        if let Some(Entry {
+            unseen_since: Some(since),
+            ..
+        }) = self.pods.get(uid)
+            && now < *since + API_GRACE
+        {
+            return Effects::default();
+        }
         self.remove(uid, Leaving::Gone)
     }
 
@@ -379,14 +395,16 @@ impl<S, H> PodTable<S, H> {
         plan: PodPlan,
         netns: NetnsId,
         sandbox: &str,
+        now: Instant,
     ) -> Option<Effects<S, H>> {
         if self.is_served_in(uid, netns) {
             return None;
         }
-        let mut entry = self
-            .pods
-            .remove(uid)
-            .unwrap_or_else(|| Entry::new(Phase::SandboxDeleted));
+        let mut entry = self.pods.remove(uid).unwrap_or_else(|| {
+            let mut entry = Entry::new(Phase::SandboxDeleted);
+            entry.unseen_since = Some(now);
+            entry
+        });
         let mut effects = Effects::default();
         let handed = match std::mem::replace(&mut entry.phase, Phase::SandboxDeleted) {
             // A new sandbox: the old namespace leaves the gate once the
@@ -809,7 +827,7 @@ mod tests {
         for (leave, why) in [(true, Leaving::Gone), (false, Leaving::NotAsking)] {
             let mut t = table_with_enrolled(now);
             let e = if leave {
-                t.on_gone(UID)
+                t.on_gone(UID, now)
             } else {
                 t.on_api(UID, Want::Nothing, Seen::Served, now)
             };
@@ -823,7 +841,7 @@ mod tests {
         let mut t = Table::default();
         let _ = t.on_api(UID, Want::Enroll(plan("10.0.0.1")), Seen::Unknown, now);
         let _ = t.on_failed(UID, "x".into(), Some(21), now);
-        let e = t.on_gone(UID);
+        let e = t.on_gone(UID, now);
         assert_eq!(e.ungate, [21]);
         assert_eq!(e.notice, None);
     }
@@ -865,7 +883,7 @@ mod tests {
     fn cni_add_del_and_sandboxes() {
         let now = Instant::now();
         let mut t = Table::default();
-        let e = t.on_cni_add(UID, plan(""), NS_A, "sandbox-1").unwrap();
+        let e = t.on_cni_add(UID, plan(""), NS_A, "sandbox-1", now).unwrap();
         assert!(e.stop.is_none());
         let attempt = e.attempt.unwrap();
         let mut served = enrolled(attempt.plan, NS_A, 11, "p1");
@@ -873,7 +891,10 @@ mod tests {
         assert!(t.on_enrolled(UID, served).is_empty());
         assert!(t.netns_known(UID));
         assert!(t.is_served_in(UID, NS_A));
-        assert!(t.on_cni_add(UID, plan(""), NS_A, "sandbox-1").is_none());
+        assert!(
+            t.on_cni_add(UID, plan(""), NS_A, "sandbox-1", now)
+                .is_none()
+        );
         // The API shows the IP later: nothing to do.
         assert!(
             t.on_api(UID, Want::Enroll(plan("10.0.0.1")), Seen::Served, now)
@@ -883,7 +904,7 @@ mod tests {
 
         // A new sandbox in another namespace: the old one leaves the gate
         // once the new one is served.
-        let e = t.on_cni_add(UID, plan(""), NS_B, "sandbox-2").unwrap();
+        let e = t.on_cni_add(UID, plan(""), NS_B, "sandbox-2", now).unwrap();
         assert_eq!(e.stop, Some("p1"));
         assert!(e.ungate.is_empty());
         let mut served = enrolled(e.attempt.unwrap().plan, NS_B, 12, "p2");
@@ -909,12 +930,40 @@ mod tests {
                 .is_empty()
         );
         assert!(t.on_api(UID, Want::Nothing, Seen::Unknown, now).is_empty());
-        assert!(t.on_cni_add(UID, plan(""), NS_A, "sandbox-3").is_some());
+        assert!(
+            t.on_cni_add(UID, plan(""), NS_A, "sandbox-3", now)
+                .is_some()
+        );
         assert_eq!(phase_name(&t), "enrolling");
         let mut t = Table::default();
         let _ = t.on_cni_del(UID, "sandbox-1");
-        assert!(t.on_gone(UID).is_empty());
+        assert!(t.on_gone(UID, now).is_empty());
         assert_eq!(phase_name(&t), "none");
+    }
+
+    /// A pod enrolled through the CNI plugin before the API watch shows it
+    /// is not let go for its absence from the store, for a while.
+    #[test]
+    fn a_pod_known_from_cni_alone_waits_for_the_watch() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        let e = t.on_cni_add(UID, plan(""), NS_A, "sandbox-1", now).unwrap();
+        let _ = t.on_enrolled(UID, enrolled(e.attempt.unwrap().plan, NS_A, 11, "p1"));
+        assert!(t.on_gone(UID, now + Duration::from_secs(1)).is_empty());
+        assert_eq!(phase_name(&t), "enrolled");
+        let e = t.on_gone(UID, now + API_GRACE);
+        assert_eq!(e.stop, Some("p1"));
+        // Once the API has shown it, its absence is its departure.
+        let mut t = Table::default();
+        let e = t.on_cni_add(UID, plan(""), NS_A, "sandbox-1", now).unwrap();
+        let mut served = enrolled(e.attempt.unwrap().plan, NS_A, 11, "p1");
+        served.given = true;
+        let _ = t.on_enrolled(UID, served);
+        assert!(
+            t.on_api(UID, Want::Enroll(plan("")), Seen::Unknown, now)
+                .is_empty()
+        );
+        assert_eq!(t.on_gone(UID, now).ungate, [11]);
     }
 
     /// What an agent handed over seeds the table: served on those sockets
@@ -939,7 +988,7 @@ mod tests {
         assert_eq!(e.close, Some("sockets-2"));
         assert_eq!(e.ungate, [12]);
         assert_eq!(e.notice, None);
-        let e = t.on_gone("uid-3");
+        let e = t.on_gone("uid-3", now);
         assert_eq!(e.close, Some("sockets-3"));
         assert_eq!(t.gate_keep(), BTreeSet::from([11]));
         assert_eq!(t.served().map(|(uid, _)| uid).collect::<Vec<_>>(), [UID]);
