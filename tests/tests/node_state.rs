@@ -17,54 +17,14 @@ use std::time::{Duration, Instant};
 use lattice_tests::{
     Bpffs,
     bpftool::{map_entries, map_update},
-    node::{LATTICE_V4, NodePod, PodSpec},
-    node_agent::{AppReply, Cluster, INJECT, NodeAgent, PodObject, app_request, sts_url},
+    node::{NodePod, PodSpec},
+    node_agent::{Cluster, INJECT, PodObject, apply_irsa_pod, lattice_get, role_arn, start_agent},
     require_root,
     verifier::Verifier,
 };
 use serde_json::json;
 
-const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
-const REGION: &str = "us-west-2";
-
-fn role(name: &str) -> String {
-    format!("arn:aws:iam::123456789012:role/{name}")
-}
-
-/// A web identity token as the kubelet projects it (moto does not check it).
-fn token(n: usize) -> String {
-    format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6{n}In0.c2ln")
-}
-
-fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
-    NodeAgent::start(
-        cluster,
-        cluster.agent_command(args),
-        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
-    )
-}
-
-fn get(pod: &NodePod, path: &str) -> AppReply {
-    app_request(
-        pod,
-        &[
-            "-H",
-            &format!("Host: {HOST}"),
-            &format!("http://{LATTICE_V4}{path}"),
-        ],
-    )
-}
-
-/// An annotated IRSA pod of service account `sa` (role `sa`), applied.
-fn irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
-    let obj = PodObject::new(pod, cluster.node.name())
-        .annotated()
-        .service_account(sa)
-        .irsa(pod, &role(sa), REGION, &token(n));
-    cluster.apply(&obj);
-    obj
-}
 
 /// Requests that reached the service and were not accepted (unsigned).
 fn unsigned(verifier: &Verifier) -> Vec<String> {
@@ -110,10 +70,10 @@ fn a_recreated_sandbox_keeping_its_ip_is_served_in_its_new_namespace() {
     let bpffs = Bpffs::new();
     let pin = bpffs.path().to_str().unwrap().to_owned();
     let mut p = cluster.node.add_pod(PodSpec::new("shop", "keep-ip-0"));
-    let obj = irsa_pod(&cluster, &p, "keep", 1);
+    let obj = apply_irsa_pod(&cluster, &p, "keep", 1);
     let agent = start_agent(&cluster, &["--pin", &pin]);
     agent.wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-    let r = get(&p, "/before");
+    let r = lattice_get(&p, "/before");
     assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
     let ip = p.ip();
     let old_netns = p.netns_path().to_owned();
@@ -128,7 +88,7 @@ fn a_recreated_sandbox_keeping_its_ip_is_served_in_its_new_namespace() {
     // one is signed.
     let deadline = Instant::now() + ENROLL_TIMEOUT;
     let first_signed = loop {
-        let r = get(&p, "/new-sandbox");
+        let r = lattice_get(&p, "/new-sandbox");
         if r.status == 200 {
             break Instant::now();
         }
@@ -141,7 +101,7 @@ fn a_recreated_sandbox_keeping_its_ip_is_served_in_its_new_namespace() {
     };
     let before = verifier.requests().len();
     for i in 0..10 {
-        let r = get(&p, &format!("/after/{i}"));
+        let r = lattice_get(&p, &format!("/after/{i}"));
         assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
     }
     let after: Vec<_> = verifier.requests().into_iter().skip(before).collect();
@@ -149,7 +109,7 @@ fn a_recreated_sandbox_keeping_its_ip_is_served_in_its_new_namespace() {
     assert!(
         after
             .iter()
-            .all(|r| r.status == 200 && r.role_arn.as_deref() == Some(role("keep").as_str())),
+            .all(|r| r.status == 200 && r.role_arn.as_deref() == Some(role_arn("keep").as_str())),
         "{after:?}"
     );
     eprintln!(
@@ -177,10 +137,10 @@ fn a_failed_re_enrollment_refuses_connects_instead_of_hanging() {
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
     let p = cluster.node.add_pod(PodSpec::new("shop", "reenroll-0"));
-    let good = irsa_pod(&cluster, &p, "reenroll", 1);
+    let good = apply_irsa_pod(&cluster, &p, "reenroll", 1);
     let agent = start_agent(&cluster, &[]);
     agent.wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-    assert_eq!(get(&p, "/before").status, 200);
+    assert_eq!(lattice_get(&p, "/before").status, 200);
 
     let mut wrong = good.clone();
     wrong.json["status"]["podIP"] = "169.254.99.99".into();
@@ -196,7 +156,7 @@ fn a_failed_re_enrollment_refuses_connects_instead_of_hanging() {
 
     for i in 0..3 {
         let started = Instant::now();
-        let r = get(&p, &format!("/while-failed/{i}"));
+        let r = lattice_get(&p, &format!("/while-failed/{i}"));
         let took = started.elapsed();
         assert_eq!(r.status, 0, "the pod's request was answered: {r:?}");
         assert!(
@@ -210,7 +170,7 @@ fn a_failed_re_enrollment_refuses_connects_instead_of_hanging() {
 
     cluster.apply(&good);
     agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(40));
-    let r = get(&p, "/again");
+    let r = lattice_get(&p, "/again");
     assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
 }
 
@@ -239,7 +199,7 @@ fn the_gate_keeps_only_pods_that_ask_across_crashes() {
     let start = || start_agent(&cluster, &["--pin", &pin, "--max-pods", &capacity]);
 
     let stays = cluster.node.add_pod(PodSpec::new("shop", "stays-0"));
-    let stays_obj = irsa_pod(&cluster, &stays, "stays", 0);
+    let stays_obj = apply_irsa_pod(&cluster, &stays, "stays", 0);
     let mut agent = start();
     agent.wait_pod(stays.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     let mut enrollments = 1;
@@ -253,11 +213,11 @@ fn the_gate_keeps_only_pods_that_ask_across_crashes() {
             })
             .collect();
         for (i, pod) in pods.iter().enumerate() {
-            irsa_pod(&cluster, pod, &format!("churn{i}"), 10 * round + i);
+            apply_irsa_pod(&cluster, pod, &format!("churn{i}"), 10 * round + i);
         }
         for pod in &pods {
             agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-            let r = get(pod, "/churn");
+            let r = lattice_get(pod, "/churn");
             assert_eq!(r.status, 200, "round {round}: {r:?}\n{}", agent.log());
             enrollments += 1;
         }
@@ -282,7 +242,7 @@ fn the_gate_keeps_only_pods_that_ask_across_crashes() {
             "round {round}: the restarted agent left namespaces enrolled that no pod asks for\n{}",
             agent.log()
         );
-        let r = get(&stays, &format!("/stopped-asking/{round}"));
+        let r = lattice_get(&stays, &format!("/stopped-asking/{round}"));
         assert_eq!(
             r.status,
             403,
@@ -303,7 +263,7 @@ fn the_gate_keeps_only_pods_that_ask_across_crashes() {
         })
         .collect();
     for (i, pod) in extra.iter().enumerate() {
-        irsa_pod(&cluster, pod, "extra", 100 + i);
+        apply_irsa_pod(&cluster, pod, "extra", 100 + i);
     }
     let deadline = Instant::now() + ENROLL_TIMEOUT;
     let states = loop {
@@ -350,16 +310,16 @@ fn credential_series_go_with_the_last_pod_of_their_identity() {
     let a1 = cluster.node.add_pod(PodSpec::new("shop", "shared-1"));
     let a2 = cluster.node.add_pod(PodSpec::new("shop", "shared-2"));
     let b = cluster.node.add_pod(PodSpec::new("shop", "alone-0"));
-    irsa_pod(&cluster, &a1, "shared", 1);
-    irsa_pod(&cluster, &a2, "shared", 2);
-    irsa_pod(&cluster, &b, "alone", 3);
+    apply_irsa_pod(&cluster, &a1, "shared", 1);
+    apply_irsa_pod(&cluster, &a2, "shared", 2);
+    apply_irsa_pod(&cluster, &b, "alone", 3);
     let agent = start_agent(&cluster, &[]);
     for pod in [&a1, &a2, &b] {
         agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-        assert_eq!(get(pod, "/x").status, 200);
+        assert_eq!(lattice_get(pod, "/x").status, 200);
     }
     let series = |sa: &str| -> Vec<String> {
-        let needle = format!("identity=\"irsa:{}\"", role(sa));
+        let needle = format!("identity=\"irsa:{}\"", role_arn(sa));
         let (_, metrics) = agent.admin("/metrics");
         metrics
             .lines()
@@ -395,7 +355,7 @@ fn credential_series_go_with_the_last_pod_of_their_identity() {
         !series("shared").is_empty(),
         "a pod still uses the identity"
     );
-    assert_eq!(get(&a2, "/still").status, 200);
+    assert_eq!(lattice_get(&a2, "/still").status, 200);
     cluster.api.delete_pod("shop", a2.name());
     agent.wait_pod(a2.uid(), None, ENROLL_TIMEOUT);
     gone("shared");
@@ -417,10 +377,10 @@ fn an_agent_taking_over_removes_gate_entries_no_pod_asks_for() {
     let pin = bpffs.path().to_str().unwrap().to_owned();
     let gate = bpffs.path().join("map_ENROLLED_NETNS");
     let p = cluster.node.add_pod(PodSpec::new("shop", "takeover-0"));
-    irsa_pod(&cluster, &p, "takeover", 1);
+    apply_irsa_pod(&cluster, &p, "takeover", 1);
     let old = start_agent(&cluster, &["--pin", &pin]);
     old.wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-    assert_eq!(get(&p, "/before").status, 200);
+    assert_eq!(lattice_get(&p, "/before").status, 200);
     // A cookie no namespace has (the kernel counts them up from 1).
     map_update(&gate, &u64::MAX.to_ne_bytes(), &1u32.to_ne_bytes());
     assert_eq!(map_entries(&gate), 2);
@@ -434,5 +394,5 @@ fn an_agent_taking_over_removes_gate_entries_no_pod_asks_for() {
         "the stale entry stays after the takeover\n{}",
         new.log()
     );
-    assert_eq!(get(&p, "/after").status, 200);
+    assert_eq!(lattice_get(&p, "/after").status, 200);
 }

@@ -6,8 +6,6 @@
 
 use std::time::Instant;
 
-use kube::runtime::reflector::ObjectRef;
-
 use super::{
     NodeAgent, PodEffects, enroll,
     events::{Kind, PodRef},
@@ -164,12 +162,7 @@ impl NodeAgent {
             if self.table.get(uid).is_some_and(|e| !e.gated().is_empty()) {
                 continue;
             }
-            let labels = pod
-                .metadata
-                .namespace
-                .as_deref()
-                .and_then(|ns| self.stores.namespaces.get(&ObjectRef::new(ns)))
-                .and_then(|ns| ns.metadata.labels.clone());
+            let labels = self.stores.namespace_labels(&pod);
             if let Decision::Enroll(_) = pod_spec::decide_at_start(&pod, labels.as_ref())
                 && let Some(cookie) = enroll::process_netns_cookie(&self.ctx, uid)
             {

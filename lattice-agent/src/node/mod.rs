@@ -42,7 +42,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -239,12 +238,7 @@ impl NodeAgent {
             let Some(uid) = pod.metadata.uid.as_deref() else {
                 continue;
             };
-            let labels = pod
-                .metadata
-                .namespace
-                .as_deref()
-                .and_then(|ns| self.stores.namespaces.get(&ObjectRef::new(ns)))
-                .and_then(|ns| ns.metadata.labels.clone());
+            let labels = self.stores.namespace_labels(pod);
             let mut decision = pod_spec::decide(pod, labels.as_ref());
             if decision == Decision::Ignore && self.table.netns_known(uid) {
                 decision = pod_spec::decide_at_start(pod, labels.as_ref());

@@ -3,7 +3,7 @@
 //! namespaces (for the enrollment label), kept by kube-rs watches, with a
 //! notification on every change.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -11,7 +11,7 @@ use kube::{
     Api,
     runtime::{
         WatchStreamExt as _,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -23,6 +23,19 @@ use tokio_util::sync::CancellationToken;
 pub struct Stores {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
+}
+
+impl Stores {
+    /// The labels of `pod`'s namespace (one may ask for signing for all
+    /// its pods).
+    pub fn namespace_labels(&self, pod: &Pod) -> Option<BTreeMap<String, String>> {
+        let namespace = pod.metadata.namespace.as_deref()?;
+        self.namespaces
+            .get(&ObjectRef::new(namespace))?
+            .metadata
+            .labels
+            .clone()
+    }
 }
 
 /// A notification that fires on every change, and a token cancelled once
