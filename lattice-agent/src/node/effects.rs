@@ -28,12 +28,18 @@ impl NodeAgent {
         via: &'static str,
     ) -> Option<Result<(), String>> {
         let Effects {
+            gate,
             ungate,
             stop,
             close,
             notice,
             attempt,
         } = effects;
+        for cookie in gate {
+            if let Err(e) = self.ctx.gate.enroll(cookie) {
+                tracing::warn!(pod_uid = %uid, error = %crate::credentials::error_chain(&e), "could not keep a failing pod's network namespace in the interceptor");
+            }
+        }
         for cookie in ungate {
             if let Err(e) = self.ctx.gate.unenroll(cookie) {
                 tracing::warn!(pod_uid = %uid, error = %crate::credentials::error_chain(&e), "could not remove a network namespace from the interceptor");

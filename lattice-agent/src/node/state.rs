@@ -28,8 +28,8 @@
 //! Transitions are pure: they take what the caller observed (the pod's
 //! decision from the API, where its processes are, a CNI call, the
 //! outcome of an enrollment) and return what the caller must do
-//! ([`Effects`]): take namespaces out of the interceptor's gate, stop a
-//! proxy, close handed-over sockets, tell the pod's Events, attempt an
+//! ([`Effects`]): put namespaces into the interceptor's gate or take them
+//! out, stop a proxy, close handed-over sockets, tell the pod's Events, attempt an
 //! enrollment. Sockets, namespaces and the gate map are the caller's; here
 //! they are data. `S` is what serves an enrolled pod (its proxy, its
 //! listeners and their duplicates, its identity lease and counters:
@@ -215,14 +215,16 @@ pub struct Attempt<H> {
     pub handed: Option<H>,
 }
 
-/// What the caller does after a transition, in this order: take the
-/// namespaces out of the gate (so the pod's new connects go straight out
-/// rather than to a proxy that stops), stop the proxy (its listeners close
-/// with it, so a namespace still gated refuses connects), close handed-over
-/// sockets, tell, then attempt.
+/// What the caller does after a transition, in this order: put namespaces
+/// into the gate (a failing pod's: its connects are refused, never sent
+/// unsigned), take namespaces out of it (so a leaving pod's new connects
+/// go straight out rather than to a proxy that stops), stop the proxy (its
+/// listeners close with it, so a namespace still gated refuses connects),
+/// close handed-over sockets, tell, then attempt.
 #[derive(Debug)]
 #[must_use]
 pub struct Effects<S, H> {
+    pub gate: Vec<u64>,
     pub ungate: Vec<u64>,
     pub stop: Option<S>,
     pub close: Option<H>,
@@ -233,6 +235,7 @@ pub struct Effects<S, H> {
 impl<S, H> Default for Effects<S, H> {
     fn default() -> Self {
         Self {
+            gate: Vec::new(),
             ungate: Vec::new(),
             stop: None,
             close: None,
@@ -244,7 +247,8 @@ impl<S, H> Default for Effects<S, H> {
 
 impl<S, H> Effects<S, H> {
     pub fn is_empty(&self) -> bool {
-        self.ungate.is_empty()
+        self.gate.is_empty()
+            && self.ungate.is_empty()
             && self.stop.is_none()
             && self.close.is_none()
             && self.notice.is_none()
@@ -477,9 +481,9 @@ impl<S, H> PodTable<S, H> {
     }
 
     /// The attempt failed for `reason`; `netns_cookie` names the namespace
-    /// a process of the pod was found in, which stays (or goes) in the
-    /// gate so the pod's connects are refused, not sent unsigned, until it
-    /// is served.
+    /// a process of the pod was found in, which stays in the gate (or goes
+    /// into it) so the pod's connects are refused, not sent unsigned,
+    /// until it is served.
     pub fn on_failed(
         &mut self,
         uid: &str,
@@ -500,7 +504,7 @@ impl<S, H> PodTable<S, H> {
             debug_assert!(false, "on_failed without an attempt");
             return Effects::default();
         };
-        entry.gated.extend(netns_cookie);
+        let gate = netns_cookie.filter(|c| entry.gated.insert(*c));
         let attempts = attempts.saturating_add(1);
         let retry_in = retry_delay(attempts);
         let notice = Notice::Failed {
@@ -516,6 +520,7 @@ impl<S, H> PodTable<S, H> {
             retry_at: now + retry_in,
         });
         Effects {
+            gate: gate.into_iter().collect(),
             notice: Some(notice),
             ..Effects::default()
         }
@@ -775,6 +780,7 @@ mod tests {
         assert!(e.ungate.is_empty());
         assert!(e.attempt.is_some());
         let e = t.on_failed(UID, "wrong netns".into(), Some(13), now);
+        assert_eq!(e.gate, [13]);
         assert!(matches!(
             e.notice,
             Some(Notice::Failed {
@@ -802,7 +808,8 @@ mod tests {
         for (i, reason) in ["a", "a", "b"].into_iter().enumerate() {
             let e = t.on_api(UID, Want::Enroll(plan("10.0.0.1")), Seen::Unknown, at);
             assert!(e.attempt.is_some(), "attempt {i}");
-            let e = t.on_failed(UID, reason.into(), None, at);
+            let e = t.on_failed(UID, reason.into(), Some(11), at);
+            assert_eq!(e.gate.len(), usize::from(i == 0), "gated once");
             let Some(Notice::Failed {
                 repeated, retry_in, ..
             }) = e.notice
