@@ -82,6 +82,7 @@ fn a_recreated_sandbox_keeping_its_ip_is_served_in_its_new_namespace() {
     assert_eq!(p.ip(), ip);
     assert_ne!(p.netns_path(), old_netns);
     cluster.apply(&after_sandbox_restart(&obj, 1));
+    let reported = Instant::now();
 
     // Until the agent has seen the new sandbox, a request may leave
     // unsigned (as at any pod's start without the CNI plugin); then every
@@ -113,8 +114,8 @@ fn a_recreated_sandbox_keeping_its_ip_is_served_in_its_new_namespace() {
         "{after:?}"
     );
     eprintln!(
-        "first signed request {:?} after the new sandbox",
-        first_signed.elapsed()
+        "first signed request {:?} after the API showed the new sandbox",
+        first_signed.duration_since(reported)
     );
     let gated = map_entries(&bpffs.path().join("map_ENROLLED_NETNS"));
     assert_eq!(gated, 1, "only the new namespace stays enrolled");
