@@ -97,6 +97,7 @@ impl Sandbox {
                 pin: None,
                 held_by_cgroup: false,
                 gate_by_netns: false,
+                gate_capacity: lattice_common::ENROLLED_CAPACITY,
             })
             .expect("attach the interceptor"),
         );

@@ -137,6 +137,13 @@ pub struct NodeArgs {
     )]
     pub cni_exempt_namespaces: Vec<String>,
 
+    /// Pods this agent can serve at once: the size of the kernel's table
+    /// of enrolled network namespaces, fixed when that table is created
+    /// (with --pin, on the agent's first start on the node). The default
+    /// is far above the kubelet's pods-per-node limits.
+    #[arg(long, env = "LATTICE_MAX_PODS", default_value_t = lattice_common::ENROLLED_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_pods: u32,
+
     #[command(flatten)]
     pub intercept: InterceptArgs,
     #[command(flatten)]

@@ -106,6 +106,9 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     /// `lattice_enrollments_total{result="success|error"}` (node mode).
     enrollments: Family<ResultLabels, Counter>,
+    /// Credential sources alive per `identity` label: its series go when
+    /// the last one does (several node-mode identities may share a label).
+    credential_sources: std::sync::Mutex<std::collections::HashMap<IdentityLabel, usize>>,
 }
 
 impl Default for Metrics {
@@ -189,6 +192,7 @@ impl Metrics {
             unknown_destination_connections,
             enrolled_pods,
             enrollments,
+            credential_sources: std::sync::Mutex::default(),
         }
     }
 
@@ -224,12 +228,48 @@ impl Metrics {
         }
     }
 
-    /// The handle one credential source counts with.
+    /// The handle one credential source counts with; its series stay
+    /// until [`Metrics::forget_credentials`] for the last source with its
+    /// label.
     pub fn credentials(self: &Arc<Self>, identity: IdentityLabel) -> CredentialMetrics {
+        let mut sources = self
+            .credential_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *sources.entry(identity.clone()).or_default() += 1;
+        let refreshes = |ok| {
+            self.credential_refreshes
+                .get_or_create_owned(&(identity.clone(), result_labels(ok)))
+        };
         CredentialMetrics {
-            expiry: self.credential_expiry.get_or_create(&identity).clone(),
+            expiry: self.credential_expiry.get_or_create_owned(&identity),
+            refreshed: refreshes(true),
+            refresh_failed: refreshes(false),
             identity,
             metrics: Arc::clone(self),
+        }
+    }
+
+    /// A credential source is gone; with the last one of its label, so are
+    /// its series. Counting through handles taken before then changes no
+    /// series any more.
+    pub fn forget_credentials(&self, source: &CredentialMetrics) {
+        let mut sources = self
+            .credential_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(count) = sources.get_mut(&source.identity) else {
+            return;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        sources.remove(&source.identity);
+        self.credential_expiry.remove(&source.identity);
+        for ok in [true, false] {
+            self.credential_refreshes
+                .remove(&(source.identity.clone(), result_labels(ok)));
         }
     }
 
@@ -252,6 +292,12 @@ impl Metrics {
 
 fn result(ok: bool) -> &'static str {
     if ok { "success" } else { "error" }
+}
+
+fn result_labels(ok: bool) -> ResultLabels {
+    ResultLabels {
+        result: result(ok).to_owned(),
+    }
 }
 
 /// The `method` label: the common methods by name, the rest as `OTHER`.
@@ -332,19 +378,22 @@ pub struct CredentialMetrics {
     metrics: Arc<Metrics>,
     identity: IdentityLabel,
     pub expiry: Gauge,
+    refreshed: Counter,
+    refresh_failed: Counter,
 }
 
 impl CredentialMetrics {
     pub fn count_refresh(&self, ok: bool) {
-        self.metrics
-            .credential_refreshes
-            .get_or_create(&(
-                self.identity.clone(),
-                ResultLabels {
-                    result: result(ok).to_owned(),
-                },
-            ))
-            .inc();
+        if ok {
+            self.refreshed.inc();
+        } else {
+            self.refresh_failed.inc();
+        }
+    }
+
+    /// This source is gone (see [`Metrics::forget_credentials`]).
+    pub fn forget(&self) {
+        self.metrics.forget_credentials(self);
     }
 }
 
@@ -405,5 +454,40 @@ mod tests {
         assert_eq!(w.counts.errors.load(Ordering::Relaxed), 1);
         m.forget_workload(&w);
         assert!(!m.encode().contains("cart-0"));
+    }
+
+    /// Two sources with one label (two identities of the same role) share
+    /// its series; they go with the last source, and a source created
+    /// afterwards starts them afresh.
+    #[test]
+    fn credential_series_go_with_the_last_source_of_their_label() {
+        let m = Arc::new(Metrics::new());
+        let label = IdentityLabel::new("irsa:arn:aws:iam::1:role/cart");
+        let a = m.credentials(label.clone());
+        let b = m.credentials(label.clone());
+        a.count_refresh(true);
+        b.count_refresh(true);
+        b.count_refresh(false);
+        let text = m.encode();
+        for needle in [
+            "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"success\"} 2",
+            "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"error\"} 1",
+            "lattice_credential_expiry_timestamp_seconds{identity=\"irsa:arn:aws:iam::1:role/cart\"} 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        a.forget();
+        assert!(m.encode().contains("role/cart"), "b still uses it");
+        b.forget();
+        assert!(!m.encode().contains("role/cart"), "{}", m.encode());
+        // A late refresh through a forgotten handle brings nothing back.
+        b.count_refresh(true);
+        b.expiry.set(5);
+        assert!(!m.encode().contains("role/cart"));
+        let c = m.credentials(label);
+        c.count_refresh(true);
+        assert!(m.encode().contains(
+            "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"success\"} 1"
+        ));
     }
 }

@@ -77,6 +77,54 @@ pub fn sts_url() -> String {
     format!("http://127.0.0.1:{MOTO_PORT}")
 }
 
+/// The Host the tests' requests to the VPC Lattice service carry.
+pub const LATTICE_HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
+/// The region test pods sign for.
+pub const REGION: &str = "us-west-2";
+
+/// An IAM role moto's STS lets a pod assume.
+pub fn role_arn(name: &str) -> String {
+    format!("arn:aws:iam::123456789012:role/{name}")
+}
+
+/// A web identity token as the kubelet projects it (moto does not check
+/// it); `n` tells pods' tokens apart.
+pub fn irsa_token(n: usize) -> String {
+    format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6{n}In0.c2ln")
+}
+
+/// `lattice-agent node` on `cluster` with `args`, its STS moto's.
+pub fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
+    NodeAgent::start(
+        cluster,
+        cluster.agent_command(args),
+        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
+    )
+}
+
+/// `pod` as the API shows it, annotated, with IRSA for service account
+/// `sa` (role `sa`, token `n`, [`REGION`]), applied; returns its object.
+pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
+    let obj = PodObject::new(pod, cluster.node.name())
+        .annotated()
+        .service_account(sa)
+        .irsa(pod, &role_arn(sa), REGION, &irsa_token(n));
+    cluster.apply(&obj);
+    obj
+}
+
+/// The app's GET of `path` on the VPC Lattice service, from `pod`.
+pub fn lattice_get(pod: &NodePod, path: &str) -> AppReply {
+    app_request(
+        pod,
+        &[
+            "-H",
+            &format!("Host: {LATTICE_HOST}"),
+            &format!("http://{}{path}", crate::node::LATTICE_V4),
+        ],
+    )
+}
+
 /// A node and the API stand-in, reachable on the node's loopback.
 pub struct Cluster {
     // Dropped first: the stand-in's listener lives in the node's netns.

@@ -177,7 +177,6 @@ impl Bound {
                     Arc::clone(&metrics),
                     shutdown.child_token(),
                 ),
-                handed_over: std::sync::Mutex::new(handed_over),
             };
             let (agent, watches) = NodeAgent::new(
                 ctx,
@@ -185,6 +184,7 @@ impl Bound {
                     client,
                     node_name: cfg.node_name.clone(),
                     predecessor,
+                    handed_over,
                     control,
                     cni,
                     readiness: Arc::clone(&readiness),

@@ -75,6 +75,8 @@ pub enum BpfError {
     Pin { path: PathBuf, detail: String },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("the table of enrolled network namespaces is full: it holds {capacity} (--max-pods)")]
+    GateFull { capacity: u32 },
 }
 
 /// What to intercept and where to send it.
@@ -94,6 +96,10 @@ pub struct InterceptConfig {
     /// Redirect only connects from enrolled network namespaces (node mode,
     /// see [`NetnsGate`]); otherwise every connect in the cgroup.
     pub gate_by_netns: bool,
+    /// Network namespaces the gate holds at most (node mode's
+    /// `--max-pods`): its map's size, set when the map is created (a
+    /// pinned map keeps the size it was created with).
+    pub gate_capacity: u32,
 }
 
 /// The attached interceptor. Dropping it detaches the programs, unless they
@@ -143,7 +149,7 @@ impl Interceptor {
             source,
         })?;
         let gate = match cfg.gate_by_netns {
-            true => Some(NetnsGate::new(&mut ebpf)?),
+            true => Some(NetnsGate::new(&mut ebpf, cfg.gate_capacity)?),
             false => None,
         };
         tracing::info!(
@@ -217,6 +223,7 @@ fn load(cfg: &InterceptConfig) -> Result<Ebpf, BpfError> {
         // Reuses the map pinned there by an earlier agent, or creates and pins it.
         loader.map_pin_path(name, path.as_path());
     }
+    loader.map_max_entries(names::ENROLLED_NETNS, cfg.gate_capacity);
     // Debug lines cost a ring-buffer write per connection: only emit them
     // from the kernel when someone will read them.
     let level: u8 = if tracing::enabled!(target: "lattice_ebpf", tracing::Level::DEBUG) {
@@ -459,15 +466,29 @@ where
 pub struct NetnsGate {
     // Updates are rare (pod enrollment); a mutex keeps `&self` methods.
     map: std::sync::Mutex<BpfHashMap<MapData, u64, u32>>,
+    /// Namespaces the map holds at most.
+    capacity: u32,
 }
 
 impl NetnsGate {
-    fn new(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+    fn new(ebpf: &mut Ebpf, wanted: u32) -> Result<Self, BpfError> {
         let name = names::ENROLLED_NETNS;
         let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+        let capacity = match &map {
+            aya::maps::Map::HashMap(data) => data.info().map_or(wanted, |i| i.max_entries()),
+            _ => wanted,
+        };
+        if capacity != wanted {
+            tracing::warn!(
+                capacity,
+                max_pods = wanted,
+                "the pinned table of enrolled network namespaces keeps the size it was created with, not --max-pods (remove its pin to resize it)"
+            );
+        }
         let map = BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name, source })?;
         Ok(Self {
             map: std::sync::Mutex::new(map),
+            capacity,
         })
     }
 
@@ -477,12 +498,18 @@ impl NetnsGate {
 
     /// Starts redirecting connects made in the netns with this cookie.
     pub fn enroll(&self, netns_cookie: u64) -> Result<(), BpfError> {
-        self.lock()
-            .insert(netns_cookie, 1, 0)
-            .map_err(|source| BpfError::Map {
+        match self.lock().insert(netns_cookie, 1, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(BpfError::GateFull {
+                    capacity: self.capacity,
+                })
+            }
+            Err(source) => Err(BpfError::Map {
                 name: names::ENROLLED_NETNS,
                 source,
-            })
+            }),
+        }
     }
 
     /// Stops redirecting them. Unknown cookies are not an error.

@@ -218,6 +218,7 @@ fn node(args: &cli::NodeArgs) -> Result<NodeConfig, ConfigError> {
     let kube = kube_config(args.kubeconfig.as_deref())?;
     let mut intercept = intercept_config(kubepods_root(&args.cgroup_root)?, &args.intercept)?;
     intercept.gate_by_netns = true;
+    intercept.gate_capacity = args.max_pods;
     let default_region = args
         .proxy
         .region
@@ -267,6 +268,7 @@ fn intercept_config(cgroup: PathBuf, i: &InterceptArgs) -> Result<InterceptConfi
         pin: i.pin.clone(),
         held_by_cgroup: false,
         gate_by_netns: false,
+        gate_capacity: lattice_common::ENROLLED_CAPACITY,
     })
 }
 

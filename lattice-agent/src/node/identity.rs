@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use super::pod_spec::{IdentityPlan, PodPlan};
 use crate::{
     credentials::{CredentialsCache, WorkloadCredentials},
-    metrics::{IdentityLabel, Metrics},
+    metrics::{CredentialMetrics, IdentityLabel, Metrics},
 };
 
 /// One call to STS or the Pod Identity Agent; the cache's own timeout and
@@ -117,11 +117,14 @@ struct Identity {
     tokens: Arc<TokenFiles>,
     /// Stops this identity's refresher when the last pod lets go.
     refresher: CancellationToken,
+    /// Its credential series, which go with it.
+    series: CredentialMetrics,
 }
 
 impl Drop for Identity {
     fn drop(&mut self) {
         self.refresher.cancel();
+        self.series.forget();
     }
 }
 
@@ -294,17 +297,16 @@ impl IdentityStore {
             }
         };
         let refresher = self.shutdown.child_token();
-        let cache = CredentialsCache::spawn(
-            provider,
-            self.metrics
-                .credentials(IdentityLabel::new(&key.to_string())),
-            refresher.clone(),
-        );
+        let series = self
+            .metrics
+            .credentials(IdentityLabel::new(&key.to_string()));
+        let cache = CredentialsCache::spawn(provider, series.clone(), refresher.clone());
         tracing::info!(identity = %key, "new AWS identity; fetching its credentials");
         Identity {
             cache,
             tokens,
             refresher,
+            series,
         }
     }
 }
@@ -504,6 +506,11 @@ mod tests {
             "the last pod's departure stops its refresher"
         );
         assert_eq!(store.len(), 1);
+        let text = store.metrics.encode();
+        assert!(!text.contains("role/pay"), "{text}");
+        assert!(text.contains("identity=\"irsa:arn:role/cart\""), "{text}");
+        drop(a2);
+        assert!(!store.metrics.encode().contains("role/cart"));
     }
 
     /// A workload's credentials are bound to its own identity when it is
