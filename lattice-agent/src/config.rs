@@ -5,8 +5,8 @@ use ipnet::IpNet;
 use std::path::PathBuf;
 
 use crate::{
-    bpf::InterceptConfig,
-    cli::{InterceptArgs, ProxyArgs},
+    bpf::{AgentExemption, InterceptConfig},
+    cli::{InterceptArgs, Pin, ProxyArgs},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,12 @@ impl RunConfig {
                 v6_prefixes,
                 proxy_port: i.proxy_port,
                 exempt_uid: i.exempt_uid,
-                pin: i.pin.clone(),
+                exempt: AgentExemption::Uid,
+                // Node mode has a default of its own (mode::node).
+                pin: match &i.pin {
+                    Some(Pin::Dir(dir)) => Some(dir.clone()),
+                    Some(Pin::Off) | None => None,
+                },
                 held_by_cgroup: false,
                 gate_by_netns: false,
             },
@@ -128,6 +133,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("--cidr"), "{err}");
+    }
+
+    #[test]
+    fn pin_takes_a_directory_or_none() {
+        let cfg = run_config(&["lattice-agent", "run", "--cgroup", "/cg"]);
+        assert_eq!(cfg.intercept.pin, None);
+        let cfg = run_config(&[
+            "lattice-agent",
+            "run",
+            "--cgroup",
+            "/cg",
+            "--pin",
+            "/sys/fs/bpf/x",
+        ]);
+        assert_eq!(cfg.intercept.pin, Some(PathBuf::from("/sys/fs/bpf/x")));
+        let cfg = run_config(&["lattice-agent", "run", "--cgroup", "/cg", "--pin", "none"]);
+        assert_eq!(cfg.intercept.pin, None);
+        let err = Cli::try_parse_from(["lattice-agent", "run", "--cgroup", "/cg", "--pin", ""])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--pin"), "{err}");
     }
 
     #[test]

@@ -53,8 +53,14 @@ pub struct Config {
     pub proxy_port: u16,
     /// `CONFIG_*` bits.
     pub flags: u16,
-    /// Connections made by this UID (initial user namespace) are never redirected.
+    /// With [`CONFIG_EXEMPT_UID`]: connects made by this UID (initial user
+    /// namespace) are never redirected.
     pub exempt_uid: u32,
+    /// Connects made by a task of this cgroup (v2 id) are never
+    /// redirected; 0: none. The node agent's own container cgroup: it
+    /// holds every thread and process of the agent, and no pod can move a
+    /// process into it.
+    pub exempt_cgroup: u64,
 }
 
 /// [`Config::flags`]: redirect only connects made in a network namespace
@@ -63,9 +69,20 @@ pub struct Config {
 /// connect in the attached cgroup is redirected (`run`, `sidecar`).
 pub const CONFIG_GATE_BY_NETNS: u16 = 1;
 
+/// [`Config::flags`]: [`Config::exempt_uid`] is exempt (`run`, `sidecar`:
+/// the agent runs as that UID, the iptables setup's contract). Node mode
+/// leaves it out: there the UID is shared with processes in pods (101 is
+/// the default user of common images), and [`Config::exempt_cgroup`]
+/// exempts the agent instead.
+pub const CONFIG_EXEMPT_UID: u16 = 2;
+
 impl Config {
     pub const fn gated_by_netns(&self) -> bool {
         self.flags & CONFIG_GATE_BY_NETNS != 0
+    }
+
+    pub const fn exempts_uid(&self) -> bool {
+        self.flags & CONFIG_EXEMPT_UID != 0
     }
 }
 
@@ -248,7 +265,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
-        assert_eq!(core::mem::size_of::<Config>(), 8);
+        assert_eq!(core::mem::size_of::<Config>(), 16);
         // netns (8) + addr (20) + explicit pad (4): no hidden tail padding.
         assert_eq!(core::mem::size_of::<PeerKey>(), 32);
         assert_eq!(core::mem::size_of::<PendingConnect>(), 32);

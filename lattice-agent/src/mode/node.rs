@@ -1,5 +1,6 @@
 //! `node`: attach the interceptor once above every pod (gated by network
-//! namespace), drop to the exempt UID keeping only what serving new pods
+//! namespace, the agent exempted by its own cgroup, pinned unless told
+//! not to), drop to `--exempt-uid` keeping only what serving new pods
 //! needs, then enroll and serve pods as the Kubernetes API reports them,
 //! until SIGTERM/SIGINT.
 
@@ -15,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin,
-    bpf::Interceptor,
-    cli::{CniFailurePolicy, NodeArgs},
+    bpf::{self, AgentExemption, BpfError, Interceptor},
+    cli::{CniFailurePolicy, NodeArgs, Pin},
     config::RunConfig,
     metrics::Metrics,
     netns::NetNs,
@@ -50,6 +51,16 @@ pub const KEPT_CAPABILITIES: [Capability; 3] = [
 /// its owner).
 pub const KEPT_FOR_CNI: [Capability; 2] = [Capability::CAP_DAC_OVERRIDE, Capability::CAP_CHOWN];
 
+/// `--pin` when not given: on the node's bpffs (the DaemonSet mounts the
+/// host's /sys/fs/bpf there), so a crashed agent leaves its pods failing
+/// closed, never unsigned.
+pub const DEFAULT_PIN: &str = "/sys/fs/bpf/lattice-node";
+
+/// Logged at start and shown on `/readyz` with `--pin none`.
+const UNPINNED: &str = "--pin none: the programs are not pinned and go with this agent: \
+    while no agent runs (a crash, an update), enrolled pods' requests to VPC Lattice \
+    leave unsigned; drop --pin none to fail closed instead";
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeSetupError {
     #[error(
@@ -64,6 +75,19 @@ pub enum NodeSetupError {
         root.display(), root.join("kubepods.slice").display(), root.join("kubepods").display()
     )]
     NoKubepods { root: PathBuf },
+    #[error(
+        "--pin {}{}: cannot pin there; mount a bpf filesystem there (the host's /sys/fs/bpf, \
+         as the DaemonSet's hostPath does) or pass --pin none to run unpinned, accepting that \
+         enrolled pods' requests to VPC Lattice leave unsigned while no agent runs",
+        path.display(),
+        if *default { " (node mode's default)" } else { "" }
+    )]
+    Pin {
+        path: PathBuf,
+        default: bool,
+        #[source]
+        source: Box<BpfError>,
+    },
     #[error("--{flag} {}: {reason}", path.display())]
     Dir {
         flag: &'static str,
@@ -109,6 +133,14 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
         &args.proxy,
     )?;
     run.intercept.gate_by_netns = true;
+    // The agent's UID (101) is also the default user of common images:
+    // the agent's own upstream connects, made in pods' namespaces, are
+    // told apart by its cgroup, which no pod can join.
+    run.intercept.exempt = AgentExemption::Cgroup(bpf::own_cgroup_id(&args.cgroup_root)?);
+    run.intercept.pin = pin_dir(args.intercept.pin.as_ref())?;
+    if run.intercept.pin.is_none() {
+        tracing::warn!("{UNPINNED}");
+    }
     let home = Arc::new(NetNs::current()?);
 
     let mut interceptor = Interceptor::attach(&run.intercept)?;
@@ -139,6 +171,9 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
         })?;
     let readiness = Arc::new(admin::Readiness::node());
     readiness.set_attached(true);
+    if run.intercept.pin.is_none() {
+        readiness.add_warning(UNPINNED.to_owned());
+    }
     let cni = match cni_settings(args)? {
         Some(settings) => {
             cni::install(&settings, &readiness)?;
@@ -227,6 +262,23 @@ pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     interceptor.detach();
     served
+}
+
+/// Where to pin: `--pin`, else [`DEFAULT_PIN`]; checked (and created)
+/// now, so an unusable one stops the agent naming the ways out. None with
+/// `--pin none`.
+fn pin_dir(pin: Option<&Pin>) -> Result<Option<PathBuf>, NodeSetupError> {
+    let (dir, default) = match pin {
+        Some(Pin::Off) => return Ok(None),
+        Some(Pin::Dir(dir)) => (dir.clone(), false),
+        None => (PathBuf::from(DEFAULT_PIN), true),
+    };
+    bpf::check_pin_dir(&dir).map_err(|source| NodeSetupError::Pin {
+        path: dir.clone(),
+        default,
+        source: Box::new(source),
+    })?;
+    Ok(Some(dir))
 }
 
 /// Creates `--run-dir` if missing, for root alone: only agents (root
