@@ -12,6 +12,7 @@ use crate::{
     config::RunConfig,
     credentials::{self, CredentialsCache, CredentialsConfig, WorkloadCredentials},
     metrics::{IdentityLabel, Metrics, WorkloadLabels},
+    nat_orig_dst::WithNatFallback,
     netns::SocketFactory,
     privilege, process,
     proxy::{ProxyConfig, WorkloadProxy, workers::WorkerPool},
@@ -124,7 +125,9 @@ async fn serve_proxy(
         WorkloadProxy {
             cfg: Arc::new(proxy_cfg),
             sockets: SocketFactory::Current,
-            orig_dst: Arc::new(orig_dst),
+            // The app's namespace may still hold the iptables setup's
+            // REDIRECT rules (a migration): served too.
+            orig_dst: Arc::new(WithNatFallback(orig_dst)),
             creds,
             metrics: metrics.workload(WorkloadLabels::default()),
         },
