@@ -16,13 +16,15 @@
 //! each pod's AWS identity, [`enroll`] does the work on the node,
 //! [`events`] tells `kubectl describe pod`, [`handover`] passes the pods'
 //! listeners from an agent to the one replacing it, [`cni`] answers the
-//! CNI plugin and keeps it chained.
+//! CNI plugin and keeps it chained, [`peer`] admits only root and the
+//! agent's own UID to those two sockets.
 
 pub mod cni;
 pub mod enroll;
 pub mod events;
 pub mod handover;
 pub mod identity;
+pub mod peer;
 pub mod pod_spec;
 
 use std::{
@@ -76,6 +78,8 @@ pub struct NodeAgent {
     /// The agent this one replaces, until told it has taken over.
     predecessor: Option<handover::Predecessor>,
     client: kube::Client,
+    /// `--node-name`.
+    node_name: String,
     /// The CNI plugin's socket (served once ready) and settings.
     cni: Option<(std::os::unix::net::UnixListener, Arc<CniSettings>)>,
     /// Pods whose sandbox the runtime deleted (CNI DEL): not enrolled again
@@ -146,7 +150,7 @@ impl handover::Listeners for ServedListeners {
 enum PodState {
     Enrolled(Box<EnrolledPod>),
     Failed {
-        plan: PodPlan,
+        plan: Box<PodPlan>,
         reason: String,
         attempts: u32,
         retry_at: Instant,
@@ -223,6 +227,7 @@ impl NodeAgent {
             served: Arc::default(),
             predecessor,
             client,
+            node_name,
             cni,
             sandbox_deleted: HashSet::new(),
             control: Some(control),
@@ -320,6 +325,7 @@ impl NodeAgent {
             pods: self.pods.clone(),
             namespaces: self.namespaces.clone(),
             client: self.client.clone(),
+            node_name: self.node_name.clone(),
         };
         if let Err(e) = cni::serve(listener, lookup, tx, shutdown.clone()) {
             tracing::warn!(error = %e, "cannot serve the CNI plugin's socket: new pods are enrolled once the API shows them running");
@@ -444,7 +450,7 @@ impl NodeAgent {
             self.state.iter().find_map(|(uid, s)| {
                 let plan = match s {
                     PodState::Enrolled(p) => &p.plan,
-                    PodState::Failed { plan, .. } => plan,
+                    PodState::Failed { plan, .. } => &**plan,
                     PodState::Refused { .. } => return None,
                 };
                 (plan.namespace == request.pod_namespace && plan.name == request.pod_name)
@@ -672,7 +678,7 @@ impl NodeAgent {
                 reason,
                 attempts,
                 retry_at,
-            }) if failed == plan && now < retry_at => {
+            }) if *failed == plan && now < retry_at => {
                 self.state.insert(
                     uid,
                     PodState::Failed {
@@ -713,7 +719,7 @@ impl NodeAgent {
                 self.state.insert(
                     uid,
                     PodState::Failed {
-                        plan,
+                        plan: Box::new(plan),
                         reason,
                         attempts,
                         retry_at: now + delay,
@@ -748,9 +754,15 @@ impl NodeAgent {
         if let Some(why) = &pod.missing_identity {
             tracing::warn!(pod = %name, reason = %why, "pod enrolled without credentials: its requests get 503");
         }
+        // Without usable credentials (an identity the pod spec gets wrong)
+        // every request gets 503: a Warning, naming the problem.
+        let kind = match pod.missing_identity {
+            Some(_) => Kind::Warning,
+            None => Kind::Normal,
+        };
         self.events.publish(
             &pod_ref(&pod.plan),
-            Kind::Normal,
+            kind,
             "Enrolled",
             "Enroll",
             enrolled_note(&pod),
@@ -976,8 +988,9 @@ impl PodsReport for NodeReport {
 }
 
 /// Accepts on a unix socket until `shutdown`, giving each connection (a
-/// std stream, still non-blocking) to `on_connection`, which is called on
-/// the runtime and must not block. `what` names the socket in logs.
+/// std stream, still non-blocking) whose peer may be served (see
+/// [`peer`]) to `on_connection`, which is called on the runtime and must
+/// not block. `what` names the socket in logs.
 pub(crate) fn spawn_unix_accept(
     listener: std::os::unix::net::UnixListener,
     what: &'static str,
@@ -993,7 +1006,8 @@ pub(crate) fn spawn_unix_accept(
                 r = listener.accept() => r,
             };
             match accepted.and_then(|(s, _)| s.into_std()) {
-                Ok(stream) => on_connection(stream),
+                Ok(stream) if peer::allowed(&stream, what) => on_connection(stream),
+                Ok(_refused) => {}
                 Err(e) => tracing::warn!(error = %e, socket = what, "unix socket accept failed"),
             }
         }
