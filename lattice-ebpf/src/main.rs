@@ -118,7 +118,7 @@ fn active_config(ctx: &SockAddrContext) -> Option<(Config, u64)> {
     // The calling task's cgroup (all threads of a process share it): the
     // node agent's upstream connects, made inside pods' namespaces.
     // SAFETY: a helper without arguments, available to cgroup programs.
-    if cfg.exempt_cgroup != 0 && unsafe { bpf_get_current_cgroup_id() } == cfg.exempt_cgroup {
+    if cfg.exempt_cgroups[0] != 0 && cfg.exempts_cgroup(unsafe { bpf_get_current_cgroup_id() }) {
         return None;
     }
     if !cfg.gated_by_netns() {

@@ -279,25 +279,25 @@ fn write_config(ebpf: &mut Ebpf, cfg: &InterceptConfig) -> Result<(), BpfError> 
     if cfg.gate_by_netns {
         flags |= CONFIG_GATE_BY_NETNS;
     }
-    let exempt_cgroup = match cfg.exempt {
-        AgentExemption::Uid => {
-            flags |= CONFIG_EXEMPT_UID;
-            0
-        }
-        AgentExemption::Cgroup(id) => id.unwrap_or(0),
+    let mut entry = Config {
+        proxy_port: cfg.proxy_port,
+        flags,
+        exempt_uid: cfg.exempt_uid,
+        exempt_cgroups: [0, 0],
     };
-    config
-        .set(
-            0,
-            Config {
-                proxy_port: cfg.proxy_port,
-                flags,
-                exempt_uid: cfg.exempt_uid,
-                exempt_cgroup,
-            },
-            0,
-        )
-        .map_err(map_err(names::CONFIG))?;
+    match cfg.exempt {
+        AgentExemption::Uid => entry.flags |= CONFIG_EXEMPT_UID,
+        // A pinned entry names the agent this one replaces (during an
+        // update it still drains, making upstream connects): it stays
+        // exempt beside this one.
+        AgentExemption::Cgroup(Some(own)) => {
+            let previous = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+            entry.exempt_cgroups = previous.exempt_cgroups;
+            entry = entry.with_agent_cgroup(own);
+        }
+        AgentExemption::Cgroup(None) => {}
+    }
+    config.set(0, entry, 0).map_err(map_err(names::CONFIG))?;
 
     let v4: Vec<Key<[u8; 4]>> = cfg
         .v4_prefixes

@@ -1,5 +1,5 @@
 //! The cgroup the agent runs in, which node mode exempts from interception
-//! (`lattice_common::Config::exempt_cgroup`) in place of its UID: a pod
+//! (`lattice_common::Config::exempt_cgroups`) in place of its UID: a pod
 //! may run processes as any UID, but cannot move one into the agent's
 //! cgroup. Every thread of the agent is in it, and so would be any other
 //! process started in the agent's container.
