@@ -709,3 +709,90 @@ fn pin_none_is_a_warning_in_the_log_and_on_readyz() {
         "{body}"
     );
 }
+
+/// During an update the new agent starts beside the old one, which serves
+/// on until the new one has taken over (and drains after). The new agent
+/// writes its own cgroup into the programs' config as it attaches: the old
+/// one's new upstream connects, made in pods' namespaces from its own
+/// container cgroup, must stay exempt meanwhile. Here the new agent cannot
+/// reach the API, so it never takes over; the old one then serves a
+/// request to a destination it has no pooled connection to.
+#[test]
+fn the_replaced_agent_stays_exempt_while_its_successor_starts() {
+    if !require_root("the_replaced_agent_stays_exempt_while_its_successor_starts") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _verifier = cluster.lattice_service(&[]);
+    let pod = irsa_pod(&cluster, "surge-0");
+    // A second Lattice-like service, that no request has used yet.
+    let target = format!("{LATTICE_V4}:8081");
+    let mut service = cluster
+        .node
+        .command(test_bin("lattice-test-service"))
+        .args(["--http", &format!("tcp:{target}")])
+        .spawn();
+    service.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
+    let sts = sts_url();
+    let old = NodeAgent::start(
+        &cluster,
+        cluster
+            .agent_command([] as [&str; 0])
+            .cgroup(cluster.agent_container_cgroup()),
+        &sts_env(&sts),
+    );
+    old.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    assert_eq!(get_as(&pod, 1000, "/before").status, 200, "{}", old.log());
+
+    // The new agent, in a container cgroup of its own, with an API it
+    // cannot reach: it attaches (and asks the old one for its listeners)
+    // but never takes over.
+    let unreachable = cluster.node.temp_dir().join("kubeconfig-unreachable");
+    fs::write(
+        &unreachable,
+        fs::read_to_string(cluster.kubeconfig())
+            .unwrap()
+            .replace(&cluster.api.url(), "http://127.0.0.1:1"),
+    )
+    .unwrap();
+    let mut args = cluster.agent_args();
+    let i = args.iter().position(|a| a == "--kubeconfig").unwrap();
+    args[i + 1] = unreachable.into();
+    let mut command = cluster
+        .node
+        .command(lattice_tests::agent_bin())
+        .args(args)
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .cgroup(cluster.agent_container_cgroup())
+        .build();
+    command
+        .env_clear()
+        .envs(lattice_tests::node_agent::clean_env())
+        .env("LATTICE_PIN", cluster.pin_dir());
+    let mut new = lattice_tests::ChildGuard::spawn(command, "the new agent".to_owned());
+    new.wait_for(
+        Stream::Stderr,
+        "interceptor attached",
+        Duration::from_secs(30),
+    );
+
+    let reply = app_request(
+        &pod,
+        &[
+            "-H",
+            &format!("Host: {HOST}"),
+            &format!("http://{target}/during"),
+        ],
+    );
+    assert_eq!(
+        reply.status,
+        200,
+        "{reply:?}\nold agent:\n{}\nnew agent:\n{}",
+        old.log(),
+        new.stderr()
+    );
+    assert!(
+        reply.body.contains("credential=ASIA"),
+        "not signed: {reply:?}"
+    );
+}
