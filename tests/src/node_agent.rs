@@ -133,6 +133,14 @@ impl Cluster {
         self.bpffs.path().join("lattice-node")
     }
 
+    /// [`clean_env`] plus `LATTICE_PIN` = [`Cluster::pin_dir`]: what an
+    /// agent of this node starts with (pinned, as the DaemonSet's).
+    pub fn agent_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = clean_env();
+        env.push(("LATTICE_PIN", self.pin_dir().display().to_string()));
+        env
+    }
+
     /// A new container cgroup in a pod cgroup of the kubelet's tree, as the
     /// agent's DaemonSet pod has on a node (`kubepods-besteffort-pod<uid>
     /// .slice/cri-containerd-<id>.scope`): an agent placed there (see
@@ -357,10 +365,10 @@ impl NodeAgent {
         let port = NEXT_ADMIN_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let admin = format!("{}:{port}", how.admin_ip);
         let mut command = cmd.args(["--admin-addr", &admin]).build();
-        command.env_clear().envs(clean_env());
-        if how.pin == AgentPin::Cluster {
-            command.env("LATTICE_PIN", cluster.pin_dir());
-        }
+        command.env_clear().envs(match how.pin {
+            AgentPin::Cluster => cluster.agent_env(),
+            AgentPin::Default => clean_env(),
+        });
         command.envs(how.env.iter().copied());
         (
             ChildGuard::spawn(command, "lattice-agent node".to_owned()),

@@ -765,10 +765,7 @@ fn the_replaced_agent_stays_exempt_while_its_successor_starts() {
         .args(["--admin-addr", "127.0.0.1:0"])
         .cgroup(cluster.agent_container_cgroup())
         .build();
-    command
-        .env_clear()
-        .envs(lattice_tests::node_agent::clean_env())
-        .env("LATTICE_PIN", cluster.pin_dir());
+    command.env_clear().envs(cluster.agent_env());
     let mut new = lattice_tests::ChildGuard::spawn(command, "the new agent".to_owned());
     new.wait_for(
         Stream::Stderr,
