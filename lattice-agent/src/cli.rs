@@ -170,15 +170,23 @@ pub struct InterceptArgs {
     #[arg(long, env = "LATTICE_PROXY_PORT", default_value_t = 15080, value_parser = clap::value_parser!(u16).range(1..))]
     pub proxy_port: u16,
 
-    /// UID whose connections are never intercepted. The agent switches to
-    /// this UID after attaching, so its own upstream connections pass.
+    /// UID the agent switches to after attaching. With `run` and `sidecar`
+    /// its connections are never intercepted (the iptables setup's
+    /// contract), so the agent's own upstream connections pass, and so do
+    /// an app's running as this UID. Node mode exempts the agent by its
+    /// cgroup instead and intercepts this UID in pods like any other.
     #[arg(long, env = "LATTICE_EXEMPT_UID", default_value_t = 101)]
     pub exempt_uid: u32,
 
-    /// bpffs directory to pin programs' links and maps in: interception then
-    /// survives an agent crash, and a restarted agent takes the pins over.
-    #[arg(long, env = "LATTICE_PIN")]
-    pub pin: Option<PathBuf>,
+    /// bpffs directory to pin programs' links and maps in, or `none`:
+    /// pinned, interception survives an agent crash (enrolled connects are
+    /// refused until an agent serves again, never sent unsigned) and a
+    /// restarted agent takes the pins over. Node mode pins by default, at
+    /// /sys/fs/bpf/lattice-node (created; its parent must be a bpffs), and
+    /// `none` is a choice it warns about; `run` and `sidecar` do not pin by
+    /// default (see --detach-on-exit for the sidecar).
+    #[arg(long, env = "LATTICE_PIN", value_parser = parse_pin)]
+    pub pin: Option<Pin>,
 
     /// Attach the interceptor but serve no proxy: for a proxy of your own
     /// that asks for the original destination with getsockopt(SO_ORIGINAL_DST).
@@ -295,6 +303,22 @@ pub struct TelemetryArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--pin`: a directory, or `none`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    Dir(PathBuf),
+    /// `--pin none`: not pinned.
+    Off,
+}
+
+fn parse_pin(value: &str) -> Result<Pin, String> {
+    match value {
+        "" => Err("a bpffs directory, or `none`".to_owned()),
+        "none" => Ok(Pin::Off),
+        dir => Ok(Pin::Dir(PathBuf::from(dir))),
+    }
 }
 
 /// `--cni-failure-policy`.

@@ -7,6 +7,11 @@
 //! series), and credential series carry the `identity` they belong to
 //! (pods sharing a service account and role share one). In `run` and
 //! `sidecar` these labels are absent: the whole process is one pod.
+//!
+//! Label values come from pods (names, namespaces, role ARNs), and
+//! prometheus-client writes values as given: every label set here is
+//! encoded by hand through [`Escaped`], so no value can end a label, a
+//! series or a line early.
 
 use std::{
     fmt,
@@ -17,7 +22,9 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
+    encoding::{
+        EncodeLabel as _, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+    },
     metrics::{
         counter::Counter,
         family::Family,
@@ -40,11 +47,37 @@ impl WorkloadLabels {
 impl EncodeLabelSet for WorkloadLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
         if let Some(pod) = &self.0 {
-            ("namespace", pod.0.as_str()).encode(encoder.encode_label())?;
-            ("pod", pod.1.as_str()).encode(encoder.encode_label())?;
+            label(encoder, "namespace", &pod.0)?;
+            label(encoder, "pod", &pod.1)?;
         }
         Ok(())
     }
+}
+
+/// A label value as the text formats (Prometheus' and OpenMetrics) spell
+/// it: `\`, `"` and line feed escaped as `\\`, `\"` and `\n`.
+struct Escaped<'a>(&'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        use fmt::Write as _;
+        let mut rest = self.0;
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
+/// Writes `key="value"`, the value escaped.
+fn label(encoder: &mut LabelSetEncoder, key: &str, value: &str) -> Result<(), fmt::Error> {
+    (key, Escaped(value)).encode(encoder.encode_label())
 }
 
 /// `identity` of a credential source in node mode; empty otherwise.
@@ -60,21 +93,34 @@ impl IdentityLabel {
 impl EncodeLabelSet for IdentityLabel {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
         if let Some(id) = &self.0 {
-            ("identity", &**id).encode(encoder.encode_label())?;
+            label(encoder, "identity", id)?;
         }
         Ok(())
     }
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub method: String,
     pub status: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        label(encoder, "method", &self.method)?;
+        label(encoder, "status", &self.status)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct ResultLabels {
     pub result: String,
+}
+
+impl EncodeLabelSet for ResultLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        label(encoder, "result", &self.result)
+    }
 }
 
 type ByWorkload<M> = Family<WorkloadLabels, M>;
@@ -427,6 +473,35 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
+    }
+
+    /// Label values come from pods (names, namespaces, role ARNs): every
+    /// one is escaped as the text formats require (`\\`, `\"`, `\n`), so
+    /// none ends a value, a label set or a line early. (The page as a
+    /// whole goes through the official parser in
+    /// tests/tests/node_hardening.rs.)
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Arc::new(Metrics::new());
+        let w = m.workload(WorkloadLabels::pod(
+            "a\"b}\\",
+            "c\nlattice_injected_total 1\n",
+        ));
+        w.count_request(&http::Method::GET, http::StatusCode::OK, false);
+        m.credentials(IdentityLabel::new("irsa:x\"} 1\n#"))
+            .count_refresh(true);
+        let text = m.encode();
+        for needle in [
+            r#"lattice_requests_total{namespace="a\"b}\\",pod="c\nlattice_injected_total 1\n",method="GET",status="200"} 1"#,
+            r#"lattice_credential_refreshes_total{identity="irsa:x\"} 1\n#",result="success"} 1"#,
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("# ") || l.starts_with("lattice_")),
+            "a line not written by the agent:\n{text}"
+        );
     }
 
     #[test]

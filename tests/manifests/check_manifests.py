@@ -11,8 +11,9 @@
             and stripped as in kyverno/pkg/engine/mutate/patch, then the
             kustomize strategic-merge filter Kyverno itself uses, run through
             `kubectl kustomize`) and asserts on the resulting pod specs.
-  node      Prints, as JSON, what deploy/node renders: the DaemonSet and the
-            ClusterRole, for tests/tests/manifests.rs to assert on.
+  node      Prints, as JSON, what deploy/node renders: the DaemonSet, the
+            ClusterRole, the Role and the NetworkPolicy, for
+            tests/tests/manifests.rs to assert on.
   container Prints, as JSON, the lattice-agent container and the pod's volumes
             as deploy/examples/app1-with-sidecar renders them, for
             tests/tests/sidecar_discovery.rs to start the agent exactly so.
@@ -481,9 +482,11 @@ def cmd_node(args):
     daemonsets = find_docs(docs, "DaemonSet")
     roles = find_docs(docs, "ClusterRole")
     ns_roles = find_docs(docs, "Role")
-    check(len(daemonsets) == 1 and len(roles) == 1 and len(ns_roles) == 1,
-          "deploy/node: one DaemonSet, one ClusterRole, one Role")
+    policies = find_docs(docs, "NetworkPolicy")
+    check(len(daemonsets) == 1 and len(roles) == 1 and len(ns_roles) == 1 and len(policies) == 1,
+          "deploy/node: one DaemonSet, one ClusterRole, one Role, one NetworkPolicy")
     print(json.dumps({"daemonset": daemonsets[0], "clusterrole": roles[0], "role": ns_roles[0],
+                      "networkpolicy": policies[0],
                       "kinds": sorted(d["kind"] for d in docs)}))
 
 

@@ -45,6 +45,11 @@ pub const KEPT_CAPABILITIES: [Capability; 3] = [
 /// its owner).
 pub const KEPT_FOR_CNI: [Capability; 2] = [Capability::CAP_DAC_OVERRIDE, Capability::CAP_CHOWN];
 
+/// Logged at start and shown on `/readyz` with `--pin none`.
+const UNPINNED: &str = "--pin none: the programs are not pinned and go with this agent: \
+    while no agent runs (a crash, an update), enrolled pods' requests to VPC Lattice \
+    leave unsigned; drop --pin none to fail closed instead";
+
 /// A bound node agent: attached, the predecessor's listeners taken, the
 /// control and CNI sockets bound, privileges dropped.
 pub(super) struct Bound {
@@ -64,6 +69,9 @@ pub(super) struct Bound {
 
 pub(super) fn build(cfg: NodeConfig) -> anyhow::Result<Bound> {
     prepare_run_dir(&cfg.run_dir)?;
+    if cfg.intercept.pin.is_none() {
+        tracing::warn!("{UNPINNED}");
+    }
     let admin = process::bind_admin(cfg.admin_addr).map_err(AppError::Admin)?;
     let home = Arc::new(NetNs::current().map_err(AppError::HomeNetns)?);
 
@@ -92,6 +100,9 @@ pub(super) fn build(cfg: NodeConfig) -> anyhow::Result<Bound> {
     })?;
     let readiness = Arc::new(admin::Readiness::node());
     readiness.set_attached(true);
+    if cfg.intercept.pin.is_none() {
+        readiness.add_warning(UNPINNED.to_owned());
+    }
     let cni = match &cfg.cni {
         Some(settings) => {
             cni::install(settings, &readiness).map_err(AppError::Cni)?;

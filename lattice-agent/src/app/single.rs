@@ -13,6 +13,7 @@ use crate::{
     config::{ServeConfig, SingleConfig},
     credentials::{self, CredentialsCache, WorkloadCredentials},
     metrics::{IdentityLabel, Metrics, WorkloadLabels},
+    nat_orig_dst::WithNatFallback,
     netns::SocketFactory,
     orig_dst::OriginalDestination,
     privilege, process,
@@ -54,10 +55,12 @@ pub(super) fn build(cfg: SingleConfig) -> anyhow::Result<Bound> {
     if !cfg.keep_privileges {
         privilege::drop_to(cfg.intercept.exempt_uid, &[]).map_err(AppError::Privileges)?;
     }
-    let destinations: Arc<dyn OriginalDestination> = Arc::new(NetnsOrigDst {
+    // The app's namespace may still hold the iptables setup's REDIRECT
+    // rules (a migration): served too.
+    let destinations: Arc<dyn OriginalDestination> = Arc::new(WithNatFallback(NetnsOrigDst {
         map: interceptor.orig_dst(),
         netns: 0,
-    });
+    }));
     let serving = cfg
         .serve
         .zip(bound)

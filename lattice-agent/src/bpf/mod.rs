@@ -3,6 +3,7 @@
 
 mod checks;
 mod orig_dst_map;
+mod own_cgroup;
 mod raw_link;
 
 use std::{
@@ -20,8 +21,9 @@ use aya::{
     },
 };
 use ipnet::{Ipv4Net, Ipv6Net};
-use lattice_common::{CONFIG_GATE_BY_NETNS, Config, names};
+use lattice_common::{CONFIG_EXEMPT_UID, CONFIG_GATE_BY_NETNS, Config, names};
 pub use orig_dst_map::{NetnsOrigDst, OrigDstMap};
+pub use own_cgroup::own_cgroup_id;
 
 /// The eBPF object built by build.rs from the lattice-ebpf crate.
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -77,6 +79,25 @@ pub enum BpfError {
     MissingMap(&'static str),
     #[error("the table of enrolled network namespaces is full: it holds {capacity} (--max-pods)")]
     GateFull { capacity: u32 },
+    #[error("finding this agent's own cgroup under --cgroup-root {}", root.display())]
+    OwnCgroup {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the programs tell the agent's own connects (never redirected) from
+/// the workloads'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentExemption {
+    /// By `exempt_uid` (`run`, `sidecar`), as the iptables setup did: any
+    /// other process of that UID in the cgroup passes too.
+    Uid,
+    /// By the agent's own cgroup (node mode; see [`own_cgroup_id`]). None:
+    /// the agent runs outside the tree the programs attach to, where its
+    /// connects are not seen at all.
+    Cgroup(Option<u64>),
 }
 
 /// What to intercept and where to send it.
@@ -86,7 +107,9 @@ pub struct InterceptConfig {
     pub v4_prefixes: Vec<Ipv4Net>,
     pub v6_prefixes: Vec<Ipv6Net>,
     pub proxy_port: u16,
+    /// The UID the agent runs as once attached.
     pub exempt_uid: u32,
+    pub exempt: AgentExemption,
     pub pin: Option<PathBuf>,
     /// Attach held by the cgroup rather than by the agent's process (when
     /// not pinned): the programs stay when the agent exits or crashes, so
@@ -114,6 +137,12 @@ pub struct Interceptor {
     orig_dst: std::sync::Arc<OrigDstMap>,
     gate: Option<NetnsGate>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Checks that `dir` can hold pins: a directory on a bpf filesystem,
+/// created when missing and its parent is one.
+pub fn check_pin_dir(dir: &Path) -> Result<(), BpfError> {
+    checks::bpffs_dir(dir)
 }
 
 impl Interceptor {
@@ -156,6 +185,7 @@ impl Interceptor {
             cgroup = %cfg.cgroup.display(),
             proxy_port = cfg.proxy_port,
             exempt_uid = cfg.exempt_uid,
+            exempt = ?cfg.exempt,
             v4 = ?cfg.v4_prefixes,
             v6 = ?cfg.v6_prefixes,
             pinned = ?cfg.pin,
@@ -252,21 +282,29 @@ fn write_config(ebpf: &mut Ebpf, cfg: &InterceptConfig) -> Result<(), BpfError> 
         .ok_or(BpfError::MissingMap(names::CONFIG))?
         .try_into()
         .map_err(map_err(names::CONFIG))?;
-    config
-        .set(
-            0,
-            Config {
-                proxy_port: cfg.proxy_port,
-                flags: if cfg.gate_by_netns {
-                    CONFIG_GATE_BY_NETNS
-                } else {
-                    0
-                },
-                exempt_uid: cfg.exempt_uid,
-            },
-            0,
-        )
-        .map_err(map_err(names::CONFIG))?;
+    let mut flags = 0;
+    if cfg.gate_by_netns {
+        flags |= CONFIG_GATE_BY_NETNS;
+    }
+    let mut entry = Config {
+        proxy_port: cfg.proxy_port,
+        flags,
+        exempt_uid: cfg.exempt_uid,
+        exempt_cgroups: [0, 0],
+    };
+    match cfg.exempt {
+        AgentExemption::Uid => entry.flags |= CONFIG_EXEMPT_UID,
+        // A pinned entry names the agent this one replaces (during an
+        // update it still drains, making upstream connects): it stays
+        // exempt beside this one.
+        AgentExemption::Cgroup(Some(own)) => {
+            let previous = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+            entry.exempt_cgroups = previous.exempt_cgroups;
+            entry = entry.with_agent_cgroup(own);
+        }
+        AgentExemption::Cgroup(None) => {}
+    }
+    config.set(0, entry, 0).map_err(map_err(names::CONFIG))?;
 
     let v4: Vec<Key<[u8; 4]>> = cfg
         .v4_prefixes

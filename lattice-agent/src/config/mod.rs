@@ -15,8 +15,8 @@ use ipnet::IpNet;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::{
-    bpf::InterceptConfig,
-    cli::{self, CniFailurePolicy, Command, InterceptArgs, ProxyArgs, TelemetryArgs},
+    bpf::{self, AgentExemption, BpfError, InterceptConfig},
+    cli::{self, CniFailurePolicy, Command, InterceptArgs, Pin, ProxyArgs, TelemetryArgs},
     credentials::CredentialsConfig,
     node::cni::CniSettings,
     pod_cgroup::{self, PodCgroupError},
@@ -48,6 +48,21 @@ pub enum ConfigError {
         root.display(), root.join("kubepods.slice").display(), root.join("kubepods").display()
     )]
     NoKubepods { root: PathBuf },
+    #[error(
+        "--pin {}{}: cannot pin there; mount a bpf filesystem there (the host's /sys/fs/bpf, \
+         as the DaemonSet's hostPath does) or pass --pin none to run unpinned, accepting that \
+         enrolled pods' requests to VPC Lattice leave unsigned while no agent runs",
+        path.display(),
+        if *default { " (node mode's default)" } else { "" }
+    )]
+    Pin {
+        path: PathBuf,
+        default: bool,
+        #[source]
+        source: Box<BpfError>,
+    },
+    #[error("--cgroup-root: finding this agent's own cgroup")]
+    OwnCgroup(#[source] BpfError),
     #[error("--{flag} {}: is not a directory", path.display())]
     NotADirectory { flag: &'static str, path: PathBuf },
     #[error("--{flag} {}", path.display())]
@@ -218,6 +233,13 @@ fn node(args: &cli::NodeArgs) -> Result<NodeConfig, ConfigError> {
     let kube = kube_config(args.kubeconfig.as_deref())?;
     let mut intercept = intercept_config(kubepods_root(&args.cgroup_root)?, &args.intercept)?;
     intercept.gate_by_netns = true;
+    // The agent's UID (101) is also the default user of common images:
+    // the agent's own upstream connects, made in pods' namespaces, are
+    // told apart by its cgroup, which no pod can join.
+    intercept.exempt = AgentExemption::Cgroup(
+        bpf::own_cgroup_id(&args.cgroup_root).map_err(ConfigError::OwnCgroup)?,
+    );
+    intercept.pin = node_pin_dir(args.intercept.pin.as_ref())?;
     intercept.gate_capacity = args.max_pods;
     let default_region = args
         .proxy
@@ -265,7 +287,12 @@ fn intercept_config(cgroup: PathBuf, i: &InterceptArgs) -> Result<InterceptConfi
         v6_prefixes,
         proxy_port: i.proxy_port,
         exempt_uid: i.exempt_uid,
-        pin: i.pin.clone(),
+        exempt: AgentExemption::Uid,
+        // Node mode has a default of its own (see node_pin_dir).
+        pin: match &i.pin {
+            Some(Pin::Dir(dir)) => Some(dir.clone()),
+            Some(Pin::Off) | None => None,
+        },
         held_by_cgroup: false,
         gate_by_netns: false,
         gate_capacity: lattice_common::ENROLLED_CAPACITY,
@@ -284,6 +311,28 @@ pub fn serve_config(proxy: &ProxyArgs) -> Result<ServeConfig, ConfigError> {
         admin_addr: proxy.admin_addr,
         workers: proxy.workers,
     })
+}
+
+/// `--pin` when not given in node mode: on the node's bpffs (the
+/// DaemonSet mounts the host's /sys/fs/bpf there), so a crashed agent
+/// leaves its pods failing closed, never unsigned.
+pub const NODE_DEFAULT_PIN: &str = "/sys/fs/bpf/lattice-node";
+
+/// Where node mode pins: `--pin`, else [`NODE_DEFAULT_PIN`]; checked (and
+/// created) now, so an unusable one stops the agent naming the ways out.
+/// None with `--pin none`.
+fn node_pin_dir(pin: Option<&Pin>) -> Result<Option<PathBuf>, ConfigError> {
+    let (dir, default) = match pin {
+        Some(Pin::Off) => return Ok(None),
+        Some(Pin::Dir(dir)) => (dir.clone(), false),
+        None => (PathBuf::from(NODE_DEFAULT_PIN), true),
+    };
+    bpf::check_pin_dir(&dir).map_err(|source| ConfigError::Pin {
+        path: dir.clone(),
+        default,
+        source: Box::new(source),
+    })?;
+    Ok(Some(dir))
 }
 
 /// The proxy's settings. The signing region is `--region` here, possibly
@@ -513,6 +562,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("--cidr"), "{err}");
+    }
+
+    #[test]
+    fn pin_takes_a_directory_or_none() {
+        let cfg = run_config(&["lattice-agent", "run", "--cgroup", "/cg"]);
+        assert_eq!(cfg.intercept.pin, None);
+        let cfg = run_config(&[
+            "lattice-agent",
+            "run",
+            "--cgroup",
+            "/cg",
+            "--pin",
+            "/sys/fs/bpf/x",
+        ]);
+        assert_eq!(cfg.intercept.pin, Some(PathBuf::from("/sys/fs/bpf/x")));
+        let cfg = run_config(&["lattice-agent", "run", "--cgroup", "/cg", "--pin", "none"]);
+        assert_eq!(cfg.intercept.pin, None);
+        let err = Cli::try_parse_from(["lattice-agent", "run", "--cgroup", "/cg", "--pin", ""])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--pin"), "{err}");
     }
 
     #[test]

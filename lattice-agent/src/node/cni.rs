@@ -229,6 +229,8 @@ pub struct PodLookup {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
     pub client: kube::Client,
+    /// This node (`--node-name`): only its pods are served.
+    pub node_name: String,
 }
 
 /// Answers the plugin's calls on `listener` until `shutdown`.
@@ -320,17 +322,33 @@ async fn resolve(
 
 /// From the store, else from the API: the kubelet starts a sandbox as soon
 /// as the pod is bound, possibly before this agent's watch delivers it.
+/// The pod must be bound to this node, and have the call's UID when it
+/// names one (runtimes need not pass `K8S_POD_UID`; a name alone could
+/// be another node's pod, whose identity this sandbox must never get).
 async fn find_pod(request: &Request, lookup: &PodLookup) -> Result<Pod, String> {
     let key = ObjectRef::new(&request.pod_name).within(&request.pod_namespace);
     let matches =
         |p: &Pod| request.pod_uid.is_empty() || p.metadata.uid.as_deref() == Some(&request.pod_uid);
+    let name = format!("{}/{}", request.pod_namespace, request.pod_name);
+    let on_this_node = |pod: Pod| {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        if node == Some(lookup.node_name.as_str()) {
+            Ok(pod)
+        } else {
+            Err(format!(
+                "pod {name} (uid {}) is bound to node {}, not to this node {}",
+                pod.metadata.uid.as_deref().unwrap_or("?"),
+                node.unwrap_or("(none)"),
+                lookup.node_name
+            ))
+        }
+    };
     if let Some(pod) = lookup.pods.get(&key).filter(|p| matches(p)) {
-        return Ok((*pod).clone());
+        return on_this_node((*pod).clone());
     }
     let api = Api::<Pod>::namespaced(lookup.client.clone(), &request.pod_namespace);
-    let name = format!("{}/{}", request.pod_namespace, request.pod_name);
     match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(&request.pod_name)).await {
-        Ok(Ok(Some(pod))) if matches(&pod) => Ok(pod),
+        Ok(Ok(Some(pod))) if matches(&pod) => on_this_node(pod),
         Ok(Ok(_)) => Err(format!(
             "pod {name} (uid {}) not found in the Kubernetes API",
             request.pod_uid

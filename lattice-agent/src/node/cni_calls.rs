@@ -38,6 +38,7 @@ impl NodeAgent {
             pods: self.stores.pods.clone(),
             namespaces: self.stores.namespaces.clone(),
             client: self.client.clone(),
+            node_name: self.node_name.clone(),
         };
         if let Err(e) = cni::serve(listener, lookup, tx, shutdown.clone()) {
             tracing::warn!(error = %e, "cannot serve the CNI plugin's socket: new pods are enrolled once the API shows them running");

@@ -84,9 +84,16 @@ impl NodeAgent {
                 if let Some(why) = &enrolled.missing_identity {
                     tracing::warn!(pod = %name, reason = %why, "pod enrolled without credentials: its requests get 503");
                 }
+                // Without usable credentials (an identity the pod spec
+                // gets wrong) every request gets 503: a Warning, naming
+                // the problem.
+                let kind = match enrolled.missing_identity {
+                    Some(_) => Kind::Warning,
+                    None => Kind::Normal,
+                };
                 self.events.publish(
                     &state::pod_ref(&enrolled.plan),
-                    Kind::Normal,
+                    kind,
                     "Enrolled",
                     "Enroll",
                     enrolled_note(&enrolled.plan, enrolled.missing_identity.as_deref()),

@@ -21,7 +21,8 @@
 //! object, [`identity`] holds each pod's AWS identity, [`events`] tells
 //! `kubectl describe pod`, [`handover`] (with [`control`]) passes the pods'
 //! listeners from an agent to the one replacing it, [`report`] serves
-//! `/pods`.
+//! `/pods`; [`peer`] admits only root and the agent's own UID to the
+//! control and CNI sockets.
 
 pub mod cni;
 mod cni_calls;
@@ -31,6 +32,7 @@ pub mod enroll;
 pub mod events;
 pub mod handover;
 pub mod identity;
+pub mod peer;
 pub mod pod_spec;
 pub mod report;
 pub mod state;
@@ -77,6 +79,8 @@ pub struct NodeAgent {
     /// The agent this one replaces, until told it has taken over.
     predecessor: Option<handover::Predecessor>,
     client: kube::Client,
+    /// `--node-name`.
+    node_name: String,
     /// The CNI plugin's socket (served once ready) and settings.
     cni: Option<(std::os::unix::net::UnixListener, Arc<CniSettings>)>,
     /// Served once this agent is ready.
@@ -141,6 +145,7 @@ impl NodeAgent {
             report: Arc::new(NodeReport::default()),
             predecessor,
             client,
+            node_name,
             cni,
             control: Some(control),
             handover_requests,
@@ -302,8 +307,9 @@ async fn recv(calls: &mut Option<mpsc::Receiver<CniCall>>) -> Option<CniCall> {
 }
 
 /// Accepts on a unix socket until `shutdown`, giving each connection (a
-/// std stream, still non-blocking) to `on_connection`, which is called on
-/// the runtime and must not block. `what` names the socket in logs.
+/// std stream, still non-blocking) whose peer may be served (see
+/// [`peer`]) to `on_connection`, which is called on the runtime and must
+/// not block. `what` names the socket in logs.
 pub(crate) fn spawn_unix_accept(
     listener: std::os::unix::net::UnixListener,
     what: &'static str,
@@ -319,7 +325,8 @@ pub(crate) fn spawn_unix_accept(
                 r = listener.accept() => r,
             };
             match accepted.and_then(|(s, _)| s.into_std()) {
-                Ok(stream) => on_connection(stream),
+                Ok(stream) if peer::allowed(&stream, what) => on_connection(stream),
+                Ok(_refused) => {}
                 Err(e) => tracing::warn!(error = %e, socket = what, "unix socket accept failed"),
             }
         }
