@@ -16,7 +16,8 @@
 //! intermediate request, header map or strings). [`sign`] hands the whole request to
 //! aws-sigv4's `http_request::sign`, which derives the key every time; the
 //! signer uses it for SigV4A, and the tests hold the two paths to the same
-//! output.
+//! output. Both sign the canonical path botocore computes, as the service
+//! does ([`normalized_path`]).
 
 use std::{
     borrow::Cow,
@@ -29,6 +30,7 @@ use aws_credential_types::Credentials;
 use aws_sigv4::{
     http_request::{
         PayloadChecksumKind, SignableBody, SignableRequest, SigningParams, SigningSettings,
+        UriPathNormalizationMode,
     },
     sign::{v4, v4a},
 };
@@ -496,6 +498,10 @@ pub fn sign(
     let identity: Identity = creds.clone().into();
     let mut settings = SigningSettings::default();
     settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+    // aws-sigv4 keeps a `/` where a last `.` or `..` segment was (`/a/.`
+    // is `/a/` to it, `/a` to botocore and the service): it gets the path
+    // already normalised, and only encodes it.
+    settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
     let params: SigningParams<'_> = match cfg.algorithm {
         Algorithm::SigV4 => v4::SigningParams::builder()
             .identity(&identity)
@@ -516,9 +522,10 @@ pub fn sign(
             .map_err(|e| SignError::Params(e.to_string()))?
             .into(),
     };
+    let path = normalized_path(req.path);
     let uri = match req.query {
-        Some(q) if !q.is_empty() => format!("{}?{q}", req.path),
-        _ => req.path.to_owned(),
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.into_owned(),
     };
     let body = match req.payload {
         Payload::Unsigned => SignableBody::UnsignedPayload,
@@ -541,11 +548,25 @@ pub fn sign(
     Ok(Signed { headers })
 }
 
-/// The canonical path: dot segments and empty segments removed, then every
-/// byte but unreserved ones and `/` percent-encoded again (a `%` of the wire
-/// form becomes `%25`).
+/// The canonical path: [`normalized_path`], then every byte but
+/// unreserved ones and `/` percent-encoded again (a `%` of the wire form
+/// becomes `%25`).
 pub fn canonical_path(path: &str) -> Cow<'_, str> {
     if is_canonical_path(path) {
+        return Cow::Borrowed(path);
+    }
+    let normalized = normalized_path(path);
+    let mut encoded = String::with_capacity(normalized.len());
+    query::encode_into(normalized.as_bytes(), true, &mut encoded);
+    Cow::Owned(encoded)
+}
+
+/// The path as botocore reads it before encoding (RFC 3986 dot-segment
+/// removal, plus empty segments dropped): absolute; a trailing `/` is kept
+/// only when the path ends with one and something is left, so `/a/b/` stays
+/// `/a/b/` but `/a/.` is `/a` and `/a/..` is `/`.
+pub fn normalized_path(path: &str) -> Cow<'_, str> {
+    if is_normalized_path(path) {
         return Cow::Borrowed(path);
     }
     let mut segments: Vec<&str> = Vec::new();
@@ -566,21 +587,15 @@ pub fn canonical_path(path: &str) -> Cow<'_, str> {
     if normalized.is_empty() || (path.ends_with('/') && !segments.is_empty()) {
         normalized.push('/');
     }
-    let mut encoded = String::with_capacity(normalized.len());
-    query::encode_into(normalized.as_bytes(), true, &mut encoded);
-    Cow::Owned(encoded)
+    Cow::Owned(normalized)
 }
 
-/// Whether `path` is its own canonical form (the usual case, checked
-/// without allocating): absolute, only unreserved bytes and `/`, and no
+/// Whether [`normalized_path`] leaves `path` as it is: absolute, and no
 /// empty, `.` or `..` segment (a trailing `/` is kept as is).
-fn is_canonical_path(path: &str) -> bool {
+fn is_normalized_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
-    if !path.bytes().all(|b| b == b'/' || query::is_unreserved(b)) {
-        return false;
-    }
     if rest.is_empty() {
         return true;
     }
@@ -588,6 +603,12 @@ fn is_canonical_path(path: &str) -> bool {
     segments
         .split('/')
         .all(|seg| !matches!(seg, "" | "." | ".."))
+}
+
+/// Whether `path` is its own canonical form (the usual case, checked
+/// without allocating): normalized, and only unreserved bytes and `/`.
+fn is_canonical_path(path: &str) -> bool {
+    path.bytes().all(|b| b == b'/' || query::is_unreserved(b)) && is_normalized_path(path)
 }
 
 /// Canonical request and string-to-sign of a signed request, for
@@ -823,6 +844,13 @@ mod tests {
             "/a+b/@!$&'()*,;=",
             "//",
             "/..",
+            // A last `.` or `..` segment: no trailing `/` (botocore).
+            "/a/.",
+            "/a/b/..",
+            "/a/./b/.",
+            "/a%2Fb/..",
+            "/x//y/../",
+            "/.",
         ];
         let queries: Vec<Option<String>> = [
             None,
@@ -877,6 +905,57 @@ mod tests {
             }
         }
         assert_eq!(n, paths.len() * queries.len());
+    }
+
+    /// Whether `signed` carries a SigV4A signature of `req` by `creds`:
+    /// checked with the public key of the private key aws-sigv4 derives
+    /// from them, over the string to sign of our (botocore's) canonical
+    /// request. ECDSA signatures are randomised: compared by verification.
+    fn sigv4a_verifies(req: &RequestToSign<'_>, signed: &Signed, creds: &Credentials) -> bool {
+        use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier as _};
+        let private = v4a::generate_signing_key(creds.access_key_id(), creds.secret_access_key());
+        let public = p256::SecretKey::from_slice(private.as_ref())
+            .unwrap()
+            .public_key();
+        let key = VerifyingKey::from(public);
+        let t = trace(req, signed).unwrap();
+        let der = hex::decode(signature(signed)).unwrap();
+        let sig = Signature::from_der(&der).unwrap();
+        key.verify(t.string_to_sign.as_bytes(), &sig).is_ok()
+    }
+
+    /// SigV4A signs the path botocore (and the service) canonicalises:
+    /// the signature verifies over that canonical request, whatever dot
+    /// and empty segments the path has.
+    #[test]
+    fn sigv4a_signs_the_canonical_path_botocore_computes() {
+        let cfg = SigningConfig {
+            algorithm: Algorithm::SigV4a,
+            ..signing_config()
+        };
+        let creds = credentials(Some("TOKEN"));
+        for path in [
+            "/",
+            "/a/b",
+            "/a/.",
+            "/a/b/..",
+            "/a/./b/.",
+            "/..",
+            "/.",
+            "//",
+            "/x//y/../",
+            "/a/b/",
+        ] {
+            let req = RequestToSign {
+                method: "GET",
+                path,
+                query: None,
+                host: "h.example",
+                payload: &Payload::Unsigned,
+            };
+            let s = sign(&req, &creds, &cfg, signing_time()).unwrap();
+            assert!(sigv4a_verifies(&req, &s, &creds), "{path}");
+        }
     }
 
     #[test]
@@ -946,6 +1025,10 @@ mod tests {
         assert_eq!(canonical_path("/a/."), "/a");
         assert_eq!(canonical_path("/a/.."), "/");
         assert_eq!(canonical_path("/a/../"), "/");
+        assert_eq!(canonical_path("/a/b/."), "/a/b");
+        assert_eq!(canonical_path("/a/b/.."), "/a");
+        assert_eq!(canonical_path("/a/b/../"), "/a/");
+        assert_eq!(canonical_path("/."), "/");
         assert_eq!(canonical_path("a/b"), "/a/b");
         assert_eq!(canonical_path("//"), "/");
     }
