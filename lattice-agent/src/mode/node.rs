@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use caps::Capability;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,21 @@ use crate::{
     proxy::ProxyConfig,
     telemetry,
 };
+
+/// Flags of the single-workload modes that make no sense, or no safe
+/// sense, when one agent serves every pod of the node.
+fn refuse_flags(args: &NodeArgs) -> Result<(), NodeSetupError> {
+    if args.intercept.intercept_only {
+        return Err(NodeSetupError::InterceptOnly);
+    }
+    if args.proxy.role_arn.is_some() {
+        return Err(NodeSetupError::RoleArn);
+    }
+    if args.proxy.sign_payload {
+        return Err(NodeSetupError::SignPayload);
+    }
+    Ok(())
+}
 
 /// Capabilities the node agent keeps after attaching, to serve pods that
 /// arrive later (measured: tests/tests/node_privilege.rs shows each is
@@ -58,6 +73,11 @@ pub enum NodeSetupError {
     InterceptOnly,
     #[error("--role-arn: node mode signs with each pod's own identity (IRSA or EKS Pod Identity)")]
     RoleArn,
+    #[error(
+        "--sign-payload: VPC Lattice does not support payload signing, and buffering \
+         every body would let one pod hold the node agent's memory"
+    )]
+    SignPayload,
     #[error(
         "--cgroup-root {}: no kubelet pod tree under it (looked for {} and {}); \
          is it the host's cgroup v2 tree (hostPath /sys/fs/cgroup)?",
@@ -89,12 +109,7 @@ pub enum NodeSetupError {
 }
 
 pub fn serve(args: &NodeArgs) -> anyhow::Result<()> {
-    if args.intercept.intercept_only {
-        bail!(NodeSetupError::InterceptOnly);
-    }
-    if args.proxy.role_arn.is_some() {
-        bail!(NodeSetupError::RoleArn);
-    }
+    refuse_flags(args)?;
     // Everything that can be checked is checked before attaching, while
     // still privileged (the kubeconfig may be readable by root only).
     let proxy = ProxyConfig::from_args(&args.proxy)?;
@@ -335,4 +350,35 @@ fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("a bare current-thread runtime")
         .block_on(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn node_args(flags: &[&str]) -> NodeArgs {
+        let argv = [&["lattice-agent", "node", "--node-name", "n1"], flags].concat();
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Node(args) => args,
+            _ => panic!("not `node`"),
+        }
+    }
+
+    /// Each refused flag is named in the error, before anything is set up.
+    #[test]
+    fn single_workload_flags_are_refused_by_name() {
+        assert!(refuse_flags(&node_args(&[])).is_ok());
+        for (flag, extra) in [
+            ("--intercept-only", &[][..]),
+            ("--role-arn", &["arn:aws:iam::111122223333:role/r"][..]),
+            ("--sign-payload", &[][..]),
+        ] {
+            let args = node_args(&[&[flag], extra].concat());
+            let err = refuse_flags(&args).expect_err(flag).to_string();
+            assert!(err.starts_with(&format!("{flag}:")), "{flag}: {err}");
+        }
+    }
 }

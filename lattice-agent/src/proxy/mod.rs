@@ -86,6 +86,9 @@ impl ProxyConfig {
                 return Err(ProxyError::Zero { flag });
             }
         }
+        if let Some(warning) = payload_signing_warning(args) {
+            tracing::warn!("{warning}");
+        }
         let upstream_tls = if args.upstream_tls {
             Some(TlsConfigs::new(args.ca_file.as_deref())?)
         } else {
@@ -126,6 +129,18 @@ impl ProxyConfig {
         }
         Ok(())
     }
+}
+
+/// The service name VPC Lattice verifies signatures for.
+const LATTICE_SERVICE: &str = "vpc-lattice-svcs";
+
+/// Why `--sign-payload` is likely a mistake for these flags, if it is.
+fn payload_signing_warning(args: &ProxyArgs) -> Option<&'static str> {
+    (args.sign_payload && args.service == LATTICE_SERVICE).then_some(
+        "--sign-payload with service vpc-lattice-svcs: VPC Lattice does not support payload \
+         signing (requests are signed with UNSIGNED-PAYLOAD); each request body is buffered \
+         (up to --max-signed-body) only to be hashed",
+    )
 }
 
 /// What one served workload (a pod) brings to the proxy: everything a
@@ -361,4 +376,67 @@ fn origin_form(uri: &Uri) -> String {
     uri.path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn proxy_args(flags: &[&str]) -> ProxyArgs {
+        let argv = [&["lattice-agent", "run", "--cgroup", "/cg"], flags].concat();
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Run(run) => run.proxy,
+            _ => panic!("not `run`"),
+        }
+    }
+
+    /// What building the configuration from `flags` logs.
+    fn logged_at_start(flags: &[&str]) -> String {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let out = Arc::clone(&out);
+            move || Captured(Arc::clone(&out))
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            ProxyConfig::from_args(&proxy_args(flags)).expect("valid flags");
+        });
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn payload_signing_for_lattice_is_warned_about_at_start() {
+        let log = logged_at_start(&["--sign-payload"]);
+        assert!(
+            log.contains("WARN") && log.contains("--sign-payload with service vpc-lattice-svcs"),
+            "{log}"
+        );
+        // Another service may verify body hashes; without the flag there
+        // is nothing to warn about.
+        for flags in [&["--sign-payload", "--service", "execute-api"][..], &[]] {
+            let log = logged_at_start(flags);
+            assert!(!log.contains("WARN"), "{flags:?}: {log}");
+        }
+    }
 }
