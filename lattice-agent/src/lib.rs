@@ -23,4 +23,5 @@ pub mod query;
 pub mod self_check;
 pub mod sign;
 pub mod telemetry;
+pub mod uri_path;
 pub mod workload;
