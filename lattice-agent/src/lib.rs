@@ -24,6 +24,7 @@ pub mod query;
 pub mod self_check;
 pub mod sign;
 pub mod telemetry;
+pub mod uri_path;
 pub mod workload;
 
 pub use errors::error_chain;

@@ -43,6 +43,11 @@ pub enum ConfigError {
     #[error("--role-arn: node mode signs with each pod's own identity (IRSA or EKS Pod Identity)")]
     RoleArnInNodeMode,
     #[error(
+        "--sign-payload: VPC Lattice does not support payload signing, and buffering \
+         every body would let one pod hold the node agent's memory"
+    )]
+    SignPayloadInNodeMode,
+    #[error(
         "--cgroup-root {}: no kubelet pod tree under it (looked for {} and {}); \
          is it the host's cgroup v2 tree (hostPath /sys/fs/cgroup)?",
         root.display(), root.join("kubepods.slice").display(), root.join("kubepods").display()
@@ -227,6 +232,9 @@ fn node(args: &cli::NodeArgs) -> Result<NodeConfig, ConfigError> {
     if args.proxy.role_arn.is_some() {
         return Err(ConfigError::RoleArnInNodeMode);
     }
+    if args.proxy.sign_payload {
+        return Err(ConfigError::SignPayloadInNodeMode);
+    }
     let proxy = proxy_config(&args.proxy)?;
     check_dir("kubelet-root", &args.kubelet_root)?;
     check_dir("proc-root", &args.proc_root.join("self"))?;
@@ -347,6 +355,9 @@ fn proxy_config(args: &ProxyArgs) -> Result<ProxyConfig, ConfigError> {
             return Err(ConfigError::Zero { flag });
         }
     }
+    if let Some(warning) = payload_signing_warning(args) {
+        tracing::warn!("{warning}");
+    }
     let upstream_tls = if args.upstream_tls {
         Some(TlsConfigs::new(args.ca_file.as_deref()).map_err(ConfigError::CaFile)?)
     } else {
@@ -374,6 +385,18 @@ fn proxy_config(args: &ProxyArgs) -> Result<ProxyConfig, ConfigError> {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         workers: None,
     })
+}
+
+/// The service name VPC Lattice verifies signatures for.
+const LATTICE_SERVICE: &str = "vpc-lattice-svcs";
+
+/// Why `--sign-payload` is likely a mistake for these flags, if it is.
+fn payload_signing_warning(args: &ProxyArgs) -> Option<&'static str> {
+    (args.sign_payload && args.service == LATTICE_SERVICE).then_some(
+        "--sign-payload with service vpc-lattice-svcs: VPC Lattice does not support payload \
+         signing (requests are signed with UNSIGNED-PAYLOAD); each request body is buffered \
+         (up to --max-signed-body) only to be hashed",
+    )
 }
 
 /// `0` means no limit.
@@ -636,6 +659,54 @@ mod tests {
         };
         assert!(with(&["--intercept-only"]).starts_with("--intercept-only:"));
         assert!(with(&["--role-arn", "arn:aws:iam::1:role/r"]).starts_with("--role-arn:"));
+        assert!(with(&["--sign-payload"]).starts_with("--sign-payload:"));
+    }
+
+    /// What building the configuration of `run` with `flags` logs.
+    fn logged_at_start(flags: &[&str]) -> String {
+        use std::sync::{Arc, Mutex};
+
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let out = Arc::clone(&out);
+            move || Captured(Arc::clone(&out))
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .finish();
+        let argv = [&["lattice-agent", "run", "--cgroup", "/cg"], flags].concat();
+        tracing::subscriber::with_default(subscriber, || {
+            run_config(&argv);
+        });
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn payload_signing_for_lattice_is_warned_about_at_start() {
+        let log = logged_at_start(&["--sign-payload"]);
+        assert!(
+            log.contains("WARN") && log.contains("--sign-payload with service vpc-lattice-svcs"),
+            "{log}"
+        );
+        // Another service may verify body hashes; without the flag there
+        // is nothing to warn about.
+        for flags in [&["--sign-payload", "--service", "execute-api"][..], &[]] {
+            let log = logged_at_start(flags);
+            assert!(!log.contains("WARN"), "{flags:?}: {log}");
+        }
     }
 
     #[test]
