@@ -25,7 +25,7 @@ pub enum Command {
     Sidecar(SidecarArgs),
     /// Kubernetes node agent (DaemonSet): serve every annotated pod of this
     /// node, each with its own AWS identity.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Check this binary on this machine without privileges: SigV4 and TLS
     /// crypto against known answers, the embedded eBPF object intact.
     SelfCheck,
@@ -143,6 +143,25 @@ pub struct NodeArgs {
     /// is far above the kubelet's pods-per-node limits.
     #[arg(long, env = "LATTICE_MAX_PODS", default_value_t = lattice_common::ENROLLED_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_pods: u32,
+
+    /// Worker deaths (crashes, OOM kills) within --worker-crash-window
+    /// after which the agent exits, for the kubelet to restart it with its
+    /// back-off (CrashLoopBackOff); meanwhile the pods' Lattice connects
+    /// are refused, never sent unsigned. The agent runs as a small parent
+    /// holding the pods' sockets and one worker serving them: a worker that
+    /// was serving is replaced at once, one that died before serving after
+    /// 100 ms, doubling up to 5 s.
+    #[arg(long, env = "LATTICE_WORKER_CRASH_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub worker_crash_limit: u32,
+
+    /// The window --worker-crash-limit counts deaths in.
+    #[arg(long, env = "LATTICE_WORKER_CRASH_WINDOW", default_value = "60s", value_parser = crate::config::units::parse_duration)]
+    pub worker_crash_window: Duration,
+
+    /// Run as the worker of the node agent whose channel is this open
+    /// descriptor: the agent starts its workers so.
+    #[arg(long, hide = true)]
+    pub worker_channel: Option<i32>,
 
     #[command(flatten)]
     pub intercept: InterceptArgs,

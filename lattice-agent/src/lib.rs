@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod errors;
+pub mod keeper;
 pub mod metrics;
 pub mod nat_orig_dst;
 pub mod netns;

@@ -79,6 +79,55 @@ pub fn drop_to(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
+/// Becomes `uid` as [`drop_to`] does, keeping `keep` only to hand it on
+/// (node mode's parent, see `keeper`): permitted and inheritable, none
+/// effective. A process it starts raises them as ambient capabilities
+/// ([`AmbientCaps::raise`]) and so runs as `uid` with exactly `keep`.
+pub fn hold_for_workers(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeError> {
+    drop_to(uid, keep)?;
+    let caps_err = |e: caps::errors::CapsError| PrivilegeError::Caps(e.to_string());
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    caps::set(None, CapSet::Inheritable, &keep).map_err(caps_err)?;
+    caps::clear(None, CapSet::Effective).map_err(caps_err)
+}
+
+/// Capabilities to raise as ambient in a child between `fork` and `exec`
+/// (their numbers, computed before the fork: raising them allocates
+/// nothing).
+#[derive(Debug, Clone, Default)]
+pub struct AmbientCaps(Vec<libc::c_ulong>);
+
+impl AmbientCaps {
+    pub fn new(caps: &[Capability]) -> Self {
+        Self(
+            caps.iter()
+                .map(|c| libc::c_ulong::from(c.index()))
+                .collect(),
+        )
+    }
+
+    /// Raises each one (they must be permitted and inheritable: see
+    /// [`hold_for_workers`]). Async-signal-safe.
+    pub fn raise(&self) -> std::io::Result<()> {
+        for cap in &self.0 {
+            // SAFETY: prctl with integer arguments only.
+            let r = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    *cap,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
 fn prctl(option: libc::c_int, arg: u64) -> Result<(), PrivilegeError> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(option, arg, 0, 0, 0) } != 0 {

@@ -432,8 +432,43 @@ impl NodeAgent {
             .expect("admin URL with a port")
     }
 
+    /// The parent's pid (node mode runs a parent and one worker).
     pub fn pid(&self) -> i32 {
         self.child.pid()
+    }
+
+    /// The worker's pid (the parent's child), if one runs.
+    pub fn worker_pid(&self) -> Option<i32> {
+        children(self.pid()).into_iter().next()
+    }
+
+    /// Waits until a worker other than `not` says it serves the pods its
+    /// parent handed it; returns its pid.
+    pub fn wait_worker(&self, not: Option<i32>, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pid) = self.worker_pid().filter(|p| Some(*p) != not)
+                && self.log().contains(&format!("worker serving pid={pid}"))
+            {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no worker (other than {not:?}) serving after {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// SIGKILLs the worker (its parent starts another); returns its pid.
+    pub fn kill_worker(&self) -> i32 {
+        let pid = self
+            .worker_pid()
+            .unwrap_or_else(|| panic!("no worker to kill:\n{}", self.log()));
+        // SAFETY: kill(2) on a pid just read as our child's child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        pid
     }
 
     pub fn log(&self) -> String {
@@ -510,8 +545,59 @@ impl NodeAgent {
         }
     }
 
+    /// SIGKILLs the parent; returns once its worker, which dies with it,
+    /// is gone too.
     pub fn kill(&mut self) -> ExitStatus {
-        self.child.kill()
+        let worker = self.worker_pid();
+        let status = self.child.kill();
+        if let Some(pid) = worker {
+            wait_gone(pid, Duration::from_secs(10));
+        }
+        status
+    }
+
+    /// Waits up to `timeout` for the parent to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = self.child.wait_timeout(timeout)?;
+        self.child.output(status);
+        Some(status)
+    }
+}
+
+/// The children of `pid`, from `/proc/*/stat`.
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            let stat = fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: comm may hold spaces and parens.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Waits until process `pid` is gone (or a zombie); panics after `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned));
+        if matches!(state.as_deref(), None | Some("Z")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still runs after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -197,8 +197,8 @@ fn sidecar_killed_under_load_fails_closed_and_recovers() {
     assert!(count(&result, "ok") > 100, "{result}");
 }
 
-/// The node agent killed under load, started as users start it, without
-/// `--pin`: node mode pins by default (at `/sys/fs/bpf/lattice-node`,
+/// The node agent's parent killed under load (its worker dies with it),
+/// started as users start it, without `--pin`: node mode pins by default (at `/sys/fs/bpf/lattice-node`,
 /// created on the node's bpffs: here a bpffs mounted there in a mount
 /// namespace of the test's own), so its programs and maps stay, the pod's
 /// namespace stays enrolled, and while no agent runs the pod's connects
@@ -241,6 +241,8 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
 
     let load = start_load(&pod, 8);
     std::thread::sleep(Duration::from_secs(2));
+    // The worker does not outlive its parent (the kit waits for it).
+    assert!(agent.worker_pid().is_some(), "{}", agent.log());
     agent.kill();
     let after_kill = attached_programs(&kubepods);
     std::thread::sleep(RESTART_DELAY);
@@ -256,7 +258,7 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
     let recovered = result["recovered_ns"].as_u64().map(u128::from);
     let record = Record {
         id: "node-agent-sigkill",
-        fault: "node agent SIGKILL, restarted 1 s later (pinned by default)".into(),
+        fault: "parent SIGKILL: the node agent's parent killed (its worker dies with it), restarted 1 s later (pinned by default)".into(),
         load: "1 app, new connection per request, back to back, 8 s".into(),
         attempted: count(&result, "ok") + count(&result, "failed") + count(&result, "refused"),
         failed: count(&result, "failed") + count(&result, "refused"),

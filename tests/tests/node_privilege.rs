@@ -2,8 +2,12 @@
 //! the set deploy/node adds, SYS_ADMIN, SYS_PTRACE, DAC_READ_SEARCH, SETUID
 //! and SETGID (the container start as containerd does it: bounding, hence
 //! permitted and effective, set = the list; no_new_privs), serves a pod,
-//! and from then on runs as UID 101 with only SYS_ADMIN, SYS_PTRACE and
-//! DAC_READ_SEARCH. Removing any capability from the start set makes the
+//! and from then on both its processes run as UID 101: the worker, which
+//! serves, with only SYS_ADMIN, SYS_PTRACE and DAC_READ_SEARCH; the parent,
+//! which holds the pods' sockets and starts workers, with none effective,
+//! the same three permitted and inheritable only to hand them on (raised as
+//! ambient capabilities in each worker it starts, which clears them once
+//! it runs). Removing any capability from the start set makes the
 //! start fail; adding BPF or NET_ADMIN adds nothing (the kernel accepts
 //! SYS_ADMIN in their place for loading and attaching the programs); and
 //! the kernel itself shows why the three kept ones are needed for every
@@ -103,37 +107,32 @@ fn node_agent_serves_with_exactly_the_measured_set() {
     let r = app_request(&pod, &[&format!("http://{LATTICE_V4}/least")]);
     assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
 
-    let kept = mask(&NODE_KEPT_CAPS);
-    for status in thread_statuses(agent.pid()) {
-        assert_eq!(
-            status_field(&status, "Uid"),
-            "101\t101\t101\t101",
-            "{status}"
-        );
-        assert_eq!(
-            status_field(&status, "Gid"),
-            "101\t101\t101\t101",
-            "{status}"
-        );
-        assert_eq!(status_field(&status, "Groups"), "", "{status}");
-        assert_eq!(status_field(&status, "CapEff"), kept, "{status}");
-        assert_eq!(status_field(&status, "CapPrm"), kept, "{status}");
-        assert_eq!(
-            status_field(&status, "CapInh"),
-            "0000000000000000",
-            "{status}"
-        );
-        assert_eq!(
-            status_field(&status, "CapAmb"),
-            "0000000000000000",
-            "{status}"
-        );
-        assert_eq!(
-            status_field(&status, "CapBnd"),
-            mask(&NODE_START_CAPS),
-            "{status}"
-        );
-        assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{status}");
+    let (kept, none) = (mask(&NODE_KEPT_CAPS), mask(&[]));
+    let worker = agent.wait_worker(None, Duration::from_secs(10));
+    for (pid, effective, inheritable) in [(worker, &kept, &none), (agent.pid(), &none, &kept)] {
+        for status in thread_statuses(pid) {
+            assert_eq!(
+                status_field(&status, "Uid"),
+                "101\t101\t101\t101",
+                "{status}"
+            );
+            assert_eq!(
+                status_field(&status, "Gid"),
+                "101\t101\t101\t101",
+                "{status}"
+            );
+            assert_eq!(status_field(&status, "Groups"), "", "{status}");
+            assert_eq!(status_field(&status, "CapEff"), *effective, "{status}");
+            assert_eq!(status_field(&status, "CapPrm"), kept, "{status}");
+            assert_eq!(status_field(&status, "CapInh"), *inheritable, "{status}");
+            assert_eq!(status_field(&status, "CapAmb"), none, "{status}");
+            assert_eq!(
+                status_field(&status, "CapBnd"),
+                mask(&NODE_START_CAPS),
+                "{status}"
+            );
+            assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{status}");
+        }
     }
     // A pod arriving now is served with the kept set alone.
     let later = cluster.node.add_pod(PodSpec::new("shop", "later-0"));
@@ -278,14 +277,17 @@ fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
     let with_cni = |caps: &[&str]| agent_with(&cluster, caps).args(cluster.cni_args());
 
     let agent = NodeAgent::start(&cluster, with_cni(&start), &[]);
-    for status in thread_statuses(agent.pid()) {
-        assert_eq!(
-            status_field(&status, "Uid"),
-            "101\t101\t101\t101",
-            "{status}"
-        );
-        assert_eq!(status_field(&status, "CapEff"), mask(&kept), "{status}");
-        assert_eq!(status_field(&status, "CapPrm"), mask(&kept), "{status}");
+    let worker = agent.wait_worker(None, Duration::from_secs(10));
+    for (pid, effective) in [(worker, mask(&kept)), (agent.pid(), mask(&[]))] {
+        for status in thread_statuses(pid) {
+            assert_eq!(
+                status_field(&status, "Uid"),
+                "101\t101\t101\t101",
+                "{status}"
+            );
+            assert_eq!(status_field(&status, "CapEff"), effective, "{status}");
+            assert_eq!(status_field(&status, "CapPrm"), mask(&kept), "{status}");
+        }
     }
     let conflist = cluster
         .node

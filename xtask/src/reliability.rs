@@ -14,9 +14,12 @@ use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
 /// Known faults, in table order; records with other ids follow, by id.
-const ORDER: [&str; 7] = [
+const ORDER: [&str; 10] = [
     "pod-start",
     "sidecar-sigkill",
+    "node-worker-sigkill",
+    "node-worker-oom",
+    "node-worker-crash-loop",
     "node-agent-sigkill",
     "node-agent-upgrade",
     "credential-outage",

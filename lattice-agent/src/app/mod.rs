@@ -9,6 +9,7 @@
 //! and detaches.
 
 mod node;
+mod node_worker;
 mod single;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::AdminBindError,
     bpf::BpfError,
-    config::{AgentConfig, ServeConfig},
+    config::{AgentConfig, NodeRole, ServeConfig},
     netns::NetnsError,
     node::cni::CniError,
     orig_dst::OriginalDestination,
@@ -54,6 +55,12 @@ pub enum AppError {
     HomeNetns(#[source] NetnsError),
     #[error("the interceptor was attached without its network-namespace gate")]
     NoGate,
+    #[error("duplicating the interceptor's maps for the worker")]
+    SharedMaps(#[source] std::io::Error),
+    #[error("--worker-channel: not an open descriptor (only the node agent starts its workers)")]
+    WorkerChannel(#[source] std::io::Error),
+    #[error("the node agent's parent")]
+    Keeper(#[source] crate::node::handover::HandoverError),
     #[error("no AWS region: pass --region (LATTICE_REGION) or set AWS_REGION / a profile region")]
     NoRegion,
 }
@@ -97,7 +104,9 @@ pub struct Bound {
 
 enum Serving {
     Single(Box<single::Bound>),
+    /// Node mode's parent (see `keeper`): it stops on SIGTERM/SIGINT only.
     Node(Box<node::Bound>),
+    NodeWorker(Box<node_worker::Bound>),
 }
 
 /// Binds, attaches and drops privileges as `cfg` says. `SelfCheck` binds
@@ -109,10 +118,16 @@ pub fn build(cfg: AgentConfig) -> anyhow::Result<Bound> {
             let bound = single::build(*cfg)?;
             (bound.addrs(), Serving::Single(Box::new(bound)))
         }
-        AgentConfig::Node(cfg) => {
-            let bound = node::build(*cfg)?;
-            (bound.addrs(), Serving::Node(Box::new(bound)))
-        }
+        AgentConfig::Node(cfg) => match cfg.role {
+            NodeRole::Parent(limits) => {
+                let bound = node::build(*cfg, limits)?;
+                (bound.addrs(), Serving::Node(Box::new(bound)))
+            }
+            NodeRole::Worker { channel } => {
+                let bound = node_worker::build(*cfg, channel)?;
+                (bound.addrs(), Serving::NodeWorker(Box::new(bound)))
+            }
+        },
         AgentConfig::SelfCheck => {
             anyhow::bail!("self-check binds nothing: run it with self_check::report")
         }
@@ -159,7 +174,8 @@ impl Bound {
     pub fn serve(self) -> anyhow::Result<()> {
         match self.serving {
             Serving::Single(bound) => bound.serve(self.shutdown),
-            Serving::Node(bound) => bound.serve(self.shutdown),
+            Serving::Node(bound) => Ok(bound.serve()?),
+            Serving::NodeWorker(bound) => bound.serve(self.shutdown),
         }
     }
 }

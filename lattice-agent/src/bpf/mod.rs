@@ -217,6 +217,14 @@ impl Interceptor {
         self.logger.take()
     }
 
+    /// The id of a program writing the eBPF log lines: another process
+    /// reads them with `aya_log::EbpfLogger::init_from_id` (node mode's
+    /// worker; see `keeper`).
+    pub fn log_program_id(&self) -> Option<u32> {
+        let program = self.ebpf.program(names::PROG_CONNECT4)?;
+        program.info().ok().map(|info| info.id())
+    }
+
     /// Detaches the programs the agent's process holds; pinned ones and
     /// ones held by the cgroup stay, by design.
     pub fn detach(self) {
@@ -528,6 +536,31 @@ impl NetnsGate {
             map: std::sync::Mutex::new(map),
             capacity,
         })
+    }
+
+    /// The gate of another process, from a descriptor of its map (see
+    /// [`NetnsGate::try_clone_fd`]) and the size it was created with.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, capacity: u32) -> Result<Self, BpfError> {
+        let name = names::ENROLLED_NETNS;
+        let map_err = |source| BpfError::Map { name, source };
+        let data = MapData::from_fd(fd).map_err(map_err)?;
+        let map = aya::maps::Map::from_map_data(data).map_err(map_err)?;
+        let map = BpfHashMap::try_from(map).map_err(map_err)?;
+        Ok(Self {
+            map: std::sync::Mutex::new(map),
+            capacity,
+        })
+    }
+
+    /// A second descriptor of the map, to hand to another process.
+    pub fn try_clone_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use aya::maps::IterableMap as _;
+        self.lock().map().fd().as_fd().try_clone_to_owned()
+    }
+
+    /// Namespaces the map holds at most.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BpfHashMap<MapData, u64, u32>> {

@@ -23,6 +23,21 @@ impl OrigDstMap {
         })
     }
 
+    /// The map of another process, from a descriptor of it (see
+    /// [`OrigDstMap::try_clone_fd`]).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Self, MapError> {
+        Self::new(Map::from_map_data(MapData::from_fd(fd)?)?)
+    }
+
+    /// A second descriptor of the map, to hand to another process.
+    pub fn try_clone_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+
+        use aya::maps::IterableMap as _;
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.map().fd().as_fd().try_clone_to_owned()
+    }
+
     /// Entries currently held (for tests and diagnostics; walks the map).
     pub fn len(&self) -> usize {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());

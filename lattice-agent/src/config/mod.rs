@@ -18,6 +18,7 @@ use crate::{
     bpf::{self, AgentExemption, BpfError, InterceptConfig},
     cli::{self, CniFailurePolicy, Command, InterceptArgs, Pin, ProxyArgs, TelemetryArgs},
     credentials::CredentialsConfig,
+    keeper::RestartLimits,
     node::cni::CniSettings,
     pod_cgroup::{self, PodCgroupError},
     proxy::{
@@ -159,6 +160,18 @@ pub struct NodeConfig {
     /// `AWS_REGION` / `AWS_DEFAULT_REGION`.
     pub default_region: Option<String>,
     pub keep_privileges: bool,
+    /// The parent, or one of its workers.
+    pub role: NodeRole,
+}
+
+/// Which of node mode's two processes this is (see `keeper`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRole {
+    /// Attaches, binds, holds the pods' sockets and runs workers.
+    Parent(RestartLimits),
+    /// Serves the pods, given everything by the parent over `channel` (an
+    /// inherited descriptor).
+    Worker { channel: i32 },
 }
 
 /// Logging, from the global flags.
@@ -270,6 +283,20 @@ fn node(args: &cli::NodeArgs) -> Result<NodeConfig, ConfigError> {
         cni: cni_settings(args)?,
         default_region,
         keep_privileges: args.intercept.keep_privileges,
+        role: match args.worker_channel {
+            Some(channel) => NodeRole::Worker { channel },
+            None => {
+                if args.worker_crash_window.is_zero() {
+                    return Err(ConfigError::Zero {
+                        flag: "worker-crash-window",
+                    });
+                }
+                NodeRole::Parent(RestartLimits {
+                    limit: args.worker_crash_limit,
+                    window: args.worker_crash_window,
+                })
+            }
+        },
     })
 }
 

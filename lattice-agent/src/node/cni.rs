@@ -75,8 +75,9 @@ pub enum CniError {
 
 /// Copies the plugin binary into the bin directory and, if the node's CNI
 /// has written its configuration already, chains the plugin (run as root,
-/// before privileges are dropped).
-pub fn install(settings: &CniSettings, readiness: &Readiness) -> Result<(), CniError> {
+/// before privileges are dropped; the worker's [`spawn_keeper`] tells
+/// `/readyz`).
+pub fn install(settings: &CniSettings) -> Result<(), CniError> {
     let copied = conf::install_binary(&settings.plugin, &settings.bin_dir).map_err(|source| {
         CniError::Binary {
             plugin: settings.plugin.clone(),
@@ -87,7 +88,7 @@ pub fn install(settings: &CniSettings, readiness: &Readiness) -> Result<(), CniE
     if copied {
         tracing::info!(bin_dir = %settings.bin_dir.display(), "CNI plugin binary installed");
     }
-    keep_chained(settings, readiness, &mut None);
+    keep_chained(settings, None, &mut None);
     Ok(())
 }
 
@@ -108,7 +109,8 @@ pub fn bind_socket(run_dir: &Path) -> Result<StdUnixListener, CniError> {
     StdUnixListener::bind(&path).map_err(err)
 }
 
-/// Puts the plugin back whenever the chain loses it, until `shutdown`.
+/// Puts the plugin back whenever the chain loses it (a first check at
+/// once), until `shutdown`.
 pub fn spawn_keeper(
     settings: Arc<CniSettings>,
     readiness: Arc<Readiness>,
@@ -116,16 +118,18 @@ pub fn spawn_keeper(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_error = None;
+        let mut wait = std::time::Duration::ZERO;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(KEEP_EVERY) => {}
+                () = tokio::time::sleep(wait) => {}
             }
+            wait = KEEP_EVERY;
             let settings = Arc::clone(&settings);
             let readiness = Arc::clone(&readiness);
             let mut last = last_error.take();
             last_error = tokio::task::spawn_blocking(move || {
-                keep_chained(&settings, &readiness, &mut last);
+                keep_chained(&settings, Some(&readiness), &mut last);
                 last
             })
             .await
@@ -135,7 +139,11 @@ pub fn spawn_keeper(
 }
 
 /// One check of the chain; logs a failure once until it changes.
-fn keep_chained(settings: &CniSettings, readiness: &Readiness, last_error: &mut Option<String>) {
+fn keep_chained(
+    settings: &CniSettings,
+    readiness: Option<&Readiness>,
+    last_error: &mut Option<String>,
+) {
     match conf::install(&settings.conf_dir, &settings.entry) {
         Ok(installed) => {
             if installed.changed {
@@ -144,14 +152,18 @@ fn keep_chained(settings: &CniSettings, readiness: &Readiness, last_error: &mut 
             if last_error.take().is_some() {
                 tracing::info!(file = %installed.file.display(), "CNI plugin in the runtime's chain again");
             }
-            readiness.set_cni(Ok(()));
+            if let Some(readiness) = readiness {
+                readiness.set_cni(Ok(()));
+            }
         }
         Err(e) => {
             let why = crate::error_chain(&e);
             if last_error.as_deref() != Some(why.as_str()) {
                 tracing::warn!(reason = %why, "CNI plugin not in the runtime's chain; new pods are enrolled only once the API shows them running");
             }
-            readiness.set_cni(Err(why.clone()));
+            if let Some(readiness) = readiness {
+                readiness.set_cni(Err(why.clone()));
+            }
             *last_error = Some(why);
         }
     }

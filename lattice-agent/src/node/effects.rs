@@ -11,6 +11,7 @@ use super::{
     events::{Kind, PodRef},
     handover::HandedPod,
     pod_spec::{self, Decision, IdentityPlan, PodPlan},
+    resume::Resume,
     state::{self, Effects, Leaving, Notice},
 };
 use crate::netns::NetNs;
@@ -46,6 +47,10 @@ impl NodeAgent {
             }
         }
         let mut attempt = attempt;
+        // What the parent holds for the pod goes with what serves it,
+        // unless an enrollment follows (which hands the pod over again,
+        // or releases it if it fails).
+        let release = attempt.is_none() && (stop.is_some() || close.is_some());
         if let Some(mut served) = stop {
             // Served anew: its next proxy serves on the same sockets if they
             // are in the namespace it is enrolled in.
@@ -55,11 +60,15 @@ impl NodeAgent {
                 attempt.handed = Some(HandedPod {
                     listeners: served.take_listeners(),
                     netns: None,
+                    state: None,
                 });
             }
             drop(served.stop(&self.ctx));
         }
         drop(close);
+        if release {
+            self.release(uid);
+        }
         if let Some(notice) = notice {
             self.tell(notice, via);
         }
@@ -98,7 +107,9 @@ impl NodeAgent {
                     "Enroll",
                     enrolled_note(&enrolled.plan, enrolled.missing_identity.as_deref()),
                 );
-                (self.table.on_enrolled(uid, enrolled), Ok(()))
+                let effects = self.table.on_enrolled(uid, enrolled);
+                self.hold(uid);
+                (effects, Ok(()))
             }
             Err(failure) => {
                 self.ctx.metrics.count_enrollment(false);
@@ -106,12 +117,51 @@ impl NodeAgent {
                 let effects =
                     self.table
                         .on_failed(uid, reason.clone(), failure.netns_cookie, Instant::now());
+                self.release(uid);
                 (effects, Err(reason))
             }
         };
         // Recording an outcome never asks for another attempt.
         let _ = self.apply(uid, effects, None, via);
         Some(outcome)
+    }
+
+    /// Hands the parent duplicates of a served pod's sockets and
+    /// namespace, with what serving it again takes: a worker started after
+    /// this one died serves the pod on them at once.
+    fn hold(&self, uid: &str) {
+        let Some(state::Entry {
+            phase: state::Phase::Enrolled(enrolled),
+            ..
+        }) = self.table.get(uid)
+        else {
+            return;
+        };
+        let pod = enrolled.served.handover().map(|mut pod| {
+            pod.state = Resume {
+                plan: enrolled.plan.clone(),
+                sandbox: enrolled.sandbox.clone(),
+            }
+            .encode();
+            pod
+        });
+        let held = match pod {
+            Ok(pod) => self
+                .keeper
+                .hold(uid, pod)
+                .map_err(|e| crate::error_chain(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = held {
+            tracing::warn!(pod = %enrolled.plan.display_name(), error = %e, "the parent does not hold the pod's sockets: if this worker dies, the pod is served again only once the API is listed");
+        }
+    }
+
+    /// The parent closes what it holds for a pod no longer served.
+    fn release(&self, uid: &str) {
+        if let Err(e) = self.keeper.release(uid) {
+            tracing::warn!(pod_uid = %uid, error = %crate::error_chain(&e), "the parent may still hold a pod's sockets");
+        }
     }
 
     /// Logs a transition's notice and tells the pod's Events.

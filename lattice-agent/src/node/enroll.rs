@@ -154,8 +154,8 @@ impl Served {
         Arc::clone(&self.metrics.counts)
     }
 
-    /// Duplicates of its listening sockets and namespace, for an agent
-    /// taking over.
+    /// Duplicates of its listening sockets and namespace, for the parent
+    /// to hold (see `keeper`).
     pub fn handover(&self) -> io::Result<ServedPod> {
         Ok(ServedPod {
             listeners: self
@@ -164,6 +164,7 @@ impl Served {
                 .map(OwnedFd::try_clone)
                 .collect::<io::Result<Vec<_>>>()?,
             netns: Some(self.netns.duplicate()?),
+            state: None,
         })
     }
 
@@ -223,6 +224,7 @@ pub fn enroll(
             Some(HandedPod {
                 listeners,
                 netns: Some(fd),
+                ..
             }),
         ) => {
             let netns = NetNs::from_fd(fd, format!("handed over for pod {}", plan.uid))

@@ -22,11 +22,17 @@
 //!
 //! ```text
 //! new → old: {"op":"next"}                  (repeated until "last")
-//! old → new: {"pods":[{"uid":..,"sockets":2,"netns":true},..],"last":false}
+//! old → new: {"pods":[{"uid":..,"sockets":2,"netns":true,"state":".."},..],"last":false}
 //!            + descriptors: each pod's sockets, then its namespace
 //! new → old: {"op":"taken"}
 //! old → new: {"ok":true}
 //! ```
+//!
+//! `state` is what the node agent's worker keeps about a pod to serve it
+//! again at once (see [`crate::keeper`]): opaque here, carried as it came,
+//! at most [`MAX_STATE`] bytes. An agent that does not know it ignores it
+//! and waits for the API, as without it. The same framing and answers
+//! carry the pods from the node agent's parent to each worker it starts.
 
 use std::{
     collections::HashMap,
@@ -47,8 +53,17 @@ use serde::{Deserialize, Serialize};
 /// 253 descriptors per SCM_RIGHTS message.
 pub const PODS_PER_BATCH: usize = 80;
 /// The longest line either agent sends or accepts: an answer of
-/// [`PODS_PER_BATCH`] pods is a few KiB.
+/// [`PODS_PER_BATCH`] pods without state is a few KiB; answers with state
+/// are cut to fit (see [`batches`]).
 pub const MAX_FRAME: usize = 64 * 1024;
+/// The longest `state` a pod may carry: one pod's entry always fits a
+/// frame.
+pub const MAX_STATE: usize = 16 * 1024;
+/// An answer holds pods while its line stays within this (one more pod of
+/// [`MAX_STATE`] still fits [`MAX_FRAME`]).
+const BATCH_BYTES: usize = MAX_FRAME - MAX_STATE - 1024;
+/// What a connection closed by the other side reads as.
+pub const CLOSED: &str = "closed by the other agent";
 /// How long either side waits for the other.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -83,18 +98,51 @@ pub struct PodSockets {
     /// Its network namespace follows its sockets.
     #[serde(default)]
     pub netns: bool,
+    /// What serving it again needs (opaque here; see the module's docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// What a running agent hands over for one pod.
+#[derive(Debug)]
 pub struct ServedPod {
     pub listeners: Vec<OwnedFd>,
     pub netns: Option<OwnedFd>,
+    pub state: Option<String>,
+}
+
+impl ServedPod {
+    /// Duplicates of its descriptors, for another process.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            listeners: self
+                .listeners
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<io::Result<_>>()?,
+            netns: self.netns.as_ref().map(OwnedFd::try_clone).transpose()?,
+            state: self.state.clone(),
+        })
+    }
 }
 
 /// What the new agent receives for one pod.
+#[derive(Debug)]
 pub struct HandedPod {
     pub listeners: Vec<std::net::TcpListener>,
     pub netns: Option<OwnedFd>,
+    /// What the agent that served it kept to serve it again.
+    pub state: Option<String>,
+}
+
+impl From<HandedPod> for ServedPod {
+    fn from(pod: HandedPod) -> Self {
+        Self {
+            listeners: pod.listeners.into_iter().map(OwnedFd::from).collect(),
+            netns: pod.netns,
+            state: pod.state,
+        }
+    }
 }
 
 /// One answer to `next`: pods and the descriptors that came with it.
@@ -125,6 +173,16 @@ impl Batch {
             .ok_or_else(|| "more descriptors announced than one answer carries".to_owned())?;
         if wanted != fds {
             return Err(format!("{wanted} sockets announced, {fds} received"));
+        }
+        if let Some(pod) = batch
+            .pods
+            .iter()
+            .find(|p| p.state.as_ref().is_some_and(|s| s.len() > MAX_STATE))
+        {
+            return Err(format!(
+                "pod {}: state longer than {MAX_STATE} bytes",
+                pod.uid
+            ));
         }
         Ok(batch)
     }
@@ -163,32 +221,8 @@ pub fn take_listeners(run_dir: &Path) -> Result<Option<(Predecessor, HandedOver)
         }
         Err(source) => return Err(HandoverError::Io { path, source }),
     };
-    let io_err = |source| HandoverError::Io {
-        path: path.clone(),
-        source,
-    };
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    let mut conn = Conn::new(stream, path.clone());
-    let mut handed = HandedOver::new();
-    loop {
-        conn.send(&Request::Next, &[])?;
-        let (line, fds) = conn.receive_frame()?;
-        let batch = Batch::decode(&line, fds.len()).map_err(|e| conn.protocol(e))?;
-        let mut fds = fds.into_iter();
-        for pod in batch.pods {
-            let listeners = fds
-                .by_ref()
-                .take(pod.sockets)
-                .map(std::net::TcpListener::from)
-                .collect();
-            let netns = if pod.netns { fds.next() } else { None };
-            handed.insert(pod.uid, HandedPod { listeners, netns });
-        }
-        if batch.last {
-            break;
-        }
-    }
+    let mut conn = Conn::with_timeouts(stream, path)?;
+    let handed = conn.take_pods()?;
     Ok(Some((Predecessor { conn }, handed)))
 }
 
@@ -222,38 +256,13 @@ pub fn serve_successor(
     path: &Path,
     agent: &dyn Listeners,
 ) -> Result<(), HandoverError> {
-    let io_err = |source| HandoverError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    let mut conn = Conn::new(stream, path.to_owned());
+    let mut conn = Conn::with_timeouts(stream, path.to_owned())?;
     let pods = agent.listeners();
-    let mut batches = pods.chunks(PODS_PER_BATCH).peekable();
+    let mut batches = batches(&pods);
     loop {
         let (request, _): (Request, Vec<OwnedFd>) = conn.receive(0)?;
         match request {
-            Request::Next => {
-                let batch = batches.next().unwrap_or(&[]);
-                let fds: Vec<RawFd> = batch
-                    .iter()
-                    .flat_map(|(_, pod)| pod.listeners.iter().chain(pod.netns.as_ref()))
-                    .map(AsRawFd::as_raw_fd)
-                    .collect();
-                let answer = Batch {
-                    pods: batch
-                        .iter()
-                        .map(|(uid, pod)| PodSockets {
-                            uid: uid.clone(),
-                            sockets: pod.listeners.len(),
-                            netns: pod.netns.is_some(),
-                        })
-                        .collect(),
-                    last: batches.peek().is_none(),
-                };
-                conn.send(&answer, &fds)?;
-            }
+            Request::Next => conn.send_batch(&mut batches)?,
             Request::Taken => {
                 agent.handed_over();
                 conn.send(&serde_json::json!({"ok": true}), &[])?;
@@ -263,8 +272,72 @@ pub fn serve_successor(
     }
 }
 
-/// One side of the control connection: JSON lines, descriptors alongside.
-struct Conn {
+/// `pods` cut into answers to `next`: each within [`PODS_PER_BATCH`] pods,
+/// [`frame::MAX_FDS`] descriptors and about [`BATCH_BYTES`] of line; an
+/// empty answer when there is nothing (more) to say.
+pub fn batches(pods: &[(String, ServedPod)]) -> Batches<'_> {
+    Batches {
+        rest: pods,
+        started: false,
+    }
+}
+
+/// The answers [`batches`] cuts, one per `next`.
+pub struct Batches<'a> {
+    rest: &'a [(String, ServedPod)],
+    /// One answer was given (the first is given even when empty).
+    started: bool,
+}
+
+impl<'a> Iterator for Batches<'a> {
+    type Item = (Batch, Vec<RawFd>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.started && self.rest.is_empty() {
+            return None;
+        }
+        self.started = true;
+        let (mut n, mut fds, mut bytes) = (0, 0, 0);
+        for (uid, pod) in self.rest {
+            let pod_fds = pod.listeners.len() + usize::from(pod.netns.is_some());
+            // The uid and state, escaped at worst as `\u00XX`, and the rest.
+            let pod_bytes = 6 * (uid.len() + pod.state.as_ref().map_or(0, String::len)) + 64;
+            if n > 0
+                && (n == PODS_PER_BATCH
+                    || fds + pod_fds > frame::MAX_FDS
+                    || bytes + pod_bytes > BATCH_BYTES)
+            {
+                break;
+            }
+            (n, fds, bytes) = (n + 1, fds + pod_fds, bytes + pod_bytes);
+        }
+        let (batch, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        let fds = batch
+            .iter()
+            .flat_map(|(_, pod)| pod.listeners.iter().chain(pod.netns.as_ref()))
+            .map(AsRawFd::as_raw_fd)
+            .collect();
+        let answer = Batch {
+            pods: batch
+                .iter()
+                .map(|(uid, pod)| PodSockets {
+                    uid: uid.clone(),
+                    sockets: pod.listeners.len(),
+                    netns: pod.netns.is_some(),
+                    state: pod.state.clone(),
+                })
+                .collect(),
+            last: self.rest.is_empty(),
+        };
+        Some((answer, fds))
+    }
+}
+
+/// One side of a handover connection (the control socket, or the node
+/// agent's parent and worker): JSON lines, descriptors alongside, one
+/// request and its answer at a time.
+pub struct Conn {
     stream: UnixStream,
     path: PathBuf,
     /// Bytes read past the last line.
@@ -272,7 +345,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: UnixStream, path: PathBuf) -> Self {
+    pub fn new(stream: UnixStream, path: PathBuf) -> Self {
         Self {
             stream,
             path,
@@ -280,7 +353,22 @@ impl Conn {
         }
     }
 
-    fn protocol(&self, detail: String) -> HandoverError {
+    /// [`Conn::new`], each read and write bounded by [`TIMEOUT`].
+    pub fn with_timeouts(stream: UnixStream, path: PathBuf) -> Result<Self, HandoverError> {
+        let io_err = |source| HandoverError::Io {
+            path: path.clone(),
+            source,
+        };
+        stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
+        stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
+        Ok(Self::new(stream, path))
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    pub fn protocol(&self, detail: String) -> HandoverError {
         HandoverError::Protocol {
             path: self.path.clone(),
             detail,
@@ -294,7 +382,52 @@ impl Conn {
         }
     }
 
-    fn send(&mut self, message: &impl Serialize, fds: &[RawFd]) -> Result<(), HandoverError> {
+    /// Asks `next` until the last answer: every pod the other side holds.
+    pub fn take_pods(&mut self) -> Result<HandedOver, HandoverError> {
+        let mut handed = HandedOver::new();
+        loop {
+            self.send(&Request::Next, &[])?;
+            let (line, fds) = self.receive_frame()?;
+            let batch = Batch::decode(&line, fds.len()).map_err(|e| self.protocol(e))?;
+            let mut fds = fds.into_iter();
+            for pod in batch.pods {
+                let listeners = fds
+                    .by_ref()
+                    .take(pod.sockets)
+                    .map(std::net::TcpListener::from)
+                    .collect();
+                let netns = if pod.netns { fds.next() } else { None };
+                handed.insert(
+                    pod.uid,
+                    HandedPod {
+                        listeners,
+                        netns,
+                        state: pod.state,
+                    },
+                );
+            }
+            if batch.last {
+                return Ok(handed);
+            }
+        }
+    }
+
+    /// Answers a `next` with the following batch (an empty last one when
+    /// there is none).
+    pub fn send_batch(&mut self, batches: &mut Batches<'_>) -> Result<(), HandoverError> {
+        let (answer, fds) = batches.next().unwrap_or_else(|| {
+            (
+                Batch {
+                    pods: Vec::new(),
+                    last: true,
+                },
+                Vec::new(),
+            )
+        });
+        self.send(&answer, &fds)
+    }
+
+    pub fn send(&mut self, message: &impl Serialize, fds: &[RawFd]) -> Result<(), HandoverError> {
         let mut line = serde_json::to_vec(message).map_err(|e| self.protocol(e.to_string()))?;
         if line.len() > MAX_FRAME {
             return Err(self.protocol(format!(
@@ -324,16 +457,16 @@ impl Conn {
 
     /// The next line and the descriptors that came with it (at most one
     /// message's worth).
-    fn receive_frame(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoverError> {
+    pub fn receive_frame(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoverError> {
         frame::read_frame(&self.stream, &mut self.lines, frame::MAX_FDS).map_err(|e| match e {
             FrameError::Io(source) => self.io(source),
-            FrameError::Closed => self.protocol("closed by the other agent".into()),
+            FrameError::Closed => self.protocol(CLOSED.into()),
             e => self.protocol(e.to_string()),
         })
     }
 
     /// The next message, with at most `max_fds` descriptors.
-    fn receive<T: for<'de> Deserialize<'de>>(
+    pub fn receive<T: for<'de> Deserialize<'de>>(
         &mut self,
         max_fds: usize,
     ) -> Result<(T, Vec<OwnedFd>), HandoverError> {
@@ -380,6 +513,10 @@ mod tests {
                         netns: i.is_multiple_of(2).then(|| {
                             OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap())
                         }),
+                        // Every third pod with state, some of it long.
+                        state: i
+                            .is_multiple_of(3)
+                            .then(|| format!("{i}:{}", "s".repeat(i * 60))),
                     };
                     (uid.clone(), pod)
                 })
@@ -441,6 +578,12 @@ mod tests {
             );
             let i: usize = uid.strip_prefix("pod-").unwrap().parse().unwrap();
             assert_eq!(taken[uid].netns.is_some(), i.is_multiple_of(2), "{uid}");
+            assert_eq!(
+                taken[uid].state,
+                i.is_multiple_of(3)
+                    .then(|| format!("{i}:{}", "s".repeat(i * 60))),
+                "{uid}"
+            );
         }
         for (uid, _client) in &queued {
             let (conn, _) = taken[uid].listeners[0].accept().unwrap();
@@ -535,6 +678,7 @@ mod tests {
                     uid: i.to_string(),
                     sockets: 0,
                     netns: false,
+                    state: None,
                 })
                 .collect(),
             last: false,

@@ -14,19 +14,25 @@
 //! ([`cni`] receives the plugin's calls, [`cni_calls`] acts on them); the
 //! API watch then only confirms it.
 //!
+//! This runs in node mode's worker process; its parent ([`crate::keeper`])
+//! holds every served pod's listening sockets and namespace: the agent
+//! hands each pod to it once served and tells it when the pod goes, and
+//! a worker started after another died takes them all back and serves
+//! them at once, from the state it kept with them ([`resume`]), before the
+//! API is listed.
+//!
 //! Everything the agent knows about a pod lives in one entry of the pod
 //! table ([`state`]), changed only by its transitions; this loop makes the
 //! observations they take and carries out the effects they return.
 //! [`effects`] carries out their effects; [`pod_spec`] decides from the API
 //! object, [`identity`] holds each pod's AWS identity, [`events`] tells
-//! `kubectl describe pod`, [`handover`] (with [`control`]) passes the pods'
-//! listeners from an agent to the one replacing it, [`report`] serves
-//! `/pods`; [`peer`] admits only root and the agent's own UID to the
-//! control and CNI sockets.
+//! `kubectl describe pod`, [`handover`] passes the pods' listeners from an
+//! agent to the one replacing it (and between the parent and its worker),
+//! [`report`] serves `/pods`; [`peer`] admits only root and the agent's own
+//! UID to the control and CNI sockets.
 
 pub mod cni;
 mod cni_calls;
-mod control;
 mod effects;
 pub mod enroll;
 pub mod events;
@@ -35,6 +41,7 @@ pub mod identity;
 pub mod peer;
 pub mod pod_spec;
 pub mod report;
+pub mod resume;
 pub mod state;
 pub mod watch;
 
@@ -50,15 +57,15 @@ use tokio_util::sync::CancellationToken;
 pub use self::report::NodeReport;
 use self::{
     cni::{CniCall, CniSettings},
-    control::HandoverRequest,
     enroll::{NodeContext, Served},
     events::{EventPublisher, PodRef},
     handover::HandedPod,
     pod_spec::Decision,
+    resume::Resume,
     state::{Effects, Seen, Want},
     watch::{Stores, Watches},
 };
-use crate::admin::Readiness;
+use crate::{admin::Readiness, keeper::protocol::WorkerLink};
 
 /// Reconciles at least this often, so a pod whose sandbox was recreated
 /// is found even when nothing in the API changes.
@@ -76,17 +83,15 @@ pub struct NodeAgent {
     stores: Stores,
     table: PodTable,
     report: Arc<NodeReport>,
-    /// The agent this one replaces, until told it has taken over.
-    predecessor: Option<handover::Predecessor>,
+    /// Pods handed over with their state, to serve at once.
+    resume: Vec<(String, Resume)>,
+    /// The parent: it holds each served pod's sockets.
+    keeper: Arc<WorkerLink>,
     client: kube::Client,
     /// `--node-name`.
     node_name: String,
     /// The CNI plugin's socket (served once ready) and settings.
     cni: Option<(std::os::unix::net::UnixListener, Arc<CniSettings>)>,
-    /// Served once this agent is ready.
-    control: Option<std::os::unix::net::UnixListener>,
-    handover_requests: mpsc::Receiver<HandoverRequest>,
-    handover_sender: mpsc::Sender<HandoverRequest>,
     /// Cancelled once a successor has taken this agent's pods over.
     replaced: CancellationToken,
     readiness: Arc<Readiness>,
@@ -96,12 +101,13 @@ pub struct NodeAgent {
 pub struct Startup {
     pub client: kube::Client,
     pub node_name: String,
-    /// The agent being replaced, when one handed its listeners over.
-    pub predecessor: Option<handover::Predecessor>,
-    /// What it handed over, by pod UID: the table starts from it.
+    /// The pods the parent holds (served by the worker before this one,
+    /// or by the agent this one replaces), by UID: the table starts from
+    /// them.
     pub handed_over: handover::HandedOver,
-    /// The control socket, bound, for the agent that will replace this one.
-    pub control: std::os::unix::net::UnixListener,
+    pub keeper: Arc<WorkerLink>,
+    /// Cancelled when a newer agent serves the pods (the parent says so).
+    pub replaced: CancellationToken,
     /// The CNI plugin's socket, bound, and the plugin's settings.
     pub cni: Option<(std::os::unix::net::UnixListener, Arc<CniSettings>)>,
     pub readiness: Arc<Readiness>,
@@ -118,15 +124,16 @@ impl NodeAgent {
         let Startup {
             client,
             node_name,
-            predecessor,
             handed_over,
-            control,
+            keeper,
+            replaced,
             cni,
             readiness,
         } = startup;
         let (stores, watches) = watch::start(&client, &node_name, shutdown);
         let mut table = PodTable::default();
-        for (uid, pod) in handed_over {
+        let mut resume = Vec::new();
+        for (uid, mut pod) in handed_over {
             // The namespace the handed sockets are in, which the agent
             // handing them over kept in the gate.
             let cookie = pod
@@ -134,23 +141,23 @@ impl NodeAgent {
                 .first()
                 .and_then(|l| crate::netns::netns_cookie(l).ok());
             let netns = pod.netns.is_some();
+            if let Some(state) = pod.state.take().as_deref().and_then(Resume::decode) {
+                resume.push((uid.clone(), state));
+            }
             table.seed(uid, pod, netns, cookie);
         }
-        let (handover_sender, handover_requests) = mpsc::channel(4);
         let agent = Self {
             ctx,
             events: EventPublisher::new(client.clone(), &node_name),
             stores,
             table,
             report: Arc::new(NodeReport::default()),
-            predecessor,
+            resume,
+            keeper,
             client,
             node_name,
             cni,
-            control: Some(control),
-            handover_requests,
-            handover_sender,
-            replaced: CancellationToken::new(),
+            replaced,
             readiness,
         };
         (agent, watches)
@@ -160,33 +167,37 @@ impl NodeAgent {
         Arc::clone(&self.report)
     }
 
-    /// Reconciles on every change and retry until `shutdown`; then stops
-    /// every pod's proxy, leaving their namespaces enrolled (with pinned
-    /// programs their Lattice connects are refused until an agent serves
-    /// them again: never sent unsigned). Ready once the first list is
-    /// served (and, replacing an agent, taken over from it) and the gate
-    /// holds only the namespaces of pods that ask for signing. When a
-    /// newer agent takes this one's listeners over, it stops serving and
-    /// leaves the shared state to it.
+    /// Serves the pods handed over with their state at once; then, once
+    /// the API is listed, reconciles on every change and retry until
+    /// `shutdown`; then stops every pod's proxy, leaving their namespaces
+    /// enrolled and their sockets with the parent (with pinned programs
+    /// their Lattice connects wait in the listeners' backlogs, or are
+    /// refused once no agent holds them: never sent unsigned). Ready once
+    /// the first list is served (and, replacing an agent, taken over from
+    /// it) and the gate holds only the namespaces of pods that ask for
+    /// signing. When a newer agent takes the pods over, it stops serving
+    /// and leaves the shared state to it.
     pub async fn run(mut self, watches: Watches, shutdown: CancellationToken) {
+        self.resume_handed();
+        let keeper = Arc::clone(&self.keeper);
+        if let Err(e) = keeper.started() {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot tell the parent this worker serves");
+        }
         watches.listed.cancelled().await;
         let mut wake = self.reconcile();
-        if let Some(predecessor) = self.predecessor.take() {
-            match tokio::task::spawn_blocking(move || predecessor.taken()).await {
-                Ok(Ok(())) => tracing::info!("took over from the agent this one replaces"),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "the replaced agent did not confirm the takeover")
-                }
-                Err(e) => tracing::warn!(error = %e, "takeover task failed"),
+        // The parent tells the agent this one replaces, if any, that this
+        // one serves every pod now.
+        match tokio::task::spawn_blocking(move || keeper.serving()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error_chain(&e), "the parent did not confirm the takeover")
             }
+            Err(e) => tracing::warn!(error = %e, "takeover task failed"),
         }
         // The agent before this one crashed, or handed its pods over and
         // leaves the shared state alone from now on: either way the gate
         // may hold namespaces no pod asks for any more.
         self.reconcile_gate();
-        if let Err(e) = self.serve_control(&shutdown) {
-            tracing::warn!(error = %crate::error_chain(&e), "no control socket: a new agent will not be able to take over without losing connections");
-        }
         let (mut cni_calls, cni_settings) = self.serve_cni(&shutdown);
         self.readiness.set_pods_listed(true);
         tracing::info!("lattice-agent ready (node mode)");
@@ -198,14 +209,9 @@ impl NodeAgent {
                     self.handle_cni(call);
                     continue;
                 }
-                Some(request) = self.handover_requests.recv() => {
-                    let _ = request.send(self.handover());
-                    continue;
-                }
                 () = replaced.cancelled() => {
                     tracing::info!("a new agent took the pods over: not accepting any more; draining");
                     self.readiness.set_listening(false);
-                    self.handover_requests.close();
                     self.stop_all().await;
                     shutdown.cancelled().await;
                     return;
@@ -221,6 +227,29 @@ impl NodeAgent {
         {
             cni::uninstall(&settings);
         }
+    }
+
+    /// Serves again, at once, each pod handed over with its state: on its
+    /// sockets, in its namespace, with its plan.
+    fn resume_handed(&mut self) {
+        let resume = std::mem::take(&mut self.resume);
+        if resume.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut served = 0;
+        for (uid, state) in resume {
+            let effects = self.table.on_resume(&uid, state.plan, state.sandbox);
+            if let Some(Ok(())) = self.apply(&uid, effects, None, "restart") {
+                served += 1;
+            }
+        }
+        self.publish_state();
+        tracing::info!(
+            pods = served,
+            took_ms = started.elapsed().as_millis() as u64,
+            "serving the pods the parent held, before listing the API"
+        );
     }
 
     /// Brings the table in line with the stores; returns when to

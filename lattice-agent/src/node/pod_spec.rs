@@ -55,7 +55,7 @@ pub enum Decision {
 
 /// Everything enrollment needs to know about a pod, from its API object.
 /// A change in it (identity, IPs) means enrolling the pod anew.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PodPlan {
     pub uid: String,
     pub namespace: String,
@@ -85,7 +85,7 @@ impl PodPlan {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IdentityPlan {
     Irsa {
         service_account: String,
@@ -117,7 +117,7 @@ impl IdentityPlan {
 /// A service-account token the kubelet projects into one of the pod's
 /// volumes (a `serviceAccountToken` source): the token of the pod's
 /// service account for `audience`, which the pod cannot write.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ProjectedToken {
     pub volume: String,
     /// Path inside the volume: only normal components.

@@ -279,6 +279,41 @@ impl<S, H> PodTable<S, H> {
         self.pods.insert(uid, entry);
     }
 
+    /// A pod handed over with what serving it again takes (its plan as
+    /// the API last showed it, its CNI sandbox): served again at once,
+    /// before the API is listed; the API's view then reconciles it as any
+    /// other. Nothing unless the pod was just handed over.
+    pub fn on_resume(
+        &mut self,
+        uid: &str,
+        plan: PodPlan,
+        sandbox: Option<String>,
+    ) -> Effects<S, H> {
+        let Some(entry) = self.pods.get_mut(uid) else {
+            return Effects::default();
+        };
+        if !matches!(entry.phase, Phase::HandedOver { .. }) {
+            return Effects::default();
+        }
+        let enrolling = Phase::Enrolling {
+            plan: plan.clone(),
+            attempts: 0,
+            last_reason: None,
+            sandbox,
+        };
+        let Phase::HandedOver { handed, .. } = std::mem::replace(&mut entry.phase, enrolling)
+        else {
+            unreachable!("matched above");
+        };
+        Effects {
+            attempt: Some(Attempt {
+                plan,
+                handed: Some(handed),
+            }),
+            ..Effects::default()
+        }
+    }
+
     pub fn get(&self, uid: &str) -> Option<&Entry<S, H>> {
         self.pods.get(uid)
     }
@@ -1018,5 +1053,43 @@ mod tests {
             [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
         );
         assert_eq!(retry_delay(u32::MAX), Duration::from_secs(30));
+    }
+
+    /// A pod handed over with its state is enrolled at once in the
+    /// namespace that came with it, on the sockets that came with it, for
+    /// its CNI sandbox; the API's view then leaves it be. A pod that is no
+    /// longer just handed over is not resumed.
+    #[test]
+    fn a_pod_handed_over_with_its_state_is_served_again_at_once() {
+        let now = Instant::now();
+        let mut t = Table::default();
+        t.seed(UID.into(), "sockets-1", true, Some(11));
+        let e = t.on_resume(UID, plan("10.0.0.1"), Some("sandbox-1".into()));
+        let attempt = e.attempt.expect("an attempt");
+        assert_eq!(
+            (attempt.plan, attempt.handed),
+            (plan("10.0.0.1"), Some("sockets-1"))
+        );
+        assert!(e.ungate.is_empty() && e.stop.is_none() && e.close.is_none());
+        assert_eq!(phase_name(&t), "enrolling");
+        let mut served = enrolled(plan("10.0.0.1"), NS_A, 11, "p1");
+        served.given = true;
+        assert!(t.on_enrolled(UID, served).is_empty());
+        let Some(Phase::Enrolled(e)) = t.get(UID).map(|e| &e.phase) else {
+            panic!("{}", phase_name(&t));
+        };
+        assert_eq!(e.sandbox.as_deref(), Some("sandbox-1"));
+        assert_eq!(t.gate_keep(), BTreeSet::from([11]));
+        assert!(
+            t.on_api(UID, Want::Enroll(plan("10.0.0.1")), Seen::Served, now)
+                .is_empty()
+        );
+        // A DEL of another sandbox of the pod leaves it be.
+        assert!(t.on_cni_del(UID, "sandbox-0").is_empty());
+        assert!(t.on_resume(UID, plan("10.0.0.1"), None).is_empty());
+        assert!(
+            t.on_resume("uid-unknown", plan("10.0.0.1"), None)
+                .is_empty()
+        );
     }
 }

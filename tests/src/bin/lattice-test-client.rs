@@ -29,6 +29,9 @@
 //!       before any reply is sent again once on a new connection (counted
 //!       as `retried`, as Go's net/http does for idempotent requests);
 //!       `connections` counts the connections opened
+//!   (either load, with a last argument `timeline`, also prints the
+//!   CLOCK_MONOTONIC ns at which each 200 arrived, `ok_ns`, and each
+//!   failure, `failed_ns`, and each retry, `retried_ns`)
 //!   lattice-test-client first-call ADDR:PORT HOST PATH
 //!       what an app does at its first instruction: one GET (`Host: HOST`),
 //!       no retry; prints one JSON line: `outcome` (`reply` with `status`,
@@ -76,14 +79,30 @@ fn main() -> ExitCode {
             Ok(n) => with_addr(addr, |a| many(a, n, true)),
             Err(_) => usage(),
         },
-        ["load", addr, secs, host] => match secs.parse() {
-            Ok(secs) => with_addr(addr, |a| load(a, Duration::from_secs(secs), host)),
+        ["load", addr, secs, host, rest @ ..] if timeline(rest).is_some() => match secs.parse() {
+            Ok(secs) => with_addr(addr, |a| {
+                load(
+                    a,
+                    Duration::from_secs(secs),
+                    host,
+                    timeline(rest) == Some(true),
+                )
+            }),
             Err(_) => usage(),
         },
-        ["load-keepalive", addr, secs, host] => match secs.parse() {
-            Ok(secs) => with_addr(addr, |a| load_keepalive(a, Duration::from_secs(secs), host)),
-            Err(_) => usage(),
-        },
+        ["load-keepalive", addr, secs, host, rest @ ..] if timeline(rest).is_some() => {
+            match secs.parse() {
+                Ok(secs) => with_addr(addr, |a| {
+                    load_keepalive(
+                        a,
+                        Duration::from_secs(secs),
+                        host,
+                        timeline(rest) == Some(true),
+                    )
+                }),
+                Err(_) => usage(),
+            }
+        }
         ["first-call", addr, host, path] => with_addr(addr, |a| first_call(a, host, path)),
         ["wait-signed", addr, secs] => match secs.parse() {
             Ok(secs) => with_addr(addr, |a| wait_signed(a, Duration::from_secs(secs))),
@@ -99,11 +118,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The load modes' optional last argument: `Some(true)` for `timeline`.
+fn timeline(rest: &[&str]) -> Option<bool> {
+    match rest {
+        [] => Some(false),
+        ["timeline"] => Some(true),
+        _ => None,
+    }
+}
+
 fn usage() -> ExitCode {
     eprintln!(
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
          | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
-         | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST \
+         | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST [timeline] \
          | first-call ADDR:PORT HOST PATH"
     );
     ExitCode::from(64)
@@ -610,11 +638,23 @@ struct LoadStats {
     recovered: Option<u128>,
     /// Request latencies of the 200s, microseconds.
     latencies_us: Vec<u64>,
+    /// With `timeline`: when each 200, failure and retry happened.
+    timeline: Option<Timeline>,
+}
+
+#[derive(Default)]
+struct Timeline {
+    ok: Vec<u64>,
+    failed: Vec<u64>,
+    retried: Vec<u64>,
 }
 
 impl LoadStats {
     fn ok(&mut self, started: std::time::Instant) {
         self.ok += 1;
+        if let Some(t) = &mut self.timeline {
+            t.ok.push(ns_u64(lattice_tests::time::monotonic_ns()));
+        }
         self.latencies_us
             .push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         if self.last_bad.is_some() && self.recovered.is_none() {
@@ -634,6 +674,9 @@ impl LoadStats {
 
     fn failed(&mut self, reason: String) {
         self.failed += 1;
+        if let Some(t) = &mut self.timeline {
+            t.failed.push(ns_u64(lattice_tests::time::monotonic_ns()));
+        }
         self.last_bad = Some(lattice_tests::time::monotonic_ns());
         self.recovered = None;
         if self.reasons.len() < 5 {
@@ -647,7 +690,7 @@ impl LoadStats {
             let n = self.latencies_us.len();
             (n > 0).then(|| self.latencies_us[((n as f64 * p).ceil() as usize).clamp(1, n) - 1])
         };
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "ok": self.ok,
             "refused": self.refused,
             "failed": self.failed,
@@ -661,6 +704,11 @@ impl LoadStats {
             "p99_us": pct(0.99),
             "max_us": self.latencies_us.last(),
         });
+        if let Some(t) = self.timeline {
+            line["ok_ns"] = t.ok.into();
+            line["failed_ns"] = t.failed.into();
+            line["retried_ns"] = t.retried.into();
+        }
         println!("{line}");
     }
 }
@@ -671,9 +719,12 @@ fn ns_u64(ns: u128) -> u64 {
 }
 
 /// Requests back to back for `secs` (see the usage); prints the counts.
-fn load(addr: SocketAddr, secs: Duration, host: &str) -> ExitCode {
+fn load(addr: SocketAddr, secs: Duration, host: &str, timeline: bool) -> ExitCode {
     let deadline = std::time::Instant::now() + secs;
-    let mut stats = LoadStats::default();
+    let mut stats = LoadStats {
+        timeline: timeline.then(Timeline::default),
+        ..LoadStats::default()
+    };
     let mut n = 0u64;
     while std::time::Instant::now() < deadline {
         n += 1;
@@ -694,9 +745,12 @@ fn load(addr: SocketAddr, secs: Duration, host: &str) -> ExitCode {
 
 /// Requests back to back for `secs` on one kept-alive connection at a
 /// time (see the usage); prints the counts.
-fn load_keepalive(addr: SocketAddr, secs: Duration, host: &str) -> ExitCode {
+fn load_keepalive(addr: SocketAddr, secs: Duration, host: &str, timeline: bool) -> ExitCode {
     let deadline = std::time::Instant::now() + secs;
-    let mut stats = LoadStats::default();
+    let mut stats = LoadStats {
+        timeline: timeline.then(Timeline::default),
+        ..LoadStats::default()
+    };
     let mut conn: Option<TcpStream> = None;
     let mut n = 0u64;
     while std::time::Instant::now() < deadline {
@@ -744,6 +798,9 @@ fn load_keepalive(addr: SocketAddr, secs: Duration, host: &str) -> ExitCode {
                 Err(ReplyError::ClosedBeforeReply) if reused && !retried => {
                     retried = true;
                     stats.retried += 1;
+                    if let Some(t) = &mut stats.timeline {
+                        t.retried.push(ns_u64(lattice_tests::time::monotonic_ns()));
+                    }
                     continue;
                 }
                 Err(e) => stats.failed(e.to_string()),

@@ -1,0 +1,88 @@
+//! What the worker keeps about each pod it serves in the parent's hands
+//! (see `keeper`), to serve the pod again at once after a restart, before
+//! anything is listed from the API: the pod's plan as the API last showed
+//! it and the CNI sandbox it was enrolled for. The parent stores it as an
+//! opaque string and hands it back as it came; the API watch then
+//! reconciles as for any pod.
+
+use serde::{Deserialize, Serialize};
+
+use super::pod_spec::PodPlan;
+
+/// The format's version: a state of another version is not resumed from
+/// (the pod then waits for the API, as a pod handed over without state).
+const VERSION: u32 = 1;
+
+/// What a pod is served again with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub plan: PodPlan,
+    /// The CNI sandbox (container ID) it was enrolled for, if by CNI ADD.
+    pub sandbox: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    v: u32,
+    #[serde(flatten)]
+    resume: Resume,
+}
+
+impl Resume {
+    /// The state to hand the parent.
+    pub fn encode(&self) -> Option<String> {
+        let saved = Saved {
+            v: VERSION,
+            resume: self.clone(),
+        };
+        serde_json::to_string(&saved).ok()
+    }
+
+    /// A state this version can resume from.
+    pub fn decode(state: &str) -> Option<Self> {
+        let saved: Saved = serde_json::from_str(state).ok()?;
+        (saved.v == VERSION).then_some(saved.resume)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::node::pod_spec::{IdentityPlan, ProjectedToken};
+
+    #[test]
+    fn a_pod_resumes_as_it_was_served() {
+        let resume = Resume {
+            plan: PodPlan {
+                uid: "u-1".into(),
+                namespace: "shop".into(),
+                name: "cart".into(),
+                ips: vec!["10.0.0.7".parse().unwrap()],
+                identity: IdentityPlan::Irsa {
+                    service_account: "cart".into(),
+                    role_arn: "arn:aws:iam::123456789012:role/cart".into(),
+                    token: ProjectedToken {
+                        volume: "aws-iam-token".into(),
+                        relative: PathBuf::from("token"),
+                        audience: Some("sts.amazonaws.com".into()),
+                    },
+                    session_name: None,
+                },
+                region: Some("us-west-2".into()),
+            },
+            sandbox: Some("c0ffee".into()),
+        };
+        let state = resume.encode().unwrap();
+        assert!(state.starts_with(r#"{"v":1,"#), "{state}");
+        assert_eq!(Resume::decode(&state), Some(resume));
+    }
+
+    #[test]
+    fn another_version_or_garbage_waits_for_the_api() {
+        assert_eq!(Resume::decode(r#"{"v":2,"plan":{},"sandbox":null}"#), None);
+        assert_eq!(Resume::decode("not json"), None);
+        assert_eq!(Resume::decode(""), None);
+    }
+}
