@@ -59,6 +59,8 @@ pub enum AppError {
     SharedMaps(#[source] std::io::Error),
     #[error("--worker-channel: not an open descriptor (only the node agent starts its workers)")]
     WorkerChannel(#[source] std::io::Error),
+    #[error("arranging for the worker to die with its parent (PR_SET_PDEATHSIG)")]
+    DeathSignal(#[source] std::io::Error),
     #[error("the node agent's parent")]
     Keeper(#[source] crate::node::handover::HandoverError),
     #[error("no AWS region: pass --region (LATTICE_REGION) or set AWS_REGION / a profile region")]

@@ -59,6 +59,13 @@ pub(super) fn build(cfg: NodeConfig, channel: i32) -> anyhow::Result<Bound> {
         )
         .map_err(AppError::Privileges)?;
     }
+    // Set again (a change of credentials may clear it): the worker dies
+    // with its parent. The parent answered above; if it is gone already,
+    // the events socket's end of file stops this worker.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(AppError::DeathSignal(std::io::Error::last_os_error()).into());
+    }
     let gate = NetnsGate::from_fd(shared.gate, shared.gate_capacity).map_err(AppError::Attach)?;
     let orig_dst = OrigDstMap::from_fd(shared.orig_dst)
         .map_err(|source| crate::bpf::BpfError::Map {

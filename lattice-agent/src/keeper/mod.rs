@@ -313,6 +313,14 @@ impl Keeper {
 
     fn start_worker(&self) -> std::io::Result<Running> {
         let spawned = self.command.spawn()?;
+        let conn =
+            match Conn::with_timeouts(spawned.channel, "the node agent's worker channel".into()) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let _ = kill(spawned.pid, Signal::SIGKILL);
+                    return Err(std::io::Error::other(e));
+                }
+            };
         let held = self.held();
         tracing::info!(
             pid = spawned.pid.as_raw(),
@@ -324,8 +332,7 @@ impl Keeper {
         self.notices.set_worker(Some(spawned.events));
         Ok(Running {
             pid: spawned.pid,
-            conn: Conn::with_timeouts(spawned.channel, "the node agent's worker channel".into())
-                .map_err(std::io::Error::other)?,
+            conn,
             open: true,
             started: false,
             events: Some(spawned.worker_events),

@@ -65,6 +65,14 @@ impl WorkerCommand {
         let fd = worker_channel.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         let ambient = self.ambient.clone();
+        // The parent blocks the signals it reads from a signalfd; a child
+        // inherits that mask, and the worker handles SIGTERM itself.
+        let mut unblocked = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigemptyset initialises the set it is given.
+        let unblocked = unsafe {
+            libc::sigemptyset(unblocked.as_mut_ptr());
+            unblocked.assume_init()
+        };
         let mut cmd = Command::new(&self.exe);
         cmd.arg0(&self.argv0)
             .args(&self.args)
@@ -72,9 +80,12 @@ impl WorkerCommand {
             .arg(fd.to_string())
             .stdin(Stdio::null());
         // SAFETY: between fork and exec only async-signal-safe calls
-        // (prctl, getppid, fcntl), nothing allocated.
+        // (sigprocmask, prctl, getppid, fcntl), nothing allocated.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::sigprocmask(libc::SIG_SETMASK, &unblocked, std::ptr::null_mut()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
                 }

@@ -6,7 +6,9 @@
 //! It measures:
 //! - agent RSS with no pod, with N enrolled pods (each with its own service
 //!   account and IAM role, each having served a request), and so the cost
-//!   of an added pod; and the RSS N sidecar agents would take;
+//!   of an added pod; and the RSS N sidecar agents would take (the node
+//!   agent's worker, which serves; its parent, which holds the pods'
+//!   sockets, separately);
 //! - enrollment latency: from the pod's annotation reaching the API to the
 //!   first request of the pod's app arriving signed (an app polling every
 //!   millisecond from inside the pod);
@@ -180,9 +182,14 @@ fn run(args: &Args) -> Result<Value, String> {
         cluster.agent_command_with(&args.agent, ["--log", "warn,lattice_agent::node=info"]),
         &[("AWS_ENDPOINT_URL_STS", &sts)],
     );
+    // The worker serves; its parent only holds the pods' sockets.
+    let worker = agent.wait_worker(None, Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(2));
-    let rss_idle = rss_mib(agent.pid())?;
-    eprintln!("bench node: node agent idle RSS {rss_idle:.1} MiB");
+    let rss_idle = rss_mib(worker)?;
+    let parent_rss_idle = rss_mib(agent.pid())?;
+    eprintln!(
+        "bench node: node agent idle RSS {rss_idle:.1} MiB (worker), {parent_rss_idle:.1} MiB (parent)"
+    );
 
     // N pods, each its own service account and role, annotated one by one
     // while its app polls: the time to its first signed request.
@@ -231,7 +238,7 @@ fn run(args: &Args) -> Result<Value, String> {
             // client, the first upstream pool): added pods are measured
             // from here.
             std::thread::sleep(Duration::from_secs(1));
-            rss_first = rss_mib(agent.pid())?;
+            rss_first = rss_mib(worker)?;
         }
         eprintln!(
             "bench node:   pod p{i}: first signed request {:.0} ms after its annotation",
@@ -240,7 +247,9 @@ fn run(args: &Args) -> Result<Value, String> {
         pods.push(pod);
     }
     std::thread::sleep(Duration::from_secs(2));
-    let rss_pods = rss_mib(agent.pid())?;
+    let rss_pods = rss_mib(worker)?;
+    let parent_rss = rss_mib(agent.pid())?;
+    eprintln!("bench node: node agent parent RSS {parent_rss:.1} MiB");
     let per_pod_kib = if args.pods > 1 {
         (rss_pods - rss_first) * 1024.0 / (args.pods - 1) as f64
     } else {
@@ -330,6 +339,8 @@ fn run(args: &Args) -> Result<Value, String> {
         "node_agent_rss_mib": rss_pods,
         "rss_per_added_pod_kib": per_pod_kib,
         "node_agent_rss_100_pods_mib": rss_100,
+        "node_agent_parent_rss_idle_mib": parent_rss_idle,
+        "node_agent_parent_rss_mib": parent_rss,
         "rss_100_pods_is_projected": args.pods < 100,
         "enrollment_ms": {"p50": pct(&enroll_ms, 0.5), "p99": pct(&enroll_ms, 0.99), "max": pct(&enroll_ms, 1.0)},
         "sidecar_agent_rss_mib": sidecar_rss,
@@ -542,6 +553,7 @@ fn markdown(r: &Value) -> String {
          | RSS, no pod | {:.1} MiB |\n| RSS, one pod | {:.1} MiB |\n| RSS, {pods} pods | {:.1} MiB |\n\
          | RSS per added pod | {:.0} KiB |\n| RSS, 100 pods{projected} | {:.1} MiB |\n\
          | {pods} sidecars' RSS ({:.1} MiB each) | {:.1} MiB |\n\
+         | parent RSS, no pod / {pods} pods | {:.1} / {:.1} MiB |\n\
          | enrollment p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |\n\
          | connect4 per connect, enrolled / not enrolled | {:.0} / {:.0} ns |\n\n",
         f(&r["node_agent_rss_idle_mib"]),
@@ -551,6 +563,8 @@ fn markdown(r: &Value) -> String {
         f(&r["node_agent_rss_100_pods_mib"]),
         f(&r["sidecar_agent_rss_mib"]),
         f(&r["sidecars_rss_mib"]),
+        f(&r["node_agent_parent_rss_idle_mib"]),
+        f(&r["node_agent_parent_rss_mib"]),
         f(&r["enrollment_ms"]["p50"]),
         f(&r["enrollment_ms"]["p99"]),
         f(&r["enrollment_ms"]["max"]),

@@ -363,6 +363,12 @@ pub fn node_targets(node: &Value) -> Vec<Target> {
             50.0,
             "ms",
         ),
+        t(
+            "node agent parent RSS",
+            f(&node["node_agent_parent_rss_mib"]),
+            4.0,
+            "MiB",
+        ),
     ]
 }
 
@@ -562,12 +568,20 @@ mod tests {
             "enrollment_ms": {"p99": 40.0},
             "added_p50_ms": {"node": 0.05, "sidecar": 0.05},
             "flood": {"victim_p99_ms": 80.0},
+            "node_agent_parent_rss_mib": 2.5,
         });
         let t = node_targets(&node);
         let met: Vec<Option<bool>> = t.iter().map(|t| t.met).collect();
         assert_eq!(
             met,
-            [Some(true), Some(false), Some(true), Some(true), Some(false)]
+            [
+                Some(true),
+                Some(false),
+                Some(true),
+                Some(true),
+                Some(false),
+                Some(true)
+            ]
         );
         assert_eq!(node_targets(&serde_json::json!({}))[3].met, None);
     }
