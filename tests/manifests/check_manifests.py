@@ -447,7 +447,7 @@ def cmd_kyverno(args):
     print("ok: kyverno: StatefulSet/DaemonSet injected, sidecar before the app's init containers")
 
     # 5. Migration: a workload the old policy (iptables + aws-sigv4-proxy)
-    # injected, patched with deploy/migration/remove-seed-containers.yaml; the
+    # injected, patched with deploy/migration/remove-iptables-setup-containers.yaml; the
     # same update passes through the new policy.
     seeded = copy.deepcopy(app)
     pod_spec(seeded)["initContainers"] = [
@@ -458,7 +458,7 @@ def cmd_kyverno(args):
         {"name": "sigv4proxy", "image": "public.ecr.aws/aws-observability/aws-sigv4-proxy:latest",
          "args": ["--name", "vpc-lattice-svcs"], "ports": [{"containerPort": 8080, "name": "proxy", "protocol": "TCP"}],
          "securityContext": {"runAsUser": 101}})
-    migrated = kyverno_mutate(args.kubectl, policy, kubectl_patch(args.kubectl, seeded, os.path.join(deploy, "migration", "remove-seed-containers.yaml")))
+    migrated = kyverno_mutate(args.kubectl, policy, kubectl_patch(args.kubectl, seeded, os.path.join(deploy, "migration", "remove-iptables-setup-containers.yaml")))
     check(migrated == injected, "migration: patched seed workload differs from a fresh injection:\n"
           + json.dumps(pod_spec(migrated), indent=1, sort_keys=True))
     print("ok: migration: seed containers removed, lattice-agent injected in the same update")
