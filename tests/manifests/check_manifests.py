@@ -461,7 +461,7 @@ def cmd_kyverno(args):
     migrated = kyverno_mutate(args.kubectl, policy, kubectl_patch(args.kubectl, with_iptables_setup, os.path.join(deploy, "migration", "remove-iptables-setup-containers.yaml")))
     check(migrated == injected, "migration: patched workload of the iptables setup differs from a fresh injection:\n"
           + json.dumps(pod_spec(migrated), indent=1, sort_keys=True))
-    print("ok: migration: the iptables setup.s containers removed, lattice-agent injected in the same update")
+    print("ok: migration: the iptables setup's containers removed, lattice-agent injected in the same update")
 
     # 6. The mutated objects are valid Kubernetes objects.
     kubernetes_validate(args.validator, [injected], "kyverno-mutated examples/app1")
