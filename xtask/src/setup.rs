@@ -33,7 +33,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     "qemu-user-static",
-    // `cargo xtask bench`: the seed's NAT rules as a baseline; the chart's font
+    // `cargo xtask bench`: the iptables setup's NAT rules as a baseline; the chart's font
     "iptables",
     "fonts-dejavu-core",
     // the node fixture's pod network: CNI bridge, host-local, loopback
