@@ -91,7 +91,7 @@ pub fn drop_to(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeError> {
 /// ([`AmbientCaps::raise`]) and so runs as `uid` with exactly `keep`.
 pub fn hold_for_workers(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeError> {
     drop_to(uid, keep)?;
-    let caps_err = |e: caps::errors::CapsError| PrivilegeError::Caps(e.to_string());
+    let caps_err = PrivilegeError::Caps;
     let keep: CapsHashSet = keep.iter().copied().collect();
     caps::set(None, CapSet::Inheritable, &keep).map_err(caps_err)?;
     caps::clear(None, CapSet::Effective).map_err(caps_err)
