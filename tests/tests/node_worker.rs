@@ -8,8 +8,10 @@
 //!
 //! Pods are the test kit's node fixture; the service is the botocore
 //! verifier on 169.254.171.33 in the node's namespace (403 to anything
-//! unsigned), with moto's STS for the pods' IRSA roles. Figures go to the
-//! README's "Reliability" table (lattice_tests::reliability).
+//! unsigned), with moto's STS for the pods' IRSA roles. The agent is the
+//! release build the image ships (`cargo xtask image`), as users deploy
+//! it. Figures go to the README's "Reliability" table
+//! (lattice_tests::reliability).
 
 use std::{
     fs,
@@ -19,6 +21,7 @@ use std::{
 
 use lattice_tests::{
     ChildGuard,
+    agent::release_agent_bin,
     bpftool::attached_programs,
     node::{LATTICE_V4, NodePod, PodSpec, random_uuid},
     node_agent::{
@@ -198,8 +201,7 @@ fn a_killed_worker_loses_only_its_in_flight_requests() {
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
     let pods = irsa_pods(&cluster, "w", PODS);
-    let release = lattice_tests::agent::release_agent_bin();
-    let agent = start_agent(&cluster, &release, &[]);
+    let agent = start_agent(&cluster, &release_agent_bin(), &[]);
     for pod in &pods {
         agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     }
@@ -302,7 +304,7 @@ fn a_pod_started_while_no_worker_runs_is_enrolled_by_the_next() {
     let verifier = cluster.lattice_service(&[]);
     let agent = NodeAgent::start(
         &cluster,
-        cluster.agent_command(cluster.cni_args()),
+        cluster.agent_command_with(release_agent_bin(), cluster.cni_args()),
         &[("AWS_ENDPOINT_URL_STS", &sts_url())],
     );
     let worker = agent.wait_worker(None, RESTART_TIMEOUT);
@@ -390,7 +392,7 @@ fn a_worker_crash_loop_makes_the_agent_exit_failing_closed() {
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
     let pod = irsa_pods(&cluster, "loop", 1).remove(0);
-    let agent_bin = lattice_tests::agent_bin();
+    let agent_bin = release_agent_bin();
     let limit = LIMIT.to_string();
     let mut agent = start_agent(&cluster, &agent_bin, &["--worker-crash-limit", &limit]);
     agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
@@ -497,7 +499,7 @@ fn an_oom_killed_worker_is_replaced_like_a_killed_one() {
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
     let pods = irsa_pods(&cluster, "oom", 2);
-    let agent = start_agent(&cluster, lattice_tests::agent_bin().as_ref(), &[]);
+    let agent = start_agent(&cluster, &release_agent_bin(), &[]);
     for pod in &pods {
         agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     }
