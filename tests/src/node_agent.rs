@@ -443,7 +443,9 @@ impl NodeAgent {
     }
 
     /// Waits until a worker other than `not` says it serves the pods its
-    /// parent handed it; returns its pid.
+    /// parent handed it (the parent's `worker serving` line: the agent's
+    /// `--log` must let `lattice_agent::keeper` info through); returns its
+    /// pid.
     pub fn wait_worker(&self, not: Option<i32>, timeout: Duration) -> i32 {
         let deadline = Instant::now() + timeout;
         loop {

@@ -8,7 +8,8 @@
 //!   account and IAM role, each having served a request), and so the cost
 //!   of an added pod; and the RSS N sidecar agents would take (the node
 //!   agent's worker, which serves; its parent, which holds the pods'
-//!   sockets, separately);
+//!   sockets, separately, with the part of its RSS the worker does not
+//!   share);
 //! - enrollment latency: from the pod's annotation reaching the API to the
 //!   first request of the pod's app arriving signed (an app polling every
 //!   millisecond from inside the pod);
@@ -179,7 +180,13 @@ fn run(args: &Args) -> Result<Value, String> {
     }
     let agent = NodeAgent::start(
         &cluster,
-        cluster.agent_command_with(&args.agent, ["--log", "warn,lattice_agent::node=info"]),
+        cluster.agent_command_with(
+            &args.agent,
+            [
+                "--log",
+                "warn,lattice_agent::node=info,lattice_agent::keeper=info",
+            ],
+        ),
         &[("AWS_ENDPOINT_URL_STS", &sts)],
     );
     // The worker serves; its parent only holds the pods' sockets.
@@ -249,7 +256,10 @@ fn run(args: &Args) -> Result<Value, String> {
     std::thread::sleep(Duration::from_secs(2));
     let rss_pods = rss_mib(worker)?;
     let parent_rss = rss_mib(agent.pid())?;
-    eprintln!("bench node: node agent parent RSS {parent_rss:.1} MiB");
+    let parent_private = private_mib(agent.pid())?;
+    eprintln!(
+        "bench node: node agent parent RSS {parent_rss:.1} MiB, {parent_private:.1} MiB of it not shared with the worker"
+    );
     let per_pod_kib = if args.pods > 1 {
         (rss_pods - rss_first) * 1024.0 / (args.pods - 1) as f64
     } else {
@@ -341,6 +351,7 @@ fn run(args: &Args) -> Result<Value, String> {
         "node_agent_rss_100_pods_mib": rss_100,
         "node_agent_parent_rss_idle_mib": parent_rss_idle,
         "node_agent_parent_rss_mib": parent_rss,
+        "node_agent_parent_private_mib": parent_private,
         "rss_100_pods_is_projected": args.pods < 100,
         "enrollment_ms": {"p50": pct(&enroll_ms, 0.5), "p99": pct(&enroll_ms, 0.99), "max": pct(&enroll_ms, 1.0)},
         "sidecar_agent_rss_mib": sidecar_rss,
@@ -420,6 +431,23 @@ fn rss_mib(pid: i32) -> Result<f64, String> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or("no VmRSS")?;
     Ok(kib / 1024.0)
+}
+
+/// Memory `pid` alone maps (`Private_Clean` + `Private_Dirty`): its RSS
+/// less the pages another process maps too. The node agent's parent and
+/// worker run the same executable: most of the parent's RSS is pages of
+/// it the worker maps as well, counted once on the node.
+fn private_mib(pid: i32) -> Result<f64, String> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map_err(|e| format!("/proc/{pid}/smaps_rollup: {e}"))?;
+    let field = |name: &str| -> Result<f64, String> {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| format!("no {name} in /proc/{pid}/smaps_rollup"))
+    };
+    Ok((field("Private_Clean:")? + field("Private_Dirty:")?) / 1024.0)
 }
 
 struct Wrk {
@@ -554,6 +582,7 @@ fn markdown(r: &Value) -> String {
          | RSS per added pod | {:.0} KiB |\n| RSS, 100 pods{projected} | {:.1} MiB |\n\
          | {pods} sidecars' RSS ({:.1} MiB each) | {:.1} MiB |\n\
          | parent RSS, no pod / {pods} pods | {:.1} / {:.1} MiB |\n\
+         | parent memory not shared with the worker, {pods} pods | {:.1} MiB |\n\
          | enrollment p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |\n\
          | connect4 per connect, enrolled / not enrolled | {:.0} / {:.0} ns |\n\n",
         f(&r["node_agent_rss_idle_mib"]),
@@ -565,6 +594,7 @@ fn markdown(r: &Value) -> String {
         f(&r["sidecars_rss_mib"]),
         f(&r["node_agent_parent_rss_idle_mib"]),
         f(&r["node_agent_parent_rss_mib"]),
+        f(&r["node_agent_parent_private_mib"]),
         f(&r["enrollment_ms"]["p50"]),
         f(&r["enrollment_ms"]["p99"]),
         f(&r["enrollment_ms"]["max"]),
