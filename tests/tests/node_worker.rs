@@ -35,6 +35,14 @@ use lattice_tests::{
 };
 use serde_json::Value;
 
+/// These tests kill and starve the agent's workers under load, and one
+/// times the recovery: they run one at a time, so that no test's load or
+/// OOM flood slows another's agent.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// A worker must be serving again well within this.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
@@ -195,6 +203,7 @@ fn a_killed_worker_loses_only_its_in_flight_requests() {
     if !require_root("a_killed_worker_loses_only_its_in_flight_requests") {
         return;
     }
+    let _one_at_a_time = one_at_a_time();
     const PODS: usize = 10;
     const KILLS: usize = 5;
     const SERVING_BETWEEN: Duration = Duration::from_millis(1500);
@@ -299,6 +308,7 @@ fn a_pod_started_while_no_worker_runs_is_enrolled_by_the_next() {
     if !require_root("a_pod_started_while_no_worker_runs_is_enrolled_by_the_next") {
         return;
     }
+    let _one_at_a_time = one_at_a_time();
     const DOWN: Duration = Duration::from_secs(2);
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
@@ -388,6 +398,7 @@ fn a_worker_crash_loop_makes_the_agent_exit_failing_closed() {
     if !require_root("a_worker_crash_loop_makes_the_agent_exit_failing_closed") {
         return;
     }
+    let _one_at_a_time = one_at_a_time();
     const LIMIT: usize = 5;
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
@@ -496,6 +507,7 @@ fn an_oom_killed_worker_is_replaced_like_a_killed_one() {
     if !require_root("an_oom_killed_worker_is_replaced_like_a_killed_one") {
         return;
     }
+    let _one_at_a_time = one_at_a_time();
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
     let pods = irsa_pods(&cluster, "oom", 2);
