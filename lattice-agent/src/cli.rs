@@ -241,6 +241,14 @@ pub struct ProxyArgs {
     #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::proxy::units::parse_duration)]
     pub idle_timeout: Duration,
 
+    /// How long a new connection may stay silent before the proxy connects
+    /// to its destination, so that a server-first protocol (databases,
+    /// SMTP) can greet. Whichever side then speaks first decides: the
+    /// server makes it a pass-through, the client's first bytes are
+    /// classified as always (HTTP is signed).
+    #[arg(long, env = "LATTICE_SERVER_FIRST_WAIT", default_value = "50ms", value_parser = crate::proxy::units::parse_duration)]
+    pub server_first_wait: Duration,
+
     /// On shutdown, how long in-flight requests may take to finish.
     #[arg(long, env = "LATTICE_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::proxy::units::parse_duration)]
     pub drain_timeout: Duration,

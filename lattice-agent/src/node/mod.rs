@@ -888,6 +888,9 @@ struct PodRow {
     ips: Vec<String>,
     requests: u64,
     errors: u64,
+    /// Client connections by kind (`http1`, `h2c`: signed; `tls`,
+    /// `opaque`, `server-first`: passed through).
+    connections: BTreeMap<&'static str, u64>,
 }
 
 impl NodeReport {
@@ -916,6 +919,7 @@ impl NodeReport {
                         ips: Vec::new(),
                         requests: 0,
                         errors: 0,
+                        connections: BTreeMap::new(),
                     },
                     counts: None,
                 },
@@ -950,6 +954,7 @@ fn plan_row(plan: &PodPlan, state: &'static str, reason: Option<String>) -> PodR
         ips: plan.ips.iter().map(ToString::to_string).collect(),
         requests: 0,
         errors: 0,
+        connections: BTreeMap::new(),
     }
 }
 
@@ -964,6 +969,10 @@ impl PodsReport for NodeReport {
                 if let Some(c) = &r.counts {
                     row.requests = c.requests.load(Ordering::Relaxed);
                     row.errors = c.errors.load(Ordering::Relaxed);
+                    row.connections = crate::proxy::classify::Kind::ALL
+                        .iter()
+                        .map(|k| (k.as_str(), c.connections[k.index()].load(Ordering::Relaxed)))
+                        .collect();
                 }
                 row
             })

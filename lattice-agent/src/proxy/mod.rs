@@ -1,11 +1,16 @@
-//! The signing proxy. One request, top to bottom ([`handle`]):
-//! accept (server) → original destination → credentials → sign → forward
+//! The signing proxy. One connection: accept (server) → original
+//! destination → what it speaks (sniff, classify): HTTP is served request
+//! by request, anything else is passed through unchanged (splice). One
+//! request, top to bottom ([`handle`]): credentials → sign → forward
 //! (upstream) → respond.
 
 pub mod body;
+pub mod classify;
 pub mod errors;
 pub mod headers;
 pub mod server;
+mod sniff;
+mod splice;
 pub mod units;
 pub mod upstream;
 pub mod workers;
@@ -50,6 +55,9 @@ pub struct ProxyConfig {
     /// `None`: no limit.
     pub request_timeout: Option<Duration>,
     pub idle_timeout: Duration,
+    /// How long a silent new connection waits before the proxy connects
+    /// to its destination, for a server-first protocol to greet.
+    pub server_first_wait: Duration,
     pub drain_timeout: Duration,
     pub max_header_bytes: u64,
     pub log_signing: bool,
@@ -80,6 +88,7 @@ impl ProxyConfig {
         for (flag, zero) in [
             ("connect-timeout", args.connect_timeout.is_zero()),
             ("idle-timeout", args.idle_timeout.is_zero()),
+            ("server-first-wait", args.server_first_wait.is_zero()),
             ("max-header-bytes", args.max_header_bytes == 0),
         ] {
             if zero {
@@ -107,6 +116,7 @@ impl ProxyConfig {
             connect_timeout: args.connect_timeout,
             request_timeout: Some(args.request_timeout).filter(|d| !d.is_zero()),
             idle_timeout: args.idle_timeout,
+            server_first_wait: args.server_first_wait,
             drain_timeout: args.drain_timeout,
             max_header_bytes: args.max_header_bytes,
             log_signing: args.log_signing,

@@ -1,6 +1,8 @@
 //! Accepting client connections and serving each one: HTTP/1.1 with
-//! keep-alive, or HTTP/2 with prior knowledge (h2c), told apart by the first
-//! bytes. At most `--max-connections` are open per workload: beyond that
+//! keep-alive, or HTTP/2 with prior knowledge (h2c), signed; anything else
+//! (the app's own TLS, other protocols, server-first protocols) passed
+//! through to the original destination unchanged. What a connection
+//! speaks is told by its first bytes (see `sniff`). At most `--max-connections` are open per workload: beyond that
 //! the workload's listeners stop accepting and further connections wait
 //! in the kernel's backlog, so one pod cannot take every task and file
 //! descriptor from the others. Graceful shutdown: stop accepting, let open
@@ -31,7 +33,13 @@ use tokio_util::{
     task::TaskTracker,
 };
 
-use super::{ProxyConfig, Shared, upstream::StickyH1};
+use super::{
+    ProxyConfig, Shared,
+    classify::Kind,
+    sniff::{self, First, Opening, Prefixed},
+    splice,
+    upstream::StickyH1,
+};
 use crate::orig_dst::OriginalDestination;
 
 /// One accepted client connection.
@@ -233,18 +241,105 @@ async fn accept_loop(
     }
 }
 
+/// Serves one client connection: what it speaks decides whether it is
+/// served as HTTP (signed) or passed through to its destination.
 async fn serve_connection(
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     ctx: ConnCtx,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
-    shared.metrics.open_connections.inc();
-    let _open = scopeguard(|| {
-        shared.metrics.open_connections.dec();
+    let open = shared.metrics.open_connections.clone();
+    open.inc();
+    let _open = scopeguard(move || {
+        open.dec();
     });
+    let (peer, dst) = (ctx.peer, ctx.dst);
+    let cfg = &shared.cfg;
+    // Nothing is in flight yet: shutdown closes the connection at once.
+    let opening = tokio::select! {
+        o = sniff::sniff(&mut stream, cfg.server_first_wait, cfg.idle_timeout, || {
+            connect_for_greeting(&shared, dst, peer)
+        }) => o,
+        () = shutdown.cancelled() => return,
+    };
+    let (kind, first, upstream) = match opening {
+        Opening::Gone => {
+            tracing::debug!(%peer, "client connection closed before it said what it speaks");
+            return;
+        }
+        Opening::Client {
+            kind,
+            first,
+            upstream,
+        } => (kind, first, upstream),
+        Opening::Server { upstream } => (Kind::ServerFirst, First::default(), Some(upstream)),
+    };
+    shared.metrics.count_connection(kind);
+    tracing::debug!(%peer, dst = ?dst, kind = kind.as_str(), "client connection");
+    let client = Prefixed::new(first, stream);
+    if kind.is_http() {
+        // An upstream connection opened while the client was silent is
+        // not used: requests take the upstream pool's connections.
+        drop(upstream);
+        return serve_http(shared, builder, client, ctx, shutdown, hard_stop).await;
+    }
+    let Some(dst) = dst else {
+        tracing::warn!(%peer, kind = kind.as_str(), "no original destination to pass the connection through to; closing it");
+        return;
+    };
+    let upstream = match upstream {
+        Some(u) => u,
+        None => match shared.upstream.connect_tcp(dst).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, %dst, error = %e, "passing the connection through: upstream unreachable; closing it");
+                return;
+            }
+        },
+    };
+    // Passed through until either side is done, or the drain ends.
+    tokio::select! {
+        r = splice::splice(client, upstream) => match r {
+            Ok((up, down)) => tracing::debug!(%peer, %dst, up, down, "passed-through connection closed"),
+            Err(e) => tracing::debug!(%peer, %dst, error = %e, "passed-through connection ended with an error"),
+        },
+        () = hard_stop.cancelled() => {
+            tracing::debug!(%peer, %dst, "drain timeout: closing a passed-through connection");
+        }
+    }
+}
+
+/// The connection a silent client's server-first protocol may greet
+/// through: `None` without a destination or when it cannot be reached
+/// (the client alone then decides).
+async fn connect_for_greeting(
+    shared: &Shared,
+    dst: Option<SocketAddr>,
+    peer: SocketAddr,
+) -> Option<tokio::net::TcpStream> {
+    let dst = dst?;
+    match shared.upstream.connect_tcp(dst).await {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::debug!(%peer, %dst, error = %e, "silent client: could not connect to its destination");
+            None
+        }
+    }
+}
+
+/// Serves a client connection's HTTP requests (HTTP/1.1 keep-alive or
+/// h2c) until it closes, goes idle, or shutdown.
+async fn serve_http(
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    client: Prefixed<tokio::net::TcpStream>,
+    ctx: ConnCtx,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) {
     let idle_timeout = shared.cfg.idle_timeout;
     let activity = Arc::clone(&ctx.activity);
     let mut quiet = QuietSince::new(Instant::now());
@@ -256,7 +351,7 @@ async fn serve_connection(
         let ctx = Arc::clone(&ctx);
         async move { Ok::<_, Infallible>(super::handle(shared, ctx, req).await) }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let conn = builder.serve_connection(TokioIo::new(client), svc);
     tokio::pin!(conn);
     let mut tick = idle_checks(idle_timeout);
     let mut shutdown = CancelWatch::new(shutdown);

@@ -231,6 +231,16 @@ impl Upstream {
         }
     }
 
+    /// A plain TCP connection to `dst` from the workload's network
+    /// namespace, within `--connect-timeout`: for connections passed
+    /// through.
+    pub async fn connect_tcp(&self, dst: SocketAddr) -> Result<TcpStream, ConnectError> {
+        tokio::time::timeout(self.cfg.connect_timeout, dial_tcp(&self.cfg.sockets, dst))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+            .map_err(ConnectError::Io)
+    }
+
     /// A new HTTP/1.1 connection to `dst` (`host`: the client's authority,
     /// the TLS server name); its connection task runs on the calling
     /// thread's runtime.
@@ -507,11 +517,7 @@ impl Connector {
 
     /// [`Self::connect`] without its time limit.
     async fn dial(&self, host: &str) -> Result<Conn, ConnectError> {
-        let socket = self.sockets.tcp_socket(&self.dst)?;
-        let tcp = TcpSocket::from_std_stream(socket.into())
-            .connect(self.dst)
-            .await?;
-        tcp.set_nodelay(true)?;
+        let tcp = dial_tcp(&self.sockets, self.dst).await?;
         let Some(tls) = &self.tls else {
             return Ok(Conn::Plain(TokioIo::new(tcp)));
         };
@@ -524,6 +530,17 @@ impl Connector {
             .map_err(|e| ConnectError::Tls(error_chain(&e)))?;
         Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
     }
+}
+
+/// Connects to `dst` with a socket made by `sockets`, without delay
+/// (Nagle off).
+async fn dial_tcp(sockets: &SocketFactory, dst: SocketAddr) -> io::Result<TcpStream> {
+    let socket = sockets.tcp_socket(&dst)?;
+    let tcp = TcpSocket::from_std_stream(socket.into())
+        .connect(dst)
+        .await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// The host of an authority (`host`, `host:port`, `[v6]:port`), without

@@ -39,6 +39,12 @@
 //!       arrived signed; prints `signed <CLOCK_MONOTONIC ns>` (comparable
 //!       across processes) and exits 0, or exits 1 after SECS
 //!
+//!   lattice-test-client script ADDR:PORT STEP...
+//!       a scripted exchange for protocols that are not HTTP (steps as in
+//!       the kit's `script` module: send:HEX, send-random:N, expect:N,
+//!       shut, rest); prints `sent=<len>:<hash> received=<len>:<hash>`
+//!       and `head=<hex>` (the first bytes received); I/O errors exit 2
+//!
 //! `tcp` and `http` also print `client local=<addr> peer=<addr>` to stderr,
 //! `http` then `http-status=<code>`; a status other than 200 exits 4.
 //! Connect errors print `error: <ErrorKind>: <message>` and exit 2.
@@ -85,6 +91,19 @@ fn main() -> ExitCode {
             Err(_) => usage(),
         },
         ["first-call", addr, host, path] => with_addr(addr, |a| first_call(a, host, path)),
+        ["script", addr, steps @ ..] => {
+            match steps
+                .iter()
+                .map(|s| lattice_tests::script::Step::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(steps) => with_addr(addr, |a| script(a, &steps)),
+                Err(e) => {
+                    eprintln!("{e}");
+                    usage()
+                }
+            }
+        }
         ["wait-signed", addr, secs] => match secs.parse() {
             Ok(secs) => with_addr(addr, |a| wait_signed(a, Duration::from_secs(secs))),
             Err(_) => usage(),
@@ -104,7 +123,7 @@ fn usage() -> ExitCode {
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
          | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
          | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST \
-         | first-call ADDR:PORT HOST PATH"
+         | first-call ADDR:PORT HOST PATH | script ADDR:PORT STEP..."
     );
     ExitCode::from(64)
 }
@@ -239,6 +258,24 @@ fn http_once(addr: SocketAddr, mapped: bool) -> ExitCode {
         }
         Err(e) => {
             println!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn script(addr: SocketAddr, steps: &[lattice_tests::script::Step]) -> ExitCode {
+    let result = connect(addr, false).and_then(|mut stream| {
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        lattice_tests::script::run(&mut stream, steps)
+    });
+    match result {
+        Ok((transcript, head)) => {
+            println!("{}", transcript.line());
+            println!("head={}", lattice_tests::script::encode_hex(&head));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error: {:?}: {e}", e.kind());
             ExitCode::from(2)
         }
     }

@@ -1,0 +1,260 @@
+//! Every kind of traffic an enrolled app sends to a Lattice address, end
+//! to end through the eBPF redirect and the real agent (`run`): HTTP is
+//! signed, everything else arrives unchanged. Real servers on the pod's
+//! Lattice addresses: `openssl s_server` for the app's own TLS, scripted
+//! TCP servers (test threads listening in the pod's namespace) for
+//! server-first and binary protocols, the kit's HTTP service for signing.
+//!
+//! Needs root, a built agent and `openssl` (`cargo xtask setup`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use lattice_tests::{
+    Agent, DEMO_CREDENTIALS, Pod,
+    pod::{LATTICE_V4, LATTICE_V6},
+    require_root,
+    script::{self, Step, Transcript},
+    spawn::Stream,
+    tls::{TestCa, Validity},
+};
+
+/// Upper bound for one client run.
+const T: Duration = Duration::from_secs(60);
+/// The app's UID: neither root nor the exempt UID.
+const APP_UID: u32 = 1000;
+/// A Lattice service name, as apps put in SNI and Host.
+const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
+/// Postgres' SSLRequest: length 8, code 80877103.
+const PG_SSL_REQUEST: [u8; 8] = [0x00, 0x00, 0x00, 0x08, 0x04, 0xd2, 0x16, 0x2f];
+
+/// The agent with its debug lines (one per classified connection).
+fn agent(pod: &Pod) -> Agent {
+    Agent::start(pod, ["--log", "info,lattice_agent=debug"])
+}
+
+/// `lattice_client_connections_total{kind=KIND}` from the agent's
+/// `/metrics`, read inside the pod's namespace.
+fn connections(pod: &Pod, kind: &str) -> u64 {
+    let out = pod
+        .command("curl")
+        .in_cgroup(false)
+        .args(["-sS", "--max-time", "5", "http://127.0.0.1:15090/metrics"])
+        .run(Duration::from_secs(15));
+    assert!(out.success(), "metrics: {out}");
+    let series = format!("lattice_client_connections_total{{kind=\"{kind}\"}} ");
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no {series} in\n{}", out.stdout))
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("IP"), port)
+}
+
+/// The app's side of a scripted exchange with `dst`, as [`APP_UID`].
+fn app_script(pod: &Pod, dst: SocketAddr, steps: &[Step]) -> (Transcript, String) {
+    let mut args = vec!["script".to_owned(), dst.to_string()];
+    args.extend(steps.iter().map(Step::to_arg));
+    let out = pod.client(args).uid(APP_UID).run(T);
+    assert!(out.success(), "app's exchange with {dst}: {out}");
+    let t = Transcript::find(&out.stdout).unwrap_or_else(|| panic!("no transcript: {out}"));
+    let head = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("head="))
+        .unwrap_or_default()
+        .to_owned();
+    (t, head)
+}
+
+/// Runs a server script on `dst` in the pod and the app's script against
+/// it; checks that each side received exactly what the other sent.
+fn exchange(pod: &Pod, dst: SocketAddr, server: Vec<Step>, app: &[Step]) {
+    let listener = pod.listen_tcp(dst).expect("listening in the pod");
+    let served = script::serve_once(listener, server);
+    let (app_side, _) = app_script(pod, dst, app);
+    let (server_side, _) = served
+        .join()
+        .expect("server thread")
+        .expect("server's exchange");
+    assert_eq!(
+        app_side.sent, server_side.received,
+        "{dst}: the server did not receive what the app sent"
+    );
+    assert_eq!(
+        server_side.sent, app_side.received,
+        "{dst}: the app did not receive what the server sent"
+    );
+    assert!(app_side.sent.len > 0 && app_side.received.len > 0);
+}
+
+#[test]
+fn apps_own_tls_passes_through_and_sees_the_servers_certificate() {
+    if !require_root("apps_own_tls_passes_through_and_sees_the_servers_certificate") {
+        return;
+    }
+    let pod = Pod::new();
+    let ca = TestCa::new("lattice test CA");
+    let server = ca.issue("server", &[HOST], Validity::Current);
+    let mut s_server = pod
+        .command("openssl")
+        .in_cgroup(false)
+        .args(["s_server", "-www", "-accept", &format!("{LATTICE_V4}:443")])
+        .arg("-cert")
+        .arg(&server.cert)
+        .arg("-key")
+        .arg(&server.key)
+        .spawn();
+    s_server.wait_for(Stream::Stdout, "ACCEPT", Duration::from_secs(10));
+    let agent = agent(&pod);
+
+    let out = pod
+        .command("openssl")
+        .uid(APP_UID)
+        .args(["s_client", "-connect", &format!("{LATTICE_V4}:443")])
+        .args(["-servername", HOST, "-verify_return_error", "-showcerts"])
+        .arg("-CAfile")
+        .arg(ca.ca_file())
+        .run(T);
+    assert!(
+        out.stdout.contains("Verify return code: 0 (ok)"),
+        "the app's handshake did not complete: {out}"
+    );
+    // The certificate the app saw is the server's own, byte for byte.
+    let base64 = |pem: &str| -> String {
+        pem.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>()
+    };
+    assert!(
+        base64(&out.stdout).contains(&base64(&server.pem)),
+        "the app did not see the server's certificate: {out}"
+    );
+    assert_eq!(connections(&pod, "tls"), 1, "{}", agent.log());
+    assert_eq!(connections(&pod, "http1"), 0);
+    assert!(
+        agent.log().contains("kind=\"tls\""),
+        "no debug line for the passed-through connection:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn server_first_and_binary_protocols_pass_through_intact_on_both_families() {
+    if !require_root("server_first_and_binary_protocols_pass_through_intact_on_both_families") {
+        return;
+    }
+    let pod = Pod::new();
+    let _agent = agent(&pod);
+    for ip in [LATTICE_V4, LATTICE_V6] {
+        // Server-first (a database greeting), then both ways, with
+        // half-closes.
+        exchange(
+            &pod,
+            addr(ip, 3306),
+            vec![
+                Step::SendRandom(256 << 10),
+                Step::Rest,
+                Step::SendRandom(4 << 20),
+                Step::Shut,
+            ],
+            &[
+                Step::Expect(256 << 10),
+                Step::SendRandom(8 << 20),
+                Step::Shut,
+                Step::Rest,
+            ],
+        );
+        // Client-first binary: Postgres' SSLRequest, refused with `N`,
+        // then the session.
+        exchange(
+            &pod,
+            addr(ip, 5432),
+            vec![
+                Step::Expect(8),
+                Step::Send(b"N".to_vec()),
+                Step::Rest,
+                Step::SendRandom(4 << 20),
+                Step::Shut,
+            ],
+            &[
+                Step::Send(PG_SSL_REQUEST.to_vec()),
+                Step::Expect(1),
+                Step::SendRandom(8 << 20),
+                Step::Shut,
+                Step::Rest,
+            ],
+        );
+        // A text protocol whose first word is not an HTTP method
+        // (memcached).
+        exchange(
+            &pod,
+            addr(ip, 11211),
+            vec![Step::Rest, Step::Send(b"END\r\n".to_vec()), Step::Shut],
+            &[Step::Send(b"get key\r\n".to_vec()), Step::Shut, Step::Rest],
+        );
+    }
+    assert_eq!(connections(&pod, "server-first"), 2);
+    assert_eq!(connections(&pod, "opaque"), 4);
+    assert_eq!(connections(&pod, "http1"), 0);
+}
+
+/// A ClientHello-looking prefix decides: what follows is never parsed as
+/// HTTP or signed, it arrives as sent. Plain HTTP in the same pod is
+/// still signed, and malformed HTTP still gets its 400.
+#[test]
+fn a_tls_prefix_before_http_is_passed_through_never_signed() {
+    if !require_root("a_tls_prefix_before_http_is_passed_through_never_signed") {
+        return;
+    }
+    let pod = Pod::new();
+    let _agent = agent(&pod);
+    let mut sent = vec![0x16, 0x03, 0x01];
+    sent.extend_from_slice(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes());
+    let dst = addr(LATTICE_V4, 443);
+    let listener = pod.listen_tcp(dst).expect("listening in the pod");
+    let served = script::serve_once(listener, vec![Step::Rest, Step::Shut]);
+    let (app_side, _) = app_script(
+        &pod,
+        dst,
+        &[Step::Send(sent.clone()), Step::Shut, Step::Rest],
+    );
+    let (server_side, head) = served.join().expect("server thread").expect("exchange");
+    assert_eq!(server_side.received, app_side.sent);
+    assert_eq!(
+        head,
+        sent[..sent.len().min(64)],
+        "the bytes arrived changed"
+    );
+    assert_eq!(connections(&pod, "tls"), 1);
+
+    // Malformed HTTP: the proxy's 400, nothing passed through.
+    let (_, head) = app_script(
+        &pod,
+        addr(LATTICE_V4, 80),
+        &[Step::Send(b"NOT HTTP AT ALL\r\n\r\n".to_vec()), Step::Rest],
+    );
+    assert!(
+        head.starts_with(&script::encode_hex(b"HTTP/1.1 400")),
+        "malformed HTTP was not refused: {head}"
+    );
+
+    // Plain HTTP: signed.
+    let _service = pod.start_http_service();
+    let out = pod
+        .client(["http", &format!("{LATTICE_V4}:80")])
+        .uid(APP_UID)
+        .run(T);
+    assert!(
+        out.success()
+            && out
+                .stdout
+                .contains(&format!("credential={}/", DEMO_CREDENTIALS.access_key_id)),
+        "plain HTTP was not signed: {out}"
+    );
+    assert_eq!(connections(&pod, "http1"), 2);
+    assert_eq!(connections(&pod, "tls"), 1);
+}
