@@ -258,3 +258,56 @@ fn a_tls_prefix_before_http_is_passed_through_never_signed() {
     assert_eq!(connections(&pod, "http1"), 2);
     assert_eq!(connections(&pod, "tls"), 1);
 }
+
+/// The EKS Pod Identity Agent's addresses are never intercepted, even
+/// under a configured prefix that covers them: with the agent redirecting
+/// to a port nobody serves, reaching the service proves a connect was not
+/// redirected, and a refusal proves the covering prefix is active.
+#[test]
+fn the_pod_identity_agent_is_never_intercepted_under_a_covering_cidr() {
+    if !require_root("the_pod_identity_agent_is_never_intercepted_under_a_covering_cidr") {
+        return;
+    }
+    let pod = Pod::new();
+    pod.netns().add_lo_addr("169.254.170.23/32");
+    pod.netns().add_lo_addr("fd00:ec2::23/128");
+    let mut service = pod
+        .command(lattice_tests::test_bin("lattice-test-service"))
+        .in_cgroup(false)
+        .args([
+            "tcp:169.254.170.23:80",
+            "tcp:[fd00:ec2::23]:80",
+            &format!("tcp:{LATTICE_V4}:80"),
+            &format!("tcp:[{LATTICE_V6}]:80"),
+        ])
+        .spawn();
+    service.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
+    let _agent = Agent::start(
+        &pod,
+        [
+            "--intercept-only",
+            "--cidr",
+            "169.254.0.0/16",
+            "--cidr",
+            "fd00:ec2::/32",
+        ],
+    );
+    for (mode, dst) in [
+        ("tcp", "169.254.170.23:80"),
+        ("tcp-mapped", "169.254.170.23:80"),
+        ("tcp", "[fd00:ec2::23]:80"),
+    ] {
+        let out = pod.client([mode, dst]).uid(APP_UID).run(T);
+        assert!(
+            out.success() && out.stdout.starts_with(&format!("service local={dst}")),
+            "{mode} {dst} was intercepted: {out}"
+        );
+    }
+    for dst in [format!("{LATTICE_V4}:80"), format!("[{LATTICE_V6}]:80")] {
+        let out = pod.client(["tcp", &dst]).uid(APP_UID).run(T);
+        assert!(
+            out.code() == Some(2) && out.stdout.contains("error: ConnectionRefused"),
+            "{dst} inside the covering prefix was not intercepted: {out}"
+        );
+    }
+}
