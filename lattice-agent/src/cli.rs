@@ -271,8 +271,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "LATTICE_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
 
-    /// Open client connections per pod (per workload); further connections
-    /// wait in the listen backlog until one closes.
+    /// Open client connections per pod (per workload). At the limit a new
+    /// connection closes the oldest idle one (an HTTP connection with no
+    /// request in flight, or one that has not sent a whole request head);
+    /// only when none is idle does it wait, in the listen backlog.
+    /// Connections passed through (TLS and other protocols) are never idle.
     #[arg(long, env = "LATTICE_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

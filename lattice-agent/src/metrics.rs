@@ -112,6 +112,9 @@ pub struct Metrics {
     /// connections by what they speak (signed `http1`/`h2c`, passed
     /// through `tls`/`opaque`/`server-first`).
     client_connections: Family<(WorkloadLabels, KindLabels), Counter>,
+    /// `lattice_connections_closed_for_room_total{[namespace,pod]}`: idle
+    /// client connections closed at `--max-connections` to admit new ones.
+    closed_for_room: ByWorkload<Counter>,
     /// `lattice_enrolled_pods` (node mode).
     pub enrolled_pods: Gauge,
     /// `lattice_enrollments_total{result="success|error"}` (node mode).
@@ -181,6 +184,12 @@ impl Metrics {
             "Client connections by kind: http1 and h2c are signed; tls, opaque and server-first are passed through unchanged",
             client_connections.clone(),
         );
+        let closed_for_room = Family::default();
+        registry.register(
+            "connections_closed_for_room",
+            "Idle client connections closed at --max-connections to admit new ones",
+            closed_for_room.clone(),
+        );
         let enrolled_pods = Gauge::default();
         registry.register(
             "enrolled_pods",
@@ -204,6 +213,7 @@ impl Metrics {
             redirected_connections,
             unknown_destination_connections,
             client_connections,
+            closed_for_room,
             enrolled_pods,
             enrollments,
         }
@@ -219,6 +229,7 @@ impl Metrics {
                 .get_or_create(&labels)
                 .clone(),
             signing_failures: self.signing_failures.get_or_create(&labels).clone(),
+            closed_for_room: self.closed_for_room.get_or_create(&labels).clone(),
             kinds: Kind::ALL.map(|kind| {
                 self.client_connections.get_or_create_owned(&(
                     labels.clone(),
@@ -242,6 +253,7 @@ impl Metrics {
         self.redirected_connections.remove(labels);
         self.unknown_destination_connections.remove(labels);
         self.signing_failures.remove(labels);
+        self.closed_for_room.remove(labels);
         for kind in Kind::ALL {
             self.client_connections.remove(&(
                 labels.clone(),
@@ -328,6 +340,7 @@ pub struct WorkloadMetrics {
     pub redirected: Counter,
     pub unknown_destination: Counter,
     pub signing_failures: Counter,
+    pub closed_for_room: Counter,
     /// `lattice_client_connections_total` by [`Kind::index`].
     kinds: [Counter; Kind::ALL.len()],
     pub counts: Arc<Counts>,

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod classify;
+mod conns;
 pub mod errors;
 pub mod headers;
 pub mod server;
@@ -62,7 +63,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: u64,
     pub log_signing: bool,
     pub admin_addr: SocketAddr,
-    /// Open client connections per workload; more wait in the backlog.
+    /// Open client connections per workload; at the limit the oldest idle
+    /// one is closed to admit a new one (see `conns`).
     pub max_connections: usize,
     /// `--workers` threads connections are spread over; `None` serves
     /// them on the runtime the proxy runs on.

@@ -27,7 +27,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{
     sync::{CancellationToken, WaitForCancellationFutureOwned},
     task::TaskTracker,
@@ -36,6 +36,7 @@ use tokio_util::{
 use super::{
     ProxyConfig, Shared,
     classify::Kind,
+    conns::{Conns, Open, Phase},
     sniff::{self, First, Opening, Prefixed},
     splice,
     upstream::StickyH1,
@@ -64,7 +65,7 @@ pub(super) async fn run(
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let builder = Arc::new(http_builder(&shared.cfg));
-    let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    let conns = Conns::new(shared.cfg.max_connections);
     let mut accepts = JoinSet::new();
     for listener in listeners {
         accepts.spawn(accept_loop(
@@ -72,7 +73,7 @@ pub(super) async fn run(
             Arc::clone(&shared),
             Arc::clone(&builder),
             Arc::clone(&orig_dst),
-            Arc::clone(&slots),
+            Arc::clone(&conns),
             tracker.clone(),
             shutdown.clone(),
             hard_stop.clone(),
@@ -144,20 +145,12 @@ async fn accept_loop(
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     orig_dst: Arc<dyn OriginalDestination>,
-    slots: Arc<Semaphore>,
+    conns: Arc<Conns>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     loop {
-        // A free slot first: at the limit, connections wait in the backlog.
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => return,
-            s = Arc::clone(&slots).acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_closed) => return,
-            },
-        };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => r,
@@ -186,27 +179,36 @@ async fn accept_loop(
                 tracing::warn!(%peer, "connection without an original destination; answering 421");
             }
         };
+        // A slot: at the limit, the oldest idle connection makes room
+        // (see `conns`); with none idle, this one waits for a slot.
+        let Some(slot) = conns
+            .admit(&shutdown, || {
+                shared.metrics.closed_for_room.inc();
+            })
+            .await
+        else {
+            return;
+        };
+        let open = conns.register(slot, Arc::new(Activity::new()));
         let ctx = |worker| ConnCtx {
             peer,
             dst,
             worker,
-            activity: Arc::new(Activity::new()),
+            activity: Arc::clone(&open.conn.activity),
             upstream: shared.upstream.sticky(dst, worker),
         };
         match shared.cfg.workers.as_deref() {
             None => {
-                let conn = serve_connection(
+                let ctx = ctx(0);
+                tracker.spawn(serve_connection(
                     Arc::clone(&shared),
                     Arc::clone(&builder),
                     stream,
-                    ctx(0),
+                    ctx,
+                    open,
                     shutdown.clone(),
                     hard_stop.clone(),
-                );
-                tracker.spawn(async move {
-                    conn.await;
-                    drop(slot);
-                });
+                ));
             }
             Some(pool) => {
                 // The socket moves to the worker's own event loop.
@@ -226,14 +228,15 @@ async fn accept_loop(
                     tracker.track_future(async move {
                         match tokio::net::TcpStream::from_std(stream) {
                             Ok(stream) => {
-                                serve_connection(shared, builder, stream, ctx, shutdown, hard_stop)
-                                    .await;
+                                serve_connection(
+                                    shared, builder, stream, ctx, open, shutdown, hard_stop,
+                                )
+                                .await;
                             }
                             Err(e) => {
                                 tracing::warn!(peer = %ctx.peer, error = %e, "registering the connection with its worker");
                             }
                         }
-                        drop(slot);
                     }),
                 );
             }
@@ -248,22 +251,28 @@ async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stream: tokio::net::TcpStream,
     ctx: ConnCtx,
+    open: Open,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
-    let open = shared.metrics.open_connections.clone();
-    open.inc();
+    let gauge = shared.metrics.open_connections.clone();
+    gauge.inc();
     let _open = scopeguard(move || {
-        open.dec();
+        gauge.dec();
     });
     let (peer, dst) = (ctx.peer, ctx.dst);
     let cfg = &shared.cfg;
-    // Nothing is in flight yet: shutdown closes the connection at once.
+    // Nothing is in flight yet: shutdown, or making room for a new
+    // connection, closes it at once.
     let opening = tokio::select! {
         o = sniff::sniff(&mut stream, cfg.server_first_wait, cfg.idle_timeout, || {
             connect_for_greeting(&shared, dst, peer)
         }) => o,
         () = shutdown.cancelled() => return,
+        () = open.conn.close_requested().cancelled() => {
+            tracing::debug!(%peer, "closing a connection that has not spoken, to make room");
+            return;
+        }
     };
     let (kind, first, upstream) = match opening {
         Opening::Gone => {
@@ -284,8 +293,11 @@ async fn serve_connection(
         // An upstream connection opened while the client was silent is
         // not used: requests take the upstream pool's connections.
         drop(upstream);
-        return serve_http(shared, builder, client, ctx, shutdown, hard_stop).await;
+        open.conn.set_phase(Phase::Http);
+        let close = open.conn.close_requested().clone();
+        return serve_http(shared, builder, client, ctx, shutdown, close, hard_stop).await;
     }
+    open.conn.set_phase(Phase::PassedThrough);
     let Some(dst) = dst else {
         tracing::warn!(%peer, kind = kind.as_str(), "no original destination to pass the connection through to; closing it");
         return;
@@ -338,6 +350,7 @@ async fn serve_http(
     client: Prefixed<tokio::net::TcpStream>,
     ctx: ConnCtx,
     shutdown: CancellationToken,
+    make_room: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     let idle_timeout = shared.cfg.idle_timeout;
@@ -355,8 +368,10 @@ async fn serve_http(
     tokio::pin!(conn);
     let mut tick = idle_checks(idle_timeout);
     let mut shutdown = CancelWatch::new(shutdown);
+    let mut make_room = CancelWatch::new(make_room);
     let mut hard_stop = CancelWatch::new(hard_stop);
     let mut closing = Closing::No;
+    let mut room_grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // Polled by hand rather than with `select!`, which would poll every
     // branch (taking each token's lock) on every wake-up of a request.
     std::future::poll_fn(|cx| {
@@ -373,8 +388,25 @@ async fn serve_http(
         if close {
             closing = Closing::Shutdown;
         }
+        // Asked to make room for a new connection: closed gracefully (at
+        // once when idle, after the request in flight otherwise), and
+        // without a request in flight shortly after, even with a head
+        // trickling in.
+        if matches!(closing, Closing::No | Closing::Idle) && make_room.poll(cx).is_ready() {
+            tracing::debug!(%peer, "closing an idle client connection to make room for a new one");
+            closing = Closing::Room;
+            close = true;
+            room_grace = Some(Box::pin(tokio::time::sleep(ROOM_GRACE)));
+        }
+        if let Some(grace) = room_grace.as_mut()
+            && grace.as_mut().poll(cx).is_ready()
+            && !activity.busy()
+        {
+            return Poll::Ready(());
+        }
         // Until it is pending, so the next tick is armed.
-        while closing != Closing::Shutdown && tick.poll_tick(cx).is_ready() {
+        while !matches!(closing, Closing::Shutdown | Closing::Room) && tick.poll_tick(cx).is_ready()
+        {
             let idle_for = quiet.idle_for(&activity, Instant::now());
             match closing {
                 Closing::No if idle_for >= idle_timeout => {
@@ -415,7 +447,14 @@ enum Closing {
     Shutdown,
     /// Idle for --idle-timeout: dropped a tick later if still open.
     Idle,
+    /// Making room for a new connection at --max-connections: dropped
+    /// after [`ROOM_GRACE`] without a request in flight.
+    Room,
 }
+
+/// How long a connection closing to make room may take to finish writing
+/// before it is dropped.
+const ROOM_GRACE: Duration = Duration::from_millis(20);
 
 /// A cancellation token watched from one task's poll: its future takes a
 /// lock when polled, so it is polled once to register the task and then
@@ -469,11 +508,16 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
             finished: AtomicU64::new(0),
         }
+    }
+
+    /// A request is in flight.
+    pub(super) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// Marks a request busy until the guard (held by its response body) drops.

@@ -39,6 +39,12 @@
 //!       arrived signed; prints `signed <CLOCK_MONOTONIC ns>` (comparable
 //!       across processes) and exits 0, or exits 1 after SECS
 //!
+//!   lattice-test-client idle ADDR:PORT N SECS
+//!       N keep-alive connections, each sending one GET (`Host: idle`) and
+//!       then nothing (the answers are not read), held open for SECS
+//!       seconds; prints `holding opened=<n> failed=<n>` once all are
+//!       opened, `idle closed=<n>` (connections the other end closed) at
+//!       the end
 //!   lattice-test-client script ADDR:PORT STEP...
 //!       a scripted exchange for protocols that are not HTTP (steps as in
 //!       the kit's `script` module: send:HEX, send-random:N, expect:N,
@@ -91,6 +97,10 @@ fn main() -> ExitCode {
             Err(_) => usage(),
         },
         ["first-call", addr, host, path] => with_addr(addr, |a| first_call(a, host, path)),
+        ["idle", addr, n, secs] => match (n.parse(), secs.parse()) {
+            (Ok(n), Ok(secs)) => with_addr(addr, |a| idle(a, n, Duration::from_secs(secs))),
+            _ => usage(),
+        },
         ["script", addr, steps @ ..] => {
             match steps
                 .iter()
@@ -123,7 +133,7 @@ fn usage() -> ExitCode {
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
          | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
          | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST \
-         | first-call ADDR:PORT HOST PATH | script ADDR:PORT STEP..."
+         | first-call ADDR:PORT HOST PATH | idle ADDR:PORT N SECS | script ADDR:PORT STEP..."
     );
     ExitCode::from(64)
 }
@@ -261,6 +271,42 @@ fn http_once(addr: SocketAddr, mapped: bool) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn idle(addr: SocketAddr, n: usize, secs: Duration) -> ExitCode {
+    let mut conns = Vec::with_capacity(n);
+    let mut failed = 0usize;
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&addr, TIMEOUT) {
+            Ok(mut s) => match s.write_all(b"GET /idle HTTP/1.1\r\nHost: idle\r\n\r\n") {
+                Ok(()) => conns.push(s),
+                Err(_) => failed += 1,
+            },
+            Err(_) => failed += 1,
+        }
+    }
+    println!("holding opened={} failed={failed}", conns.len());
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(secs);
+    // Closed by the other end: a read sees the end of the stream (after
+    // any answer) or an error, instead of blocking.
+    let closed = conns
+        .iter_mut()
+        .filter(|s| {
+            let mut s: &TcpStream = s;
+            let _ = s.set_nonblocking(true);
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+                }
+            }
+        })
+        .count();
+    println!("idle closed={closed}");
+    ExitCode::SUCCESS
 }
 
 fn script(addr: SocketAddr, steps: &[lattice_tests::script::Step]) -> ExitCode {
