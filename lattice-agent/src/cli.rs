@@ -220,12 +220,27 @@ pub struct ProxyArgs {
     #[arg(long, env = "LATTICE_MAX_SIGNED_BODY", default_value = "10MiB", value_parser = crate::proxy::units::parse_bytes)]
     pub max_signed_body: u64,
 
-    /// Connect to the original destination with TLS; SNI and the certificate
+    /// Send every signed request over TLS to its original destination (the
+    /// rule `*`, after any --upstream-tls-rule); SNI and the certificate
     /// name come from the request's Host.
     #[arg(long, env = "LATTICE_UPSTREAM_TLS")]
     pub upstream_tls: bool,
 
-    /// Extra PEM CA certificates trusted for --upstream-tls (besides the webpki roots).
+    /// Send matching signed requests over TLS: `SELECTOR[ => PORT]`, where
+    /// SELECTOR is `*`, `port:N`, `cidr:PREFIX` or `host:NAME` (`host:*.SUFFIX`
+    /// for any name ending in .SUFFIX), and PORT the upstream port (default:
+    /// the one the app called). Repeat or separate with commas; the first
+    /// match decides; no match: plain HTTP. E.g.
+    /// `host:*.vpc-lattice-svcs.us-west-2.on.aws => 443`.
+    #[arg(
+        long = "upstream-tls-rule",
+        env = "LATTICE_UPSTREAM_TLS_RULES",
+        value_delimiter = ','
+    )]
+    pub upstream_tls_rules: Vec<String>,
+
+    /// Extra PEM CA certificates trusted for TLS to upstreams (besides the
+    /// webpki roots), e.g. an ACM Private CA's.
     #[arg(long, env = "LATTICE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 

@@ -755,6 +755,16 @@ impl NodeAgent {
             "Enroll",
             enrolled_note(&pod),
         );
+        for why in &pod.plan.options.warnings {
+            tracing::warn!(pod = %name, reason = %why, "pod annotation ignored");
+            self.events.publish(
+                &pod_ref(&pod.plan),
+                Kind::Warning,
+                "BadAnnotation",
+                "Enroll",
+                why.clone(),
+            );
+        }
         self.state.insert(uid, PodState::Enrolled(Box::new(pod)));
     }
 }

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod server;
 mod sniff;
 mod splice;
+pub mod tls_rules;
 pub mod units;
 pub mod upstream;
 pub mod workers;
@@ -33,6 +34,7 @@ use self::{
     body::{Guarded, ProxyBody, boxed},
     errors::RequestError,
     server::ConnCtx,
+    tls_rules::{TlsRuleError, TlsRules},
     upstream::{TlsConfigError, TlsConfigs, Upstream, UpstreamConfig},
 };
 use crate::{
@@ -51,7 +53,11 @@ pub struct ProxyConfig {
     pub signing: SigningConfig,
     pub sign_payload: bool,
     pub max_signed_body: u64,
-    pub upstream_tls: Option<TlsConfigs>,
+    /// Which requests go over TLS, and to which port (`--upstream-tls`,
+    /// `--upstream-tls-rule`; in node mode a pod's annotation).
+    pub tls_rules: Arc<TlsRules>,
+    /// Trust (webpki roots and `--ca-file`) and ALPN for those.
+    pub tls: TlsConfigs,
     pub connect_timeout: Duration,
     /// `None`: no limit.
     pub request_timeout: Option<Duration>,
@@ -75,8 +81,10 @@ pub struct ProxyConfig {
 pub enum ProxyError {
     #[error("no AWS region: pass --region (LATTICE_REGION) or set AWS_REGION / a profile region")]
     NoRegion,
-    #[error("--upstream-tls")]
+    #[error("TLS to upstreams")]
     Tls(#[from] TlsConfigError),
+    #[error(transparent)]
+    TlsRule(#[from] TlsRuleError),
     #[error("--{flag} must be greater than zero")]
     Zero { flag: &'static str },
 }
@@ -97,11 +105,13 @@ impl ProxyConfig {
                 return Err(ProxyError::Zero { flag });
             }
         }
-        let upstream_tls = if args.upstream_tls {
-            Some(TlsConfigs::new(args.ca_file.as_deref())?)
-        } else {
-            None
-        };
+        // `--upstream-tls` is the rule `*`, after any of the others.
+        let mut tls_rules = TlsRules::parse(&args.upstream_tls_rules, "--upstream-tls-rule")?;
+        if args.upstream_tls {
+            tls_rules = tls_rules.then(TlsRules::everything());
+        }
+        // Built whatever the rules: in node mode a pod may bring its own.
+        let tls = TlsConfigs::new(args.ca_file.as_deref())?;
         Ok(Self {
             signing: SigningConfig {
                 service: args.service.clone(),
@@ -114,7 +124,8 @@ impl ProxyConfig {
             },
             sign_payload: args.sign_payload,
             max_signed_body: args.max_signed_body,
-            upstream_tls,
+            tls_rules: Arc::new(tls_rules),
+            tls,
             connect_timeout: args.connect_timeout,
             request_timeout: Some(args.request_timeout).filter(|d| !d.is_zero()),
             idle_timeout: args.idle_timeout,
@@ -179,7 +190,8 @@ pub async fn serve(
         metrics,
     } = workload;
     let upstream = Upstream::new(UpstreamConfig {
-        tls: cfg.upstream_tls.clone(),
+        tls_rules: Arc::clone(&cfg.tls_rules),
+        tls: cfg.tls.clone(),
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
         sockets,
@@ -320,7 +332,7 @@ async fn forward(
         // authority as `:authority`.
         let target = target.unwrap_or_else(|| origin_form(&parts.uri));
         parts.uri = Uri::builder()
-            .scheme(shared.upstream.scheme())
+            .scheme(shared.upstream.scheme(dst, authority.as_str()))
             .authority(authority)
             .path_and_query(target)
             .build()
@@ -373,4 +385,49 @@ fn origin_form(uri: &Uri) -> String {
     uri.path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn proxy_args(flags: &[&str]) -> ProxyArgs {
+        let mut argv = vec!["lattice-agent", "run", "--cgroup", "/cg"];
+        argv.extend_from_slice(flags);
+        match crate::cli::Cli::try_parse_from(argv)
+            .expect("parses")
+            .command
+        {
+            crate::cli::Command::Run(run) => run.proxy,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn tls_rules_from_flags_and_upstream_tls_as_the_last_rule() {
+        let cfg = ProxyConfig::from_args(&proxy_args(&[
+            "--upstream-tls-rule",
+            "port:80 => 443,host:a.example",
+            "--upstream-tls",
+        ]))
+        .expect("valid");
+        let lattice = |port| SocketAddr::from(([169, 254, 171, 33], port));
+        assert_eq!(cfg.tls_rules.tls_port(lattice(80), "b.example"), Some(443));
+        assert_eq!(cfg.tls_rules.tls_port(lattice(81), "b.example"), Some(81));
+        let none = ProxyConfig::from_args(&proxy_args(&[])).expect("valid");
+        assert!(none.tls_rules.is_empty());
+    }
+
+    #[test]
+    fn a_bad_tls_rule_names_the_flag() {
+        let err = ProxyConfig::from_args(&proxy_args(&["--upstream-tls-rule", "https://svc"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--upstream-tls-rule \"https://svc\": unknown selector"),
+            "{err}"
+        );
+    }
 }

@@ -2,12 +2,15 @@
 //! keep-alive, or HTTP/2 with prior knowledge (h2c), signed; anything else
 //! (the app's own TLS, other protocols, server-first protocols) passed
 //! through to the original destination unchanged. What a connection
-//! speaks is told by its first bytes (see `sniff`). At most `--max-connections` are open per workload: beyond that
-//! the workload's listeners stop accepting and further connections wait
-//! in the kernel's backlog, so one pod cannot take every task and file
-//! descriptor from the others. Graceful shutdown: stop accepting, let open
-//! connections finish their requests for up to `--drain-timeout`, then
-//! drop them.
+//! speaks is told by its first bytes (see `sniff`).
+//!
+//! At most `--max-connections` are open per workload, so one pod cannot
+//! take every task and file descriptor from the others; at the limit the
+//! oldest idle connection makes room for a new one, and with none idle new
+//! ones wait in the kernel's backlog (see `conns`). Graceful shutdown:
+//! stop accepting, let open connections finish their requests (passed-
+//! through ones their streams) for up to `--drain-timeout`, then drop
+//! them.
 
 use std::{
     convert::Infallible,
