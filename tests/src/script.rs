@@ -11,7 +11,7 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     thread::JoinHandle,
     time::Duration,
 };
@@ -180,16 +180,27 @@ pub fn run(stream: &mut TcpStream, steps: &[Step]) -> io::Result<(Transcript, Ve
     Ok((t, head))
 }
 
-/// Serves one connection on `listener` (in a thread) by `steps`; the
-/// handle yields its transcript and first bytes received.
-pub fn serve_once(
-    listener: TcpListener,
-    steps: Vec<Step>,
-) -> JoinHandle<io::Result<(Transcript, Vec<u8>)>> {
+/// What the server side of an exchange saw.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub transcript: Transcript,
+    /// The first bytes received (up to 64).
+    pub head: Vec<u8>,
+    /// Where the connection came from.
+    pub peer: SocketAddr,
+}
+
+/// Serves one connection on `listener` (in a thread) by `steps`.
+pub fn serve_once(listener: TcpListener, steps: Vec<Step>) -> JoinHandle<io::Result<Served>> {
     std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept()?;
+        let (mut stream, peer) = listener.accept()?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        run(&mut stream, &steps)
+        let (transcript, head) = run(&mut stream, &steps)?;
+        Ok(Served {
+            transcript,
+            head,
+            peer,
+        })
     })
 }
 

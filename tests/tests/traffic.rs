@@ -11,10 +11,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use lattice_tests::{
     Agent, DEMO_CREDENTIALS, Pod,
+    node::{LATTICE_V4 as NODE_LATTICE_V4, PodSpec},
+    node_agent::{Cluster, NodeAgent, PodObject, sts_url},
     pod::{LATTICE_V4, LATTICE_V6},
     require_root,
     script::{self, Step, Transcript},
     spawn::Stream,
+    test_bin,
     tls::{TestCa, Validity},
 };
 
@@ -76,10 +79,11 @@ fn exchange(pod: &Pod, dst: SocketAddr, server: Vec<Step>, app: &[Step]) {
     let listener = pod.listen_tcp(dst).expect("listening in the pod");
     let served = script::serve_once(listener, server);
     let (app_side, _) = app_script(pod, dst, app);
-    let (server_side, _) = served
+    let server_side = served
         .join()
         .expect("server thread")
-        .expect("server's exchange");
+        .expect("server's exchange")
+        .transcript;
     assert_eq!(
         app_side.sent, server_side.received,
         "{dst}: the server did not receive what the app sent"
@@ -222,10 +226,10 @@ fn a_tls_prefix_before_http_is_passed_through_never_signed() {
         dst,
         &[Step::Send(sent.clone()), Step::Shut, Step::Rest],
     );
-    let (server_side, head) = served.join().expect("server thread").expect("exchange");
-    assert_eq!(server_side.received, app_side.sent);
+    let server_side = served.join().expect("server thread").expect("exchange");
+    assert_eq!(server_side.transcript.received, app_side.sent);
     assert_eq!(
-        head,
+        server_side.head,
         sent[..sent.len().min(64)],
         "the bytes arrived changed"
     );
@@ -272,7 +276,7 @@ fn the_pod_identity_agent_is_never_intercepted_under_a_covering_cidr() {
     pod.netns().add_lo_addr("169.254.170.23/32");
     pod.netns().add_lo_addr("fd00:ec2::23/128");
     let mut service = pod
-        .command(lattice_tests::test_bin("lattice-test-service"))
+        .command(test_bin("lattice-test-service"))
         .in_cgroup(false)
         .args([
             "tcp:169.254.170.23:80",
@@ -310,4 +314,131 @@ fn the_pod_identity_agent_is_never_intercepted_under_a_covering_cidr() {
             "{dst} inside the covering prefix was not intercepted: {out}"
         );
     }
+}
+
+/// A service-network endpoint's address (a VPC subnet address; here a
+/// link-local stand-in on the pod's `lo`) intercepted with `--cidr`:
+/// plaintext HTTP to it is signed, other traffic to it arrives unchanged.
+#[test]
+fn endpoint_addresses_from_cidr_sign_http_and_pass_the_rest_through() {
+    if !require_root("endpoint_addresses_from_cidr_sign_http_and_pass_the_rest_through") {
+        return;
+    }
+    const ENDPOINT: &str = "169.254.180.10";
+    let pod = Pod::new();
+    pod.netns().add_lo_addr(&format!("{ENDPOINT}/32"));
+    let mut service = pod
+        .command(test_bin("lattice-test-service"))
+        .in_cgroup(false)
+        .args(["--http", &format!("tcp:{ENDPOINT}:80")])
+        .spawn();
+    service.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
+    let _agent = Agent::start(
+        &pod,
+        [
+            "--cidr",
+            "169.254.171.0/24",
+            "--cidr",
+            "fd00:ec2:80::/64",
+            "--cidr",
+            &format!("{ENDPOINT}/32"),
+        ],
+    );
+    let out = pod
+        .client(["http", &format!("{ENDPOINT}:80")])
+        .uid(APP_UID)
+        .run(T);
+    assert!(
+        out.success()
+            && out
+                .stdout
+                .contains(&format!("credential={}/", DEMO_CREDENTIALS.access_key_id)),
+        "HTTP to the endpoint address was not signed: {out}"
+    );
+    exchange(
+        &pod,
+        addr(ENDPOINT, 5432),
+        vec![
+            Step::Expect(8),
+            Step::Send(b"N".to_vec()),
+            Step::Rest,
+            Step::SendRandom(1 << 20),
+            Step::Shut,
+        ],
+        &[
+            Step::Send(PG_SSL_REQUEST.to_vec()),
+            Step::Expect(1),
+            Step::SendRandom(2 << 20),
+            Step::Shut,
+            Step::Rest,
+        ],
+    );
+    assert_eq!(connections(&pod, "http1"), 1);
+    assert_eq!(connections(&pod, "opaque"), 1);
+}
+
+/// Node mode: a passed-through connection leaves from the pod's own
+/// address (its upstream socket is made in the pod's network namespace),
+/// and `/pods` counts the pod's connections by kind.
+#[test]
+fn node_mode_passes_through_from_the_pods_own_address() {
+    if !require_root("node_mode_passes_through_from_the_pods_own_address") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _sts = cluster.lattice_service(&[]);
+    let pod = cluster.node.add_pod(PodSpec::new("shop", "db-client-0"));
+    cluster.apply(
+        &PodObject::new(&pod, cluster.node.name())
+            .annotated()
+            .service_account("db")
+            .irsa(
+                &pod,
+                "arn:aws:iam::123456789012:role/db",
+                "us-west-2",
+                "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJkYiJ9.c2ln",
+            ),
+    );
+    let agent = NodeAgent::start(
+        &cluster,
+        cluster.agent_command([] as [&str; 0]),
+        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
+    );
+    agent.wait_pod(pod.uid(), Some("enrolled"), Duration::from_secs(15));
+
+    let dst = addr(NODE_LATTICE_V4, 3306);
+    let listener = cluster.node.listen_tcp(dst).expect("listening on the node");
+    let served = script::serve_once(
+        listener,
+        vec![Step::SendRandom(64 << 10), Step::Rest, Step::Shut],
+    );
+    let mut args = vec!["script".to_owned(), dst.to_string()];
+    args.extend(
+        [
+            Step::Expect(64 << 10),
+            Step::SendRandom(1 << 20),
+            Step::Shut,
+            Step::Rest,
+        ]
+        .iter()
+        .map(Step::to_arg),
+    );
+    let out = pod
+        .command(test_bin("lattice-test-client"))
+        .uid(APP_UID)
+        .args(args)
+        .run(T);
+    assert!(out.success(), "{out}");
+    let app_side = Transcript::find(&out.stdout).expect("transcript");
+    let server_side = served.join().expect("server thread").expect("exchange");
+    assert_eq!(server_side.transcript.received, app_side.sent);
+    assert_eq!(server_side.transcript.sent, app_side.received);
+    assert_eq!(
+        server_side.peer.ip(),
+        std::net::IpAddr::V4(pod.ip()),
+        "the passed-through connection did not leave from the pod's address"
+    );
+    let row = agent.pod_row(pod.uid()).expect("the pod's /pods row");
+    assert_eq!(row["connections"]["server-first"], 1, "{row}");
+    assert_eq!(row["connections"]["http1"], 0, "{row}");
 }
