@@ -27,32 +27,29 @@ use tokio::{
 
 use super::classify::{self, ENOUGH, Kind};
 
-/// The bytes read to classify a connection, to be served first.
-#[derive(Clone, Copy, Debug)]
-pub struct First {
-    buf: [u8; ENOUGH],
-    len: usize,
-}
+/// How much the first read takes: a whole request head or first message
+/// as a rule, so that what follows classification (the HTTP parser, or a
+/// pass-through's first write) gets it in one piece, not split after the
+/// few bytes classification needs.
+const FIRST_READ: usize = 4096;
 
-impl Default for First {
-    fn default() -> Self {
-        Self {
-            buf: [0; ENOUGH],
-            len: 0,
-        }
-    }
+/// The bytes read to classify a connection, to be served first.
+#[derive(Debug, Default)]
+pub struct First {
+    buf: Vec<u8>,
 }
 
 impl First {
     pub fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.buf
     }
 
-    /// Reads more into the free space; `Ok(0)` at end of stream.
+    /// Reads more, up to [`FIRST_READ`] bytes in all; `Ok(0)` at end of
+    /// stream. Cancel-safe: only bytes read are kept.
     async fn read_more(&mut self, client: &mut TcpStream) -> io::Result<usize> {
-        let n = client.read(&mut self.buf[self.len..]).await?;
-        self.len += n;
-        Ok(n)
+        self.buf
+            .reserve(FIRST_READ.saturating_sub(self.buf.len()).max(ENOUGH));
+        client.read_buf(&mut self.buf).await
     }
 }
 
