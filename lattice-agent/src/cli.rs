@@ -252,7 +252,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "LATTICE_REQUEST_TIMEOUT", default_value = "60s", value_parser = crate::proxy::units::parse_duration)]
     pub request_timeout: Duration,
 
-    /// Close client and pooled upstream connections idle this long.
+    /// Close client and pooled upstream connections idle this long (HTTP:
+    /// connections passed through are never closed for idleness).
     #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::proxy::units::parse_duration)]
     pub idle_timeout: Duration,
 
