@@ -6,8 +6,8 @@
 //! other received, both ways.
 //!
 //! Steps, as written on a command line: `send:HEX`, `send-random:N`,
-//! `expect:N` (read exactly N bytes), `shut` (half-close: no more
-//! writes), `rest` (read to the end of the stream).
+//! `expect:N` (read exactly N bytes), `sleep:MS`, `shut` (half-close: no
+//! more writes), `rest` (read to the end of the stream).
 
 use std::{
     io::{self, Read, Write},
@@ -22,6 +22,7 @@ pub enum Step {
     Send(Vec<u8>),
     SendRandom(usize),
     Expect(usize),
+    Sleep(u64),
     Shut,
     Rest,
 }
@@ -36,6 +37,7 @@ impl Step {
             Some(("send", hex)) => decode_hex(hex).map(Self::Send),
             Some(("send-random", n)) => number(n).map(Self::SendRandom),
             Some(("expect", n)) => number(n).map(Self::Expect),
+            Some(("sleep", ms)) => number(ms).map(|ms| Self::Sleep(ms as u64)),
             None if s == "shut" => Ok(Self::Shut),
             None if s == "rest" => Ok(Self::Rest),
             _ => Err(format!(
@@ -50,6 +52,7 @@ impl Step {
             Self::Send(bytes) => format!("send:{}", encode_hex(bytes)),
             Self::SendRandom(n) => format!("send-random:{n}"),
             Self::Expect(n) => format!("expect:{n}"),
+            Self::Sleep(ms) => format!("sleep:{ms}"),
             Self::Shut => "shut".into(),
             Self::Rest => "rest".into(),
         }
@@ -167,6 +170,7 @@ pub fn run(stream: &mut TcpStream, steps: &[Step]) -> io::Result<(Transcript, Ve
                     left -= chunk;
                 }
             }
+            Step::Sleep(ms) => std::thread::sleep(Duration::from_millis(*ms)),
             Step::Shut => stream.shutdown(Shutdown::Write)?,
             Step::Rest => loop {
                 let n = stream.read(&mut buf)?;

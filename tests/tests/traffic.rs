@@ -442,3 +442,61 @@ fn node_mode_passes_through_from_the_pods_own_address() {
     assert_eq!(row["connections"]["server-first"], 1, "{row}");
     assert_eq!(row["connections"]["http1"], 0, "{row}");
 }
+
+/// A passed-through connection is drained like a request: on SIGTERM it
+/// keeps working for `--drain-timeout`, then it is closed.
+#[test]
+fn passed_through_connections_drain_on_shutdown() {
+    if !require_root("passed_through_connections_drain_on_shutdown") {
+        return;
+    }
+    let pod = Pod::new();
+    let mut agent = Agent::start(&pod, ["--drain-timeout", "3s"]);
+    let dst = addr(LATTICE_V4, 5432);
+    let listener = pod.listen_tcp(dst).expect("listening in the pod");
+    let served = script::serve_once(
+        listener,
+        vec![
+            Step::Expect(8),
+            Step::Send(b"N".to_vec()),
+            Step::Expect(4),
+            Step::Send(b"pong".to_vec()),
+            Step::Rest,
+        ],
+    );
+    let mut args = vec!["script".to_owned(), dst.to_string()];
+    args.extend(
+        [
+            Step::Send(PG_SSL_REQUEST.to_vec()),
+            Step::Expect(1),
+            // The agent is told to stop meanwhile: the session goes on.
+            Step::Sleep(1500),
+            Step::Send(b"ping".to_vec()),
+            Step::Expect(4),
+            // Then the drain ends and the agent closes it.
+            Step::Rest,
+        ]
+        .iter()
+        .map(Step::to_arg),
+    );
+    let app = pod.client(args).uid(APP_UID).spawn();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    assert!(agent.stop().success(), "{}", agent.log());
+    let drained_for = started.elapsed();
+    let mut app = app;
+    let status = app
+        .wait_timeout(Duration::from_secs(20))
+        .expect("the app's session ended");
+    let out = app.output(status);
+    assert!(out.success(), "the session broke during the drain: {out}");
+    let app_side = Transcript::find(&out.stdout).expect("transcript");
+    assert_eq!(app_side.received.len, 5, "{out}");
+    let server_side = served.join().expect("server thread").expect("exchange");
+    assert_eq!(server_side.transcript.received, app_side.sent);
+    assert!(
+        drained_for >= Duration::from_millis(2500),
+        "the agent stopped after {drained_for:?}, before the drain timeout\n{}",
+        agent.log()
+    );
+}
