@@ -169,18 +169,15 @@ fn make_certificates(tls_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// nginx's TLS server block on 443, HTTP/1.1 (the agent offers it for
-/// HTTP/1.1 clients), the same content.
+/// The server's TLS listener on 443 (HTTP/1.1: what the agent offers
+/// HTTP/1.1 clients), beside its plain one: the same content and uploads.
 fn tls_server(dir: &Path) -> String {
     let d = dir.display();
     format!(
         r#"
-    server {{
         listen {ADDR}:443 ssl;
         ssl_certificate {d}/tls/server.pem;
-        ssl_certificate_key {d}/tls/server.key;
-        root {d}/www;
-    }}"#
+        ssl_certificate_key {d}/tls/server.key;"#
     )
 }
 
@@ -208,14 +205,14 @@ http {{
     keepalive_timeout 300s;
     default_type application/json;
     server {{
-        listen {ADDR}:80;
+        listen {ADDR}:80;{tls_server}
         root {d}/www;
         location /upload/ {{
             dav_methods PUT;
             client_max_body_size 0;
             client_body_buffer_size 1m;
         }}
-    }}{tls_server}
+    }}
 }}
 "#
     )
