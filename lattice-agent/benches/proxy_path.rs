@@ -20,7 +20,7 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lattice_agent::{
-    bpf::{InterceptConfig, Interceptor},
+    bpf::{AgentExemption, InterceptConfig, Interceptor},
     nat_orig_dst::nat_original_destination,
 };
 
@@ -94,9 +94,11 @@ impl Sandbox {
                 v6_prefixes: vec![],
                 proxy_port: port,
                 exempt_uid: 101,
+                exempt: AgentExemption::Uid,
                 pin: None,
                 held_by_cgroup: false,
                 gate_by_netns: false,
+                gate_capacity: lattice_common::ENROLLED_CAPACITY,
             })
             .expect("attach the interceptor"),
         );

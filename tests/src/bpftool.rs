@@ -59,6 +59,29 @@ pub fn map_entries(pinned: &Path) -> usize {
         .len()
 }
 
+/// Sets `key` to `value` (bytes, as the map's key and value types lay
+/// them out) in the map pinned at `pinned`: an entry someone else left.
+pub fn map_update(pinned: &Path, key: &[u8], value: &[u8]) {
+    let hex =
+        |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("0x{b:02x}")).collect() };
+    let out = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(pinned)
+        .arg("key")
+        .args(hex(key))
+        .arg("value")
+        .args(hex(value))
+        .output()
+        .unwrap_or_else(|e| panic!("running bpftool (Debian package bpftool): {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool map update {}: {}: {}",
+        pinned.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
 /// `(program name, program id)` of every program attached directly to the
 /// cgroup.
 pub fn attached_program_ids(cgroup: &Path) -> Vec<(String, u64)> {

@@ -83,6 +83,14 @@ impl PodCommand {
         self
     }
 
+    /// Join this cgroup instead of the one the command was made for (e.g. a
+    /// node agent placed in a pod's container cgroup, as a DaemonSet runs).
+    pub fn cgroup(mut self, path: impl AsRef<Path>) -> Self {
+        self.cgroup = path.as_ref().to_owned();
+        self.in_cgroup = true;
+        self
+    }
+
     /// A `Command` that starts placed as configured (stdin from /dev/null).
     ///
     /// The namespace and `cgroup.procs` are opened here, before fork: the

@@ -167,7 +167,7 @@ fn without_any_one_capability_the_start_fails() {
             .filter(|c| *c != missing)
             .collect();
         let mut cmd = agent_with(&cluster, &set).build();
-        cmd.env_clear().envs(lattice_tests::node_agent::clean_env());
+        cmd.env_clear().envs(cluster.agent_env());
         let mut child = lattice_tests::ChildGuard::spawn(cmd, format!("agent without {missing}"));
         let status = child
             .wait_timeout(Duration::from_secs(30))
@@ -321,7 +321,7 @@ fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
     for missing in NODE_CNI_CAPS {
         let set: Vec<&str> = start.iter().copied().filter(|c| *c != missing).collect();
         let mut cmd = with_cni(&set).build();
-        cmd.env_clear().envs(lattice_tests::node_agent::clean_env());
+        cmd.env_clear().envs(cluster.agent_env());
         let mut child = lattice_tests::ChildGuard::spawn(cmd, format!("agent without {missing}"));
         let status = child
             .wait_timeout(Duration::from_secs(30))

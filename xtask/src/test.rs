@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 use crate::{
-    Workspace, cmd,
+    Workspace, cmd, fuzz,
     image::{self, Arch},
     reliability,
     setup::Ready,
@@ -29,6 +29,9 @@ enum Work {
     /// image tests check them, and the timed node-mode tests measure the
     /// image's static agent, the binary users deploy.
     Image,
+    /// Every fuzz target for a few seconds, after replaying the inputs
+    /// kept in fuzz/regressions/ (`cargo xtask fuzz`).
+    Fuzz,
 }
 
 pub fn run(ws: &Workspace, ready: &Ready, test_args: &[String]) -> Result<()> {
@@ -89,12 +92,16 @@ fn steps(test_args: &[String]) -> Vec<Step> {
             name: "test",
             work: Work::Cargo(test),
         },
+        Step {
+            name: "fuzz",
+            work: Work::Fuzz,
+        },
     ]
 }
 
 /// One step: a cargo invocation from the workspace root, with bpf-linker
 /// on PATH (lattice-agent's build.rs needs it) and the venv for the test
-/// servers; or the image build.
+/// servers; or the image build; or the fuzz targets.
 fn run_step(ws: &Workspace, ready: &Ready, step: &Step) -> Result<()> {
     match &step.work {
         Work::Cargo(args) => {
@@ -106,5 +113,6 @@ fn run_step(ws: &Workspace, ready: &Ready, step: &Step) -> Result<()> {
             cmd::run(&mut cargo)
         }
         Work::Image => image::build_image(&ws.root, &ws.target_dir, &Arch::ALL).map(drop),
+        Work::Fuzz => fuzz::run(ws, ready, fuzz::TEST_SECONDS),
     }
 }

@@ -13,13 +13,11 @@ pub mod server;
 mod sniff;
 mod splice;
 pub mod tls_rules;
-pub mod units;
 pub mod upstream;
 pub mod workers;
 
 use std::{
     borrow::Cow,
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -34,20 +32,19 @@ use self::{
     body::{Guarded, ProxyBody, boxed},
     errors::RequestError,
     server::ConnCtx,
-    tls_rules::{TlsRuleError, TlsRules},
-    upstream::{TlsConfigError, TlsConfigs, Upstream, UpstreamConfig},
+    tls_rules::TlsRules,
+    upstream::{TlsConfigs, Upstream, UpstreamConfig},
 };
 use crate::{
-    cli::ProxyArgs,
     credentials::WorkloadCredentials,
     metrics::WorkloadMetrics,
     netns::SocketFactory,
     orig_dst::OriginalDestination,
     query,
-    sign::{self, Algorithm, Payload, RequestToSign, Signer, SigningConfig},
+    sign::{self, Payload, RequestToSign, Signer, SigningConfig},
 };
 
-/// The proxy's settings, built once from [`ProxyArgs`].
+/// The proxy's settings (built by `config`).
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub signing: SigningConfig,
@@ -68,87 +65,12 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     pub max_header_bytes: u64,
     pub log_signing: bool,
-    pub admin_addr: SocketAddr,
     /// Open client connections per workload; at the limit the oldest idle
     /// one is closed to admit a new one (see `conns`).
     pub max_connections: usize,
     /// `--workers` threads connections are spread over; `None` serves
     /// them on the runtime the proxy runs on.
     pub workers: Option<Arc<workers::WorkerPool>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("no AWS region: pass --region (LATTICE_REGION) or set AWS_REGION / a profile region")]
-    NoRegion,
-    #[error("TLS to upstreams")]
-    Tls(#[from] TlsConfigError),
-    #[error(transparent)]
-    TlsRule(#[from] TlsRuleError),
-    #[error("--{flag} must be greater than zero")]
-    Zero { flag: &'static str },
-}
-
-impl ProxyConfig {
-    /// Checks every flag and reads `--ca-file`. Called before attaching and
-    /// while still privileged, so a bad flag never leaves interception
-    /// without a proxy and a root-only CA file stays readable. The region
-    /// is `--region` here; [`Self::resolve_region`] completes it.
-    pub fn from_args(args: &ProxyArgs) -> Result<Self, ProxyError> {
-        for (flag, zero) in [
-            ("connect-timeout", args.connect_timeout.is_zero()),
-            ("idle-timeout", args.idle_timeout.is_zero()),
-            ("server-first-wait", args.server_first_wait.is_zero()),
-            ("max-header-bytes", args.max_header_bytes == 0),
-        ] {
-            if zero {
-                return Err(ProxyError::Zero { flag });
-            }
-        }
-        // `--upstream-tls` is the rule `*`, after any of the others.
-        let mut tls_rules = TlsRules::parse(&args.upstream_tls_rules, "--upstream-tls-rule")?;
-        if args.upstream_tls {
-            tls_rules = tls_rules.then(TlsRules::everything());
-        }
-        // Built whatever the rules: in node mode a pod may bring its own.
-        let tls = TlsConfigs::new(args.ca_file.as_deref())?;
-        Ok(Self {
-            signing: SigningConfig {
-                service: args.service.clone(),
-                region: args.region.clone().unwrap_or_default(),
-                algorithm: if args.sigv4a {
-                    Algorithm::SigV4a
-                } else {
-                    Algorithm::SigV4
-                },
-            },
-            sign_payload: args.sign_payload,
-            max_signed_body: args.max_signed_body,
-            tls_rules: Arc::new(tls_rules),
-            tls,
-            connect_timeout: args.connect_timeout,
-            request_timeout: Some(args.request_timeout).filter(|d| !d.is_zero()),
-            idle_timeout: args.idle_timeout,
-            server_first_wait: args.server_first_wait,
-            drain_timeout: args.drain_timeout,
-            max_header_bytes: args.max_header_bytes,
-            log_signing: args.log_signing,
-            admin_addr: args.admin_addr,
-            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
-            workers: None,
-        })
-    }
-
-    /// Falls back to the region the credential chain resolved (AWS_REGION,
-    /// profile, IMDS) when `--region` was not given.
-    pub fn resolve_region(&mut self, chain_region: Option<String>) -> Result<(), ProxyError> {
-        if self.signing.region.is_empty() {
-            self.signing.region = chain_region
-                .filter(|r| !r.is_empty())
-                .ok_or(ProxyError::NoRegion)?;
-        }
-        Ok(())
-    }
 }
 
 /// What one served workload (a pod) brings to the proxy: everything a
@@ -181,7 +103,7 @@ pub async fn serve(
     workload: WorkloadProxy,
     listeners: Vec<TcpListener>,
     shutdown: CancellationToken,
-) -> Result<(), ProxyError> {
+) {
     let WorkloadProxy {
         cfg,
         sockets,
@@ -209,7 +131,6 @@ pub async fn serve(
         }
     }
     server::run(shared, listeners, orig_dst, shutdown).await;
-    Ok(())
 }
 
 /// Answers one request: forwarded and signed, or a `lattice-agent:` error.
@@ -385,49 +306,4 @@ fn origin_form(uri: &Uri) -> String {
     uri.path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use clap::Parser as _;
-
-    use super::*;
-
-    fn proxy_args(flags: &[&str]) -> ProxyArgs {
-        let mut argv = vec!["lattice-agent", "run", "--cgroup", "/cg"];
-        argv.extend_from_slice(flags);
-        match crate::cli::Cli::try_parse_from(argv)
-            .expect("parses")
-            .command
-        {
-            crate::cli::Command::Run(run) => run.proxy,
-            _ => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn tls_rules_from_flags_and_upstream_tls_as_the_last_rule() {
-        let cfg = ProxyConfig::from_args(&proxy_args(&[
-            "--upstream-tls-rule",
-            "port:80 => 443,host:a.example",
-            "--upstream-tls",
-        ]))
-        .expect("valid");
-        let lattice = |port| SocketAddr::from(([169, 254, 171, 33], port));
-        assert_eq!(cfg.tls_rules.tls_port(lattice(80), "b.example"), Some(443));
-        assert_eq!(cfg.tls_rules.tls_port(lattice(81), "b.example"), Some(81));
-        let none = ProxyConfig::from_args(&proxy_args(&[])).expect("valid");
-        assert!(none.tls_rules.is_empty());
-    }
-
-    #[test]
-    fn a_bad_tls_rule_names_the_flag() {
-        let err = ProxyConfig::from_args(&proxy_args(&["--upstream-tls-rule", "https://svc"]))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("--upstream-tls-rule \"https://svc\": unknown selector"),
-            "{err}"
-        );
-    }
 }
