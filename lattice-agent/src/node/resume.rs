@@ -1,13 +1,16 @@
 //! What the worker keeps about each pod it serves in the parent's hands
 //! (see `keeper`), to serve the pod again at once after a restart, before
 //! anything is listed from the API: the pod's plan as the API last showed
-//! it and the CNI sandbox it was enrolled for. The parent stores it as an
+//! it (its annotations' options as their text, parsed again on resume)
+//! and the CNI sandbox it was enrolled for. The parent stores it as an
 //! opaque string and hands it back as it came; the API watch then
 //! reconciles as for any pod.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
-use super::pod_spec::PodPlan;
+use super::pod_spec::{PodOptions, PodPlan};
 
 /// The format's version: a state of another version is not resumed from
 /// (the pod then waits for the API, as a pod handed over without state).
@@ -24,8 +27,11 @@ pub struct Resume {
 #[derive(Serialize, Deserialize)]
 struct Saved {
     v: u32,
-    #[serde(flatten)]
-    resume: Resume,
+    plan: PodPlan,
+    sandbox: Option<String>,
+    /// The pod's upstream-TLS annotation (`plan.options` is not
+    /// serialized).
+    upstream_tls: Option<String>,
 }
 
 impl Resume {
@@ -33,7 +39,9 @@ impl Resume {
     pub fn encode(&self) -> Option<String> {
         let saved = Saved {
             v: VERSION,
-            resume: self.clone(),
+            plan: self.plan.clone(),
+            sandbox: self.sandbox.clone(),
+            upstream_tls: self.plan.options.upstream_tls_annotation.clone(),
         };
         serde_json::to_string(&saved).ok()
     }
@@ -41,7 +49,18 @@ impl Resume {
     /// A state this version can resume from.
     pub fn decode(state: &str) -> Option<Self> {
         let saved: Saved = serde_json::from_str(state).ok()?;
-        (saved.v == VERSION).then_some(saved.resume)
+        if saved.v != VERSION {
+            return None;
+        }
+        let mut plan = saved.plan;
+        plan.options = Arc::new(PodOptions::from_annotations(
+            &plan.display_name(),
+            saved.upstream_tls.as_deref(),
+        ));
+        Some(Self {
+            plan,
+            sandbox: saved.sandbox,
+        })
     }
 }
 
@@ -71,12 +90,37 @@ mod tests {
                     session_name: None,
                 },
                 region: Some("us-west-2".into()),
+                options: Arc::new(PodOptions::from_annotations(
+                    "shop/cart",
+                    Some("port:443, host:*.example.com"),
+                )),
             },
             sandbox: Some("c0ffee".into()),
         };
+        assert!(resume.plan.options.upstream_tls.is_some());
         let state = resume.encode().unwrap();
         assert!(state.starts_with(r#"{"v":1,"#), "{state}");
         assert_eq!(Resume::decode(&state), Some(resume));
+    }
+
+    #[test]
+    fn a_bad_annotation_resumes_with_its_warning() {
+        let plan = PodPlan {
+            uid: "u-2".into(),
+            namespace: "shop".into(),
+            name: "bad".into(),
+            ips: Vec::new(),
+            identity: IdentityPlan::Missing("none".into()),
+            region: None,
+            options: Arc::new(PodOptions::from_annotations("shop/bad", Some("nonsense:1"))),
+        };
+        assert_eq!(plan.options.warnings.len(), 1, "{:?}", plan.options);
+        let resume = Resume {
+            plan,
+            sandbox: None,
+        };
+        let back = Resume::decode(&resume.encode().unwrap()).unwrap();
+        assert_eq!(back, resume);
     }
 
     #[test]

@@ -725,6 +725,7 @@ mod tests {
             },
             identity: IdentityPlan::Missing("none".into()),
             region: None,
+            options: Default::default(),
         }
     }
 
