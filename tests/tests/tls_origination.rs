@@ -286,12 +286,45 @@ fn node_mode_tls_rules_from_the_pods_annotation() {
         assert_eq!(r.status, 200, "{r:?}");
     }
     // Only the annotated pod's request came through the TLS listener.
-    let through_tls = front
-        .stdout()
-        .lines()
-        .filter(|l| l.starts_with("tls-front sni="))
-        .count();
-    assert_eq!(through_tls, 1, "{}", front.stdout());
+    let through_tls = || {
+        front
+            .stdout()
+            .lines()
+            .filter(|l| l.starts_with("tls-front sni="))
+            .count()
+    };
+    assert_eq!(through_tls(), 1, "{}", front.stdout());
+
+    // A worker that replaces a dead one serves the pod with its
+    // annotation's rules from the state its parent kept, before the API
+    // is listed: the listing then finds the same plan and enrolls nothing
+    // anew.
+    let dead = agent.kill_worker();
+    agent.wait_worker(Some(dead), Duration::from_secs(10));
+    let enrolled = format!("pod enrolled pod=shop/{}", tls_pod.name());
+    let log = agent.log();
+    let restarted = log
+        .rfind(&format!("{enrolled} identity=\"irsa\" via=\"restart\""))
+        .unwrap_or_else(|| panic!("the pod was not served again from its state:\n{log}"));
+    let url = format!("http://{NODE_LATTICE_V4}/after-restart");
+    let r = app_request(&tls_pod, &["-H", &host, &url]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(through_tls(), 2, "{}", front.stdout());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent
+        .log()
+        .matches("lattice-agent ready (node mode)")
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !agent.log()[restarted + enrolled.len()..].contains(&enrolled),
+        "the listing enrolled the pod anew (its resumed plan differed):\n{}",
+        agent.log()
+    );
 }
 
 fn apply(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize, rules: &str) {
