@@ -488,12 +488,7 @@ impl Summary<'_> {
         let programs: Vec<String> = self
             .swapped
             .iter()
-            .map(|s| {
-                format!(
-                    "{} (link {}: program {} -> {}, {})",
-                    s.program, s.link_id, s.old_prog, s.new_prog, s.change
-                )
-            })
+            .map(|s| format!("{} (link {}: {})", s.program, s.link_id, s.change))
             .collect();
         let maps: Vec<String> = self
             .replaced
@@ -608,8 +603,6 @@ struct Attached {
 struct Swapped {
     program: &'static str,
     link_id: u32,
-    old_prog: u32,
-    new_prog: u32,
     change: ProgramChange,
 }
 
@@ -732,43 +725,47 @@ fn update_pinned(
     name: &'static str,
     old: pins::PinnedProgram,
 ) -> Result<Option<Swapped>, BpfError> {
-    let new = {
-        let fd = program
-            .fd()
-            .map_err(|source| BpfError::Program { name, source })?;
-        pins::view_of(fd.as_fd()).map_err(|source| BpfError::Survey {
-            path: old.path.clone(),
-            source,
-        })?
-    };
-    let Some(change) = old.view.change_to(&new, &SHARED_MAPS) else {
-        unload_program(program, name)?;
-        tracing::debug!(program = name, link_id = old.link_id, path = %old.path.display(), "the pinned link runs this agent's program already");
-        return Ok(None);
-    };
-    let fd = program
-        .fd()
-        .map_err(|source| BpfError::Program { name, source })?;
-    raw_link::update(old.link.as_fd(), fd.as_fd(), old.prog.as_fd()).map_err(|source| {
-        BpfError::Swap {
-            name,
-            path: old.path.clone(),
-            source,
+    let prog_err = |source| BpfError::Program { name, source };
+    let (change, old_prog, new_prog) = match &old.running {
+        Some(running) => {
+            let new = {
+                let fd = program.fd().map_err(prog_err)?;
+                pins::view_of(fd.as_fd()).map_err(|source| BpfError::Survey {
+                    path: old.path.clone(),
+                    source,
+                })?
+            };
+            let Some(change) = running.view.change_to(&new, &SHARED_MAPS) else {
+                unload_program(program, name)?;
+                tracing::debug!(program = name, link_id = old.link_id, path = %old.path.display(), "the pinned link runs this agent's program already");
+                return Ok(None);
+            };
+            (change, Some(running.view.id), Some(new.id))
         }
+        None => (ProgramChange::Unknown, None, None),
+    };
+    let fd = program.fd().map_err(prog_err)?;
+    raw_link::update(
+        old.link.as_fd(),
+        fd.as_fd(),
+        old.running.as_ref().map(|r| r.prog.as_fd()),
+    )
+    .map_err(|source| BpfError::Swap {
+        name,
+        path: old.path.clone(),
+        source,
     })?;
     tracing::info!(
         program = name,
         link_id = old.link_id,
-        old_program = old.view.id,
-        new_program = new.id,
+        old_program = ?old_prog,
+        new_program = ?new_prog,
         change = %change,
         "the pinned link runs the new program"
     );
     Ok(Some(Swapped {
         program: name,
         link_id: old.link_id,
-        old_prog: old.view.id,
-        new_prog: new.id,
         change,
     }))
 }

@@ -53,6 +53,14 @@ pub struct PinnedProgram {
     pub path: PathBuf,
     pub link: OwnedFd,
     pub link_id: u32,
+    /// The program it runs, unless this agent may not open programs by id
+    /// (that takes CAP_SYS_ADMIN, which `run` and `sidecar` can do
+    /// without): it then replaces the program without looking.
+    pub running: Option<Running>,
+}
+
+/// The program a pinned link runs.
+pub struct Running {
     /// Held so the swap can name the program it replaces (the kernel
     /// refuses it if the link runs another one by then).
     pub prog: OwnedFd,
@@ -109,16 +117,27 @@ impl Survey {
             }
             let link = sys::obj_get(&path).map_err(survey_err(&path))?;
             let (link_id, prog_id) = sys::link_ids(link.as_fd()).map_err(survey_err(&path))?;
-            let prog = sys::prog_fd_by_id(prog_id).map_err(survey_err(&path))?;
-            let view = view_of(prog.as_fd()).map_err(survey_err(&path))?;
+            let running = match sys::prog_fd_by_id(prog_id) {
+                Ok(prog) => {
+                    let view = view_of(prog.as_fd()).map_err(survey_err(&path))?;
+                    Some(Running { prog, view })
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    tracing::info!(
+                        program = name,
+                        "without CAP_SYS_ADMIN the program a pinned link runs cannot be read: this agent's replaces it"
+                    );
+                    None
+                }
+                Err(e) => return Err(survey_err(&path)(e)),
+            };
             survey.links.push((
                 name,
                 PinnedProgram {
                     path,
                     link,
                     link_id,
-                    prog,
-                    view,
+                    running,
                 },
             ));
         }
@@ -138,7 +157,8 @@ impl Survey {
         let mut seen = BTreeSet::new();
         self.links
             .iter()
-            .flat_map(|(_, l)| l.view.maps_named(name))
+            .filter_map(|(_, l)| l.running.as_ref())
+            .flat_map(|r| r.view.maps_named(name))
             .filter(|m| seen.insert(m.id))
             .cloned()
             .collect()

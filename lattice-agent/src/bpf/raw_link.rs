@@ -123,19 +123,19 @@ pub fn attach_held_by_cgroup(
     bpf(BPF_PROG_ATTACH, &attr).map(drop)
 }
 
-/// Makes `link` run `new_prog` in place of `old_prog`, in one step; fails
-/// (EPERM) if the link no longer runs `old_prog` (another agent swapped
-/// it meanwhile).
+/// Makes `link` run `new_prog` in one step; with `old_prog`, only in
+/// place of that program (EPERM if the link runs another by then: another
+/// agent swapped it meanwhile).
 pub fn update(
     link: BorrowedFd<'_>,
     new_prog: BorrowedFd<'_>,
-    old_prog: BorrowedFd<'_>,
+    old_prog: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
     let attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: new_prog.as_raw_fd() as u32,
-        flags: BPF_F_REPLACE,
-        old_prog_fd: old_prog.as_raw_fd() as u32,
+        flags: old_prog.map_or(0, |_| BPF_F_REPLACE),
+        old_prog_fd: old_prog.map_or(0, |fd| fd.as_raw_fd() as u32),
         ..Default::default()
     };
     bpf(BPF_LINK_UPDATE, &attr).map(drop)

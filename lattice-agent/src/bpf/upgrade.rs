@@ -186,6 +186,8 @@ pub enum ProgramChange {
     Maps(Vec<String>),
     /// The same code and maps, other load-time settings.
     Settings,
+    /// The pinned program could not be read (no CAP_SYS_ADMIN).
+    Unknown,
 }
 
 impl fmt::Display for ProgramChange {
@@ -194,6 +196,7 @@ impl fmt::Display for ProgramChange {
             Self::Code { old_tag, new_tag } => write!(f, "code (tag {old_tag} -> {new_tag})"),
             Self::Maps(names) => write!(f, "maps ({})", names.join(", ")),
             Self::Settings => write!(f, "load settings (.rodata)"),
+            Self::Unknown => write!(f, "unknown program replaced"),
         }
     }
 }
