@@ -102,20 +102,28 @@ pub fn prog_run_stats(id: u64) -> (u64, u64) {
     (field("run_time_ns"), field("run_cnt"))
 }
 
-/// `(link id, program id)` of the link pinned at `pinned`.
-pub fn pinned_link(pinned: &Path) -> (u64, u64) {
+/// `bpftool OBJECT show pinned PATH` (`link` or `map`), and a reader of
+/// its number fields.
+fn show_pinned(object: &str, pinned: &Path) -> (Value, impl Fn(&Value, &str) -> u64) {
     let json = bpftool_json(&[
-        "link".as_ref(),
+        object.as_ref(),
         "show".as_ref(),
         "pinned".as_ref(),
         pinned.as_os_str(),
     ]);
-    let field = |k: &str| {
+    let object = object.to_owned();
+    let field = move |json: &Value, k: &str| {
         json.get(k)
             .and_then(Value::as_u64)
-            .unwrap_or_else(|| panic!("bpftool link show: no {k} in {json}"))
+            .unwrap_or_else(|| panic!("bpftool {object} show: no {k} in {json}"))
     };
-    (field("id"), field("prog_id"))
+    (json, field)
+}
+
+/// `(link id, program id)` of the link pinned at `pinned`.
+pub fn pinned_link(pinned: &Path) -> (u64, u64) {
+    let (json, field) = show_pinned("link", pinned);
+    (field(&json, "id"), field(&json, "prog_id"))
 }
 
 /// The kernel's tag of program `id` (hex): the hash of its instructions.
@@ -139,17 +147,8 @@ pub struct MapFacts {
 }
 
 pub fn pinned_map(pinned: &Path) -> MapFacts {
-    let json = bpftool_json(&[
-        "map".as_ref(),
-        "show".as_ref(),
-        "pinned".as_ref(),
-        pinned.as_os_str(),
-    ]);
-    let field = |k: &str| {
-        json.get(k)
-            .and_then(Value::as_u64)
-            .unwrap_or_else(|| panic!("bpftool map show: no {k} in {json}"))
-    };
+    let (json, field) = show_pinned("map", pinned);
+    let field = |k: &str| field(&json, k);
     MapFacts {
         id: field("id"),
         map_type: json

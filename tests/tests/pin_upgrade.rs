@@ -33,7 +33,9 @@ use lattice_tests::{
         start_load, unsigned_requests,
     },
     rebuild::{rebuilt, swap_pinned_links},
+    reliability::Record,
     require_root,
+    time::monotonic_ns,
 };
 
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -136,15 +138,30 @@ fn a_rolling_update_swaps_other_programs_in_the_pinned_links_under_load() {
         cookies
     );
     let log = new.log();
+    let failed = |s: &serde_json::Value| load_count(s, "failed") + load_count(s, "refused");
+    let record = Record {
+        id: "node-agent-upgrade-programs",
+        fault: "node agent rolling update onto another build of the eBPF programs (the pinned links made to run the new programs in place)".into(),
+        load: format!(
+            "2 apps, back to back, {seconds} s: kept-alive connections; a new connection per request"
+        ),
+        attempted: load_count(&kept, "ok") + load_count(&fresh, "ok") + failed(&kept) + failed(&fresh),
+        failed: failed(&kept) + failed(&fresh),
+        unsigned: unsigned_requests(&verifier),
+        recovery_ms: None,
+        notes: format!(
+            "4 links kept (same ids), each running the new program; p99 {} µs (kept-alive) / {} µs (new connections)",
+            kept["p99_us"], fresh["p99_us"]
+        ),
+    };
+    record.save();
     assert!(
         log.contains("upgraded the pinned eBPF programs in place") && log.contains("code (tag"),
         "{log}"
     );
-    assert_eq!(unsigned_requests(&verifier), 0, "unsigned requests");
-    let failed = |s: &serde_json::Value| load_count(s, "failed") + load_count(s, "refused");
+    assert_eq!(record.unsigned, 0, "unsigned requests");
     assert_eq!(
-        failed(&kept) + failed(&fresh),
-        0,
+        record.failed, 0,
         "requests failed across the upgrade:\nkept-alive: {kept}\nnew connections: {fresh}\n{log}"
     );
     assert!(
@@ -242,6 +259,7 @@ fn an_agent_over_older_map_layouts_migrates_them_and_serves() {
     let load = start_load(&pod, "load", 6);
     std::thread::sleep(Duration::from_millis(1000));
     let started = Instant::now();
+    let started_ns = monotonic_ns();
     let new = start_agent(&cluster, &[]);
     let ready_ms = started.elapsed().as_millis();
     new.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
@@ -260,6 +278,23 @@ fn an_agent_over_older_map_layouts_migrates_them_and_serves() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let result = load_result(load, Duration::from_secs(40));
+    let recovered = result["recovered_ns"].as_u64().map(u128::from);
+    let record = Record {
+        id: "node-agent-restart-older-maps",
+        fault: "node agent restarted over an older agent's pins (CONFIG and gate laid out otherwise): maps replaced, the gate carried over, the pinned links made to run the new programs".into(),
+        load: "1 app, new connection per request, refused connects retried, 6 s".into(),
+        attempted: load_count(&result, "ok")
+            + load_count(&result, "failed")
+            + load_count(&result, "refused"),
+        failed: load_count(&result, "failed") + load_count(&result, "refused"),
+        unsigned: unsigned_requests(&verifier),
+        recovery_ms: recovered.map(|r| r.saturating_sub(started_ns) as f64 / 1e6),
+        notes: format!(
+            "connects refused while no agent served the pod ({} refusals); recovery counted from the new agent's start (ready after {ready_ms} ms) and includes the pod's re-enrollment",
+            load_count(&result, "refused")
+        ),
+    };
+    record.save();
 
     let log = new.log();
     let config = pinned_map(&map_path(&pin_dir, names::CONFIG));
@@ -301,13 +336,9 @@ fn an_agent_over_older_map_layouts_migrates_them_and_serves() {
             .starts_with("new_")),
         "staged pins left behind"
     );
-    assert_eq!(
-        unsigned_requests(&verifier),
-        0,
-        "unsigned requests: {result}"
-    );
+    assert_eq!(record.unsigned, 0, "unsigned requests: {result}");
     assert!(
-        result["recovered_ns"].as_u64().is_some() && load_count(&result, "ok") > 50,
+        recovered.is_some() && load_count(&result, "ok") > 50,
         "the pod was not served again (agent ready after {ready_ms} ms): {result}\n{log}"
     );
     assert_eq!(lattice_get(&pod, "/after").status, 200, "{}", new.log());
