@@ -424,8 +424,19 @@ impl NodeAgent {
 
     /// [`NodeAgent::start`] as `how` says.
     pub fn start_with(cluster: &Cluster, cmd: PodCommand, how: &AgentStart<'_>) -> Self {
+        Self::start_until(cluster, cmd, how, READY_LINE)
+    }
+
+    /// [`NodeAgent::start_with`], waiting for `line` in its log rather
+    /// than its ready line (an agent that cannot be ready yet).
+    pub fn start_until(
+        cluster: &Cluster,
+        cmd: PodCommand,
+        how: &AgentStart<'_>,
+        line: &str,
+    ) -> Self {
         let (mut child, port) = Self::spawn(cluster, cmd, how);
-        child.wait_for(Stream::Stderr, READY_LINE, Duration::from_secs(30));
+        child.wait_for(Stream::Stderr, line, Duration::from_secs(30));
         Self {
             child,
             node_netns: cluster.node.netns_path().to_owned(),

@@ -24,13 +24,14 @@ use std::{
 use lattice_common::names;
 use lattice_tests::{
     Agent, Bpffs, DEMO_CREDENTIALS, Pod,
+    agent::READY_LINE,
     bpftool::{
         attached_programs, map_create, map_keys_u64, map_update, pinned_link, pinned_map, prog_tag,
     },
     node::{NodePod, PodSpec},
     node_agent::{
-        Cluster, NodeAgent, apply_irsa_pod, lattice_get, load_count, load_result, start_agent,
-        start_load, unsigned_requests,
+        AgentStart, Cluster, NodeAgent, apply_irsa_pod, lattice_get, load_count, load_result,
+        start_agent, start_load, sts_url, unsigned_requests,
     },
     rebuild::{rebuilt, swap_pinned_links},
     reliability::Record,
@@ -347,11 +348,17 @@ fn an_agent_over_older_map_layouts_migrates_them_and_serves() {
 /// Pins the map pinned at `from` at `to` too, replacing what is pinned
 /// there in one step (bpffs renames replace).
 fn replace_pin(from: &Path, to: &Path) {
-    let id = pinned_map(from).id.to_string();
     let staged = to.with_file_name("staged_pin");
+    pin_again(from, &staged);
+    std::fs::rename(&staged, to).expect("replace the pin");
+}
+
+/// Pins the map pinned at `from` at `to` too.
+fn pin_again(from: &Path, to: &Path) {
+    let id = pinned_map(from).id.to_string();
     let out = std::process::Command::new("bpftool")
         .args(["map", "pin", "id", &id])
-        .arg(&staged)
+        .arg(to)
         .output()
         .expect("bpftool map pin");
     assert!(
@@ -359,7 +366,6 @@ fn replace_pin(from: &Path, to: &Path) {
         "bpftool map pin: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::rename(&staged, to).expect("replace the pin");
 }
 
 /// `--max-pods` raised on a node with pins: the pinned gate, too small,
@@ -408,6 +414,61 @@ fn a_larger_max_pods_grows_the_pinned_gate_a_smaller_one_keeps_it() {
         agent.log()
     );
     assert_eq!(lattice_get(&pod, "/kept").status, 200, "{}", agent.log());
+}
+
+/// During a rolling update the agent being replaced may still enroll a
+/// pod (a CNI `ADD`) in the gate it knows after the new agent replaced
+/// that gate: the new agent gates such a namespace from the moment it has
+/// swapped the programs, not only once it has listed the pods (which a
+/// slow API server delays; the stand-in holds the lists here). The gate is
+/// replaced by a larger `--max-pods`; a second pin of the replaced gate
+/// stands for the older agent's handle on it.
+#[test]
+fn a_namespace_enrolled_in_a_replaced_gate_is_gated_before_the_first_list() {
+    if !require_root("a_namespace_enrolled_in_a_replaced_gate_is_gated_before_the_first_list") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _verifier = cluster.lattice_service(&[]);
+    let pin_dir = cluster.pin_dir();
+    let gate_path = map_path(&pin_dir, names::ENROLLED_NETNS);
+    let pod = enrolled_pod(&cluster, "replaced-gate", 0);
+    let mut old = start_agent(&cluster, &["--max-pods", "6"]);
+    old.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    old.kill();
+    let replaced = pin_dir.parent().expect("a bpffs").join("replaced_gate");
+    pin_again(&gate_path, &replaced);
+
+    let lists = cluster.api.hold_lists();
+    let new = NodeAgent::start_until(
+        &cluster,
+        cluster.agent_command(["--max-pods", "8"]),
+        &AgentStart {
+            env: &[("AWS_ENDPOINT_URL_STS", &sts_url())],
+            ..AgentStart::default()
+        },
+        "upgraded the pinned eBPF programs in place",
+    );
+    let late = u64::MAX - 2;
+    map_update(&replaced, &late.to_ne_bytes(), &1u32.to_ne_bytes());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !map_keys_u64(&gate_path).contains(&late) {
+        assert!(
+            Instant::now() < deadline,
+            "a namespace the replaced gate gained is not gated before the first list\n{}",
+            new.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pinned_map(&gate_path).max_entries, 8, "{}", new.log());
+    assert!(
+        !new.log().contains(READY_LINE),
+        "the agent listed the pods: the check proves nothing\n{}",
+        new.log()
+    );
+    drop(lists);
+    new.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    assert_eq!(lattice_get(&pod, "/after").status, 200, "{}", new.log());
 }
 
 /// `run --pin` (and the sidecar's `--pin`, the same attach) restarted

@@ -43,8 +43,7 @@ pub struct NetnsGate {
     /// Namespaces the map holds at most.
     capacity: u32,
     /// Replaced gates to follow (see [`NetnsGate::follow`]), until the
-    /// follower starts: at the gate's first use, after the agent dropped
-    /// its privileges (a thread started before would keep them).
+    /// follower starts (see [`NetnsGate::start_following`]).
     to_follow: Mutex<Option<Vec<Held>>>,
     /// Copies what an older agent adds to replaced gates; stops on drop.
     follower: Mutex<Option<Follower>>,
@@ -81,6 +80,7 @@ impl NetnsGate {
     }
 
     fn lock(&self) -> MutexGuard<'_, GateMap> {
+        // In case the owner has not started it yet.
         self.start_following();
         lock(&self.map)
     }
@@ -138,14 +138,20 @@ impl NetnsGate {
     /// handed its pods over; a namespace it enrolls meanwhile must stay
     /// gated under the new programs. What it removes is not followed: a
     /// namespace left gated only has its connects refused until this
-    /// agent reconciles the gate. Starts at the gate's first use.
+    /// agent reconciles the gate. Starts with
+    /// [`NetnsGate::start_following`].
     pub(super) fn follow(&self, held: Vec<Held>) {
         if !held.is_empty() {
             *self.to_follow.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
         }
     }
 
-    fn start_following(&self) {
+    /// Starts following the replaced gates, if any: as soon as the agent
+    /// has dropped its privileges (capabilities are per thread, so a
+    /// thread started before would keep them all), since from the swap
+    /// until then a namespace the agent being replaced enrolls is not
+    /// gated by the new programs. Also started at the gate's first use.
+    pub fn start_following(&self) {
         let Some(held) = self
             .to_follow
             .lock()
@@ -231,11 +237,22 @@ fn follow(mut held: Vec<Held>, map: &Mutex<GateMap>, capacity: u32, stop: &Atomi
     while !held.is_empty() && !stop.load(Ordering::Relaxed) && Instant::now() < until {
         std::thread::sleep(FOLLOW_EVERY);
         held.retain_mut(|(id, seen)| {
-            // Gone once its last holder (the replaced programs, an older
-            // agent) is: nothing can be added to it any more.
-            let Ok(now) = gate_cookies(*id) else {
-                tracing::debug!(map_id = *id, "the replaced gate is gone");
-                return false;
+            let now = match gate_cookies(*id) {
+                Ok(now) => now,
+                // Gone once its last holder (the replaced programs, an
+                // older agent) is: nothing can be added to it any more.
+                Err(e) if is_gone(&e) => {
+                    tracing::debug!(map_id = *id, "the replaced gate is gone");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        map_id = *id,
+                        error = %crate::error_chain(&e),
+                        "cannot read the replaced gate any more: a namespace the agent being replaced enrolls from now on is gated only once this agent enrolls it"
+                    );
+                    return false;
+                }
             };
             for &cookie in now.difference(seen) {
                 match insert(&mut lock(map), cookie, capacity) {
@@ -250,4 +267,16 @@ fn follow(mut held: Vec<Held>, map: &Mutex<GateMap>, capacity: u32, stop: &Atomi
             true
         });
     }
+}
+
+/// Whether reading a replaced gate failed because no map has its id any
+/// more.
+fn is_gone(e: &BpfError) -> bool {
+    matches!(
+        e,
+        BpfError::Map {
+            source: MapError::SyscallError(e),
+            ..
+        } if e.io_error.raw_os_error() == Some(libc::ENOENT)
+    )
 }
