@@ -608,20 +608,52 @@ struct Swapped {
 
 /// Loads and attaches every program; with `survey`, links pinned by an
 /// earlier agent are kept, their programs swapped when they differ.
+///
+/// Every program is loaded (verified) before any link changes, so a
+/// program the kernel refuses leaves what is attached as it was; a swap
+/// that fails puts the programs of the links swapped before it back, so
+/// they read the maps the agent being replaced writes (the gate it
+/// enrolls pods in) until a start completes.
 fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &File,
     cfg: &InterceptConfig,
+    survey: Option<&mut pins::Survey>,
+) -> Result<Attached, BpfError> {
+    for (name, _) in PROGRAMS {
+        load_program(program_mut(ebpf, name)?, name)?;
+    }
+    let mut undo = Vec::new();
+    let attached = attach_loaded(ebpf, cgroup, cfg, survey, &mut undo);
+    if attached.is_err() {
+        undo_swaps(undo);
+    }
+    attached
+}
+
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, BpfError> {
+    ebpf.program_mut(name).ok_or(BpfError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })
+}
+
+/// [`attach_all`] once the programs are loaded; `undo` gathers what each
+/// swap replaced.
+fn attach_loaded(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    cfg: &InterceptConfig,
     mut survey: Option<&mut pins::Survey>,
+    undo: &mut Vec<Undo>,
 ) -> Result<Attached, BpfError> {
     let mut attached = Attached::default();
     for (name, attach_type) in PROGRAMS {
-        let program = ebpf.program_mut(name).ok_or(BpfError::Program {
-            name,
-            source: ProgramError::UnexpectedProgramType,
-        })?;
+        let program = program_mut(ebpf, name)?;
         let prog_err = |source| BpfError::Program { name, source };
-        load_program(program, name)?;
         if cfg.held_by_cgroup && cfg.pin.is_none() {
             let prog_fd = program.fd().map_err(prog_err)?;
             raw_link::attach_held_by_cgroup(prog_fd.as_fd(), cgroup.as_fd(), attach_type).map_err(
@@ -637,7 +669,9 @@ fn attach_all(
         if let Some(old) = survey.as_deref_mut().and_then(|s| s.take_link(name)) {
             // Attaching again would run both: the pinned link is kept and
             // runs the embedded program from now on.
-            attached.swapped.extend(update_pinned(program, name, old)?);
+            attached
+                .swapped
+                .extend(update_pinned(program, name, old, undo)?);
             attached.pinned.push(name);
             continue;
         }
@@ -717,13 +751,44 @@ fn unload_program(
     }
 }
 
+/// A swap to take back if the start fails: the link, and the programs it
+/// ran and runs.
+struct Undo {
+    program: &'static str,
+    link: std::os::fd::OwnedFd,
+    old: std::os::fd::OwnedFd,
+    new: std::os::fd::OwnedFd,
+}
+
+/// Makes each link swapped by a start that failed run its previous
+/// program again (in reverse order, one step each, only if it still runs
+/// the program this start put there).
+fn undo_swaps(undo: Vec<Undo>) {
+    for u in undo.into_iter().rev() {
+        match raw_link::update(u.link.as_fd(), u.old.as_fd(), Some(u.new.as_fd())) {
+            Ok(()) => tracing::warn!(
+                program = u.program,
+                "the start failed: the pinned link runs its previous program again"
+            ),
+            Err(e) => tracing::warn!(
+                program = u.program,
+                error = %e,
+                "the start failed and the pinned link's previous program cannot be put back: the next start replaces it"
+            ),
+        }
+    }
+}
+
 /// Keeps the program the pinned link `old` runs when it is the same as
 /// the loaded `program` (unloaded then); otherwise makes the link run
-/// `program` in one step, so the cgroup never runs neither.
+/// `program` in one step, so the cgroup never runs neither, and adds to
+/// `undo` what taking that back needs (when the old program could be
+/// read).
 fn update_pinned(
     program: &mut aya::programs::Program,
     name: &'static str,
     old: pins::PinnedProgram,
+    undo: &mut Vec<Undo>,
 ) -> Result<Option<Swapped>, BpfError> {
     let prog_err = |source| BpfError::Program { name, source };
     let (change, old_prog, new_prog) = match &old.running {
@@ -755,6 +820,19 @@ fn update_pinned(
         path: old.path.clone(),
         source,
     })?;
+    if let Some(running) = old.running {
+        match fd.as_fd().try_clone_to_owned() {
+            Ok(new) => undo.push(Undo {
+                program: name,
+                link: old.link,
+                old: running.prog,
+                new,
+            }),
+            Err(e) => {
+                tracing::warn!(program = name, error = %e, "cannot keep what undoing this swap needs")
+            }
+        }
+    }
     tracing::info!(
         program = name,
         link_id = old.link_id,
