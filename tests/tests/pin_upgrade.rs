@@ -182,6 +182,78 @@ fn a_rolling_update_swaps_other_programs_in_the_pinned_links_under_load() {
     );
 }
 
+/// A rolling update that also raises `--max-pods`: the gate is replaced
+/// (its namespaces carried over) while the agent being replaced still
+/// serves the pods from the gate it knows until it hands them over. Under
+/// load on kept-alive and new connections not one request fails or goes
+/// out unsigned, and the new, larger gate holds both pods.
+#[test]
+fn a_rolling_update_that_grows_the_gate_loses_no_request() {
+    if !require_root("a_rolling_update_that_grows_the_gate_loses_no_request") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let verifier = cluster.lattice_service(&[]);
+    let gate_path = map_path(&cluster.pin_dir(), names::ENROLLED_NETNS);
+    let pods = [
+        enrolled_pod(&cluster, "grown-kept", 0),
+        enrolled_pod(&cluster, "grown-fresh", 1),
+    ];
+    let old = start_agent(&cluster, &["--max-pods", "6"]);
+    for pod in &pods {
+        old.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
+    }
+    let small = pinned_map(&gate_path);
+    let cookies = map_keys_u64(&gate_path);
+    assert_eq!((small.max_entries, cookies.len()), (6, 2), "{cookies:?}");
+
+    let seconds = 8;
+    let kept = start_load(&pods[0], "load-keepalive", seconds);
+    let fresh = start_load(&pods[1], "load", seconds);
+    std::thread::sleep(Duration::from_millis(1500));
+    let new = start_agent(&cluster, &["--max-pods", "8"]);
+    old_stops(old, &new, &pods);
+    let kept = load_result(kept, Duration::from_secs(seconds + 30));
+    let fresh = load_result(fresh, Duration::from_secs(seconds + 30));
+    let failed = |s: &serde_json::Value| load_count(s, "failed") + load_count(s, "refused");
+    let record = Record {
+        id: "node-agent-upgrade-gate-replaced",
+        fault: "node agent rolling update that replaces the gate (--max-pods raised): namespaces carried over, the agent being replaced serving until it hands over".into(),
+        load: format!(
+            "2 apps, back to back, {seconds} s: kept-alive connections; a new connection per request"
+        ),
+        attempted: load_count(&kept, "ok") + load_count(&fresh, "ok") + failed(&kept) + failed(&fresh),
+        failed: failed(&kept) + failed(&fresh),
+        unsigned: unsigned_requests(&verifier),
+        recovery_ms: None,
+        notes: format!(
+            "the gate replaced by one of 8 entries holding both pods; p99 {} µs (kept-alive) / {} µs (new connections)",
+            kept["p99_us"], fresh["p99_us"]
+        ),
+    };
+    record.save();
+
+    let log = new.log();
+    let grown = pinned_map(&gate_path);
+    assert_eq!(grown.max_entries, 8, "{log}");
+    assert_ne!(grown.id, small.id, "{log}");
+    assert_eq!(map_keys_u64(&gate_path), cookies, "{log}");
+    assert!(
+        log.contains("ENROLLED_NETNS (was hash key 8 B value 4 B, 6 entries")
+            && log.contains("gated_namespaces_carried=2"),
+        "{log}"
+    );
+    assert_eq!(record.unsigned, 0, "unsigned requests");
+    assert_eq!(
+        record.failed, 0,
+        "requests failed across the upgrade:\nkept-alive: {kept}\nnew connections: {fresh}\n{log}"
+    );
+    assert!(
+        load_count(&kept, "ok") > 100 && load_count(&fresh, "ok") > 100,
+        "too little load to mean anything: {kept} {fresh}"
+    );
+}
+
 /// `new` took `pods` over from `old`, which then stops.
 fn old_stops(mut old: NodeAgent, new: &NodeAgent, pods: &[NodePod]) {
     for pod in pods {
