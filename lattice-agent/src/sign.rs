@@ -100,8 +100,30 @@ pub struct RequestToSign<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
-    #[error("signing parameters: {0}")]
-    Params(String),
+    #[error("canonical query")]
+    Query(#[source] crate::query::QueryError),
+    #[error("hex-encoding the {what}")]
+    Hex {
+        what: &'static str,
+        #[source]
+        source: hex::FromHexError,
+    },
+    #[error("signing time {secs_since_epoch:?} s since 1970 is not between 1970 and 9999")]
+    Time { secs_since_epoch: Option<u64> },
+    #[error("signing date {date:?} is not YYYYMMDD")]
+    Date { date: String },
+    #[error("the SigV4 signing key")]
+    HmacKey(#[source] hmac::digest::InvalidLength),
+    #[error("the SigV4A private key")]
+    V4aSecret(#[source] p256::elliptic_curve::Error),
+    #[error("the SigV4A key pair")]
+    V4aKeyPair(#[source] ring::error::KeyRejected),
+    #[error("ECDSA P-256 signing (SigV4A)")]
+    Ecdsa(#[source] ring::error::Unspecified),
+    #[error("the SigV4A signature ({len} bytes) is longer than a DER P-256 signature")]
+    SignatureTooLong { len: usize },
+    #[error("signing parameters")]
+    Params(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("signing: {0}")]
     Sign(#[from] aws_sigv4::http_request::SigningError),
     #[error("signature header {0} is not a valid header value")]
@@ -248,8 +270,7 @@ impl Signer {
         creq.update(canonical_path(req.path).as_bytes());
         creq.update("\n");
         if let Some(q) = req.query.filter(|q| !q.is_empty()) {
-            let canonical =
-                query::canonical_query(q).map_err(|e| SignError::Params(format!("query: {e}")))?;
+            let canonical = query::canonical_query(q).map_err(SignError::Query)?;
             creq.update(canonical);
         }
         for part in [
@@ -278,8 +299,10 @@ impl Signer {
             creq.update(part);
         }
         let mut creq_hash = [0u8; 64];
-        hex::encode_to_slice(creq.finalize(), &mut creq_hash)
-            .map_err(|_| SignError::Params("canonical request hash".into()))?;
+        hex::encode_to_slice(creq.finalize(), &mut creq_hash).map_err(|source| SignError::Hex {
+            what: "canonical request hash",
+            source,
+        })?;
 
         // SigV4A's scope has no region (the empty parts join to nothing).
         let (algorithm, scope) = if v4a {
@@ -316,8 +339,12 @@ impl Signer {
                     mac.update(part.as_bytes());
                 }
                 mac.update(&creq_hash);
-                hex::encode_to_slice(mac.finalize().into_bytes(), &mut signature[..64])
-                    .map_err(|_| SignError::Params("signature".into()))?;
+                hex::encode_to_slice(mac.finalize().into_bytes(), &mut signature[..64]).map_err(
+                    |source| SignError::Hex {
+                        what: "signature",
+                        source,
+                    },
+                )?;
                 64
             }
             SigningKey::V4a(pair) => {
@@ -326,21 +353,21 @@ impl Signer {
                     message.extend_from_slice(part.as_bytes());
                 }
                 message.extend_from_slice(&creq_hash);
-                let der = pair
-                    .sign(&self.rng, &message)
-                    .map_err(|_| SignError::Params("ECDSA signing failed".into()))?;
+                let der = pair.sign(&self.rng, &message).map_err(SignError::Ecdsa)?;
                 let der = der.as_ref();
                 let out = signature
                     .get_mut(..der.len() * 2)
-                    .ok_or_else(|| SignError::Params("signature".into()))?;
-                hex::encode_to_slice(der, out)
-                    .map_err(|_| SignError::Params("signature".into()))?;
+                    .ok_or(SignError::SignatureTooLong { len: der.len() })?;
+                hex::encode_to_slice(der, out).map_err(|source| SignError::Hex {
+                    what: "signature",
+                    source,
+                })?;
                 der.len() * 2
             }
         };
         // Lowercase hex digits: always UTF-8.
-        let signature = std::str::from_utf8(&signature[..signature_len])
-            .map_err(|_| SignError::Params("signature".into()))?;
+        let signature =
+            std::str::from_utf8(&signature[..signature_len]).expect("hex digits are ASCII");
         let authorization = concat(&[
             &[algorithm, " Credential=", creds.access_key_id(), "/"],
             &scope,
@@ -383,7 +410,9 @@ impl Signer {
     fn prepared(&self, creds: &Credentials, time: SystemTime) -> Result<Prepared, SignError> {
         let unix_secs = time
             .duration_since(UNIX_EPOCH)
-            .map_err(|_| SignError::Params("signing time before 1970".into()))?
+            .map_err(|_| SignError::Time {
+                secs_since_epoch: None,
+            })?
             .as_secs();
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         let cached = &mut *cached;
@@ -434,8 +463,9 @@ impl Signer {
             .transpose()?;
         let (key, date) = match self.cfg.algorithm {
             Algorithm::SigV4 => {
-                let date_str = std::str::from_utf8(date)
-                    .map_err(|_| SignError::Params("signing date".into()))?;
+                let date_str = std::str::from_utf8(date).map_err(|_| SignError::Date {
+                    date: String::from_utf8_lossy(date).into_owned(),
+                })?;
                 let derived = v4::generate_signing_key(
                     creds.secret_access_key(),
                     // Any time of that day: the key depends on the date only.
@@ -443,8 +473,8 @@ impl Signer {
                     &self.cfg.region,
                     &self.cfg.service,
                 );
-                let mac = Hmac::<Sha256>::new_from_slice(derived.as_ref())
-                    .map_err(|_| SignError::Params("signing key".into()))?;
+                let mac =
+                    Hmac::<Sha256>::new_from_slice(derived.as_ref()).map_err(SignError::HmacKey)?;
                 let mut day = [0u8; 8];
                 day.copy_from_slice(date);
                 (SigningKey::V4(mac), Some(day))
@@ -466,8 +496,7 @@ impl Signer {
     /// checks against it).
     fn v4a_key_pair(&self, creds: &Credentials) -> Result<EcdsaKeyPair, SignError> {
         let private = v4a::generate_signing_key(creds.access_key_id(), creds.secret_access_key());
-        let secret = p256::SecretKey::from_slice(private.as_ref())
-            .map_err(|_| SignError::Params("SigV4A key".into()))?;
+        let secret = p256::SecretKey::from_slice(private.as_ref()).map_err(SignError::V4aSecret)?;
         let public = secret.public_key().to_sec1_point(false);
         EcdsaKeyPair::from_private_key_and_public_key(
             &ECDSA_P256_SHA256_ASN1_SIGNING,
@@ -475,7 +504,7 @@ impl Signer {
             public.as_bytes(),
             &self.rng,
         )
-        .map_err(|e| SignError::Params(format!("SigV4A key: {e}")))
+        .map_err(SignError::V4aKeyPair)
     }
 }
 
@@ -493,13 +522,19 @@ fn concat(parts: &[&[&str]]) -> String {
 fn amz_date(time: SystemTime) -> Result<[u8; 16], SignError> {
     let secs = time
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| SignError::Params("signing time before 1970".into()))?
+        .map_err(|_| SignError::Time {
+            secs_since_epoch: None,
+        })?
         .as_secs();
-    let days =
-        i64::try_from(secs / 86_400).map_err(|_| SignError::Params("signing time".into()))?;
+    let out_of_range = SignError::Time {
+        secs_since_epoch: Some(secs),
+    };
+    let days = i64::try_from(secs / 86_400).map_err(|_| SignError::Time {
+        secs_since_epoch: Some(secs),
+    })?;
     let (y, m, d) = civil_from_days(days);
     if !(0..=9999).contains(&y) {
-        return Err(SignError::Params("signing time beyond year 9999".into()));
+        return Err(out_of_range);
     }
     let rem = secs % 86_400;
     let mut out = *b"00000000T000000Z";
@@ -520,16 +555,17 @@ fn amz_date(time: SystemTime) -> Result<[u8; 16], SignError> {
 
 /// Midnight UTC of a `YYYYMMDD` date.
 fn parse_date(date: &str) -> Result<SystemTime, SignError> {
+    let bad = || SignError::Date {
+        date: date.to_owned(),
+    };
     if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(SignError::Params(format!("date {date:?}")));
+        return Err(bad());
     }
     let num = |r: std::ops::Range<usize>| -> Result<i64, SignError> {
-        date.get(r)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| SignError::Params(format!("date {date:?}")))
+        date.get(r).and_then(|s| s.parse().ok()).ok_or_else(bad)
     };
     let days = days_from_civil(num(0..4)?, num(4..6)? as u32, num(6..8)? as u32);
-    let secs = u64::try_from(days * 86_400).map_err(|_| SignError::Params("date".into()))?;
+    let secs = u64::try_from(days * 86_400).map_err(|_| bad())?;
     Ok(UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
@@ -600,7 +636,7 @@ pub fn sign(
             .time(time)
             .settings(settings)
             .build()
-            .map_err(|e| SignError::Params(e.to_string()))?
+            .map_err(|e| SignError::Params(Box::new(e)))?
             .into(),
         Algorithm::SigV4a => v4a::SigningParams::builder()
             .identity(&identity)
@@ -609,7 +645,7 @@ pub fn sign(
             .time(time)
             .settings(settings)
             .build()
-            .map_err(|e| SignError::Params(e.to_string()))?
+            .map_err(|e| SignError::Params(Box::new(e)))?
             .into(),
     };
     let path = normalized_path(req.path);

@@ -850,8 +850,9 @@ async fn upstream_tls_uses_host_for_sni_and_ca_file_for_trust() {
     let r = get(p.addr, "other.example", "/").await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(
-        r.text()
-            .starts_with(&format!("lattice-agent: upstream {up}: TLS: ")),
+        r.text().starts_with(&format!(
+            "lattice-agent: upstream {up}: TLS with other.example: certificate not valid for this name"
+        )),
         "{}",
         r.text()
     );

@@ -28,6 +28,8 @@
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
 //!   a pod, and the demo credentials.
 //! - [`apiserver`]: the Kubernetes API stand-in kube-rs and kubectl talk to;
+//! - [`script`]: scripted byte exchanges for protocols that are not HTTP;
+//! - [`tls`]: test CAs and the certificates they issue;
 //! - [`time`], [`random`]: dates, clocks, UIDs and IDs for the above;
 //! - [`reliability`]: the lifecycle tests' figures for the README table.
 
@@ -44,8 +46,10 @@ pub mod pod;
 pub mod random;
 pub mod rebuild;
 pub mod reliability;
+pub mod script;
 pub mod spawn;
 pub mod time;
+pub mod tls;
 pub mod verifier;
 
 use std::{

@@ -32,7 +32,10 @@ use aya::{
 };
 pub use gate::NetnsGate;
 use ipnet::{Ipv4Net, Ipv6Net};
-use lattice_common::{CONFIG_EXEMPT_UID, CONFIG_GATE_BY_NETNS, Config, names};
+use lattice_common::{
+    CONFIG_EXEMPT_UID, CONFIG_GATE_BY_NETNS, Config, NEVER_INTERCEPTED_V4, NEVER_INTERCEPTED_V6,
+    PREFIX_EXEMPT, PREFIX_INTERCEPT, names,
+};
 pub use orig_dst_map::{NetnsOrigDst, OrigDstMap};
 pub use own_cgroup::own_cgroup_id;
 use upgrade::{MapDef, MapPlan, ProgramChange};
@@ -540,24 +543,85 @@ fn write_config(ebpf: &mut Ebpf, cfg: &InterceptConfig) -> Result<(), BpfError> 
     }
     config.set(0, entry, 0).map_err(map_err(names::CONFIG))?;
 
-    let v4: Vec<Key<[u8; 4]>> = cfg
-        .v4_prefixes
-        .iter()
-        .map(|n| Key::new(u32::from(n.prefix_len()), n.network().octets()))
-        .collect();
-    let v6: Vec<Key<[u8; 16]>> = cfg
-        .v6_prefixes
-        .iter()
-        .map(|n| Key::new(u32::from(n.prefix_len()), n.network().octets()))
-        .collect();
+    let v4 = prefix_entries(&cfg.v4_prefixes, &NEVER_INTERCEPTED_V4);
+    let v6 = prefix_entries(&cfg.v6_prefixes, &NEVER_INTERCEPTED_V6);
     replace_prefixes(ebpf, names::V4_PREFIXES, &v4)?;
     replace_prefixes(ebpf, names::V6_PREFIXES, &v6)
+}
+
+/// The trie entries for `prefixes`: each intercepted, plus an exempt host
+/// entry for every address of `never` one of them covers (the longest
+/// match wins, so those addresses are never redirected).
+fn prefix_entries<N: IpPrefix>(prefixes: &[N], never: &[N::Bytes]) -> Vec<(Key<N::Bytes>, u8)>
+where
+    N::Bytes: aya::Pod + PartialEq,
+{
+    let mut entries: Vec<(Key<N::Bytes>, u8)> = prefixes
+        .iter()
+        .map(|n| (Key::new(n.len(), n.network_bytes()), PREFIX_INTERCEPT))
+        .collect();
+    for &addr in never {
+        if let Some(cover) = prefixes.iter().find(|n| n.holds(addr)) {
+            tracing::info!(
+                prefix = %cover,
+                address = %N::show(addr),
+                "the EKS Pod Identity Agent's address is never intercepted, though --cidr covers it"
+            );
+            entries.retain(|(k, _)| !(k.prefix_len() == N::BITS && k.data() == addr));
+            entries.push((Key::new(N::BITS, addr), PREFIX_EXEMPT));
+        }
+    }
+    entries
+}
+
+/// What [`prefix_entries`] needs of an IPv4 or IPv6 prefix.
+trait IpPrefix: std::fmt::Display {
+    type Bytes: aya::Pod + PartialEq;
+    const BITS: u32;
+    fn len(&self) -> u32;
+    fn network_bytes(&self) -> Self::Bytes;
+    fn holds(&self, addr: Self::Bytes) -> bool;
+    fn show(addr: Self::Bytes) -> String;
+}
+
+impl IpPrefix for Ipv4Net {
+    type Bytes = [u8; 4];
+    const BITS: u32 = 32;
+    fn len(&self) -> u32 {
+        u32::from(self.prefix_len())
+    }
+    fn network_bytes(&self) -> [u8; 4] {
+        self.network().octets()
+    }
+    fn holds(&self, addr: [u8; 4]) -> bool {
+        self.contains(&std::net::Ipv4Addr::from(addr))
+    }
+    fn show(addr: [u8; 4]) -> String {
+        std::net::Ipv4Addr::from(addr).to_string()
+    }
+}
+
+impl IpPrefix for Ipv6Net {
+    type Bytes = [u8; 16];
+    const BITS: u32 = 128;
+    fn len(&self) -> u32 {
+        u32::from(self.prefix_len())
+    }
+    fn network_bytes(&self) -> [u8; 16] {
+        self.network().octets()
+    }
+    fn holds(&self, addr: [u8; 16]) -> bool {
+        self.contains(&std::net::Ipv6Addr::from(addr))
+    }
+    fn show(addr: [u8; 16]) -> String {
+        std::net::Ipv6Addr::from(addr).to_string()
+    }
 }
 
 fn replace_prefixes<const N: usize>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    wanted: &[Key<[u8; N]>],
+    wanted: &[(Key<[u8; N]>, u8)],
 ) -> Result<(), BpfError>
 where
     [u8; N]: aya::Pod,
@@ -579,13 +643,13 @@ where
     for key in existing {
         let keep = wanted
             .iter()
-            .any(|w| w.prefix_len() == key.prefix_len() && w.data() == key.data());
+            .any(|(w, _)| w.prefix_len() == key.prefix_len() && w.data() == key.data());
         if !keep {
             trie.remove(&key).map_err(map_err)?;
         }
     }
-    for key in wanted {
-        trie.insert(key, 1, 0).map_err(map_err)?;
+    for (key, value) in wanted {
+        trie.insert(key, value, 0).map_err(map_err)?;
     }
     Ok(())
 }
@@ -860,4 +924,51 @@ where
     let link: FdLink = link.try_into().map_err(|e| pin_err(e.to_string()))?;
     link.pin(path).map_err(|e| pin_err(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(entries: &[(Key<[u8; 4]>, u8)]) -> Vec<(String, u8)> {
+        entries
+            .iter()
+            .map(|(k, v)| {
+                let ip = std::net::Ipv4Addr::from(k.data());
+                (format!("{ip}/{}", k.prefix_len()), *v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_pod_identity_agent_is_exempt_inside_a_covering_prefix() {
+        let defaults: Vec<Ipv4Net> = vec!["169.254.171.0/24".parse().unwrap()];
+        assert_eq!(
+            v4(&prefix_entries(&defaults, &NEVER_INTERCEPTED_V4)),
+            [("169.254.171.0/24".to_owned(), PREFIX_INTERCEPT)]
+        );
+        let wide: Vec<Ipv4Net> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "169.254.0.0/16".parse().unwrap(),
+        ];
+        assert_eq!(
+            v4(&prefix_entries(&wide, &NEVER_INTERCEPTED_V4)),
+            [
+                ("10.0.0.0/8".to_owned(), PREFIX_INTERCEPT),
+                ("169.254.0.0/16".to_owned(), PREFIX_INTERCEPT),
+                ("169.254.170.23/32".to_owned(), PREFIX_EXEMPT),
+            ]
+        );
+        // Named exactly: exempt all the same, and listed once.
+        let exact: Vec<Ipv4Net> = vec!["169.254.170.23/32".parse().unwrap()];
+        assert_eq!(
+            v4(&prefix_entries(&exact, &NEVER_INTERCEPTED_V4)),
+            [("169.254.170.23/32".to_owned(), PREFIX_EXEMPT)]
+        );
+        let v6: Vec<Ipv6Net> = vec!["fd00:ec2::/32".parse().unwrap()];
+        let entries = prefix_entries(&v6, &NEVER_INTERCEPTED_V6);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[1].0.prefix_len(), 128);
+        assert_eq!(entries[1].1, PREFIX_EXEMPT);
+    }
 }

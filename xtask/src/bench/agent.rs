@@ -32,6 +32,9 @@ pub enum Role {
     Proxy { workers: u16 },
     /// Nothing: another proxy serves the port (`--intercept-only`).
     InterceptOnly,
+    /// The signing proxy (one thread) sending every request to nginx's TLS
+    /// listener (port 80 → 443), trusting the run's CA (see `nginx`).
+    TlsProxy,
 }
 
 /// The line an intercept-only agent logs once attached.
@@ -84,6 +87,11 @@ impl Agent {
             }
             Role::InterceptOnly => {
                 command.arg("--intercept-only");
+            }
+            Role::TlsProxy => {
+                command
+                    .args(["--upstream-tls-rule", "port:80 => 443", "--ca-file"])
+                    .arg(dir.join("tls/ca.pem"));
             }
         }
         let child = command
