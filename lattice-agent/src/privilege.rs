@@ -97,6 +97,16 @@ pub fn hold_for_workers(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeEr
     caps::clear(None, CapSet::Effective).map_err(caps_err)
 }
 
+/// Runs `f` with `cap` (permitted) effective in this thread, then clears
+/// the effective set again: a thread `f` starts keeps `cap` effective,
+/// this one does not (capabilities are per thread).
+pub fn with_effective<T>(cap: Capability, f: impl FnOnce() -> T) -> Result<T, PrivilegeError> {
+    caps::raise(None, CapSet::Effective, cap).map_err(PrivilegeError::Caps)?;
+    let result = f();
+    caps::clear(None, CapSet::Effective).map_err(PrivilegeError::Caps)?;
+    Ok(result)
+}
+
 /// Capabilities to raise as ambient in a child between `fork` and `exec`
 /// (their numbers, computed before the fork: raising them allocates
 /// nothing).

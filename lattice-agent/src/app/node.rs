@@ -6,13 +6,13 @@
 //! needs only to hand them on, and run workers
 //! ([`super::node_worker`]) until stopped.
 
-use std::{os::fd::OwnedFd, path::Path};
+use std::{os::fd::OwnedFd, path::Path, time::Instant};
 
 use caps::Capability;
 
 use super::{AppError, BoundAddrs};
 use crate::{
-    bpf::Interceptor,
+    bpf::{Interceptor, NetnsGate},
     config::NodeConfig,
     keeper::{Keeper, KeeperError, RestartLimits, SharedFds, WorkerCommand},
     node::{cni, handover},
@@ -56,6 +56,9 @@ pub(super) fn kept_capabilities(cfg: &NodeConfig) -> Vec<Capability> {
 /// The parent, attached and bound, its privileges dropped.
 pub(super) struct Bound {
     keeper: Keeper,
+    /// Held for its follower of a replaced gate (see
+    /// `NetnsGate::follow`); the workers write to the map itself.
+    gate: NetnsGate,
     addrs: BoundAddrs,
 }
 
@@ -114,15 +117,28 @@ pub(super) fn build(cfg: NodeConfig, limits: RestartLimits) -> anyhow::Result<Bo
             .map_err(AppError::Privileges)?;
         AmbientCaps::new(&kept)
     };
+    // A gate the attach replaced may still gain namespaces from the agent
+    // being replaced: copied from now on, by a thread of this process
+    // (which holds the gate across workers) that reads the replaced gate
+    // by id, and so keeps SYS_ADMIN effective; this thread does not.
+    if cfg.keep_privileges {
+        gate.start_following();
+    } else {
+        privilege::with_effective(Capability::CAP_SYS_ADMIN, || gate.start_following())
+            .map_err(AppError::Privileges)?;
+    }
     let shared = SharedFds {
         orig_dst,
+        previous_orig_dst: interceptor
+            .orig_dst()
+            .take_previous_fd()
+            .map(|(fd, left)| (fd, Instant::now() + left)),
         gate: gate_fd,
         gate_capacity: gate.capacity(),
         admin: OwnedFd::from(admin),
         cni: cni_socket,
         log_program: interceptor.log_program_id(),
     };
-    drop(gate);
     let keeper = Keeper::new(
         interceptor,
         shared,
@@ -131,7 +147,11 @@ pub(super) fn build(cfg: NodeConfig, limits: RestartLimits) -> anyhow::Result<Bo
         WorkerCommand::of_this_process(ambient),
         limits,
     );
-    Ok(Bound { keeper, addrs })
+    Ok(Bound {
+        keeper,
+        gate,
+        addrs,
+    })
 }
 
 impl Bound {
@@ -142,7 +162,10 @@ impl Bound {
     /// Runs workers until SIGTERM/SIGINT (the worker drains first) or a
     /// crash loop.
     pub(super) fn serve(self) -> Result<(), KeeperError> {
-        self.keeper.run()
+        let result = self.keeper.run();
+        // Following a replaced gate stops with the parent.
+        drop(self.gate);
+        result
     }
 }
 

@@ -73,6 +73,11 @@ pub(super) fn build(cfg: NodeConfig, channel: i32) -> anyhow::Result<Bound> {
             source,
         })
         .map_err(AppError::Attach)?;
+    if let Some((previous, window)) = shared.previous_orig_dst
+        && let Err(e) = orig_dst.read_previous_fd(previous, window)
+    {
+        tracing::warn!(error = %e, "the replaced programs' original-destination records cannot be read: connections they redirected that still wait to be accepted find no record");
+    }
     let runtime = process::runtime(cfg.workers).map_err(AppError::Runtime)?;
     Ok(Bound {
         cfg,

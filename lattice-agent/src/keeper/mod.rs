@@ -95,6 +95,10 @@ pub enum KeeperError {
 /// What every worker is given.
 pub struct SharedFds {
     pub orig_dst: OwnedFd,
+    /// The original-destination map the programs this agent replaced
+    /// recorded into, and until when it is read: connections they
+    /// redirected may still wait in a backlog. Dropped then.
+    pub previous_orig_dst: Option<(OwnedFd, Instant)>,
     pub gate: OwnedFd,
     pub gate_capacity: u32,
     pub admin: OwnedFd,
@@ -208,12 +212,30 @@ impl Keeper {
                     }
                 }
             }
-            let timeout = match (&worker, start_at) {
-                (None, Some(at)) => {
+            if self
+                .shared
+                .previous_orig_dst
+                .as_ref()
+                .is_some_and(|(_, until)| *until <= Instant::now())
+            {
+                self.shared.previous_orig_dst = None;
+            }
+            let wake = [
+                start_at.filter(|_| worker.is_none()),
+                self.shared
+                    .previous_orig_dst
+                    .as_ref()
+                    .map(|(_, until)| *until),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = match wake {
+                Some(at) => {
                     let ms = at.saturating_duration_since(Instant::now()).as_millis();
                     PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::NONE)
                 }
-                _ => PollTimeout::NONE,
+                None => PollTimeout::NONE,
             };
             let channel = worker
                 .as_ref()
@@ -377,10 +399,17 @@ impl Keeper {
                     events.as_raw_fd(),
                 ];
                 out.extend(shared.cni.as_ref().map(|c| c.as_raw_fd()));
+                let previous = shared
+                    .previous_orig_dst
+                    .as_ref()
+                    .map(|(fd, until)| (fd, until.saturating_duration_since(Instant::now())))
+                    .filter(|(_, left)| !left.is_zero());
+                out.extend(previous.map(|(fd, _)| fd.as_raw_fd()));
                 let answer = SharedAnswer {
                     gate_capacity: shared.gate_capacity,
                     log_program: shared.log_program,
                     cni: shared.cni.is_some(),
+                    previous_orig_dst_ms: previous.map(|(_, left)| left.as_millis() as u64),
                 };
                 conn.send(&answer, &out)
             }

@@ -5,9 +5,10 @@
 //!
 //! ```text
 //! worker → parent: {"op":"shared"}
-//! parent → worker: {"gate_capacity":4096,"log_program":12,"cni":true}
+//! parent → worker: {"gate_capacity":4096,"log_program":12,"cni":true,"previous_orig_dst_ms":..}
 //!                  + descriptors: the orig-dst map, the gate map, the
-//!                    admin listener, the events socket[, the CNI listener]
+//!                    admin listener, the events socket[, the CNI
+//!                    listener][, the replaced orig-dst map]
 //! worker → parent: {"op":"next"}            (repeated until "last", as in
 //! parent → worker: {"pods":[..],"last":..}   the handover) + descriptors
 //! worker → parent: {"op":"started"}         it serves the pods it was handed
@@ -61,13 +62,18 @@ pub struct SharedAnswer {
     pub gate_capacity: u32,
     /// A program whose eBPF log lines the worker forwards.
     pub log_program: Option<u32>,
-    /// The CNI plugin's listener comes last.
+    /// The CNI plugin's listener follows the events socket.
     pub cni: bool,
+    /// The original-destination map of the programs this agent replaced
+    /// comes last, to be read for this many more milliseconds (see
+    /// `OrigDstMap::read_previous`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_orig_dst_ms: Option<u64>,
 }
 
 impl SharedAnswer {
     pub fn descriptors(&self) -> usize {
-        4 + usize::from(self.cni)
+        4 + usize::from(self.cni) + usize::from(self.previous_orig_dst_ms.is_some())
     }
 }
 
@@ -97,6 +103,9 @@ pub struct Shared {
     pub events: UnixStream,
     pub cni: Option<UnixListener>,
     pub log_program: Option<u32>,
+    /// The replaced programs' original-destination map, and for how long
+    /// to read it.
+    pub previous_orig_dst: Option<(OwnedFd, std::time::Duration)>,
 }
 
 /// How errors name the channel.
@@ -147,6 +156,9 @@ impl WorkerLink {
             events: UnixStream::from(next()),
             cni: answer.cni.then(|| UnixListener::from(next())),
             log_program: answer.log_program,
+            previous_orig_dst: answer
+                .previous_orig_dst_ms
+                .map(|ms| (next(), std::time::Duration::from_millis(ms))),
         })
     }
 
