@@ -226,7 +226,8 @@ fn decide_with(
                 Ok(rules) => Some(Arc::new(rules)),
                 Err(e) => {
                     warnings.push(format!(
-                        "pod {pod_name}: {e}; its requests use the agent's TLS rules instead"
+                        "pod {pod_name}: {}; its requests use the agent's TLS rules instead",
+                        crate::error_chain(&e)
                     ));
                     None
                 }
