@@ -434,16 +434,18 @@ fn credentials(
     let region = match identities.region_of(plan) {
         Ok(r) => r,
         Err(e @ IdentityError::NoRegion { .. }) => {
-            return (
-                WorkloadCredentials::Missing(e.to_string().into()),
-                None,
-                None,
-            );
+            return (WorkloadCredentials::Missing(Arc::new(e)), None, None);
         }
     };
     match identities.lease(plan, &region, kubelet_root) {
         Ok(lease) => (lease.credentials(), Some(lease), Some(region)),
-        Err(why) => (WorkloadCredentials::Missing(why.into()), None, Some(region)),
+        Err(why) => (
+            WorkloadCredentials::Missing(
+                Box::<dyn std::error::Error + Send + Sync>::from(why).into(),
+            ),
+            None,
+            Some(region),
+        ),
     }
 }
 

@@ -591,8 +591,8 @@ mod tests {
             panic!()
         };
         cache_b.set_for_test(Credentials::new("AKIDPAY", "secret", None, None, "t"));
-        let err = creds_a.current().unwrap_err();
-        assert!(!err.0.contains("AKIDPAY"), "{err}");
+        let err = crate::error_chain(&creds_a.current().unwrap_err());
+        assert!(!err.contains("AKIDPAY"), "{err}");
         let WorkloadCredentials::Cache(cache_a) = &creds_a else {
             panic!()
         };
