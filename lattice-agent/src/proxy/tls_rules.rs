@@ -93,7 +93,7 @@ impl TlsRules {
             .map(|r| {
                 parse_rule(r.as_ref()).map_err(|problem| TlsRuleError {
                     origin: origin.to_owned(),
-                    rule: r.as_ref().to_owned(),
+                    rule: r.as_ref().trim().to_owned(),
                     problem,
                 })
             })
