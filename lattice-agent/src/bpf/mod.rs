@@ -20,6 +20,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
+pub use checks::{CgroupDirError, PinDirError};
 use ipnet::{Ipv4Net, Ipv6Net};
 use lattice_common::{
     CONFIG_EXEMPT_UID, CONFIG_GATE_BY_NETNS, Config, NEVER_INTERCEPTED_V4, NEVER_INTERCEPTED_V6,
@@ -38,14 +39,25 @@ const AYA_LOGS: &str = "AYA_LOGS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("--cgroup {path}: {reason}")]
-    Cgroup { path: PathBuf, reason: String },
-    #[error("--pin {path}: {reason}")]
-    PinDir { path: PathBuf, reason: String },
-    #[error("missing capability {capability}: {detail}")]
+    #[error("--cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        problem: CgroupDirError,
+    },
+    #[error("--pin {}", path.display())]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        problem: PinDirError,
+    },
+    #[error("reading this process's capabilities")]
+    Capabilities(#[source] caps::errors::CapsError),
+    /// `needed_for`: what the kernel needs it for, and how to grant it.
+    #[error("missing capability {capability}: {needed_for}")]
     Capability {
         capability: &'static str,
-        detail: String,
+        needed_for: &'static str,
     },
     #[error("too many prefixes in --cidr: {count} {family} prefixes, at most {max}")]
     TooManyPrefixes {
@@ -76,8 +88,24 @@ pub enum BpfError {
         #[source]
         source: MapError,
     },
-    #[error("pinning {path}: {detail}")]
-    Pin { path: PathBuf, detail: String },
+    #[error("reusing the pinned link {}", path.display())]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning {}", path.display())]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("the table of enrolled network namespaces is full: it holds {capacity} (--max-pods)")]
@@ -169,7 +197,7 @@ impl Interceptor {
         };
         let cgroup = File::open(&cfg.cgroup).map_err(|e| BpfError::Cgroup {
             path: cfg.cgroup.clone(),
-            reason: e.to_string(),
+            problem: CgroupDirError::Open(e),
         })?;
         let pinned = attach_all(&mut ebpf, &cgroup, cfg)?;
 
@@ -449,9 +477,9 @@ fn attach_all(
         {
             // A previous agent's link: the program it holds stays attached
             // and shares our (pinned) maps. Attaching again would run both.
-            PinnedLink::from_pin(path).map_err(|e| BpfError::Pin {
+            PinnedLink::from_pin(path).map_err(|source| BpfError::PinnedLink {
                 path: path.clone(),
-                detail: e.to_string(),
+                source,
             })?;
             tracing::info!(program = name, path = %path.display(), "reusing pinned link");
             pinned.push(name);
@@ -551,12 +579,14 @@ fn pin_link<L>(link: L, path: &Path) -> Result<(), BpfError>
 where
     L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
 {
-    let pin_err = |detail: String| BpfError::Pin {
+    let link: FdLink = link.try_into().map_err(|source| BpfError::PinLink {
         path: path.to_owned(),
-        detail,
-    };
-    let link: FdLink = link.try_into().map_err(|e| pin_err(e.to_string()))?;
-    link.pin(path).map_err(|e| pin_err(e.to_string()))?;
+        source,
+    })?;
+    link.pin(path).map_err(|source| BpfError::Pin {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(())
 }
 
