@@ -20,6 +20,8 @@
 //! - [`node_agent`]: running `lattice-agent node` on a [`node::Node`] with
 //!   the API stand-in, and pods' API objects as the EKS webhooks shape them;
 //! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
+//! - [`rebuild`]: pins as an agent of another build leaves them (other
+//!   programs in the pinned links, maps laid out otherwise);
 //! - [`bpffs`]: a private bpffs mount for `--pin`, and a mount namespace
 //!   whose `/sys/fs/bpf` is a bpffs or not (node mode's default pin);
 //! - [`orig_dst`]: `SO_ORIGINAL_DST`, as proxies written for iptables ask it;
@@ -42,6 +44,7 @@ pub mod node_agent;
 pub mod orig_dst;
 pub mod pod;
 pub mod random;
+pub mod rebuild;
 pub mod reliability;
 pub mod script;
 pub mod spawn;

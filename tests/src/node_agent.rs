@@ -118,6 +118,49 @@ pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> P
     obj
 }
 
+/// An app's load on the VPC Lattice service from `pod`, as UID 1000, for
+/// `seconds`: `lattice-test-client MODE`, `load` (a new connection per
+/// request, back to back, refused connects retried) or `load-keepalive`.
+/// Its summary comes from [`load_result`].
+pub fn start_load(pod: &NodePod, mode: &str, seconds: u64) -> ChildGuard {
+    pod.command(crate::pod::test_bin("lattice-test-client"))
+        .uid(1000)
+        .args([
+            mode,
+            &format!("{}:80", crate::node::LATTICE_V4),
+            &seconds.to_string(),
+            LATTICE_HOST,
+        ])
+        .spawn()
+}
+
+/// The summary a load prints when it ends (`ok`, `failed`, `refused`,
+/// `recovered_ns`, ...); panics if it does not end within `timeout`.
+pub fn load_result(mut load: ChildGuard, timeout: Duration) -> Value {
+    let status = load.wait_timeout(timeout).expect("the load ends");
+    let out = load.output(status);
+    assert!(out.success(), "{out}");
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("load output ({e}): {out}"))
+}
+
+/// A counter of a load's summary.
+pub fn load_count(summary: &Value, key: &str) -> u64 {
+    summary[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {summary}"))
+}
+
+/// Requests the service refused because they were not signed (each one
+/// printed).
+pub fn unsigned_requests(verifier: &crate::verifier::Verifier) -> u64 {
+    verifier
+        .requests()
+        .iter()
+        .filter(|r| r.status != 200)
+        .inspect(|r| eprintln!("not accepted: {r:?}"))
+        .count() as u64
+}
+
 /// The app's GET of `path` on the VPC Lattice service, from `pod`.
 pub fn lattice_get(pod: &NodePod, path: &str) -> AppReply {
     app_request(
@@ -381,8 +424,19 @@ impl NodeAgent {
 
     /// [`NodeAgent::start`] as `how` says.
     pub fn start_with(cluster: &Cluster, cmd: PodCommand, how: &AgentStart<'_>) -> Self {
+        Self::start_until(cluster, cmd, how, READY_LINE)
+    }
+
+    /// [`NodeAgent::start_with`], waiting for `line` in its log rather
+    /// than its ready line (an agent that cannot be ready yet).
+    pub fn start_until(
+        cluster: &Cluster,
+        cmd: PodCommand,
+        how: &AgentStart<'_>,
+        line: &str,
+    ) -> Self {
         let (mut child, port) = Self::spawn(cluster, cmd, how);
-        child.wait_for(Stream::Stderr, READY_LINE, Duration::from_secs(30));
+        child.wait_for(Stream::Stderr, line, Duration::from_secs(30));
         Self {
             child,
             node_netns: cluster.node.netns_path().to_owned(),
