@@ -70,7 +70,8 @@ pub use self::{restarts::RestartLimits, worker::WorkerCommand};
 use crate::{
     bpf::Interceptor,
     node::handover::{
-        self, Batch, Conn, HandedOver, HandoverError, MAX_STATE, Predecessor, ServedPod,
+        self, Batch, BatchError, Conn, HandedOver, HandoverError, MAX_STATE, Predecessor,
+        ProtocolError, ServedPod,
     },
 };
 
@@ -379,10 +380,14 @@ impl Keeper {
     fn handle(&mut self, running: &mut Running) -> Result<(), HandoverError> {
         let conn = &mut running.conn;
         let (line, fds) = conn.receive_frame()?;
-        let request: Request = serde_json::from_slice(&line)
-            .map_err(|e| conn.protocol(format!("{e}: {}", String::from_utf8_lossy(&line))))?;
+        let request: Request = serde_json::from_slice(&line).map_err(|source| {
+            conn.protocol(ProtocolError::Decode {
+                line: line.clone(),
+                source,
+            })
+        })?;
         if !matches!(request, Request::Hold(_)) && !fds.is_empty() {
-            return Err(conn.protocol(format!("descriptors with {request:?}")));
+            return Err(conn.protocol(ProtocolError::UnexpectedFds { op: request.op() }));
         }
         let ack = |conn: &mut Conn| conn.send(&Ack { ok: true }, &[]);
         match request {
@@ -390,7 +395,7 @@ impl Keeper {
                 let events = running
                     .events
                     .take()
-                    .ok_or_else(|| conn.protocol("shared asked twice".into()))?;
+                    .ok_or_else(|| conn.protocol(ProtocolError::SharedTwice))?;
                 let shared = &self.shared;
                 let mut out: Vec<RawFd> = vec![
                     shared.orig_dst.as_raw_fd(),
@@ -449,17 +454,21 @@ impl Keeper {
             }
             Request::Hold(pod) => {
                 let wanted = pod.sockets.checked_add(usize::from(pod.netns));
-                if wanted != Some(fds.len())
-                    || pod.uid.is_empty()
-                    || pod.uid.len() > MAX_UID
-                    || pod.state.as_ref().is_some_and(|s| s.len() > MAX_STATE)
-                {
-                    return Err(conn.protocol(format!(
-                        "hold for pod {:.64}: {} descriptors, {} announced",
-                        pod.uid,
-                        fds.len(),
-                        pod.sockets
-                    )));
+                if wanted != Some(fds.len()) {
+                    return Err(conn.protocol(ProtocolError::HoldMismatch {
+                        uid: pod.uid,
+                        announced: wanted.unwrap_or(usize::MAX),
+                        received: fds.len(),
+                    }));
+                }
+                if pod.uid.is_empty() || pod.uid.len() > MAX_UID {
+                    return Err(conn.protocol(ProtocolError::HoldUid {
+                        len: pod.uid.len(),
+                        max: MAX_UID,
+                    }));
+                }
+                if pod.state.as_ref().is_some_and(|s| s.len() > MAX_STATE) {
+                    return Err(conn.protocol(BatchError::StateTooLong { uid: pod.uid }.into()));
                 }
                 let mut fds = fds.into_iter();
                 let served = ServedPod {
@@ -495,7 +504,11 @@ impl Keeper {
 /// The worker closed its end (it is exiting).
 fn is_closed(e: &HandoverError) -> bool {
     match e {
-        HandoverError::Protocol { detail, .. } => detail == handover::CLOSED,
+        HandoverError::Protocol {
+            problem: ProtocolError::Closed,
+            ..
+        } => true,
+        HandoverError::Protocol { .. } => false,
         HandoverError::Io { source, .. } => matches!(
             source.kind(),
             std::io::ErrorKind::ConnectionReset

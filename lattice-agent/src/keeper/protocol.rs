@@ -41,7 +41,9 @@ use lattice_cni::frame::Lines;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::node::handover::{Conn, HandedOver, HandoverError, MAX_STATE, PodSockets, ServedPod};
+use crate::node::handover::{
+    Conn, HandedOver, HandoverError, MAX_STATE, PodSockets, ProtocolError, ServedPod,
+};
 
 /// A worker's request.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +55,20 @@ pub enum Request {
     Hold(PodSockets),
     Release { uid: String },
     Serving,
+}
+
+impl Request {
+    /// Its `op`, for errors.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Next => "next",
+            Self::Started => "started",
+            Self::Hold(_) => "hold",
+            Self::Release { .. } => "release",
+            Self::Serving => "serving",
+        }
+    }
 }
 
 /// The answer to `shared`; its descriptors follow in the order the
@@ -137,14 +153,17 @@ impl WorkerLink {
         let mut conn = self.conn();
         conn.send(&Request::Shared, &[])?;
         let (line, fds) = conn.receive_frame()?;
-        let answer: SharedAnswer =
-            serde_json::from_slice(&line).map_err(|e| conn.protocol(format!("shared: {e}")))?;
+        let answer: SharedAnswer = serde_json::from_slice(&line).map_err(|source| {
+            conn.protocol(ProtocolError::Decode {
+                line: line.clone(),
+                source,
+            })
+        })?;
         if fds.len() != answer.descriptors() {
-            return Err(conn.protocol(format!(
-                "shared: {} descriptors for {} announced",
-                fds.len(),
-                answer.descriptors()
-            )));
+            return Err(conn.protocol(ProtocolError::SharedMismatch {
+                announced: answer.descriptors(),
+                received: fds.len(),
+            }));
         }
         let mut fds = fds.into_iter();
         let mut next = || fds.next().expect("counted above");
@@ -211,7 +230,7 @@ impl WorkerLink {
         conn.send(request, fds)?;
         let (ack, _): (Ack, _) = conn.receive(0)?;
         if !ack.ok {
-            return Err(conn.protocol(format!("{request:?} refused")));
+            return Err(conn.protocol(ProtocolError::Refused { op: request.op() }));
         }
         Ok(())
     }

@@ -4,17 +4,19 @@
 //! agent starts or takes over, the gate brought in line with the pods that
 //! ask for signing.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use super::{
-    NodeAgent, PodEffects, enroll,
+    NodeAgent, PodEffects,
+    enroll::{self, EnrollError},
     events::{Kind, PodRef},
     handover::HandedPod,
+    identity::IdentityError,
     pod_spec::{self, Decision, IdentityPlan, PodPlan},
     resume::Resume,
     state::{self, Effects, Leaving, Notice},
 };
-use crate::netns::NetNs;
+use crate::{error_chain, netns::NetNs};
 
 impl NodeAgent {
     /// Carries out a transition's effects (see [`Effects`]); an enrollment
@@ -27,7 +29,7 @@ impl NodeAgent {
         effects: PodEffects,
         given: Option<NetNs>,
         via: &'static str,
-    ) -> Option<Result<(), String>> {
+    ) -> Option<Result<(), Arc<EnrollError>>> {
         let Effects {
             gate,
             ungate,
@@ -91,7 +93,7 @@ impl NodeAgent {
                     "pod enrolled"
                 );
                 if let Some(why) = &enrolled.missing_identity {
-                    tracing::warn!(pod = %name, reason = %why, "pod enrolled without credentials: its requests get 503");
+                    tracing::warn!(pod = %name, reason = %error_chain(&**why), "pod enrolled without credentials: its requests get 503");
                 }
                 // Without usable credentials (an identity the pod spec
                 // gets wrong) every request gets 503: a Warning, naming
@@ -107,14 +109,15 @@ impl NodeAgent {
                     "Enroll",
                     enrolled_note(&enrolled.plan, enrolled.missing_identity.as_deref()),
                 );
-                for why in &enrolled.plan.options.warnings {
+                for problem in &enrolled.plan.options.warnings {
+                    let why = error_chain(problem);
                     tracing::warn!(pod = %name, reason = %why, "pod annotation ignored");
                     self.events.publish(
                         &state::pod_ref(&enrolled.plan),
                         Kind::Warning,
                         "BadAnnotation",
                         "Enroll",
-                        why.clone(),
+                        why,
                     );
                 }
                 let effects = self.table.on_enrolled(uid, enrolled);
@@ -123,12 +126,15 @@ impl NodeAgent {
             }
             Err(failure) => {
                 self.ctx.metrics.count_enrollment(false);
-                let reason = crate::error_chain(&failure.error);
-                let effects =
-                    self.table
-                        .on_failed(uid, reason.clone(), failure.netns_cookie, Instant::now());
+                let error = Arc::new(failure.error);
+                let effects = self.table.on_failed(
+                    uid,
+                    Arc::clone(&error),
+                    failure.netns_cookie,
+                    Instant::now(),
+                );
                 self.release(uid);
-                (effects, Err(reason))
+                (effects, Err(error))
             }
         };
         // Recording an outcome never asks for another attempt.
@@ -194,16 +200,18 @@ impl NodeAgent {
                 );
             }
             Notice::Refused { pod, reason } => {
+                let reason = error_chain(&reason);
                 tracing::warn!(pod = %pod_name(&pod), %reason, "not enrolling pod");
                 self.events
                     .publish(&pod, Kind::Warning, "EnrollmentRefused", "Enroll", reason);
             }
             Notice::Failed {
                 pod,
-                reason,
+                error,
                 repeated,
                 retry_in,
             } => {
+                let reason = error_chain(&*error);
                 tracing::warn!(pod = %pod_name(&pod), %reason, via, retry_in_ms = retry_in.as_millis() as u64, "pod enrollment failed");
                 if !repeated {
                     self.events.publish(
@@ -269,10 +277,11 @@ fn pod_name(pod: &PodRef) -> String {
     format!("{}/{}", pod.namespace, pod.name)
 }
 
-fn enrolled_note(plan: &PodPlan, missing_identity: Option<&str>) -> String {
+fn enrolled_note(plan: &PodPlan, missing_identity: Option<&IdentityError>) -> String {
     match (&plan.identity, missing_identity) {
         (_, Some(why)) => format!(
-            "lattice-agent intercepts this pod's VPC Lattice traffic, but cannot sign it: {why}"
+            "lattice-agent intercepts this pod's VPC Lattice traffic, but cannot sign it: {}",
+            error_chain(why)
         ),
         (IdentityPlan::Irsa { role_arn, .. }, None) => {
             format!("lattice-agent signs this pod's requests to VPC Lattice as {role_arn} (IRSA)")
@@ -285,6 +294,6 @@ fn enrolled_note(plan: &PodPlan, missing_identity: Option<&str>) -> String {
         ) => format!(
             "lattice-agent signs this pod's requests to VPC Lattice with the EKS Pod Identity of service account {service_account}"
         ),
-        (IdentityPlan::Missing(why), None) => why.clone(),
+        (IdentityPlan::Missing(why), None) => error_chain(why),
     }
 }

@@ -35,7 +35,8 @@ struct Saved {
 }
 
 impl Resume {
-    /// The state to hand the parent.
+    /// The state to hand the parent; none for a pod whose plan has no
+    /// identity (see `IdentityPlan::Missing`).
     pub fn encode(&self) -> Option<String> {
         let saved = Saved {
             v: VERSION,
@@ -69,32 +70,36 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::node::pod_spec::{IdentityPlan, ProjectedToken};
+    use crate::node::pod_spec::{IdentityPlan, MissingIdentity, ProjectedToken};
+
+    fn irsa_plan(name: &str, upstream_tls: Option<&str>) -> PodPlan {
+        PodPlan {
+            uid: format!("u-{name}"),
+            namespace: "shop".into(),
+            name: name.into(),
+            ips: vec!["10.0.0.7".parse().unwrap()],
+            identity: IdentityPlan::Irsa {
+                service_account: name.into(),
+                role_arn: format!("arn:aws:iam::123456789012:role/{name}"),
+                token: ProjectedToken {
+                    volume: "aws-iam-token".into(),
+                    relative: PathBuf::from("token"),
+                    audience: Some("sts.amazonaws.com".into()),
+                },
+                session_name: None,
+            },
+            region: Some("us-west-2".into()),
+            options: Arc::new(PodOptions::from_annotations(
+                &format!("shop/{name}"),
+                upstream_tls,
+            )),
+        }
+    }
 
     #[test]
     fn a_pod_resumes_as_it_was_served() {
         let resume = Resume {
-            plan: PodPlan {
-                uid: "u-1".into(),
-                namespace: "shop".into(),
-                name: "cart".into(),
-                ips: vec!["10.0.0.7".parse().unwrap()],
-                identity: IdentityPlan::Irsa {
-                    service_account: "cart".into(),
-                    role_arn: "arn:aws:iam::123456789012:role/cart".into(),
-                    token: ProjectedToken {
-                        volume: "aws-iam-token".into(),
-                        relative: PathBuf::from("token"),
-                        audience: Some("sts.amazonaws.com".into()),
-                    },
-                    session_name: None,
-                },
-                region: Some("us-west-2".into()),
-                options: Arc::new(PodOptions::from_annotations(
-                    "shop/cart",
-                    Some("port:443, host:*.example.com"),
-                )),
-            },
+            plan: irsa_plan("cart", Some("port:443, host:*.example.com")),
             sandbox: Some("c0ffee".into()),
         };
         assert!(resume.plan.options.upstream_tls.is_some());
@@ -105,15 +110,7 @@ mod tests {
 
     #[test]
     fn a_bad_annotation_resumes_with_its_warning() {
-        let plan = PodPlan {
-            uid: "u-2".into(),
-            namespace: "shop".into(),
-            name: "bad".into(),
-            ips: Vec::new(),
-            identity: IdentityPlan::Missing("none".into()),
-            region: None,
-            options: Arc::new(PodOptions::from_annotations("shop/bad", Some("nonsense:1"))),
-        };
+        let plan = irsa_plan("bad", Some("nonsense:1"));
         assert_eq!(plan.options.warnings.len(), 1, "{:?}", plan.options);
         let resume = Resume {
             plan,
@@ -121,6 +118,22 @@ mod tests {
         };
         let back = Resume::decode(&resume.encode().unwrap()).unwrap();
         assert_eq!(back, resume);
+    }
+
+    /// Its requests get 503 with a typed reason the state does not carry:
+    /// it is served again once the API is listed.
+    #[test]
+    fn a_pod_without_identity_keeps_no_state() {
+        let mut plan = irsa_plan("none", None);
+        plan.identity = IdentityPlan::Missing(MissingIdentity::Undeclared {
+            pod: "shop/none".into(),
+            referenced: Vec::new(),
+        });
+        let resume = Resume {
+            plan,
+            sandbox: None,
+        };
+        assert_eq!(resume.encode(), None);
     }
 
     #[test]
