@@ -186,3 +186,17 @@ impl Agent {
         self.child.kill()
     }
 }
+
+/// The body of the agent's 503 when it has no credentials to sign with:
+/// one line that says so and names the provider's error.
+pub fn assert_no_credentials_text(text: &str) {
+    assert!(
+        text.starts_with("lattice-agent: no AWS credentials: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("500") || text.contains("unavailable") || text.contains("provider"),
+        "503 should name the provider error: {text}"
+    );
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+}

@@ -78,3 +78,42 @@ pub fn prog_run_stats(id: u64) -> (u64, u64) {
     let field = |k: &str| json.get(k).and_then(Value::as_u64).unwrap_or(0);
     (field("run_time_ns"), field("run_cnt"))
 }
+
+/// What the interceptor attaches to a cgroup, as bpftool names the types.
+pub const INTERCEPTOR: [&str; 4] = [
+    "cgroup_getsockopt",
+    "cgroup_inet4_connect",
+    "cgroup_inet6_connect",
+    "cgroup_sock_ops",
+];
+
+/// The attach types bpftool lists for `cgroup`, sorted. (Only the types:
+/// program names are empty when the agent ran without CAP_PERFMON, because
+/// aya probes name support by loading a tracepoint program.)
+pub fn attach_types(cgroup: &Path) -> Vec<String> {
+    let mut types: Vec<String> = attached_programs(cgroup)
+        .into_iter()
+        .map(|(attach_type, _name)| attach_type)
+        .collect();
+    types.sort();
+    types
+}
+
+/// Waits (up to 5 s) until nothing is attached to `cgroup` any more and
+/// panics otherwise. The kernel releases a BPF link whose last reference
+/// was a removed pin from a workqueue, not synchronously.
+pub fn wait_detached(cgroup: &Path, context: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left = attach_types(cgroup);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still attached to {}: {left:?}\n{context}",
+            cgroup.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

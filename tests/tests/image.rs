@@ -26,7 +26,6 @@
 #[path = "../../xtask/src/image.rs"]
 #[allow(dead_code)] // --arch parsing: xtask's, tested there
 mod image;
-mod sidecar_support;
 
 use std::{
     collections::BTreeMap,
@@ -38,39 +37,17 @@ use std::{
 };
 
 use image::Arch;
-use lattice_tests::{Agent, Pod, require_root, target_dir, unique_name, workspace};
-use sidecar_support::{
-    INTERCEPTOR, SIDECAR_CAPS, SIDECAR_UID, assert_unprivileged, attach_types, container_start,
-    file_caps, proxy_env, require_tool, wait_http_ok,
+use lattice_tests::{
+    Agent, Pod, TempDir,
+    bpftool::{INTERCEPTOR, attach_types},
+    probe::wait_http_ok,
+    require_root, require_tool,
+    sidecar::{
+        SIDECAR_CAPS, SIDECAR_UID, assert_unprivileged, container_start, file_caps, proxy_env,
+    },
+    spawn::run_ok,
+    target_dir, workspace,
 };
-
-/// A scratch directory, removed on drop (also on panic).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("{}-image", unique_name()));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn output(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// True when the test may run (root; else skipped loudly, see
 /// `require_root`); fails (never skips) when a tool is missing.
@@ -125,7 +102,7 @@ fn skopeo_inspect(arch: Arch, extra: &[&str]) -> String {
     if let Some(variant) = arch.variant() {
         cmd.args(["--override-variant", variant]);
     }
-    output(cmd.arg("inspect").args(extra).arg(transport()))
+    run_ok(cmd.arg("inspect").args(extra).arg(transport()))
 }
 
 /// One platform's image unpacked: the OCI layout, then each of its layers
@@ -137,12 +114,12 @@ struct Unpacked {
 }
 
 fn unpack(arch: Arch) -> Unpacked {
-    let tmp = TempDir::new();
-    let layout = tmp.0.join("oci");
-    let rootfs = tmp.0.join("rootfs");
+    let tmp = TempDir::new("image");
+    let layout = tmp.path().join("oci");
+    let rootfs = tmp.path().join("rootfs");
     fs::create_dir_all(&layout).unwrap();
     fs::create_dir_all(&rootfs).unwrap();
-    output(
+    run_ok(
         Command::new("tar")
             .arg("-xf")
             .arg(archive())
@@ -155,7 +132,7 @@ fn unpack(arch: Arch) -> Unpacked {
     for digest in layers {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
         let blob = layout.join("blobs/sha256").join(hex);
-        output(
+        run_ok(
             Command::new("tar")
                 .args(["--xattrs", "--xattrs-include=security.capability"])
                 .arg("-xf")
@@ -262,7 +239,7 @@ fn index_holds_an_amd64_and_an_arm64_image() {
     if !ready("index_holds_an_amd64_and_an_arm64_image") {
         return;
     }
-    let index: serde_json::Value = serde_json::from_str(&output(Command::new("skopeo").args([
+    let index: serde_json::Value = serde_json::from_str(&run_ok(Command::new("skopeo").args([
         "inspect",
         "--raw",
         &transport(),
@@ -343,7 +320,7 @@ fn amd64_image_unpacks_and_runs_the_agent_under_chroot() {
 
     // The entrypoint runs in that root filesystem alone.
     let chroot = |args: &[&str]| {
-        output(
+        run_ok(
             Command::new("chroot")
                 .arg(&rootfs)
                 .arg("/lattice-agent")
@@ -429,12 +406,12 @@ fn arm64_image_passes_its_self_check_under_qemu() {
 
     // The emulator (itself static) joins the root filesystem, so the agent
     // runs with nothing but what the image holds.
-    let qemu = output(Command::new("sh").args(["-c", "command -v qemu-aarch64-static"]));
+    let qemu = run_ok(Command::new("sh").args(["-c", "command -v qemu-aarch64-static"]));
     let qemu = Path::new(qemu.trim());
     assert_eq!(elf_machine(qemu), EM_X86_64, "this test runs on x86_64");
     fs::copy(qemu, rootfs.join("qemu-aarch64-static")).expect("copy qemu");
     let run = |args: &[&str]| {
-        output(
+        run_ok(
             Command::new("chroot")
                 .arg(&rootfs)
                 .args(["/qemu-aarch64-static", "/lattice-agent"])

@@ -10,22 +10,16 @@
 //! `kubectl` (with kustomize) and the venv (`cargo xtask setup`); without
 //! them the tests are skipped loudly, and under CI=true they fail.
 
-mod sidecar_support;
-
 use std::process::Command;
 
-use lattice_tests::workspace;
-use sidecar_support::manifest_tools;
+use lattice_tests::{manifests::manifest_tools, sidecar::SIDECAR_CAPS, workspace};
 
 fn check_manifests(test: &str, command: &str) {
     let Some(tools) = manifest_tools(test) else {
         return;
     };
     let workspace = workspace();
-    let caps: Vec<String> = sidecar_support::SIDECAR_CAPS
-        .iter()
-        .map(|c| c.to_uppercase())
-        .collect();
+    let caps: Vec<String> = SIDECAR_CAPS.iter().map(|c| c.to_uppercase()).collect();
     let out = Command::new(&tools.python)
         .arg(workspace.join("tests/manifests/check_manifests.py"))
         .arg(command)

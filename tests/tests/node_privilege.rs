@@ -25,8 +25,6 @@
 //! keeps the start set: without CAP_SETPCAP it cannot be
 //! narrowed, and with no_new_privs nothing can be regained from it.
 
-mod sidecar_support;
-
 use std::time::Duration;
 
 use lattice_tests::{
@@ -36,10 +34,11 @@ use lattice_tests::{
         Cluster, IRSA_VOLUME, NODE_CNI_CAPS, NODE_KEPT_CAPS, NODE_START_CAPS, NodeAgent, PodObject,
         app_request, sts_url,
     },
-    require_root,
+    procfs::{status_field, thread_statuses},
+    require_root, require_tool,
+    sidecar::setpriv_caps,
     spawn::PodCommand,
 };
-use sidecar_support::{require_tool, setpriv_caps, status_field, thread_statuses};
 
 /// Capability numbers (linux/capability.h) of the names used here.
 fn cap_bit(name: &str) -> u64 {
@@ -104,7 +103,7 @@ fn node_agent_serves_with_exactly_the_measured_set() {
     assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
 
     let kept = mask(&NODE_KEPT_CAPS);
-    for status in thread_statuses(agent.pid()) {
+    for status in thread_statuses(agent.pid()).expect("read /proc/PID/task") {
         assert_eq!(
             status_field(&status, "Uid"),
             "101\t101\t101\t101",
@@ -278,7 +277,7 @@ fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
     let with_cni = |caps: &[&str]| agent_with(&cluster, caps).args(cluster.cni_args());
 
     let agent = NodeAgent::start(&cluster, with_cni(&start), &[]);
-    for status in thread_statuses(agent.pid()) {
+    for status in thread_statuses(agent.pid()).expect("read /proc/PID/task") {
         assert_eq!(
             status_field(&status, "Uid"),
             "101\t101\t101\t101",

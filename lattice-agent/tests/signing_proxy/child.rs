@@ -1,11 +1,13 @@
-//! The proxy child's main: what `mode.rs` does around the proxy, minus eBPF
-//! and privileges. Configured by the real `ProxyArgs` from `LATTICE_*`
-//! variables; `LATTICE_TEST_UPSTREAM` is every connection's original
-//! destination; `LATTICE_TEST_CREDS` is `chain` (aws-config's default chain
-//! from this process's environment) or `static:AK:SK:TOKEN`. Prints
-//! `READY proxy=… [proxy6=…] admin=…`, stops gracefully when stdin closes.
+//! The proxy child's main (see `lattice_tests::proxy_child`): what the
+//! agent's single-pod mode assembles around the proxy, minus eBPF and
+//! privileges, configured by the real `ProxyArgs` from `LATTICE_*`
+//! variables. Every connection's original destination is the one the
+//! parent named. Stops gracefully when stdin closes.
+//!
+//! This is the one place a test assembles the agent by hand; it goes once
+//! the agent has an assembly entry the tests can call.
 
-use std::{io::Read as _, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use aws_credential_types::Credentials;
 use clap::Parser;
@@ -18,6 +20,7 @@ use lattice_agent::{
     orig_dst::OriginalDestination,
     proxy::{self, ProxyConfig, WorkloadProxy},
 };
+use lattice_tests::proxy_child::{self, ChildConfig, ChildCreds};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -36,9 +39,9 @@ impl OriginalDestination for Fixed {
 }
 
 pub fn main() {
-    let filter = std::env::var("LATTICE_TEST_LOG").unwrap_or_else(|_| "info".into());
+    let config = ChildConfig::from_env();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_filter))
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
@@ -47,42 +50,46 @@ pub fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run());
+    rt.block_on(run(config));
 }
 
-async fn run() {
+async fn run(config: ChildConfig) {
     let args = Args::parse_from(["lattice-test-proxy"]);
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
-    let creds_spec = std::env::var("LATTICE_TEST_CREDS").expect("LATTICE_TEST_CREDS");
-    let (creds, region) = if creds_spec == "chain" {
-        let setup = credentials::default_chain(&CredentialsConfig {
-            region: args.proxy.region.clone(),
-            role_arn: args.proxy.role_arn.clone(),
-            role_session_name: Some(args.proxy.role_session_name.clone()),
-        })
-        .await;
-        let cache = CredentialsCache::spawn(
-            setup.provider,
-            metrics.credentials(IdentityLabel::default()),
-            shutdown.clone(),
-        );
-        (cache, setup.region)
-    } else {
-        let parts: Vec<&str> = creds_spec
-            .strip_prefix("static:")
-            .expect("static:AK:SK:TOKEN")
-            .splitn(3, ':')
-            .collect();
-        let c = Credentials::new(parts[0], parts[1], Some(parts[2].to_owned()), None, "test");
-        (CredentialsCache::fixed(c), None)
+    let (creds, region) = match config.creds {
+        ChildCreds::Chain => {
+            let setup = credentials::default_chain(&CredentialsConfig {
+                region: args.proxy.region.clone(),
+                role_arn: args.proxy.role_arn.clone(),
+                role_session_name: Some(args.proxy.role_session_name.clone()),
+            })
+            .await;
+            let cache = CredentialsCache::spawn(
+                setup.provider,
+                metrics.credentials(IdentityLabel::default()),
+                shutdown.clone(),
+            );
+            (cache, setup.region)
+        }
+        ChildCreds::Static {
+            access_key_id,
+            secret_access_key,
+            session_token,
+        } => {
+            let c = Credentials::new(
+                access_key_id,
+                secret_access_key,
+                Some(session_token),
+                None,
+                "test",
+            );
+            (CredentialsCache::fixed(c), None)
+        }
     };
     let mut cfg = ProxyConfig::from_args(&args.proxy).expect("proxy config");
     cfg.resolve_region(region).expect("proxy region");
     let cfg = Arc::new(cfg);
-    let upstream = std::env::var("LATTICE_TEST_UPSTREAM")
-        .ok()
-        .map(|u| u.parse().expect("LATTICE_TEST_UPSTREAM"));
 
     let mut listeners = vec![tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()];
     if let Ok(l) = tokio::net::TcpListener::bind("[::1]:0").await {
@@ -93,11 +100,11 @@ async fn run() {
     let readiness = Arc::new(Readiness::single(creds.clone()));
     readiness.set_attached(true);
     readiness.set_listening(true);
-    let mut ready = format!("READY proxy={}", listeners[0].local_addr().unwrap());
-    if let Some(l6) = listeners.get(1) {
-        ready.push_str(&format!(" proxy6={}", l6.local_addr().unwrap()));
-    }
-    ready.push_str(&format!(" admin={}", admin_listener.local_addr().unwrap()));
+    let (proxy4, proxy6, admin_addr) = (
+        listeners[0].local_addr().unwrap(),
+        listeners.get(1).map(|l| l.local_addr().unwrap()),
+        admin_listener.local_addr().unwrap(),
+    );
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         readiness,
@@ -107,17 +114,13 @@ async fn run() {
     ));
 
     let stop = shutdown.clone();
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-        stop.cancel();
-    });
-    println!("{ready}");
+    proxy_child::stop_at_end_of_input(move || stop.cancel());
+    proxy_child::announce_ready(proxy4, proxy6, admin_addr);
     proxy::serve(
         WorkloadProxy {
             cfg,
             sockets: SocketFactory::Current,
-            orig_dst: Arc::new(Fixed(upstream)),
+            orig_dst: Arc::new(Fixed(config.upstream)),
             creds,
             metrics: metrics.workload(WorkloadLabels::default()),
         },

@@ -1,53 +1,171 @@
-//! Small loopback servers the tests run in-process: an h2c upstream that
-//! replays what it got to the verifier over HTTP/1.1, a slow upstream, and a
-//! container-credentials endpoint handing out short-lived keys.
+//! HTTP on 127.0.0.1 for the signing proxy's loopback tests (no
+//! namespaces, no root): clients that connect to an explicit address and
+//! never resolve a name, and small in-process upstreams — an h2c upstream
+//! replaying what it got to the verifier over HTTP/1.1, a slow one, a TLS
+//! one, one that shows each TCP connection, and a container-credentials
+//! endpoint handing out short-lived keys.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::Command,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt as _, StreamBody};
+use http_body_util::{BodyExt as _, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
-use super::{Body, BoxError, full, h1, rfc3339};
+use crate::{spawn::run_ok, time::format_rfc3339};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+// ---------------------------------------------------------------- clients
+
+/// A collected response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+pub fn empty() -> Body {
+    Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+pub async fn collect(resp: Response<Incoming>) -> Resp {
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.expect("response body");
+    let trailers = collected.trailers().cloned();
+    Resp {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
+}
+
+/// One HTTP/1.1 connection to `addr`.
+pub async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// One HTTP/2 prior-knowledge (h2c) connection to `addr`.
+pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Body> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// Sends `req` on an open HTTP/1.1 connection once it is ready.
+pub async fn send_on(
+    s: &mut hyper::client::conn::http1::SendRequest<Body>,
+    req: Request<Body>,
+) -> Resp {
+    s.ready().await.expect("connection ready");
+    collect(s.send_request(req).await.expect("request")).await
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection.
+pub async fn send1(addr: SocketAddr, req: Request<Body>) -> Resp {
+    let mut s = h1(addr).await;
+    collect(s.send_request(req).await.expect("request")).await
+}
+
+/// `GET path` with `Host: host`, on a fresh HTTP/1.1 connection.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Resp {
+    send1(
+        addr,
+        Request::get(path)
+            .header("host", host)
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+}
+
+/// A free loopback port nobody listens on (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+// -------------------------------------------------------------- upstreams
+
+/// A listener on 127.0.0.1 whose every connection `on_connection` serves
+/// in a task of its own; returns the address.
+async fn accept_loop<F, Fut>(on_connection: F) -> SocketAddr
+where
+    F: Fn(TcpStream, u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok((stream, _)) = listener.accept().await {
+            n += 1;
+            tokio::spawn(on_connection(stream, n));
+        }
+    });
+    addr
+}
+
+/// An HTTP server (HTTP/2 only or HTTP/1.1 only) answering with `handler`.
 async fn serve<F, Fut>(http2_only: bool, handler: F) -> SocketAddr
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if http2_only {
-                    b = b.http2_only();
-                } else {
-                    b = b.http1_only();
-                }
-                let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+    accept_loop(move |stream, _| {
+        let handler = handler.clone();
+        async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
             });
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if http2_only {
+                b = b.http2_only();
+            } else {
+                b = b.http1_only();
+            }
+            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// h2c-only upstream: checks it was spoken to over HTTP/2, then replays the
@@ -122,7 +240,7 @@ pub struct Issued {
 
 /// A container-credentials endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`)
 /// issuing a fresh key per call, valid for `lifetime`; every key is also
-/// written to `keys_file` for the verifier.
+/// written to `keys_file` for the verifier (`--keys-file`).
 pub struct CredsServer {
     pub addr: SocketAddr,
     pub token: String,
@@ -173,8 +291,7 @@ impl CredsServer {
                 let ak = format!("ASIATEST{n:06}");
                 let sk = format!("container/secret/{n}/abcdefghijklmnopqrstuvwxyz");
                 let tok = format!("container-session-token-{n}-0123456789");
-                let expiry = SystemTime::now() + s.lifetime;
-                let expiry_unix = expiry
+                let expiry_unix = (SystemTime::now() + s.lifetime)
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .unwrap()
                     .as_secs();
@@ -192,7 +309,7 @@ impl CredsServer {
                     "AccessKeyId": ak,
                     "SecretAccessKey": sk,
                     "Token": tok,
-                    "Expiration": rfc3339(expiry),
+                    "Expiration": format_rfc3339(expiry_unix),
                 });
                 let mut r = Response::new(full(body.to_string()));
                 r.headers_mut()
@@ -229,38 +346,29 @@ impl CredsServer {
 
 /// A CA and a leaf certificate for `names`, made with the openssl CLI in
 /// `dir`: returns (ca.pem, leaf.pem, leaf.key). None when openssl is missing.
-pub fn make_certs(dir: &std::path::Path, names: &[&str]) -> Option<(PathBuf, PathBuf, PathBuf)> {
-    use std::process::Command;
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .ok()?;
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(())
+pub fn make_certs(dir: &Path, names: &[&str]) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    if Command::new("openssl").arg("version").output().is_err() {
+        return None;
+    }
+    let openssl = |args: &[&str]| {
+        run_ok(Command::new("openssl").args(args).current_dir(dir));
     };
-    run(&[
-        "req",
-        "-x509",
+    let ec = [
         "-newkey",
         "ec",
         "-pkeyopt",
         "ec_paramgen_curve:P-256",
         "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=lattice test CA",
-    ])?;
+    ];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+            &["-days", "2", "-subj", "/CN=lattice test CA"],
+        ]
+        .concat(),
+    );
     let san = names
         .iter()
         .map(|n| format!("DNS:{n}"))
@@ -271,21 +379,16 @@ pub fn make_certs(dir: &std::path::Path, names: &[&str]) -> Option<(PathBuf, Pat
         format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
     )
     .unwrap();
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "leaf.key",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/CN=lattice test leaf",
-    ])?;
-    run(&[
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &["-keyout", "leaf.key", "-out", "leaf.csr"],
+            &["-subj", "/CN=lattice test leaf"],
+        ]
+        .concat(),
+    );
+    openssl(&[
         "x509",
         "-req",
         "-in",
@@ -301,7 +404,7 @@ pub fn make_certs(dir: &std::path::Path, names: &[&str]) -> Option<(PathBuf, Pat
         "2",
         "-extfile",
         "leaf.ext",
-    ])?;
+    ]);
     Some((
         dir.join("ca.pem"),
         dir.join("leaf.pem"),
@@ -311,7 +414,7 @@ pub fn make_certs(dir: &std::path::Path, names: &[&str]) -> Option<(PathBuf, Pat
 
 /// TLS upstream (ALPN h2 and http/1.1) answering
 /// `sni=<SNI> alpn=<ALPN> version=<HTTP version> authority=<Host or :authority>`.
-pub async fn tls_upstream(cert: &std::path::Path, key: &std::path::Path) -> SocketAddr {
+pub async fn tls_upstream(cert: &Path, key: &Path) -> SocketAddr {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .unwrap()
@@ -328,47 +431,40 @@ pub async fn tls_upstream(cert: &std::path::Path, key: &std::path::Path) -> Sock
     .unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
+    accept_loop(move |tcp, _| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let (_, session) = tls.get_ref();
-                let sni = session.server_name().unwrap_or("-").to_owned();
-                let alpn = session
-                    .alpn_protocol()
-                    .map_or("-".to_owned(), |a| String::from_utf8_lossy(a).into_owned());
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let authority = req
-                        .uri()
-                        .authority()
-                        .map(|a| a.to_string())
-                        .or_else(|| {
-                            req.headers()
-                                .get("host")
-                                .map(|h| h.to_str().unwrap().to_owned())
-                        })
-                        .unwrap_or_default();
-                    let text = format!(
-                        "sni={sni} alpn={alpn} version={:?} authority={authority}",
-                        req.version()
-                    );
-                    async move { Ok::<_, Infallible>(Response::new(full(text))) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+            let (_, session) = tls.get_ref();
+            let sni = session.server_name().unwrap_or("-").to_owned();
+            let alpn = session
+                .alpn_protocol()
+                .map_or("-".to_owned(), |a| String::from_utf8_lossy(a).into_owned());
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let authority = req
+                    .uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .or_else(|| {
+                        req.headers()
+                            .get("host")
+                            .map(|h| h.to_str().unwrap().to_owned())
+                    })
+                    .unwrap_or_default();
+                let text = format!(
+                    "sni={sni} alpn={alpn} version={:?} authority={authority}",
+                    req.version()
+                );
+                async move { Ok::<_, Infallible>(Response::new(full(text))) }
             });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// What [`ConnUpstream`] does with a connection after a response.
@@ -389,75 +485,76 @@ pub enum AfterResponse {
 /// when each connection was closed by the other side.
 pub struct ConnUpstream {
     pub addr: SocketAddr,
-    closed: Arc<Mutex<Vec<(u64, std::time::Instant)>>>,
+    closed: Arc<Mutex<Vec<(u64, Instant)>>>,
 }
 
 impl ConnUpstream {
     pub async fn start(after: AfterResponse) -> Self {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let closed = Arc::new(Mutex::new(Vec::new()));
         let closed_by_peer = Arc::clone(&closed);
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                n += 1;
-                let closed = Arc::clone(&closed_by_peer);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        let head_end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let read = match after {
-                                AfterResponse::CloseWhenIdle(idle) if buf.is_empty() => {
-                                    match tokio::time::timeout(idle, tcp.read(&mut chunk)).await {
-                                        Ok(r) => r,
-                                        // Idle too long: close without a word.
-                                        Err(_) => return,
-                                    }
-                                }
-                                _ => tcp.read(&mut chunk).await,
-                            };
-                            match read {
-                                Ok(0) | Err(_) => {
-                                    closed.lock().unwrap().push((n, std::time::Instant::now()));
-                                    return;
-                                }
-                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                        buf.drain(..head_end);
-                        let host = head
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("host").then(|| v.trim().to_owned())
-                            })
-                            .unwrap_or_default();
-                        let body = format!("conn={n} host={host}");
-                        let close = matches!(after, AfterResponse::Close);
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{}\r\n{body}",
-                            body.len(),
-                            if close { "connection: close\r\n" } else { "" }
-                        );
-                        if tcp.write_all(resp.as_bytes()).await.is_err() || close {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
+        let addr =
+            accept_loop(move |tcp, n| serve_counted(tcp, n, after, Arc::clone(&closed_by_peer)))
+                .await;
         Self { addr, closed }
     }
 
     /// Connections the other side has closed: (n, when).
-    pub fn closed(&self) -> Vec<(u64, std::time::Instant)> {
+    pub fn closed(&self) -> Vec<(u64, Instant)> {
         self.closed.lock().unwrap().clone()
+    }
+}
+
+/// [`ConnUpstream`]'s connection `n`.
+async fn serve_counted(
+    mut tcp: TcpStream,
+    n: u64,
+    after: AfterResponse,
+    closed: Arc<Mutex<Vec<(u64, Instant)>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let read = match after {
+                AfterResponse::CloseWhenIdle(idle) if buf.is_empty() => {
+                    match tokio::time::timeout(idle, tcp.read(&mut chunk)).await {
+                        Ok(r) => r,
+                        // Idle too long: close without a word.
+                        Err(_) => return,
+                    }
+                }
+                _ => tcp.read(&mut chunk).await,
+            };
+            match read {
+                Ok(0) | Err(_) => {
+                    closed.lock().unwrap().push((n, Instant::now()));
+                    return;
+                }
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        let host = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("host").then(|| v.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let body = format!("conn={n} host={host}");
+        let close = matches!(after, AfterResponse::Close);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if tcp.write_all(resp.as_bytes()).await.is_err() || close {
+            return;
+        }
     }
 }

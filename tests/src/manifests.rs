@@ -1,0 +1,62 @@
+//! The manifests under deploy/ as Kubernetes would get them: rendered with
+//! `kubectl kustomize` and read by tests/manifests/check_manifests.py.
+
+use std::{path::PathBuf, process::Command};
+
+use crate::{skip, venv, workspace};
+
+/// What tests/manifests/check_manifests.py needs.
+pub struct ManifestTools {
+    pub python: PathBuf,
+    pub validator: PathBuf,
+}
+
+/// The tools, or None (skip, loudly) when missing outside CI; panics under
+/// CI=true.
+pub fn manifest_tools(test: &str) -> Option<ManifestTools> {
+    let venv = venv();
+    let python = venv.join("bin/python");
+    let validator = venv.join("bin/kubernetes-validate");
+    let mut missing = Vec::new();
+    let kubectl_ok = Command::new("kubectl")
+        .args(["kustomize", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !kubectl_ok {
+        missing.push("kubectl with kustomize (`kubectl kustomize`)".to_owned());
+    }
+    let venv_ok = Command::new(&python)
+        .args(["-c", "import yaml, kubernetes_validate"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !venv_ok || !validator.is_file() {
+        missing.push(format!(
+            "a venv at {} with PyYAML and kubernetes-validate (tests/requirements.txt; \
+             `cargo xtask setup`, or set LATTICE_TEST_VENV)",
+            venv.display()
+        ));
+    }
+    if missing.is_empty() {
+        return Some(ManifestTools { python, validator });
+    }
+    skip(test, &missing.join(", "));
+    None
+}
+
+/// The lattice-agent container (`container`) and the pod's volumes
+/// (`volumes`) as deploy/examples/app1-with-sidecar renders them.
+pub fn rendered_sidecar(tools: &ManifestTools) -> serde_json::Value {
+    let out = Command::new(&tools.python)
+        .arg(workspace().join("tests/manifests/check_manifests.py"))
+        .arg("container")
+        .arg("--workspace")
+        .arg(workspace())
+        .output()
+        .expect("run check_manifests.py");
+    assert!(
+        out.status.success(),
+        "check_manifests.py container: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from check_manifests.py container")
+}
