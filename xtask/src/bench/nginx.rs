@@ -5,17 +5,19 @@
 //! live in the scenario's scratch directory; it never listens on the host.
 
 use std::{
-    fs::{self, File},
+    fs,
     os::unix::fs::PermissionsExt as _,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::Signal;
+use lattice_tests::{ChildGuard, netns::Netns};
 
-use super::{interrupt::Interrupt, netns::Netns, process::ChildGuard};
+use super::{
+    interrupt::Interrupt,
+    process::{log_tail, stop_gracefully},
+};
 use crate::cmd;
 
 pub const ADDR: &str = "169.254.171.33";
@@ -47,49 +49,54 @@ impl Nginx {
         fs::write(www.join("index.json"), BODY).context("writing the static body")?;
         let conf = dir.join("nginx.conf");
         fs::write(&conf, config(dir)).context("writing nginx.conf")?;
-        let log = dir.join("nginx.stderr");
-
-        let mut command = ns.command_in_cgroup(cgroup, "nginx");
+        let mut command = ns.command("nginx").cgroup(cgroup).build();
         command
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-p")
             .arg(dir)
             .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).context("creating nginx's log")?);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting `{}`", cmd::display(&command)))?;
-        // SIGQUIT: graceful stop of master and workers.
-        let mut process = ChildGuard::new(child, "nginx", Signal::SIGQUIT, log);
+            .arg(&conf);
+        let name = cmd::display(&command);
+        let process = ChildGuard::spawn(command, name);
+        let mut nginx = Self { process };
 
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             stop.check()?;
-            if let Some(status) = process.exited() {
+            if let Some(status) = nginx.process.try_wait() {
                 bail!(
                     "nginx exited at start ({status}):\n{}\n{}",
-                    process.log_tail(),
+                    log_tail(&nginx.process.stderr()),
                     fs::read_to_string(dir.join("error.log")).unwrap_or_default()
                 );
             }
-            let probe = cmd::read(ns.command("curl").args([
-                "-sS",
-                "--max-time",
-                "2",
-                &format!("http://{ADDR}/index.json"),
-            ]));
+            let probe = cmd::read(
+                &mut ns
+                    .command("curl")
+                    .args([
+                        "-sS",
+                        "--max-time",
+                        "2",
+                        &format!("http://{ADDR}/index.json"),
+                    ])
+                    .build(),
+            );
             if probe.as_deref().is_ok_and(|b| b == BODY) {
-                return Ok(Self { process });
+                return Ok(nginx);
             }
             if Instant::now() > deadline {
                 bail!("nginx did not answer within 10s: {probe:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: graceful stop of master and workers.
+        stop_gracefully(&mut self.process, nix::libc::SIGQUIT);
     }
 }
 
