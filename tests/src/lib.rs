@@ -112,6 +112,11 @@ pub use tempdir::TempDir;
 #[cfg(feature = "full")]
 pub use verifier::{DEMO_CREDENTIALS, Verifier};
 
+/// The cargo profile of the image `cargo xtask test` builds and the image
+/// tests check, and of the static agent the timed tests run (Cargo.toml:
+/// the release profile without fat LTO, one codegen unit and debug info).
+pub const IMAGE_TEST_PROFILE: &str = "quick-release";
+
 /// The workspace root (this crate is `<root>/tests`).
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,5 +1,8 @@
-//! The OCI image (`cargo xtask image`), built once for all tests of this
-//! file with buildah (reused while newer than the agent binaries): an OCI
+//! The OCI image (`cargo xtask image`, its binaries built with the
+//! `quick-release` profile: the same Containerfile and steps as the image
+//! users get, without the release profile's fat LTO), built once for all
+//! tests of this file with buildah (reused while newer than the agent
+//! binaries): an OCI
 //! index of an amd64 and an arm64 (v8) image, each config naming its
 //! platform, the entrypoint and the non-root user 101, each image holding
 //! only the agent, carrying the file capabilities BPF and NET_ADMIN, and
@@ -20,8 +23,8 @@
 //! Needs root (chroot, setcap; buildah without a rootless setup) and
 //! buildah, skopeo, tar, getcap, qemu-aarch64-static (Debian packages,
 //! installed by `cargo xtask setup`). The first run builds the static
-//! release agent for both architectures: about 15 minutes on 2 cores
-//! (cached afterwards: the tests then take seconds).
+//! agent for both architectures (`cargo xtask test` does so in its image
+//! step; cached afterwards: the tests then take seconds).
 
 #[path = "../../xtask/src/image.rs"]
 #[allow(dead_code)] // --arch parsing: xtask's, tested there
@@ -38,7 +41,7 @@ use std::{
 
 use image::Arch;
 use lattice_tests::{
-    Agent, Pod, TempDir,
+    Agent, IMAGE_TEST_PROFILE, Pod, TempDir,
     bpftool::{INTERCEPTOR, attach_types},
     probe::wait_http_ok,
     require_root, require_tool,
@@ -81,9 +84,10 @@ fn archive() -> &'static Path {
     static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
         let archive =
-            image::build_image(&workspace(), &target_dir(), &Arch::ALL).expect("cargo xtask image");
+            image::build_image(&workspace(), &target_dir(), &Arch::ALL, IMAGE_TEST_PROFILE)
+                .expect("cargo xtask image --profile quick-release");
         assert!(
-            archive.ends_with("image/lattice-agent.oci.tar"),
+            archive.ends_with("image/quick-release/lattice-agent.oci.tar"),
             "{}",
             archive.display()
         );
