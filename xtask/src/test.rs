@@ -52,6 +52,9 @@ pub fn run(ws: &Workspace, ready: &Ready, setup: Timing, test_args: &[String]) -
         times.push(("xtask build", build));
     }
     times.push(("setup", setup));
+    for (name, took) in &times {
+        eprintln!("==> {name} took {took}");
+    }
     let mut failed = Vec::new();
     for step in steps(test_args) {
         eprintln!("==> {}", step.name);
@@ -63,7 +66,9 @@ pub fn run(ws: &Workspace, ready: &Ready, setup: Timing, test_args: &[String]) -
             eprintln!("==> {} FAILED: {err:#}", step.name);
             failed.push(step.name);
         }
-        times.push((step.name, clock.stop()));
+        let took = clock.stop();
+        eprintln!("==> {} took {}", step.name, took);
+        times.push((step.name, took));
     }
     // The lifecycle tests' figures, failing runs included (each test
     // writes its record before its assertions).
@@ -228,6 +233,17 @@ fn stat_fields(path: &Path) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
+impl fmt::Display for Timing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} wall, {} CPU",
+            Minutes(self.wall).to_string().trim_start(),
+            Minutes(self.cpu).to_string().trim_start()
+        )
+    }
+}
+
 struct Minutes(Duration);
 
 impl fmt::Display for Minutes {
@@ -272,6 +288,7 @@ mod tests {
         assert_eq!(lines[2], "    setup          0m 05s    0m 01s");
         assert_eq!(lines[3], "    build          2m 05s    3m 50s");
         assert_eq!(lines[4], "    total          2m 10s    3m 51s");
+        assert_eq!(t(125, 230).to_string(), "2m 05s wall, 3m 50s CPU");
     }
 
     #[test]
