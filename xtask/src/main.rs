@@ -100,6 +100,7 @@ fn main() {
 }
 
 fn run(task: Task) -> Result<()> {
+    let xtask_build = test::xtask_build();
     let ws = Workspace::locate()?;
     let setup = test::Stopwatch::start();
     let ready = setup::run(&ws)?;
@@ -111,7 +112,7 @@ fn run(task: Task) -> Result<()> {
             println!("{}", object.display());
             Ok(())
         }
-        Task::Test { args } => test::run(&ws, &ready, setup, &args),
+        Task::Test { args } => test::run(&ws, &ready, xtask_build, setup, &args),
         Task::Demo => demo::run(&ws, &ready),
         Task::Image { arch, profile } => {
             image::build_image(&ws.root, &ws.target_dir, &arch.arches(), &profile)?;

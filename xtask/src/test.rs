@@ -46,9 +46,17 @@ enum Work {
     Image,
 }
 
-pub fn run(ws: &Workspace, ready: &Ready, setup: Timing, test_args: &[String]) -> Result<()> {
+/// Runs every step; `xtask_build` and `setup` are what came before (see
+/// [`xtask_build`]).
+pub fn run(
+    ws: &Workspace,
+    ready: &Ready,
+    xtask_build: Option<Timing>,
+    setup: Timing,
+    test_args: &[String],
+) -> Result<()> {
     let mut times = Vec::new();
-    if let Some(build) = xtask_build() {
+    if let Some(build) = xtask_build {
         times.push(("xtask build", build));
     }
     times.push(("setup", setup));
@@ -197,30 +205,31 @@ fn children_cpu() -> Duration {
     micros(usage.user_time()) + micros(usage.system_time())
 }
 
-/// What `cargo xtask` spent before xtask ran (compiling xtask, on a fresh
-/// clone): from our parent cargo's start to ours, and the CPU time of that
-/// cargo and the compilers it has reaped. None when not started by cargo.
-fn xtask_build() -> Option<Timing> {
-    let parent = nix::unistd::getppid();
-    let comm = fs::read_to_string(format!("/proc/{parent}/comm")).ok()?;
-    if comm.trim() != "cargo" {
-        return None;
-    }
+/// What `cargo xtask` spent before xtask's main (compiling xtask, on a
+/// fresh clone). cargo runs xtask by exec, so this process started as that
+/// cargo: its age, and its CPU time with that of the compilers it reaped.
+/// Call first thing, before xtask starts children of its own.
+pub fn xtask_build() -> Option<Timing> {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()??
         .max(1) as f64;
-    let parent_stat = stat_fields(Path::new(&format!("/proc/{parent}/stat")))?;
-    let own_stat = stat_fields(Path::new("/proc/self/stat"))?;
+    let stat = stat_fields(Path::new("/proc/self/stat"))?;
     // Fields counted from 1 as in proc(5): utime 14, stime 15, cutime 16,
     // cstime 17, starttime 22 (clock ticks after boot).
-    let field = |stat: &[String], n: usize| stat.get(n - 3)?.parse::<u64>().ok();
+    let field = |n: usize| stat.get(n - 3)?.parse::<u64>().ok();
     let cpu_ticks = [14, 15, 16, 17]
-        .iter()
-        .map(|&n| field(&parent_stat, n))
+        .into_iter()
+        .map(field)
         .sum::<Option<u64>>()?;
-    let wall_ticks = field(&own_stat, 22)?.saturating_sub(field(&parent_stat, 22)?);
+    let uptime: f64 = fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let age = (uptime - field(22)? as f64 / ticks).max(0.0);
     Some(Timing {
-        wall: Duration::from_secs_f64(wall_ticks as f64 / ticks),
+        wall: Duration::from_secs_f64(age),
         cpu: Duration::from_secs_f64(cpu_ticks as f64 / ticks),
     })
 }
