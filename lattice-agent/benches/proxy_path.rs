@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-connection work of the proxy: finding a
 //! connection's original destination — from the eBPF map (lattice) and, on
-//! a map miss, from conntrack with SO_ORIGINAL_DST (the seed's iptables
+//! a map miss, from conntrack with SO_ORIGINAL_DST (the iptables setup's
 //! NAT). Signing, the per-request work, is in `benches/signing.rs`.
 //!
 //! The lookups need root: they load and attach the real programs to a
@@ -20,7 +20,7 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lattice_agent::{
-    bpf::{InterceptConfig, Interceptor},
+    bpf::{AgentExemption, InterceptConfig, Interceptor},
     nat_orig_dst::nat_original_destination,
 };
 use lattice_tests::{cgroup::cgroup2_mount, iptables::EgressProxyRules, spawn::run_ok};
@@ -90,9 +90,11 @@ impl Sandbox {
                 v6_prefixes: vec![],
                 proxy_port: port,
                 exempt_uid: 101,
+                exempt: AgentExemption::Uid,
                 pin: None,
                 held_by_cgroup: false,
                 gate_by_netns: false,
+                gate_capacity: lattice_common::ENROLLED_CAPACITY,
             })
             .expect("attach the interceptor"),
         );

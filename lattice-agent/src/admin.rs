@@ -1,7 +1,11 @@
 //! Admin server (`--admin-addr`, loopback by default): `/healthz` (the
 //! process answers), `/readyz` (attached, listening, credentials resolved;
-//! in node mode: attached and the pods listed from the API), `/metrics`
-//! (Prometheus text), and in node mode `/pods` (the pods served, JSON).
+//! in node mode: attached and the pods listed from the API; warnings about
+//! how the agent runs follow either answer), `/metrics` (Prometheus
+//! text), and in node mode `/pods` (the pods served, JSON), on loopback
+//! only: it names every enrolled pod's role (so its account), service
+//! account and IPs, while probes and Prometheus reach the rest on the
+//! address `--admin-addr` binds.
 
 use std::{
     convert::Infallible,
@@ -33,6 +37,9 @@ pub struct Readiness {
     pods_listed: Option<AtomicBool>,
     /// Node mode with the CNI plugin: why it is not in the chain, if not.
     cni: std::sync::Mutex<Option<String>>,
+    /// How the agent runs that its operators should know (e.g. unpinned):
+    /// shown with either answer, never making it unready.
+    warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Readiness {
@@ -44,6 +51,7 @@ impl Readiness {
             credentials: Some(credentials),
             pods_listed: None,
             cni: std::sync::Mutex::new(None),
+            warnings: std::sync::Mutex::default(),
         }
     }
 
@@ -56,6 +64,7 @@ impl Readiness {
             credentials: None,
             pods_listed: Some(AtomicBool::new(false)),
             cni: std::sync::Mutex::new(None),
+            warnings: std::sync::Mutex::default(),
         }
     }
 
@@ -76,6 +85,20 @@ impl Readiness {
     /// Whether the CNI plugin is in the runtime's chain (`Err`: why not).
     pub fn set_cni(&self, state: Result<(), String>) {
         *self.cni.lock().unwrap_or_else(|p| p.into_inner()) = state.err();
+    }
+
+    /// Adds a line to `/readyz`'s answer (`warning: <text>`).
+    pub fn add_warning(&self, text: String) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(text);
+    }
+
+    /// `warning: ..` lines, each ending with a newline.
+    fn warning_lines(&self) -> String {
+        let warnings = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
+        warnings.iter().map(|w| format!("warning: {w}\n")).collect()
     }
 
     /// `Ok` when ready, else the reasons (one per line).
@@ -112,7 +135,7 @@ pub trait PodsReport: Send + Sync {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("--admin-addr {addr}: {source}")]
+#[error("binding the admin endpoint on {addr}")]
 pub struct AdminBindError {
     pub addr: SocketAddr,
     #[source]
@@ -151,9 +174,14 @@ pub async fn serve(
         let metrics = Arc::clone(&metrics);
         let pods = pods.clone();
         let shutdown = shutdown.clone();
+        // Reached on a loopback address: from inside the agent's own
+        // network namespace (`kubectl port-forward` ends there).
+        let on_loopback = stream
+            .local_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let resp = route(&req, &readiness, &metrics, pods.as_deref());
+                let resp = route(&req, &readiness, &metrics, pods.as_deref(), on_loopback);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -173,6 +201,7 @@ fn route(
     readiness: &Readiness,
     metrics: &Metrics,
     pods: Option<&dyn PodsReport>,
+    on_loopback: bool,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
@@ -183,10 +212,13 @@ fn route(
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match readiness.check() {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Ok(()) => text(
+                StatusCode::OK,
+                format!("ready\n{}", readiness.warning_lines()),
+            ),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready\n{why}\n"),
+                format!("not ready\n{why}\n{}", readiness.warning_lines()),
             ),
         },
         "/metrics" => {
@@ -199,6 +231,12 @@ fn route(
             );
             r
         }
+        "/pods" if pods.is_some() && !on_loopback => text(
+            StatusCode::FORBIDDEN,
+            "/pods is served on loopback only (kubectl port-forward to the agent's pod \
+             reaches it): it names every enrolled pod's role ARN, service account and IPs\n"
+                .into(),
+        ),
         "/pods" if pods.is_some() => {
             let body = pods.map(|p| p.pods_json()).unwrap_or_default();
             let mut r = Response::new(Full::new(Bytes::from(body)));

@@ -137,6 +137,13 @@ pub struct NodeArgs {
     )]
     pub cni_exempt_namespaces: Vec<String>,
 
+    /// Pods this agent can serve at once: the size of the kernel's table
+    /// of enrolled network namespaces, fixed when that table is created
+    /// (with --pin, on the agent's first start on the node). The default
+    /// is far above the kubelet's pods-per-node limits.
+    #[arg(long, env = "LATTICE_MAX_PODS", default_value_t = lattice_common::ENROLLED_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_pods: u32,
+
     #[command(flatten)]
     pub intercept: InterceptArgs,
     #[command(flatten)]
@@ -163,15 +170,23 @@ pub struct InterceptArgs {
     #[arg(long, env = "LATTICE_PROXY_PORT", default_value_t = 15080, value_parser = clap::value_parser!(u16).range(1..))]
     pub proxy_port: u16,
 
-    /// UID whose connections are never intercepted. The agent switches to
-    /// this UID after attaching, so its own upstream connections pass.
+    /// UID the agent switches to after attaching. With `run` and `sidecar`
+    /// its connections are never intercepted (the iptables setup's
+    /// contract), so the agent's own upstream connections pass, and so do
+    /// an app's running as this UID. Node mode exempts the agent by its
+    /// cgroup instead and intercepts this UID in pods like any other.
     #[arg(long, env = "LATTICE_EXEMPT_UID", default_value_t = 101)]
     pub exempt_uid: u32,
 
-    /// bpffs directory to pin programs' links and maps in: interception then
-    /// survives an agent crash, and a restarted agent takes the pins over.
-    #[arg(long, env = "LATTICE_PIN")]
-    pub pin: Option<PathBuf>,
+    /// bpffs directory to pin programs' links and maps in, or `none`:
+    /// pinned, interception survives an agent crash (enrolled connects are
+    /// refused until an agent serves again, never sent unsigned) and a
+    /// restarted agent takes the pins over. Node mode pins by default, at
+    /// /sys/fs/bpf/lattice-node (created; its parent must be a bpffs), and
+    /// `none` is a choice it warns about; `run` and `sidecar` do not pin by
+    /// default (see --detach-on-exit for the sidecar).
+    #[arg(long, env = "LATTICE_PIN", value_parser = parse_pin)]
+    pub pin: Option<Pin>,
 
     /// Attach the interceptor but serve no proxy: for a proxy of your own
     /// that asks for the original destination with getsockopt(SO_ORIGINAL_DST).
@@ -217,7 +232,7 @@ pub struct ProxyArgs {
     pub sign_payload: bool,
 
     /// Largest body buffered under --sign-payload (bytes; KiB/MiB/GiB suffixes allowed).
-    #[arg(long, env = "LATTICE_MAX_SIGNED_BODY", default_value = "10MiB", value_parser = crate::proxy::units::parse_bytes)]
+    #[arg(long, env = "LATTICE_MAX_SIGNED_BODY", default_value = "10MiB", value_parser = crate::config::units::parse_bytes)]
     pub max_signed_body: u64,
 
     /// Connect to the original destination with TLS; SNI and the certificate
@@ -230,23 +245,23 @@ pub struct ProxyArgs {
     pub ca_file: Option<PathBuf>,
 
     /// Upper bound on connecting (and TLS handshake) to the original destination.
-    #[arg(long, env = "LATTICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::config::units::parse_duration)]
     pub connect_timeout: Duration,
 
     /// Upper bound from forwarding a request to its response headers (0 = none).
-    #[arg(long, env = "LATTICE_REQUEST_TIMEOUT", default_value = "60s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_REQUEST_TIMEOUT", default_value = "60s", value_parser = crate::config::units::parse_duration)]
     pub request_timeout: Duration,
 
     /// Close client and pooled upstream connections idle this long.
-    #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::config::units::parse_duration)]
     pub idle_timeout: Duration,
 
     /// On shutdown, how long in-flight requests may take to finish.
-    #[arg(long, env = "LATTICE_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::proxy::units::parse_duration)]
+    #[arg(long, env = "LATTICE_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::config::units::parse_duration)]
     pub drain_timeout: Duration,
 
     /// Largest request head (request line and headers) accepted; larger gets 431.
-    #[arg(long, env = "LATTICE_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = crate::proxy::units::parse_bytes)]
+    #[arg(long, env = "LATTICE_MAX_HEADER_BYTES", default_value = "64KiB", value_parser = crate::config::units::parse_bytes)]
     pub max_header_bytes: u64,
 
     /// Log each canonical request and string-to-sign (signature, security
@@ -288,6 +303,22 @@ pub struct TelemetryArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--pin`: a directory, or `none`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    Dir(PathBuf),
+    /// `--pin none`: not pinned.
+    Off,
+}
+
+fn parse_pin(value: &str) -> Result<Pin, String> {
+    match value {
+        "" => Err("a bpffs directory, or `none`".to_owned()),
+        "none" => Ok(Pin::Off),
+        dir => Ok(Pin::Dir(PathBuf::from(dir))),
+    }
 }
 
 /// `--cni-failure-policy`.

@@ -20,7 +20,7 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use aws_types::region::Region;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::CredentialMetrics;
+use crate::{error_chain, metrics::CredentialMetrics};
 
 /// Refresh this long before expiry (or at half the remaining lifetime, for
 /// short-lived credentials).
@@ -341,21 +341,6 @@ fn next_backoff(backoff: &mut Duration) -> Duration {
     let now = *backoff;
     *backoff = (*backoff * 2).min(BACKOFF_MAX);
     now
-}
-
-/// `error: cause: cause`, on one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out.replace(['\n', '\r'], " ")
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@
 //! → credentials → sign → forward → respond (`proxy`).
 
 pub mod admin;
+pub mod app;
 pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod errors;
 pub mod metrics;
-pub mod mode;
 pub mod nat_orig_dst;
 pub mod netns;
 pub mod node;
@@ -23,4 +24,7 @@ pub mod query;
 pub mod self_check;
 pub mod sign;
 pub mod telemetry;
+pub mod uri_path;
 pub mod workload;
+
+pub use errors::error_chain;

@@ -2,22 +2,27 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use lattice_agent::{
-    cli::{Cli, Command},
-    mode, telemetry,
+    app,
+    cli::Cli,
+    config::{self, AgentConfig},
+    self_check, telemetry,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = telemetry::init(&cli.telemetry) {
-        eprintln!("lattice-agent: error: {e}");
-        return ExitCode::from(2);
+    match config::telemetry(&cli.telemetry) {
+        Ok(cfg) => telemetry::init(cfg),
+        Err(e) => {
+            eprintln!("lattice-agent: error: {}", lattice_agent::error_chain(&e));
+            return ExitCode::from(2);
+        }
     }
-    let result = match &cli.command {
-        Command::Run(args) => mode::run(args),
-        Command::Sidecar(args) => mode::sidecar(args),
-        Command::Node(args) => mode::node(args),
-        Command::SelfCheck => lattice_agent::self_check::report().map_err(Into::into),
-    };
+    let result = config::agent(&cli.command)
+        .map_err(anyhow::Error::from)
+        .and_then(|cfg| match cfg {
+            AgentConfig::SelfCheck => self_check::report().map_err(Into::into),
+            cfg => app::build(cfg)?.serve(),
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

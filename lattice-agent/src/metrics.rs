@@ -7,6 +7,11 @@
 //! series), and credential series carry the `identity` they belong to
 //! (pods sharing a service account and role share one). In `run` and
 //! `sidecar` these labels are absent: the whole process is one pod.
+//!
+//! Label values come from pods (names, namespaces, role ARNs), and
+//! prometheus-client writes values as given: every label set here is
+//! encoded by hand through [`Escaped`], so no value can end a label, a
+//! series or a line early.
 
 use std::{
     fmt,
@@ -17,7 +22,9 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
+    encoding::{
+        EncodeLabel as _, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+    },
     metrics::{
         counter::Counter,
         family::Family,
@@ -40,11 +47,37 @@ impl WorkloadLabels {
 impl EncodeLabelSet for WorkloadLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
         if let Some(pod) = &self.0 {
-            ("namespace", pod.0.as_str()).encode(encoder.encode_label())?;
-            ("pod", pod.1.as_str()).encode(encoder.encode_label())?;
+            label(encoder, "namespace", &pod.0)?;
+            label(encoder, "pod", &pod.1)?;
         }
         Ok(())
     }
+}
+
+/// A label value as the text formats (Prometheus' and OpenMetrics) spell
+/// it: `\`, `"` and line feed escaped as `\\`, `\"` and `\n`.
+struct Escaped<'a>(&'a str);
+
+impl EncodeLabelValue for Escaped<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        use fmt::Write as _;
+        let mut rest = self.0;
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
+/// Writes `key="value"`, the value escaped.
+fn label(encoder: &mut LabelSetEncoder, key: &str, value: &str) -> Result<(), fmt::Error> {
+    (key, Escaped(value)).encode(encoder.encode_label())
 }
 
 /// `identity` of a credential source in node mode; empty otherwise.
@@ -60,21 +93,34 @@ impl IdentityLabel {
 impl EncodeLabelSet for IdentityLabel {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
         if let Some(id) = &self.0 {
-            ("identity", &**id).encode(encoder.encode_label())?;
+            label(encoder, "identity", id)?;
         }
         Ok(())
     }
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     pub method: String,
     pub status: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        label(encoder, "method", &self.method)?;
+        label(encoder, "status", &self.status)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct ResultLabels {
     pub result: String,
+}
+
+impl EncodeLabelSet for ResultLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        label(encoder, "result", &self.result)
+    }
 }
 
 type ByWorkload<M> = Family<WorkloadLabels, M>;
@@ -106,6 +152,9 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     /// `lattice_enrollments_total{result="success|error"}` (node mode).
     enrollments: Family<ResultLabels, Counter>,
+    /// Credential sources alive per `identity` label: its series go when
+    /// the last one does (several node-mode identities may share a label).
+    credential_sources: std::sync::Mutex<std::collections::HashMap<IdentityLabel, usize>>,
 }
 
 impl Default for Metrics {
@@ -189,6 +238,7 @@ impl Metrics {
             unknown_destination_connections,
             enrolled_pods,
             enrollments,
+            credential_sources: std::sync::Mutex::default(),
         }
     }
 
@@ -224,12 +274,48 @@ impl Metrics {
         }
     }
 
-    /// The handle one credential source counts with.
+    /// The handle one credential source counts with; its series stay
+    /// until [`Metrics::forget_credentials`] for the last source with its
+    /// label.
     pub fn credentials(self: &Arc<Self>, identity: IdentityLabel) -> CredentialMetrics {
+        let mut sources = self
+            .credential_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *sources.entry(identity.clone()).or_default() += 1;
+        let refreshes = |ok| {
+            self.credential_refreshes
+                .get_or_create_owned(&(identity.clone(), result_labels(ok)))
+        };
         CredentialMetrics {
-            expiry: self.credential_expiry.get_or_create(&identity).clone(),
+            expiry: self.credential_expiry.get_or_create_owned(&identity),
+            refreshed: refreshes(true),
+            refresh_failed: refreshes(false),
             identity,
             metrics: Arc::clone(self),
+        }
+    }
+
+    /// A credential source is gone; with the last one of its label, so are
+    /// its series. Counting through handles taken before then changes no
+    /// series any more.
+    pub fn forget_credentials(&self, source: &CredentialMetrics) {
+        let mut sources = self
+            .credential_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(count) = sources.get_mut(&source.identity) else {
+            return;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        sources.remove(&source.identity);
+        self.credential_expiry.remove(&source.identity);
+        for ok in [true, false] {
+            self.credential_refreshes
+                .remove(&(source.identity.clone(), result_labels(ok)));
         }
     }
 
@@ -252,6 +338,12 @@ impl Metrics {
 
 fn result(ok: bool) -> &'static str {
     if ok { "success" } else { "error" }
+}
+
+fn result_labels(ok: bool) -> ResultLabels {
+    ResultLabels {
+        result: result(ok).to_owned(),
+    }
 }
 
 /// The `method` label: the common methods by name, the rest as `OTHER`.
@@ -332,19 +424,22 @@ pub struct CredentialMetrics {
     metrics: Arc<Metrics>,
     identity: IdentityLabel,
     pub expiry: Gauge,
+    refreshed: Counter,
+    refresh_failed: Counter,
 }
 
 impl CredentialMetrics {
     pub fn count_refresh(&self, ok: bool) {
-        self.metrics
-            .credential_refreshes
-            .get_or_create(&(
-                self.identity.clone(),
-                ResultLabels {
-                    result: result(ok).to_owned(),
-                },
-            ))
-            .inc();
+        if ok {
+            self.refreshed.inc();
+        } else {
+            self.refresh_failed.inc();
+        }
+    }
+
+    /// This source is gone (see [`Metrics::forget_credentials`]).
+    pub fn forget(&self) {
+        self.metrics.forget_credentials(self);
     }
 }
 
@@ -380,6 +475,35 @@ mod tests {
         }
     }
 
+    /// Label values come from pods (names, namespaces, role ARNs): every
+    /// one is escaped as the text formats require (`\\`, `\"`, `\n`), so
+    /// none ends a value, a label set or a line early. (The page as a
+    /// whole goes through the official parser in
+    /// tests/tests/node_hardening.rs.)
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Arc::new(Metrics::new());
+        let w = m.workload(WorkloadLabels::pod(
+            "a\"b}\\",
+            "c\nlattice_injected_total 1\n",
+        ));
+        w.count_request(&http::Method::GET, http::StatusCode::OK, false);
+        m.credentials(IdentityLabel::new("irsa:x\"} 1\n#"))
+            .count_refresh(true);
+        let text = m.encode();
+        for needle in [
+            r#"lattice_requests_total{namespace="a\"b}\\",pod="c\nlattice_injected_total 1\n",method="GET",status="200"} 1"#,
+            r#"lattice_credential_refreshes_total{identity="irsa:x\"} 1\n#",result="success"} 1"#,
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("# ") || l.starts_with("lattice_")),
+            "a line not written by the agent:\n{text}"
+        );
+    }
+
     #[test]
     fn workload_series_carry_pod_labels_and_go_with_the_pod() {
         let m = Arc::new(Metrics::new());
@@ -405,5 +529,40 @@ mod tests {
         assert_eq!(w.counts.errors.load(Ordering::Relaxed), 1);
         m.forget_workload(&w);
         assert!(!m.encode().contains("cart-0"));
+    }
+
+    /// Two sources with one label (two identities of the same role) share
+    /// its series; they go with the last source, and a source created
+    /// afterwards starts them afresh.
+    #[test]
+    fn credential_series_go_with_the_last_source_of_their_label() {
+        let m = Arc::new(Metrics::new());
+        let label = IdentityLabel::new("irsa:arn:aws:iam::1:role/cart");
+        let a = m.credentials(label.clone());
+        let b = m.credentials(label.clone());
+        a.count_refresh(true);
+        b.count_refresh(true);
+        b.count_refresh(false);
+        let text = m.encode();
+        for needle in [
+            "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"success\"} 2",
+            "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"error\"} 1",
+            "lattice_credential_expiry_timestamp_seconds{identity=\"irsa:arn:aws:iam::1:role/cart\"} 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        a.forget();
+        assert!(m.encode().contains("role/cart"), "b still uses it");
+        b.forget();
+        assert!(!m.encode().contains("role/cart"), "{}", m.encode());
+        // A late refresh through a forgotten handle brings nothing back.
+        b.count_refresh(true);
+        b.expiry.set(5);
+        assert!(!m.encode().contains("role/cart"));
+        let c = m.credentials(label);
+        c.count_refresh(true);
+        assert!(m.encode().contains(
+            "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"success\"} 1"
+        ));
     }
 }

@@ -2,16 +2,35 @@
 //! (`-j REDIRECT`), read from conntrack with `getsockopt(SO_ORIGINAL_DST)` /
 //! `IP6T_SO_ORIGINAL_DST` on the accepted socket.
 //!
-//! This is the seed setup's interception (an init container adding NAT
-//! rules), kept working so users can move to the agent before they move off
-//! iptables. The proxy asks here only when the eBPF map has no record.
+//! This is the iptables setup's interception (an init container adding NAT
+//! rules), kept working in `run` and `sidecar` so users can move to the
+//! agent before they move off iptables ([`WithNatFallback`]). The proxy
+//! asks here only when the eBPF map has no record. Node mode never does:
+//! there the app, not the agent, owns its network namespace's NAT rules.
 
 use std::{
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
 };
 
 use nix::sys::socket::{SockaddrLike as _, SockaddrStorage, getsockname, getsockopt, sockopt};
+
+use crate::orig_dst::OriginalDestination;
+
+/// `inner`'s records, then conntrack's NAT destination for connections it
+/// has none of: the workload's own network namespace may hold the
+/// iptables setup's REDIRECT rules (`run`, `sidecar`).
+pub struct WithNatFallback<T>(pub T);
+
+impl<T: OriginalDestination> OriginalDestination for WithNatFallback<T> {
+    fn original_destination(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        self.0.original_destination(peer)
+    }
+
+    fn untracked_destination(&self, socket: BorrowedFd<'_>) -> Option<SocketAddr> {
+        nat_original_destination(&socket)
+    }
+}
 
 /// Where a NAT-redirected connection was going, or `None` when the
 /// connection was not redirected by NAT (no conntrack entry, or the entry

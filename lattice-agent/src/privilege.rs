@@ -14,8 +14,14 @@ pub enum PrivilegeError {
         #[source]
         source: nix::Error,
     },
-    #[error("dropping capabilities: {0}")]
-    Caps(String),
+    #[error("dropping capabilities")]
+    Caps(#[source] caps::errors::CapsError),
+    #[error("prctl({option})")]
+    Prctl {
+        option: libc::c_int,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("capabilities {0:?} are needed after the privilege drop but were not granted")]
     NotGranted(Vec<Capability>),
     #[error("capabilities still held after dropping them: {0:?}")]
@@ -28,7 +34,7 @@ pub enum PrivilegeError {
 /// other. From then on the agent's own connections are exempt from
 /// interception, and a compromise of the proxy gains only `keep`.
 pub fn drop_to(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeError> {
-    let caps_err = |e: caps::errors::CapsError| PrivilegeError::Caps(e.to_string());
+    let caps_err = PrivilegeError::Caps;
     let keep: CapsHashSet = keep.iter().copied().collect();
     let permitted = caps::read(None, CapSet::Permitted).map_err(caps_err)?;
     let missing: Vec<Capability> = keep.difference(&permitted).copied().collect();
@@ -82,9 +88,10 @@ pub fn drop_to(uid: u32, keep: &[Capability]) -> Result<(), PrivilegeError> {
 fn prctl(option: libc::c_int, arg: u64) -> Result<(), PrivilegeError> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(option, arg, 0, 0, 0) } != 0 {
-        return Err(PrivilegeError::Caps(
-            std::io::Error::last_os_error().to_string(),
-        ));
+        return Err(PrivilegeError::Prctl {
+            option,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::{admin, cli::ProxyArgs, metrics::Metrics};
+use crate::{admin, metrics::Metrics};
 
 /// The runtime, built after the privilege drop so every thread starts with
 /// the reduced set. One worker (the default) is a current-thread runtime:
 /// no cross-thread wake-ups, the lowest CPU and tail latency per request.
-pub fn runtime(workers: u16) -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime(workers: u16) -> std::io::Result<tokio::runtime::Runtime> {
     match workers {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
@@ -22,18 +22,16 @@ pub fn runtime(workers: u16) -> anyhow::Result<tokio::runtime::Runtime> {
     }
     .enable_all()
     .build()
-    .context("starting the async runtime")
 }
 
-/// Binds `--admin-addr` (before attaching, while still privileged, so a
-/// low port works and a port in use is reported before anything else).
-pub fn bind_admin(args: &ProxyArgs) -> Result<std::net::TcpListener, admin::AdminBindError> {
-    std::net::TcpListener::bind(args.admin_addr)
+/// Binds the admin listener (before attaching, while still privileged, so
+/// a low port works and a port in use is reported before anything else).
+pub fn bind_admin(
+    addr: std::net::SocketAddr,
+) -> Result<std::net::TcpListener, admin::AdminBindError> {
+    std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|source| admin::AdminBindError {
-            addr: args.admin_addr,
-            source,
-        })
+        .map_err(|source| admin::AdminBindError { addr, source })
 }
 
 /// Serves the admin endpoints on the listener [`bind_admin`] made, on the

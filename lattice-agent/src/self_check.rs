@@ -183,8 +183,16 @@ pub enum SelfCheckError {
         got: String,
         want: &'static str,
     },
-    #[error("TLS crypto: {0}")]
-    Tls(String),
+    #[error("TLS crypto: TLS13_AES_128_GCM_SHA256 is not a TLS 1.3 suite")]
+    NotTls13,
+    #[error("TLS crypto: HKDF expand: output too long")]
+    HkdfLength,
+    #[error("TLS crypto: HKDF-SHA256 gave {got}, RFC 5869 says {want}")]
+    HkdfVector { got: String, want: &'static str },
+    #[error("TLS crypto: X25519")]
+    X25519(#[source] rustls::Error),
+    #[error("TLS crypto: X25519: {0}")]
+    X25519Agreement(&'static str),
     #[error("the embedded eBPF object does not parse")]
     EbpfParse(#[source] aya_obj::ParseError),
     #[error("the embedded eBPF object: program {name} is missing or not a {want} program")]
@@ -236,38 +244,36 @@ const HKDF_OKM: &str =
 /// The TLS provider the proxy uses upstream (rustls on ring).
 fn check_tls_crypto() -> Result<String, SelfCheckError> {
     let SupportedCipherSuite::Tls13(suite) = ring::cipher_suite::TLS13_AES_128_GCM_SHA256 else {
-        return Err(SelfCheckError::Tls(
-            "TLS13_AES_128_GCM_SHA256 is not a TLS 1.3 suite".into(),
-        ));
+        return Err(SelfCheckError::NotTls13);
     };
     let mut okm = [0u8; 42];
     suite
         .hkdf_provider
         .extract_from_secret(Some(&HKDF_SALT), &HKDF_IKM)
         .expand_slice(&[&HKDF_INFO], &mut okm)
-        .map_err(|_| SelfCheckError::Tls("HKDF expand: output too long".into()))?;
+        .map_err(|_| SelfCheckError::HkdfLength)?;
     if hex::encode(okm) != HKDF_OKM {
-        return Err(SelfCheckError::Tls(format!(
-            "HKDF-SHA256 gave {}, RFC 5869 says {HKDF_OKM}",
-            hex::encode(okm)
-        )));
+        return Err(SelfCheckError::HkdfVector {
+            got: hex::encode(okm),
+            want: HKDF_OKM,
+        });
     }
 
     let x25519 = ring::kx_group::X25519;
-    let tls = |e: rustls::Error| SelfCheckError::Tls(format!("X25519: {e}"));
+    let tls = SelfCheckError::X25519;
     let alice = x25519.start().map_err(tls)?;
     let bob = x25519.start().map_err(tls)?;
     let (alice_pub, bob_pub) = (alice.pub_key().to_vec(), bob.pub_key().to_vec());
     if alice_pub == bob_pub {
-        return Err(SelfCheckError::Tls(
-            "X25519: two key shares are equal (random source broken?)".into(),
+        return Err(SelfCheckError::X25519Agreement(
+            "two key shares are equal (random source broken?)",
         ));
     }
     let alice_secret = alice.complete(&bob_pub).map_err(tls)?;
     let bob_secret = bob.complete(&alice_pub).map_err(tls)?;
     if alice_secret.secret_bytes() != bob_secret.secret_bytes() {
-        return Err(SelfCheckError::Tls(
-            "X25519: the two sides derived different secrets".into(),
+        return Err(SelfCheckError::X25519Agreement(
+            "the two sides derived different secrets",
         ));
     }
     Ok("tls crypto: ok (HKDF-SHA256 RFC 5869 vector, X25519 agreement)".into())

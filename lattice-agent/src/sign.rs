@@ -14,14 +14,20 @@
 //! signature as `calculate_signature` computes it, HMAC-SHA256 of the
 //! string to sign, over a canonical request hashed as it is written (no
 //! intermediate request, header map or strings). [`sign`] hands the whole request to
-//! aws-sigv4's `http_request::sign`, which derives the key every time; the
-//! signer uses it for SigV4A, and the tests hold the two paths to the same
-//! output.
+//! aws-sigv4's `http_request::sign`, which derives the key every time, and
+//! the tests hold the two paths to the same output. Both sign the canonical
+//! path botocore computes, as the service does ([`normalized_path`]).
+//!
+//! SigV4A the same way: the signer derives the P-256 key as aws-sigv4's
+//! `v4a::generate_signing_key` does, once per credentials (it depends on
+//! the access key and secret only), and signs with ring, whose assembly
+//! P-256 is several times faster than aws-sigv4's. ECDSA signatures are
+//! randomised, so the tests compare SigV4A signatures by verifying them.
 
 use std::{
     borrow::Cow,
     fmt::Write as _,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -29,15 +35,22 @@ use aws_credential_types::Credentials;
 use aws_sigv4::{
     http_request::{
         PayloadChecksumKind, SignableBody, SignableRequest, SigningParams, SigningSettings,
+        UriPathNormalizationMode,
     },
     sign::{v4, v4a},
 };
 use aws_smithy_runtime_api::client::identity::Identity;
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::{HeaderName, HeaderValue};
+use p256::elliptic_curve::sec1::ToSec1Point as _;
+use ring::{
+    rand::SystemRandom,
+    signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair},
+};
 use sha2::{Digest as _, Sha256};
 
 use crate::query;
+pub use crate::uri_path::{canonical_path, normalized_path};
 
 /// Signing algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +100,30 @@ pub struct RequestToSign<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
-    #[error("signing parameters: {0}")]
-    Params(String),
+    #[error("canonical query")]
+    Query(#[source] crate::query::QueryError),
+    #[error("hex-encoding the {what}")]
+    Hex {
+        what: &'static str,
+        #[source]
+        source: hex::FromHexError,
+    },
+    #[error("signing time {secs_since_epoch:?} s since 1970 is not between 1970 and 9999")]
+    Time { secs_since_epoch: Option<u64> },
+    #[error("signing date {date:?} is not YYYYMMDD")]
+    Date { date: String },
+    #[error("the SigV4 signing key")]
+    HmacKey(#[source] hmac::digest::InvalidLength),
+    #[error("the SigV4A private key")]
+    V4aSecret(#[source] p256::elliptic_curve::Error),
+    #[error("the SigV4A key pair")]
+    V4aKeyPair(#[source] ring::error::KeyRejected),
+    #[error("ECDSA P-256 signing (SigV4A)")]
+    Ecdsa(#[source] ring::error::Unspecified),
+    #[error("the SigV4A signature ({len} bytes) is longer than a DER P-256 signature")]
+    SignatureTooLong { len: usize },
+    #[error("signing parameters")]
+    Params(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("signing: {0}")]
     Sign(#[from] aws_sigv4::http_request::SigningError),
     #[error("signature header {0} is not a valid header value")]
@@ -113,12 +148,14 @@ impl Signed {
     }
 }
 
-/// Signs requests for one [`SigningConfig`], keeping the SigV4 signing
-/// key of the credentials and day it last signed for, and the
+/// Signs requests for one [`SigningConfig`], keeping the signing key of
+/// the credentials (and, for SigV4, the day) it last signed for, and the
 /// `x-amz-date` of the second it last signed in.
 pub struct Signer {
     cfg: SigningConfig,
     cached: Mutex<Cached>,
+    /// ECDSA nonces (SigV4A).
+    rng: SystemRandom,
 }
 
 #[derive(Default)]
@@ -127,24 +164,32 @@ struct Cached {
     time: Option<CachedTime>,
 }
 
-/// A derived SigV4 signing key and what it was derived from. The session
+/// A derived signing key and what it was derived from. The session
 /// token's header value is kept with it so it is not copied per request.
 struct CachedKey {
     access_key_id: String,
     secret: String,
     token: Option<String>,
-    /// `YYYYMMDD`, the credential scope's date.
-    date: [u8; 8],
-    /// HMAC-SHA256 keyed with the signing key: each request clones it
-    /// instead of hashing the key's inner and outer pads again.
-    mac: Hmac<Sha256>,
+    /// `YYYYMMDD`, the credential scope's date the SigV4 key was derived
+    /// for; a SigV4A key depends on the access key and secret only.
+    date: Option<[u8; 8]>,
+    key: SigningKey,
     token_header: Option<HeaderValue>,
 }
 
-/// Where one request's SigV4 signature starts, from [`Signer::prepared`].
+#[derive(Clone)]
+enum SigningKey {
+    /// HMAC-SHA256 keyed with the day's SigV4 signing key: each request
+    /// clones it instead of hashing the key's inner and outer pads again.
+    V4(Hmac<Sha256>),
+    /// The SigV4A P-256 key pair, derived as aws-sigv4 derives it
+    /// (`v4a::generate_signing_key`), signed with by ring.
+    V4a(Arc<EcdsaKeyPair>),
+}
+
+/// Where one request's signature starts, from [`Signer::prepared`].
 struct Prepared {
-    /// HMAC keyed with the day's signing key.
-    mac: Hmac<Sha256>,
+    key: SigningKey,
     token_header: Option<HeaderValue>,
     amz_date: [u8; 16],
     amz_date_header: HeaderValue,
@@ -166,12 +211,16 @@ impl std::fmt::Debug for Signer {
 
 const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
 const V4_ALGORITHM: &str = "AWS4-HMAC-SHA256";
+const V4A_ALGORITHM: &str = "AWS4-ECDSA-P256-SHA256";
+/// SigV4A's region set: valid in every region.
+const REGION_SET: &str = "*";
 
 impl Signer {
     pub fn new(cfg: SigningConfig) -> Self {
         Self {
             cfg,
             cached: Mutex::new(Cached::default()),
+            rng: SystemRandom::new(),
         }
     }
 
@@ -179,27 +228,17 @@ impl Signer {
         &self.cfg
     }
 
-    /// Signs `req` with `creds` at `time`: the same headers as [`sign`].
+    /// Signs `req` with `creds` at `time`: the same headers as [`sign`]
+    /// (for SigV4A, a signature that verifies with the same key; ECDSA
+    /// signatures differ from one signing to the next).
     pub fn sign(
         &self,
         req: &RequestToSign<'_>,
         creds: &Credentials,
         time: SystemTime,
     ) -> Result<Signed, SignError> {
-        match self.cfg.algorithm {
-            Algorithm::SigV4 => self.sign_v4(req, creds, time),
-            Algorithm::SigV4a => sign(req, creds, &self.cfg, time),
-        }
-    }
-
-    fn sign_v4(
-        &self,
-        req: &RequestToSign<'_>,
-        creds: &Credentials,
-        time: SystemTime,
-    ) -> Result<Signed, SignError> {
         let Prepared {
-            mut mac,
+            key,
             token_header,
             amz_date,
             amz_date_header,
@@ -209,14 +248,18 @@ impl Signer {
             std::str::from_utf8(&amz_date).map_err(|_| SignError::HeaderValue("x-amz-date"))?;
         let date = &amz_date[..8];
         let token = creds.session_token();
+        let v4a = matches!(key, SigningKey::V4a(_));
         let payload = match req.payload {
             Payload::Unsigned => UNSIGNED_PAYLOAD,
             Payload::Sha256Hex(h) => h.as_str(),
         };
-        let signed_headers = if token.is_some() {
-            "host;x-amz-content-sha256;x-amz-date;x-amz-security-token"
-        } else {
-            "host;x-amz-content-sha256;x-amz-date"
+        let signed_headers = match (v4a, token.is_some()) {
+            (false, true) => "host;x-amz-content-sha256;x-amz-date;x-amz-security-token",
+            (false, false) => "host;x-amz-content-sha256;x-amz-date",
+            (true, true) => {
+                "host;x-amz-content-sha256;x-amz-date;x-amz-region-set;x-amz-security-token"
+            }
+            (true, false) => "host;x-amz-content-sha256;x-amz-date;x-amz-region-set",
         };
 
         // The canonical request, hashed as it is written.
@@ -227,8 +270,7 @@ impl Signer {
         creq.update(canonical_path(req.path).as_bytes());
         creq.update("\n");
         if let Some(q) = req.query.filter(|q| !q.is_empty()) {
-            let canonical =
-                query::canonical_query(q).map_err(|e| SignError::Params(format!("query: {e}")))?;
+            let canonical = query::canonical_query(q).map_err(SignError::Query)?;
             creq.update(canonical);
         }
         for part in [
@@ -242,6 +284,11 @@ impl Signer {
         ] {
             creq.update(part);
         }
+        if v4a {
+            for part in ["x-amz-region-set:", REGION_SET, "\n"] {
+                creq.update(part);
+            }
+        }
         if let Some(t) = token {
             // aws-sigv4 signs (and sends) the token exactly as given.
             for part in ["x-amz-security-token:", t, "\n"] {
@@ -252,35 +299,77 @@ impl Signer {
             creq.update(part);
         }
         let mut creq_hash = [0u8; 64];
-        hex::encode_to_slice(creq.finalize(), &mut creq_hash)
-            .map_err(|_| SignError::Params("canonical request hash".into()))?;
+        hex::encode_to_slice(creq.finalize(), &mut creq_hash).map_err(|source| SignError::Hex {
+            what: "canonical request hash",
+            source,
+        })?;
 
-        // The string to sign goes straight into the keyed HMAC, and the
-        // signature is hex on the stack: this runs for every request.
-        let scope = [
-            date,
-            "/",
-            &self.cfg.region,
-            "/",
-            &self.cfg.service,
-            "/aws4_request",
-        ];
-        for part in [V4_ALGORITHM, "\n", amz_date, "\n"]
-            .iter()
-            .chain(&scope)
-            .chain(&["\n"])
-        {
-            mac.update(part.as_bytes());
-        }
-        mac.update(&creq_hash);
-        let mut signature = [0u8; 64];
-        hex::encode_to_slice(mac.finalize().into_bytes(), &mut signature)
-            .map_err(|_| SignError::Params("signature".into()))?;
+        // SigV4A's scope has no region (the empty parts join to nothing).
+        let (algorithm, scope) = if v4a {
+            (
+                V4A_ALGORITHM,
+                [date, "/", &self.cfg.service, "/aws4_request", "", ""],
+            )
+        } else {
+            (
+                V4_ALGORITHM,
+                [
+                    date,
+                    "/",
+                    &self.cfg.region,
+                    "/",
+                    &self.cfg.service,
+                    "/aws4_request",
+                ],
+            )
+        };
+        let string_to_sign = [algorithm, "\n", amz_date, "\n"]
+            .into_iter()
+            .chain(scope)
+            .chain(["\n"]);
+        // Lowercase hex: 64 digits of HMAC-SHA256, at most 144 of a DER
+        // ECDSA P-256 signature.
+        let mut signature = [0u8; 144];
+        let signature_len = match key {
+            // The string to sign goes straight into the keyed HMAC, and
+            // the signature is hex on the stack: this runs for every
+            // request.
+            SigningKey::V4(mut mac) => {
+                for part in string_to_sign {
+                    mac.update(part.as_bytes());
+                }
+                mac.update(&creq_hash);
+                hex::encode_to_slice(mac.finalize().into_bytes(), &mut signature[..64]).map_err(
+                    |source| SignError::Hex {
+                        what: "signature",
+                        source,
+                    },
+                )?;
+                64
+            }
+            SigningKey::V4a(pair) => {
+                let mut message = Vec::with_capacity(160);
+                for part in string_to_sign {
+                    message.extend_from_slice(part.as_bytes());
+                }
+                message.extend_from_slice(&creq_hash);
+                let der = pair.sign(&self.rng, &message).map_err(SignError::Ecdsa)?;
+                let der = der.as_ref();
+                let out = signature
+                    .get_mut(..der.len() * 2)
+                    .ok_or(SignError::SignatureTooLong { len: der.len() })?;
+                hex::encode_to_slice(der, out).map_err(|source| SignError::Hex {
+                    what: "signature",
+                    source,
+                })?;
+                der.len() * 2
+            }
+        };
         // Lowercase hex digits: always UTF-8.
         let signature =
-            std::str::from_utf8(&signature).map_err(|_| SignError::Params("signature".into()))?;
+            std::str::from_utf8(&signature[..signature_len]).expect("hex digits are ASCII");
         let authorization = concat(&[
-            &[V4_ALGORITHM, " Credential=", creds.access_key_id(), "/"],
+            &[algorithm, " Credential=", creds.access_key_id(), "/"],
             &scope,
             &[
                 ", SignedHeaders=",
@@ -293,7 +382,7 @@ impl Signer {
             .map_err(|_| SignError::HeaderValue("authorization"))?;
         authorization.set_sensitive(true);
 
-        let mut headers = Vec::with_capacity(4);
+        let mut headers = Vec::with_capacity(5);
         headers.push((HeaderName::from_static("x-amz-date"), amz_date_header));
         headers.push((http::header::AUTHORIZATION, authorization));
         headers.push((
@@ -304,6 +393,12 @@ impl Signer {
                     .map_err(|_| SignError::HeaderValue("x-amz-content-sha256"))?,
             },
         ));
+        if v4a {
+            headers.push((
+                HeaderName::from_static("x-amz-region-set"),
+                HeaderValue::from_static(REGION_SET),
+            ));
+        }
         if let Some(t) = token_header {
             headers.push((HeaderName::from_static("x-amz-security-token"), t));
         }
@@ -315,7 +410,9 @@ impl Signer {
     fn prepared(&self, creds: &Credentials, time: SystemTime) -> Result<Prepared, SignError> {
         let unix_secs = time
             .duration_since(UNIX_EPOCH)
-            .map_err(|_| SignError::Params("signing time before 1970".into()))?
+            .map_err(|_| SignError::Time {
+                secs_since_epoch: None,
+            })?
             .as_secs();
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         let cached = &mut *cached;
@@ -335,7 +432,7 @@ impl Signer {
         let date = &now.text[..8];
         let key = match &cached.key {
             Some(c)
-                if c.date.as_slice() == date
+                if c.date.as_ref().is_none_or(|d| d.as_slice() == date)
                     && c.access_key_id == creds.access_key_id()
                     && c.secret == creds.secret_access_key()
                     && c.token.as_deref() == creds.session_token() =>
@@ -345,14 +442,15 @@ impl Signer {
             _ => cached.key.insert(self.derive(creds, date)?),
         };
         Ok(Prepared {
-            mac: key.mac.clone(),
+            key: key.key.clone(),
             token_header: key.token_header.clone(),
             amz_date: now.text,
             amz_date_header: now.header.clone(),
         })
     }
 
-    /// Derives the signing key for `creds` on `date` (`YYYYMMDD`).
+    /// Derives the signing key for `creds` (on `date`, `YYYYMMDD`, for
+    /// SigV4).
     fn derive(&self, creds: &Credentials, date: &[u8]) -> Result<CachedKey, SignError> {
         let token_header = creds
             .session_token()
@@ -363,27 +461,50 @@ impl Signer {
                 Ok::<_, SignError>(v)
             })
             .transpose()?;
-        let date_str =
-            std::str::from_utf8(date).map_err(|_| SignError::Params("signing date".into()))?;
-        let derived = v4::generate_signing_key(
-            creds.secret_access_key(),
-            // Any time of that day: the key depends on the date only.
-            parse_date(date_str)?,
-            &self.cfg.region,
-            &self.cfg.service,
-        );
-        let mac = Hmac::<Sha256>::new_from_slice(derived.as_ref())
-            .map_err(|_| SignError::Params("signing key".into()))?;
-        let mut day = [0u8; 8];
-        day.copy_from_slice(date);
+        let (key, date) = match self.cfg.algorithm {
+            Algorithm::SigV4 => {
+                let date_str = std::str::from_utf8(date).map_err(|_| SignError::Date {
+                    date: String::from_utf8_lossy(date).into_owned(),
+                })?;
+                let derived = v4::generate_signing_key(
+                    creds.secret_access_key(),
+                    // Any time of that day: the key depends on the date only.
+                    parse_date(date_str)?,
+                    &self.cfg.region,
+                    &self.cfg.service,
+                );
+                let mac =
+                    Hmac::<Sha256>::new_from_slice(derived.as_ref()).map_err(SignError::HmacKey)?;
+                let mut day = [0u8; 8];
+                day.copy_from_slice(date);
+                (SigningKey::V4(mac), Some(day))
+            }
+            Algorithm::SigV4a => (SigningKey::V4a(Arc::new(self.v4a_key_pair(creds)?)), None),
+        };
         Ok(CachedKey {
             access_key_id: creds.access_key_id().to_owned(),
             secret: creds.secret_access_key().to_owned(),
             token: creds.session_token().map(str::to_owned),
-            date: day,
-            mac,
+            date,
+            key,
             token_header,
         })
+    }
+
+    /// The SigV4A key pair of `creds`: the private scalar aws-sigv4
+    /// derives, and its public point (which ring wants alongside and
+    /// checks against it).
+    fn v4a_key_pair(&self, creds: &Credentials) -> Result<EcdsaKeyPair, SignError> {
+        let private = v4a::generate_signing_key(creds.access_key_id(), creds.secret_access_key());
+        let secret = p256::SecretKey::from_slice(private.as_ref()).map_err(SignError::V4aSecret)?;
+        let public = secret.public_key().to_sec1_point(false);
+        EcdsaKeyPair::from_private_key_and_public_key(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            private.as_ref(),
+            public.as_bytes(),
+            &self.rng,
+        )
+        .map_err(SignError::V4aKeyPair)
     }
 }
 
@@ -401,13 +522,19 @@ fn concat(parts: &[&[&str]]) -> String {
 fn amz_date(time: SystemTime) -> Result<[u8; 16], SignError> {
     let secs = time
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| SignError::Params("signing time before 1970".into()))?
+        .map_err(|_| SignError::Time {
+            secs_since_epoch: None,
+        })?
         .as_secs();
-    let days =
-        i64::try_from(secs / 86_400).map_err(|_| SignError::Params("signing time".into()))?;
+    let out_of_range = SignError::Time {
+        secs_since_epoch: Some(secs),
+    };
+    let days = i64::try_from(secs / 86_400).map_err(|_| SignError::Time {
+        secs_since_epoch: Some(secs),
+    })?;
     let (y, m, d) = civil_from_days(days);
     if !(0..=9999).contains(&y) {
-        return Err(SignError::Params("signing time beyond year 9999".into()));
+        return Err(out_of_range);
     }
     let rem = secs % 86_400;
     let mut out = *b"00000000T000000Z";
@@ -428,16 +555,17 @@ fn amz_date(time: SystemTime) -> Result<[u8; 16], SignError> {
 
 /// Midnight UTC of a `YYYYMMDD` date.
 fn parse_date(date: &str) -> Result<SystemTime, SignError> {
+    let bad = || SignError::Date {
+        date: date.to_owned(),
+    };
     if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(SignError::Params(format!("date {date:?}")));
+        return Err(bad());
     }
     let num = |r: std::ops::Range<usize>| -> Result<i64, SignError> {
-        date.get(r)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| SignError::Params(format!("date {date:?}")))
+        date.get(r).and_then(|s| s.parse().ok()).ok_or_else(bad)
     };
     let days = days_from_civil(num(0..4)?, num(4..6)? as u32, num(6..8)? as u32);
-    let secs = u64::try_from(days * 86_400).map_err(|_| SignError::Params("date".into()))?;
+    let secs = u64::try_from(days * 86_400).map_err(|_| bad())?;
     Ok(UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
@@ -496,6 +624,10 @@ pub fn sign(
     let identity: Identity = creds.clone().into();
     let mut settings = SigningSettings::default();
     settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+    // aws-sigv4 keeps a `/` where a last `.` or `..` segment was (`/a/.`
+    // is `/a/` to it, `/a` to botocore and the service): it gets the path
+    // already normalised, and only encodes it.
+    settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
     let params: SigningParams<'_> = match cfg.algorithm {
         Algorithm::SigV4 => v4::SigningParams::builder()
             .identity(&identity)
@@ -504,7 +636,7 @@ pub fn sign(
             .time(time)
             .settings(settings)
             .build()
-            .map_err(|e| SignError::Params(e.to_string()))?
+            .map_err(|e| SignError::Params(Box::new(e)))?
             .into(),
         Algorithm::SigV4a => v4a::SigningParams::builder()
             .identity(&identity)
@@ -513,12 +645,13 @@ pub fn sign(
             .time(time)
             .settings(settings)
             .build()
-            .map_err(|e| SignError::Params(e.to_string()))?
+            .map_err(|e| SignError::Params(Box::new(e)))?
             .into(),
     };
+    let path = normalized_path(req.path);
     let uri = match req.query {
-        Some(q) if !q.is_empty() => format!("{}?{q}", req.path),
-        _ => req.path.to_owned(),
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.into_owned(),
     };
     let body = match req.payload {
         Payload::Unsigned => SignableBody::UnsignedPayload,
@@ -539,55 +672,6 @@ pub fn sign(
         })
         .collect::<Result<Vec<_>, SignError>>()?;
     Ok(Signed { headers })
-}
-
-/// The canonical path: dot segments and empty segments removed, then every
-/// byte but unreserved ones and `/` percent-encoded again (a `%` of the wire
-/// form becomes `%25`).
-pub fn canonical_path(path: &str) -> Cow<'_, str> {
-    if is_canonical_path(path) {
-        return Cow::Borrowed(path);
-    }
-    let mut segments: Vec<&str> = Vec::new();
-    for seg in path.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            s => segments.push(s),
-        }
-    }
-    let mut normalized = String::with_capacity(path.len() + 1);
-    for s in &segments {
-        normalized.push('/');
-        normalized.push_str(s);
-    }
-    if normalized.is_empty() || (path.ends_with('/') && !segments.is_empty()) {
-        normalized.push('/');
-    }
-    let mut encoded = String::with_capacity(normalized.len());
-    query::encode_into(normalized.as_bytes(), true, &mut encoded);
-    Cow::Owned(encoded)
-}
-
-/// Whether `path` is its own canonical form (the usual case, checked
-/// without allocating): absolute, only unreserved bytes and `/`, and no
-/// empty, `.` or `..` segment (a trailing `/` is kept as is).
-fn is_canonical_path(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix('/') else {
-        return false;
-    };
-    if !path.bytes().all(|b| b == b'/' || query::is_unreserved(b)) {
-        return false;
-    }
-    if rest.is_empty() {
-        return true;
-    }
-    let segments = rest.strip_suffix('/').unwrap_or(rest);
-    segments
-        .split('/')
-        .all(|seg| !matches!(seg, "" | "." | ".."))
 }
 
 /// Canonical request and string-to-sign of a signed request, for
@@ -823,6 +907,13 @@ mod tests {
             "/a+b/@!$&'()*,;=",
             "//",
             "/..",
+            // A last `.` or `..` segment: no trailing `/` (botocore).
+            "/a/.",
+            "/a/b/..",
+            "/a/./b/.",
+            "/a%2Fb/..",
+            "/x//y/../",
+            "/.",
         ];
         let queries: Vec<Option<String>> = [
             None,
@@ -879,24 +970,124 @@ mod tests {
         assert_eq!(n, paths.len() * queries.len());
     }
 
+    /// Whether `signed` carries a SigV4A signature of `req` by `creds`:
+    /// checked with the public key of the private key aws-sigv4 derives
+    /// from them, over the string to sign of our (botocore's) canonical
+    /// request. ECDSA signatures are randomised: compared by verification.
+    fn sigv4a_verifies(req: &RequestToSign<'_>, signed: &Signed, creds: &Credentials) -> bool {
+        use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier as _};
+        let private = v4a::generate_signing_key(creds.access_key_id(), creds.secret_access_key());
+        let public = p256::SecretKey::from_slice(private.as_ref())
+            .unwrap()
+            .public_key();
+        let key = VerifyingKey::from(public);
+        let t = trace(req, signed).unwrap();
+        let der = hex::decode(signature(signed)).unwrap();
+        let sig = Signature::from_der(&der).unwrap();
+        key.verify(t.string_to_sign.as_bytes(), &sig).is_ok()
+    }
+
+    /// SigV4A signs the path botocore (and the service) canonicalises:
+    /// the signature verifies over that canonical request, whatever dot
+    /// and empty segments the path has.
     #[test]
-    fn signer_signs_sigv4a_through_aws_sigv4() {
-        let signer = Signer::new(SigningConfig {
+    fn sigv4a_signs_the_canonical_path_botocore_computes() {
+        let cfg = SigningConfig {
             algorithm: Algorithm::SigV4a,
             ..signing_config()
-        });
-        let req = RequestToSign {
-            method: "GET",
-            path: "/",
-            query: None,
-            host: "h.example",
-            payload: &Payload::Unsigned,
         };
-        let s = signer
-            .sign(&req, &credentials(None), signing_time())
-            .unwrap();
-        assert!(header(&s, "authorization").starts_with("AWS4-ECDSA-P256-SHA256 "));
-        assert_eq!(header(&s, "x-amz-region-set"), "*");
+        let creds = credentials(Some("TOKEN"));
+        for path in [
+            "/",
+            "/a/b",
+            "/a/.",
+            "/a/b/..",
+            "/a/./b/.",
+            "/..",
+            "/.",
+            "//",
+            "/x//y/../",
+            "/a/b/",
+        ] {
+            let req = RequestToSign {
+                method: "GET",
+                path,
+                query: None,
+                host: "h.example",
+                payload: &Payload::Unsigned,
+            };
+            let s = sign(&req, &creds, &cfg, signing_time()).unwrap();
+            assert!(sigv4a_verifies(&req, &s, &creds), "{path}");
+        }
+    }
+
+    /// The signer's own SigV4A gives aws-sigv4's headers, and a
+    /// signature that verifies with the key aws-sigv4 derives, for every
+    /// credential (the key cached per credentials follows each change),
+    /// path, query and time.
+    #[test]
+    fn signer_sigv4a_matches_aws_sigv4() {
+        let cfg = SigningConfig {
+            algorithm: Algorithm::SigV4a,
+            ..signing_config()
+        };
+        let signer = Signer::new(cfg.clone());
+        let creds = [
+            credentials(None),
+            credentials(Some("TOKEN+/=abc")),
+            Credentials::new("AKIDOTHER", "other/secret", None, None, "t"),
+            Credentials::new("AKIDOTHER", "other/secret/2", Some("T2".into()), None, "t"),
+        ];
+        let times = [
+            signing_time(),
+            UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_199),
+            UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_200),
+        ];
+        let queries = ["", "b=2&a=1", "x=a%20b&k=%2F&flag", "tag=z&tag=y&tag=x"];
+        let without_signature = |s: &Signed| -> Vec<(String, String)> {
+            headers(s)
+                .into_iter()
+                .map(|(n, v)| match v.split_once("Signature=") {
+                    Some((head, _)) => (n, head.to_owned()),
+                    None => (n, v),
+                })
+                .collect()
+        };
+        let mut n = 0;
+        for (i, path) in ["/", "/a/b", "/a/./b/..", "/p%2Fq//r/", "/caf%C3%A9"]
+            .iter()
+            .enumerate()
+        {
+            for (j, query) in queries.iter().enumerate() {
+                let c = &creds[(i + j) % creds.len()];
+                let time = times[(i + 2 * j) % times.len()];
+                let req = RequestToSign {
+                    method: ["GET", "POST"][j % 2],
+                    path,
+                    query: Some(query),
+                    host: "svc.on.aws",
+                    payload: &Payload::Unsigned,
+                };
+                let ours = signer.sign(&req, c, time).unwrap();
+                let theirs = sign(&req, c, &cfg, time).unwrap();
+                assert_eq!(
+                    without_signature(&ours),
+                    without_signature(&theirs),
+                    "{req:?}"
+                );
+                assert!(sigv4a_verifies(&req, &ours, c), "{req:?} with {c:?}");
+                assert!(sigv4a_verifies(&req, &theirs, c), "{req:?} with {c:?}");
+                // Another credential's key does not verify it.
+                let other = &creds[(i + j + 2) % creds.len()];
+                assert!(!sigv4a_verifies(&req, &ours, other), "{req:?}");
+                for (name, value) in &ours.headers {
+                    let secret = name == "authorization" || name == "x-amz-security-token";
+                    assert_eq!(value.is_sensitive(), secret, "{name}");
+                }
+                n += 1;
+            }
+        }
+        assert_eq!(n, 20);
     }
 
     #[test]
@@ -926,27 +1117,5 @@ mod tests {
         assert_eq!(trim_all("  a  b   c "), "a b c");
         assert_eq!(trim_all("a b"), "a b");
         assert!(matches!(trim_all(" x "), Cow::Borrowed("x")));
-    }
-
-    #[test]
-    fn canonical_paths() {
-        assert_eq!(canonical_path(""), "/");
-        assert_eq!(canonical_path("/"), "/");
-        assert_eq!(canonical_path("/a/./b/../c"), "/a/c");
-        assert_eq!(canonical_path("//a//b/"), "/a/b/");
-        assert_eq!(canonical_path("/a%20b"), "/a%2520b");
-        assert_eq!(canonical_path("/c:d@e"), "/c%3Ad%40e");
-        // Already canonical: borrowed as is.
-        for path in ["/", "/a/b", "/a/b/", "/.a/b..c/~x-y_z", "/index.json"] {
-            assert!(
-                matches!(canonical_path(path), Cow::Borrowed(p) if p == path),
-                "{path}"
-            );
-        }
-        assert_eq!(canonical_path("/a/."), "/a");
-        assert_eq!(canonical_path("/a/.."), "/");
-        assert_eq!(canonical_path("/a/../"), "/");
-        assert_eq!(canonical_path("a/b"), "/a/b");
-        assert_eq!(canonical_path("//"), "/");
     }
 }

@@ -4,23 +4,24 @@ use std::io::IsTerminal as _;
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::cli::{LogFormat, TelemetryArgs};
-
-#[derive(Debug, thiserror::Error)]
-#[error("--log {filter:?}")]
-pub struct LogFilterError {
-    filter: String,
-    #[source]
-    source: tracing_subscriber::filter::ParseError,
+/// Log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
-pub fn init(args: &TelemetryArgs) -> Result<(), LogFilterError> {
-    let filter = EnvFilter::try_new(&args.log).map_err(|source| LogFilterError {
-        filter: args.log.clone(),
-        source,
-    })?;
-    let registry = tracing_subscriber::registry().with(filter);
-    match args.log_format {
+/// Logging settings.
+#[derive(Debug)]
+pub struct TelemetryConfig {
+    pub filter: EnvFilter,
+    pub format: LogFormat,
+}
+
+/// Installs the global subscriber (once per process).
+pub fn init(cfg: TelemetryConfig) {
+    let registry = tracing_subscriber::registry().with(cfg.filter);
+    match cfg.format {
         LogFormat::Text => registry
             .with(
                 fmt::layer()
@@ -32,7 +33,6 @@ pub fn init(args: &TelemetryArgs) -> Result<(), LogFilterError> {
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .init(),
     }
-    Ok(())
 }
 
 /// Forwards the eBPF programs' log records until the runtime shuts down.

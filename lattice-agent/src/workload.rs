@@ -13,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     netns::SocketFactory,
-    proxy::{self, ProxyError, WorkloadProxy},
+    proxy::{self, WorkloadProxy},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("--proxy-port {port}: port already in use on {addr}")]
+    #[error("port {port} already in use on {addr}")]
     PortInUse { port: u16, addr: SocketAddr },
-    #[error("--proxy-port {port}: binding {addr}")]
+    #[error("binding port {port} on {addr}")]
     Bind {
         port: u16,
         addr: SocketAddr,
@@ -146,7 +146,7 @@ fn listener_socket(addr: &SocketAddr) -> io::Result<socket2::Socket> {
 /// A running workload proxy; [`Workload::stop`] drains it.
 pub struct Workload {
     shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ProxyError>>,
+    task: JoinHandle<()>,
     netns_cookie: u64,
 }
 
@@ -176,11 +176,11 @@ impl Workload {
 
     /// Stops accepting (the listeners close) and waits for in-flight
     /// requests, up to the proxy's `--drain-timeout`.
-    pub async fn stop(self) -> Result<(), ProxyError> {
+    pub async fn stop(self) {
         self.shutdown.cancel();
         match self.task.await {
-            Ok(r) => r,
-            Err(e) if e.is_cancelled() => Ok(()),
+            Ok(()) => {}
+            Err(e) if e.is_cancelled() => {}
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }

@@ -8,20 +8,22 @@
 //! the agent answers one JSON [`Reply`] line and closes.
 
 use std::{
-    io::{self, IoSlice, IoSliceMut, Read as _, Write as _},
+    io::{self, IoSlice, Write as _},
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
 };
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::frame;
 
 /// The agent's socket, in its run directory.
 pub const SOCKET_NAME: &str = "cni.sock";
 /// No message is longer (a request is a few hundred bytes).
-const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -66,6 +68,12 @@ pub fn send(
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
     let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+    if line.len() > MAX_LINE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "message longer than 64 KiB",
+        ));
+    }
     line.push(b'\n');
     let raw: Vec<RawFd> = fd.iter().map(AsRawFd::as_raw_fd).collect();
     let rights = [ControlMessage::ScmRights(&raw)];
@@ -82,62 +90,17 @@ pub fn send(
 }
 
 /// Receives one line and the descriptor sent with it, if any. The
-/// stream's read timeout bounds the wait.
+/// stream's read timeout bounds the wait; a line longer than 64 KiB, or
+/// more than one descriptor, is refused ([`frame`]).
 pub fn receive<T: DeserializeOwned>(stream: &UnixStream) -> io::Result<(T, Option<OwnedFd>)> {
-    let mut line = Vec::new();
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    let mut buf = [0u8; 4096];
-    // The descriptor comes with the first segment: read that with recvmsg,
-    // the rest (if the line was split) with read.
-    let first = {
-        let mut space = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        for cmsg in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // SAFETY: the kernel just installed these descriptors in
-                // this process: nothing else owns them.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        msg.bytes
-    };
-    line.extend_from_slice(&buf[..first]);
-    let mut eof = first == 0;
-    while !line.contains(&b'\n') && !eof {
-        if line.len() > MAX_LINE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "message longer than 64 KiB",
-            ));
-        }
-        let n = (&*stream).read(&mut buf)?;
-        eof = n == 0;
-        line.extend_from_slice(&buf[..n]);
-    }
-    let Some(end) = line.iter().position(|b| *b == b'\n') else {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed before a whole message",
-        ));
-    };
-    if fds.len() > 1 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "more than one descriptor sent",
-        ));
-    }
-    let message = serde_json::from_slice(&line[..end])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let (line, mut fds) = frame::read_frame(stream, &mut frame::Lines::new(MAX_LINE), 1)?;
+    let message = decode(&line)?;
     Ok((message, fds.pop()))
+}
+
+/// One message of the protocol from its line.
+pub fn decode<T: DeserializeOwned>(line: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]
@@ -203,5 +166,25 @@ mod tests {
         drop(plugin);
         let err = receive::<Request>(&agent).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_message_past_64_kib_is_refused() {
+        let (plugin, agent) = UnixStream::pair().unwrap();
+        let mut huge = request();
+        huge.netns = "n".repeat(MAX_LINE);
+        assert_eq!(
+            send(&plugin, &huge, None).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        // Written by hand: one line of 64 KiB and one byte.
+        let writer = std::thread::spawn(move || {
+            let _ = (&plugin).write_all(&vec![b'x'; MAX_LINE + 1]);
+            plugin
+        });
+        let err = receive::<Request>(&agent).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(err.to_string(), "message longer than 65536 bytes");
+        drop(writer.join().unwrap());
     }
 }

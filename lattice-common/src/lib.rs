@@ -53,8 +53,15 @@ pub struct Config {
     pub proxy_port: u16,
     /// `CONFIG_*` bits.
     pub flags: u16,
-    /// Connections made by this UID (initial user namespace) are never redirected.
+    /// With [`CONFIG_EXEMPT_UID`]: connects made by this UID (initial user
+    /// namespace) are never redirected.
     pub exempt_uid: u32,
+    /// Connects made by a task of these cgroups (v2 ids) are never
+    /// redirected; 0: none. The node agent's own container cgroup (it
+    /// holds every thread and process of the agent, and no pod can move a
+    /// process into it), then the one of the agent it replaced, which
+    /// still drains its connections during an update.
+    pub exempt_cgroups: [u64; 2],
 }
 
 /// [`Config::flags`]: redirect only connects made in a network namespace
@@ -63,9 +70,35 @@ pub struct Config {
 /// connect in the attached cgroup is redirected (`run`, `sidecar`).
 pub const CONFIG_GATE_BY_NETNS: u16 = 1;
 
+/// [`Config::flags`]: [`Config::exempt_uid`] is exempt (`run`, `sidecar`:
+/// the agent runs as that UID, the iptables setup's contract). Node mode
+/// leaves it out: there the UID is shared with processes in pods (101 is
+/// the default user of common images), and [`Config::exempt_cgroups`]
+/// exempts the agent instead.
+pub const CONFIG_EXEMPT_UID: u16 = 2;
+
 impl Config {
+    /// Whether a task of cgroup `id` is exempt.
+    pub const fn exempts_cgroup(&self, id: u64) -> bool {
+        id != 0 && (id == self.exempt_cgroups[0] || id == self.exempt_cgroups[1])
+    }
+
+    /// The exempt cgroups once the agent of cgroup `own` takes over from
+    /// the one this config names first: `own`, then that one (the older
+    /// is gone by then).
+    pub const fn with_agent_cgroup(mut self, own: u64) -> Self {
+        if self.exempt_cgroups[0] != own {
+            self.exempt_cgroups = [own, self.exempt_cgroups[0]];
+        }
+        self
+    }
+
     pub const fn gated_by_netns(&self) -> bool {
         self.flags & CONFIG_GATE_BY_NETNS != 0
+    }
+
+    pub const fn exempts_uid(&self) -> bool {
+        self.flags & CONFIG_EXEMPT_UID != 0
     }
 }
 
@@ -231,6 +264,29 @@ mod tests {
         assert_eq!(PeerKey::new(7, from_v6_socket), PeerKey::new(7, a));
     }
 
+    /// A new agent keeps the one it replaces exempt (it still drains) and
+    /// lets the one before go; an agent restarted in its own cgroup
+    /// changes nothing.
+    #[test]
+    fn exempt_cgroups_follow_agent_updates() {
+        let none = Config {
+            proxy_port: 15080,
+            flags: 0,
+            exempt_uid: 101,
+            exempt_cgroups: [0, 0],
+        };
+        assert!(!none.exempts_cgroup(0));
+        let a = none.with_agent_cgroup(7);
+        assert_eq!(a.exempt_cgroups, [7, 0]);
+        assert!(a.exempts_cgroup(7) && !a.exempts_cgroup(0));
+        let b = a.with_agent_cgroup(9);
+        assert_eq!(b.exempt_cgroups, [9, 7]);
+        assert_eq!(b.with_agent_cgroup(9), b);
+        let c = b.with_agent_cgroup(11);
+        assert_eq!(c.exempt_cgroups, [11, 9]);
+        assert!(!c.exempts_cgroup(7));
+    }
+
     #[test]
     fn socket_addr_round_trip() {
         let v4: core::net::SocketAddr = "169.254.171.33:80".parse().unwrap();
@@ -248,7 +304,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
-        assert_eq!(core::mem::size_of::<Config>(), 8);
+        assert_eq!(core::mem::size_of::<Config>(), 24);
         // netns (8) + addr (20) + explicit pad (4): no hidden tail padding.
         assert_eq!(core::mem::size_of::<PeerKey>(), 32);
         assert_eq!(core::mem::size_of::<PendingConnect>(), 32);

@@ -3,7 +3,8 @@
 //!
 //! Flow for one connection:
 //! 1. `connect4`/`connect6` (caller's context): destination in a configured
-//!    prefix, caller not the exempt UID, and (node mode) the caller's network
+//!    prefix, caller not exempt (the agent: by UID in `run`/`sidecar`, by
+//!    cgroup in node mode), and (node mode) the caller's network
 //!    namespace enrolled → store the original destination and the netns
 //!    under the socket cookie, rewrite the destination to loopback:proxy_port
 //!    (the loopback of the caller's own netns, where its proxy listens).
@@ -25,7 +26,10 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
@@ -108,8 +112,13 @@ fn active_config(ctx: &SockAddrContext) -> Option<(Config, u64)> {
         return None;
     }
     // Low 32 bits: UID in the initial user namespace.
-    let uid = bpf_get_current_uid_gid() as u32;
-    if uid == cfg.exempt_uid {
+    if cfg.exempts_uid() && bpf_get_current_uid_gid() as u32 == cfg.exempt_uid {
+        return None;
+    }
+    // The calling task's cgroup (all threads of a process share it): the
+    // node agent's upstream connects, made inside pods' namespaces.
+    // SAFETY: a helper without arguments, available to cgroup programs.
+    if cfg.exempt_cgroups[0] != 0 && cfg.exempts_cgroup(unsafe { bpf_get_current_cgroup_id() }) {
         return None;
     }
     if !cfg.gated_by_netns() {

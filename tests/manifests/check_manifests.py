@@ -11,8 +11,9 @@
             and stripped as in kyverno/pkg/engine/mutate/patch, then the
             kustomize strategic-merge filter Kyverno itself uses, run through
             `kubectl kustomize`) and asserts on the resulting pod specs.
-  node      Prints, as JSON, what deploy/node renders: the DaemonSet and the
-            ClusterRole, for tests/tests/manifests.rs to assert on.
+  node      Prints, as JSON, what deploy/node renders: the DaemonSet, the
+            ClusterRole, the Role and the NetworkPolicy, for
+            tests/tests/manifests.rs to assert on.
   container Prints, as JSON, the lattice-agent container and the pod's volumes
             as deploy/examples/app1-with-sidecar renders them, for
             tests/tests/sidecar_discovery.rs to start the agent exactly so.
@@ -446,21 +447,21 @@ def cmd_kyverno(args):
     print("ok: kyverno: StatefulSet/DaemonSet injected, sidecar before the app's init containers")
 
     # 5. Migration: a workload the old policy (iptables + aws-sigv4-proxy)
-    # injected, patched with deploy/migration/remove-seed-containers.yaml; the
+    # injected, patched with deploy/migration/remove-iptables-setup-containers.yaml; the
     # same update passes through the new policy.
-    seeded = copy.deepcopy(app)
-    pod_spec(seeded)["initContainers"] = [
+    with_iptables_setup = copy.deepcopy(app)
+    pod_spec(with_iptables_setup)["initContainers"] = [
         {"name": "iptables-init", "image": "public.ecr.aws/d2c6w7a3/iptables",
          "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
          "command": ["/bin/sh", "-c", "iptables -t nat -N EGRESS_PROXY"]}]
-    pod_spec(seeded)["containers"].append(
+    pod_spec(with_iptables_setup)["containers"].append(
         {"name": "sigv4proxy", "image": "public.ecr.aws/aws-observability/aws-sigv4-proxy:latest",
          "args": ["--name", "vpc-lattice-svcs"], "ports": [{"containerPort": 8080, "name": "proxy", "protocol": "TCP"}],
          "securityContext": {"runAsUser": 101}})
-    migrated = kyverno_mutate(args.kubectl, policy, kubectl_patch(args.kubectl, seeded, os.path.join(deploy, "migration", "remove-seed-containers.yaml")))
-    check(migrated == injected, "migration: patched seed workload differs from a fresh injection:\n"
+    migrated = kyverno_mutate(args.kubectl, policy, kubectl_patch(args.kubectl, with_iptables_setup, os.path.join(deploy, "migration", "remove-iptables-setup-containers.yaml")))
+    check(migrated == injected, "migration: patched workload of the iptables setup differs from a fresh injection:\n"
           + json.dumps(pod_spec(migrated), indent=1, sort_keys=True))
-    print("ok: migration: seed containers removed, lattice-agent injected in the same update")
+    print("ok: migration: the iptables setup's containers removed, lattice-agent injected in the same update")
 
     # 6. The mutated objects are valid Kubernetes objects.
     kubernetes_validate(args.validator, [injected], "kyverno-mutated examples/app1")
@@ -481,9 +482,11 @@ def cmd_node(args):
     daemonsets = find_docs(docs, "DaemonSet")
     roles = find_docs(docs, "ClusterRole")
     ns_roles = find_docs(docs, "Role")
-    check(len(daemonsets) == 1 and len(roles) == 1 and len(ns_roles) == 1,
-          "deploy/node: one DaemonSet, one ClusterRole, one Role")
+    policies = find_docs(docs, "NetworkPolicy")
+    check(len(daemonsets) == 1 and len(roles) == 1 and len(ns_roles) == 1 and len(policies) == 1,
+          "deploy/node: one DaemonSet, one ClusterRole, one Role, one NetworkPolicy")
     print(json.dumps({"daemonset": daemonsets[0], "clusterrole": roles[0], "role": ns_roles[0],
+                      "networkpolicy": policies[0],
                       "kinds": sorted(d["kind"] for d in docs)}))
 
 

@@ -1,32 +1,30 @@
 //! What the kernel says, via bpftool's JSON output: the agent's own
 //! account of what it attached is not evidence.
 
-use std::{path::Path, process::Command};
+use std::{
+    ffi::{OsStr, OsString},
+    path::Path,
+    process::Command,
+};
 
 use serde_json::Value;
 
-fn bpftool_json(args: &[&std::ffi::OsStr]) -> Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running bpftool (Debian package bpftool): {e}"));
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+use crate::{require_tool, spawn::run_ok};
+
+/// Runs bpftool with `args`; its stdout. Panics unless it exits 0.
+fn bpftool<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> String {
+    require_tool("bpftool", "bpftool");
+    run_ok(Command::new("bpftool").args(args))
+}
+
+fn bpftool_json(args: &[&OsStr]) -> Value {
+    let out = bpftool(std::iter::once(OsStr::new("-j")).chain(args.iter().copied()));
     // bpftool prints nothing at all (not `[]`) for some empty listings.
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+    if out.trim().is_empty() {
         return Value::Array(Vec::new());
     }
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool {args:?}: unparsable JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("bpftool {args:?}: unparsable JSON ({e}): {out}"))
 }
 
 /// `(attach_type, program name)` of every program attached directly to the
@@ -57,6 +55,24 @@ pub fn map_entries(pinned: &Path) -> usize {
     json.as_array()
         .unwrap_or_else(|| panic!("bpftool map dump: expected an array, got {json}"))
         .len()
+}
+
+/// Sets `key` to `value` (bytes, as the map's key and value types lay
+/// them out) in the map pinned at `pinned`: an entry someone else left.
+pub fn map_update(pinned: &Path, key: &[u8], value: &[u8]) {
+    let hex =
+        |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("0x{b:02x}")).collect() };
+    let mut args = vec![
+        "map".into(),
+        "update".into(),
+        "pinned".into(),
+        pinned.into(),
+    ];
+    args.push("key".into());
+    args.extend(hex(key).into_iter().map(OsString::from));
+    args.push("value".into());
+    args.extend(hex(value).into_iter().map(OsString::from));
+    bpftool(args);
 }
 
 /// `(program name, program id)` of every program attached directly to the

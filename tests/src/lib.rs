@@ -21,7 +21,8 @@
 //! - [`node_agent`]: running `lattice-agent node` on a [`node::Node`] with
 //!   the API stand-in, and pods' API objects as the EKS webhooks shape them;
 //! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
-//! - [`bpffs`]: a private bpffs mount for `--pin`.
+//! - [`bpffs`]: a private bpffs mount for `--pin`, and a mount namespace
+//!   whose `/sys/fs/bpf` is a bpffs or not (node mode's default pin);
 //! - [`orig_dst`]: `SO_ORIGINAL_DST`, as proxies written for iptables ask it;
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
 //!   a pod, and the demo credentials.

@@ -1,7 +1,7 @@
 //! The manifests under deploy/ as Kubernetes would get them: rendered with
 //! `kubectl kustomize` and read by tests/manifests/check_manifests.py.
 
-use std::{path::PathBuf, process::Command};
+use std::{ffi::OsStr, path::PathBuf, process::Command};
 
 use crate::{skip, venv, workspace};
 
@@ -43,20 +43,37 @@ pub fn manifest_tools(test: &str) -> Option<ManifestTools> {
     None
 }
 
+/// Runs `tests/manifests/check_manifests.py <command> --workspace <root>`
+/// with `args` after it; its stdout (also printed, for the test's log).
+/// Panics, with what the script said, unless it exits 0.
+pub fn check_manifests(tools: &ManifestTools, command: &str, args: &[&OsStr]) -> String {
+    let out = Command::new(&tools.python)
+        .arg(workspace().join("tests/manifests/check_manifests.py"))
+        .arg(command)
+        .arg("--workspace")
+        .arg(workspace())
+        .args(args)
+        .output()
+        .expect("run check_manifests.py");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{stdout}");
+    assert!(
+        out.status.success(),
+        "check_manifests.py {command} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// [`check_manifests`] for a command that answers in JSON.
+pub fn check_manifests_json(tools: &ManifestTools, command: &str) -> serde_json::Value {
+    let out = check_manifests(tools, command, &[]);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("check_manifests.py {command}: not JSON ({e}): {out}"))
+}
+
 /// The lattice-agent container (`container`) and the pod's volumes
 /// (`volumes`) as deploy/examples/app1-with-sidecar renders them.
 pub fn rendered_sidecar(tools: &ManifestTools) -> serde_json::Value {
-    let out = Command::new(&tools.python)
-        .arg(workspace().join("tests/manifests/check_manifests.py"))
-        .arg("container")
-        .arg("--workspace")
-        .arg(workspace())
-        .output()
-        .expect("run check_manifests.py");
-    assert!(
-        out.status.success(),
-        "check_manifests.py container: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON from check_manifests.py container")
+    check_manifests_json(tools, "container")
 }

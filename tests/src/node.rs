@@ -305,6 +305,12 @@ impl Node {
         &self.cni.conf_dir
     }
 
+    /// The node's network configuration list (in [`Node::cni_conf_dir`]):
+    /// the runtime's network, where the agent chains lattice-cni.
+    pub fn cni_conflist(&self) -> &Path {
+        &self.cni.conflist
+    }
+
     /// Adds an address on the node namespace's `lo`.
     pub fn add_lo_addr(&self, cidr: &str) {
         self.netns.add_lo_addr(cidr);
@@ -392,42 +398,8 @@ impl Node {
         let app_cgroup = cgroup.join(container_cgroup_name(spec.driver, &random_hex(32)));
         mkdir_mode(&app_cgroup, 0o755);
 
-        let netns = state.netns.insert(Netns::new_down(&unique_name()));
-        let netns_path = netns.path().to_owned();
-        if !spec.ipv6 {
-            // Before CNI: `default` covers eth0, which arrives later.
-            netns.exec(&[
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ]);
-        }
-
-        // Recorded before ADD: the CNI spec wants a DEL after a failed ADD.
-        // CNI_ARGS as containerd passes them for a Kubernetes sandbox.
-        let attachment = Attachment {
-            args: format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};\
-                 K8S_POD_INFRA_CONTAINER_ID={sandbox_id};K8S_POD_UID={uid}",
-                spec.namespace, spec.name,
-            ),
-            container_id: sandbox_id,
-            netns: netns_path.clone(),
-        };
-        state.attachment = Some(attachment.clone());
-        let result = self.cni.add(&attachment)?;
-        let ip = pod_ip(&result)
-            .ok_or_else(|| format!("no IPv4 address in the chain's result: {result}"))?;
-
-        let pause = state.pause.insert(
-            PodCommand::new("sleep", &netns_path, &pause_cgroup)
-                .arg("infinity")
-                .uid(PAUSE_UID)
-                .spawn(),
-        );
-        let pause_pid = pause.pid();
+        let (netns_path, ip, pause_pid) =
+            start_sandbox(&mut state, &spec, &uid, &sandbox_id, &pause_cgroup, None)?;
 
         let key = self.pods.next.fetch_add(1, Ordering::Relaxed);
         self.pods.pods.lock().unwrap().insert(key, state);
@@ -627,6 +599,39 @@ impl NodePod {
     }
 }
 
+impl NodePod {
+    /// The runtime recreates the pod's sandbox, as after its pause
+    /// container died: every process of the pod is killed, CNI DEL, the
+    /// network namespace deleted; then a new namespace, CNI ADD asking for
+    /// the pod's IP again (as with CNIs that keep a pod's address), and a
+    /// new pause process. The pod keeps its UID, cgroups, IP and kubelet
+    /// directory: only its network namespace is new.
+    pub fn recreate_sandbox(&mut self) {
+        let mut pods = self.pods.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let state = pods
+            .get_mut(&self.key)
+            .expect("the pod's node is still there");
+        cgroup::kill_tree(&self.cgroup, KILL_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+        drop(state.pause.take());
+        if let Some(attachment) = state.attachment.take() {
+            state.cni.del(&attachment);
+        }
+        drop(state.netns.take());
+        let (netns, ip, pause_pid) = start_sandbox(
+            state,
+            &self.spec,
+            &self.uid,
+            &random_hex(32),
+            &self.pause_cgroup,
+            Some(self.ip),
+        )
+        .unwrap_or_else(|e| panic!("recreating the sandbox of pod {}: {e}", self.uid));
+        assert_eq!(ip, self.ip, "host-local gave the pod another address");
+        self.netns = netns;
+        self.pause_pid = pause_pid;
+    }
+}
+
 impl Drop for NodePod {
     fn drop(&mut self) {
         let state = self
@@ -638,6 +643,62 @@ impl Drop for NodePod {
         // Outside the lock: teardown takes a while.
         drop(state);
     }
+}
+
+/// A pod sandbox as a CRI runtime starts it: a network namespace (its `lo`
+/// down), CNI ADD through the node's chain with `CNI_ARGS` as containerd
+/// passes them for a Kubernetes sandbox (plus `IP=`, which `host-local`
+/// honours, when `ip` asks for a given address), then the pause process.
+/// Everything is recorded in `state` as it is made, so a failure half way
+/// is cleaned up with the pod. Returns the namespace's path, the pod's IP
+/// and the pause process's PID.
+fn start_sandbox(
+    state: &mut PodState,
+    spec: &PodSpec,
+    uid: &str,
+    sandbox_id: &str,
+    pause_cgroup: &Path,
+    ip: Option<Ipv4Addr>,
+) -> Result<(PathBuf, Ipv4Addr, i32), String> {
+    let netns = state.netns.insert(Netns::new_down(&unique_name()));
+    let netns_path = netns.path().to_owned();
+    if !spec.ipv6 {
+        // Before CNI: `default` covers eth0, which arrives later.
+        netns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]);
+    }
+
+    // Recorded before ADD: the CNI spec wants a DEL after a failed ADD.
+    let mut args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};\
+         K8S_POD_INFRA_CONTAINER_ID={sandbox_id};K8S_POD_UID={uid}",
+        spec.namespace, spec.name,
+    );
+    if let Some(ip) = ip {
+        args.push_str(&format!(";IP={ip}"));
+    }
+    let attachment = Attachment {
+        args,
+        container_id: sandbox_id.to_owned(),
+        netns: netns_path.clone(),
+    };
+    state.attachment = Some(attachment.clone());
+    let result = state.cni.add(&attachment)?;
+    let ip = pod_ip(&result)
+        .ok_or_else(|| format!("no IPv4 address in the chain's result: {result}"))?;
+
+    let pause = state.pause.insert(
+        PodCommand::new("sleep", &netns_path, pause_cgroup)
+            .arg("infinity")
+            .uid(PAUSE_UID)
+            .spawn(),
+    );
+    Ok((netns_path, ip, pause.pid()))
 }
 
 /// [`NodePod::write_projected_files`] in the pod directory `kubelet_dir`
@@ -780,6 +841,8 @@ struct Cni {
     bin_dirs: Vec<PathBuf>,
     node_netns: PathBuf,
     conf_dir: PathBuf,
+    /// The node's network configuration list in `conf_dir`.
+    conflist: PathBuf,
     loopback_conf: Value,
 }
 
@@ -816,6 +879,7 @@ impl Cni {
             bin_dirs: vec![bin_dir, system_cni_bin_dir()],
             node_netns: PathBuf::from("/run/netns").join(node),
             conf_dir,
+            conflist: path,
             loopback_conf: json!({
                 "cniVersion": CNI_VERSION,
                 "name": "cni-loopback",

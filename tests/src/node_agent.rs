@@ -2,17 +2,20 @@
 //!
 //! A [`Cluster`] is a node plus the Kubernetes API stand-in, listening on
 //! the node's loopback (the agent reaches it as a DaemonSet pod reaches the
-//! API server). [`NodeAgent`] runs the real agent binary in the node's
-//! network namespace (outside every pod's cgroup), as root with a cleared
-//! environment: it must find every pod's identity in the pod, never in its
-//! own environment. [`PodObject`] builds the pod as the API shows it: the
+//! API server), and a bpffs of its own where its agents pin (as the
+//! DaemonSet's do on the node's). [`NodeAgent`] runs the real agent binary
+//! in the node's network namespace (outside every pod's cgroup unless
+//! placed in one, see [`Cluster::agent_container_cgroup`]), as root with a
+//! cleared environment: it must find every pod's identity in the pod,
+//! never in its own environment. [`PodObject`] builds the pod as the API shows it: the
 //! agent-inject annotation, and the environment and projected volumes the
 //! EKS IRSA and Pod Identity webhooks add.
 
 use std::{
-    ffi::OsStr,
+    ffi::{OsStr, OsString},
     fs,
-    path::PathBuf,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
     process::ExitStatus,
     time::{Duration, Instant},
 };
@@ -22,7 +25,9 @@ use serde_json::{Value, json};
 use crate::{
     agent::agent_bin,
     apiserver::ApiServer,
+    bpffs::Bpffs,
     node::{Node, NodePod},
+    random::{random_hex, random_uuid},
     spawn::{ChildGuard, Output, PodCommand, Stream},
 };
 
@@ -77,6 +82,54 @@ pub fn sts_url() -> String {
     format!("http://127.0.0.1:{MOTO_PORT}")
 }
 
+/// The Host the tests' requests to the VPC Lattice service carry.
+pub const LATTICE_HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
+/// The region test pods sign for.
+pub const REGION: &str = "us-west-2";
+
+/// An IAM role moto's STS lets a pod assume.
+pub fn role_arn(name: &str) -> String {
+    format!("arn:aws:iam::123456789012:role/{name}")
+}
+
+/// A web identity token as the kubelet projects it (moto does not check
+/// it); `n` tells pods' tokens apart.
+pub fn irsa_token(n: usize) -> String {
+    format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6{n}In0.c2ln")
+}
+
+/// `lattice-agent node` on `cluster` with `args`, its STS moto's.
+pub fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
+    NodeAgent::start(
+        cluster,
+        cluster.agent_command(args),
+        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
+    )
+}
+
+/// `pod` as the API shows it, annotated, with IRSA for service account
+/// `sa` (role `sa`, token `n`, [`REGION`]), applied; returns its object.
+pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
+    let obj = PodObject::new(pod, cluster.node.name())
+        .annotated()
+        .service_account(sa)
+        .irsa(pod, &role_arn(sa), REGION, &irsa_token(n));
+    cluster.apply(&obj);
+    obj
+}
+
+/// The app's GET of `path` on the VPC Lattice service, from `pod`.
+pub fn lattice_get(pod: &NodePod, path: &str) -> AppReply {
+    app_request(
+        pod,
+        &[
+            "-H",
+            &format!("Host: {LATTICE_HOST}"),
+            &format!("http://{}{path}", crate::node::LATTICE_V4),
+        ],
+    )
+}
+
 /// A node and the API stand-in, reachable on the node's loopback.
 pub struct Cluster {
     // Dropped first: the stand-in's listener lives in the node's netns.
@@ -85,6 +138,8 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     /// The agents' shared `--run-dir` (their control socket).
     run_dir: PathBuf,
+    /// The node's bpffs: agents pin under it (see [`Cluster::pin_dir`]).
+    bpffs: Bpffs,
 }
 
 impl Cluster {
@@ -106,11 +161,47 @@ impl Cluster {
             node,
             kubeconfig,
             run_dir,
+            bpffs: Bpffs::new(),
         }
     }
 
     pub fn kubeconfig(&self) -> &std::path::Path {
         &self.kubeconfig
+    }
+
+    /// The agents' `--run-dir`: their control socket and the CNI plugin's.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Where this node's agents pin their programs and maps (given as
+    /// `LATTICE_PIN`, see [`AgentPin::Cluster`]): `lattice-node` on the
+    /// cluster's bpffs, as the DaemonSet's `/sys/fs/bpf/lattice-node`.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs.path().join("lattice-node")
+    }
+
+    /// [`clean_env`] plus `LATTICE_PIN` = [`Cluster::pin_dir`]: what an
+    /// agent of this node starts with (pinned, as the DaemonSet's).
+    pub fn agent_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = clean_env();
+        env.push(("LATTICE_PIN", self.pin_dir().display().to_string()));
+        env
+    }
+
+    /// A new container cgroup in a pod cgroup of the kubelet's tree, as the
+    /// agent's DaemonSet pod has on a node (`kubepods-besteffort-pod<uid>
+    /// .slice/cri-containerd-<id>.scope`): an agent placed there (see
+    /// [`PodCommand::cgroup`]) makes its connects where the programs see
+    /// them, as on a node. Removed with the node.
+    pub fn agent_container_cgroup(&self) -> PathBuf {
+        let uid_ = random_uuid().replace('-', "_");
+        let path = self.node.cgroup_root().join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/cri-containerd-{}.scope",
+            random_hex(32)
+        ));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", path.display()));
+        path
     }
 
     /// `lattice-agent node` (the debug build next to the tests) for this
@@ -135,6 +226,22 @@ impl Cluster {
         S: AsRef<OsStr>,
     {
         self.node.command(binary).args(self.agent_args()).args(args)
+    }
+
+    /// [`Cluster::agent_command`] run through `prefix` (e.g.
+    /// [`crate::bpffs::MountNs::command_prefix`]): `prefix.. <agent> node ..`.
+    pub fn agent_command_via<I, S>(&self, prefix: &[OsString], args: I) -> PodCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let (program, rest) = prefix.split_first().expect("a command prefix");
+        self.node
+            .command(program)
+            .args(rest)
+            .arg(agent_bin())
+            .args(self.agent_args())
+            .args(args)
     }
 
     /// `node --node-name .. --kubeconfig .. --cgroup-root .. --kubelet-root
@@ -217,6 +324,39 @@ pub fn clean_env() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Where a test agent pins, unless its flags say (`--pin` wins over the
+/// environment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgentPin {
+    /// `LATTICE_PIN` = [`Cluster::pin_dir`]: pinned, as the DaemonSet's
+    /// agents are.
+    #[default]
+    Cluster,
+    /// No `LATTICE_PIN`: the agent's own default.
+    Default,
+}
+
+/// How [`NodeAgent::start_with`] starts an agent.
+#[derive(Debug, Clone)]
+pub struct AgentStart<'a> {
+    /// Set on top of [`clean_env`].
+    pub env: &'a [(&'a str, &'a str)],
+    pub pin: AgentPin,
+    /// The address `--admin-addr` binds (its port is picked per agent):
+    /// loopback by default, `0.0.0.0` as the DaemonSet binds it.
+    pub admin_ip: Ipv4Addr,
+}
+
+impl Default for AgentStart<'_> {
+    fn default() -> Self {
+        Self {
+            env: &[],
+            pin: AgentPin::default(),
+            admin_ip: Ipv4Addr::LOCALHOST,
+        }
+    }
+}
+
 /// A running node agent; dropping it kills it.
 pub struct NodeAgent {
     child: ChildGuard,
@@ -226,22 +366,70 @@ pub struct NodeAgent {
 
 impl NodeAgent {
     /// Starts the agent (`cmd` from [`Cluster::agent_command`]) with
-    /// [`clean_env`] plus `env`, and waits for its ready line.
+    /// [`clean_env`] plus `env`, pinned under [`Cluster::pin_dir`] unless
+    /// `cmd` says otherwise, and waits for its ready line.
     pub fn start(cluster: &Cluster, cmd: PodCommand, env: &[(&str, &str)]) -> Self {
-        let port = NEXT_ADMIN_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let admin = format!("127.0.0.1:{port}");
-        let mut command = cmd.args(["--admin-addr", &admin]).build();
-        command
-            .env_clear()
-            .envs(clean_env())
-            .envs(env.iter().copied());
-        let mut child = ChildGuard::spawn(command, "lattice-agent node".to_owned());
+        Self::start_with(
+            cluster,
+            cmd,
+            &AgentStart {
+                env,
+                ..AgentStart::default()
+            },
+        )
+    }
+
+    /// [`NodeAgent::start`] as `how` says.
+    pub fn start_with(cluster: &Cluster, cmd: PodCommand, how: &AgentStart<'_>) -> Self {
+        let (mut child, port) = Self::spawn(cluster, cmd, how);
         child.wait_for(Stream::Stderr, READY_LINE, Duration::from_secs(30));
         Self {
             child,
             node_netns: cluster.node.netns_path().to_owned(),
-            admin: format!("http://{admin}"),
+            admin: format!("http://127.0.0.1:{port}"),
         }
+    }
+
+    /// Runs an agent `how` says until it exits (one that must refuse to
+    /// start); panics if it is still running after `timeout`.
+    pub fn run_to_exit(
+        cluster: &Cluster,
+        cmd: PodCommand,
+        how: &AgentStart<'_>,
+        timeout: Duration,
+    ) -> Output {
+        let (mut child, _) = Self::spawn(cluster, cmd, how);
+        match child.wait_timeout(timeout) {
+            Some(status) => child.output(status),
+            None => panic!(
+                "the agent still runs after {timeout:?}:\n{}",
+                child.captured()
+            ),
+        }
+    }
+
+    /// The agent's process, and its admin port.
+    fn spawn(cluster: &Cluster, cmd: PodCommand, how: &AgentStart<'_>) -> (ChildGuard, u16) {
+        let port = NEXT_ADMIN_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let admin = format!("{}:{port}", how.admin_ip);
+        let mut command = cmd.args(["--admin-addr", &admin]).build();
+        command.env_clear().envs(match how.pin {
+            AgentPin::Cluster => cluster.agent_env(),
+            AgentPin::Default => clean_env(),
+        });
+        command.envs(how.env.iter().copied());
+        (
+            ChildGuard::spawn(command, "lattice-agent node".to_owned()),
+            port,
+        )
+    }
+
+    /// The admin port (on every address `--admin-addr` binds).
+    pub fn admin_port(&self) -> u16 {
+        self.admin
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("admin URL with a port")
     }
 
     pub fn pid(&self) -> i32 {
@@ -409,9 +597,14 @@ pub fn sequential_gets(pod: &NodePod, url: &str, n: usize) -> SequentialGets {
 /// The app's curl in `pod` (its netns and app container cgroup) as
 /// [`APP_UID`], plain HTTP, never a proxy.
 pub fn app_request(pod: &NodePod, args: &[&str]) -> AppReply {
+    app_request_as(pod, APP_UID, args)
+}
+
+/// [`app_request`] as `uid` (and the GID of the same number).
+pub fn app_request_as(pod: &NodePod, uid: u32, args: &[&str]) -> AppReply {
     let out = pod
         .command("curl")
-        .uid(APP_UID)
+        .uid(uid)
         .args(["-q", "-sS", "--noproxy", "*", "--max-time", "15", "-g"])
         .args(["-w", "\nSTATUS %{http_code}"])
         .args(args)
@@ -529,13 +722,27 @@ impl PodObject {
                 "AWS_WEB_IDENTITY_TOKEN_FILE",
                 &format!("{IRSA_TOKEN_DIR}/token"),
             );
-        self.mount(IRSA_VOLUME, IRSA_TOKEN_DIR, "sts.amazonaws.com", "token")
+        self.mount(
+            IRSA_VOLUME,
+            IRSA_TOKEN_DIR,
+            service_account_token("sts.amazonaws.com", "token"),
+        )
     }
 
     /// What the EKS Pod Identity webhook adds (endpoint at the Pod Identity
     /// Agent's address), with the token file written on the node.
-    pub fn pod_identity(mut self, pod: &NodePod, region: &str, token: &str) -> Self {
+    pub fn pod_identity(self, pod: &NodePod, region: &str, token: &str) -> Self {
         pod.write_projected(POD_IDENTITY_VOLUME, POD_IDENTITY_TOKEN_FILE, token);
+        self.pod_identity_from(
+            region,
+            service_account_token("pods.eks.amazonaws.com", POD_IDENTITY_TOKEN_FILE),
+        )
+    }
+
+    /// The Pod Identity webhook's environment, with a token volume projected
+    /// from `source` (a `serviceAccountToken`, or anything else a pod may
+    /// put there); the token file is the test's to write.
+    pub fn pod_identity_from(mut self, region: &str, source: Value) -> Self {
         self = self
             .env("AWS_REGION", region)
             .env(
@@ -546,15 +753,11 @@ impl PodObject {
                 "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
                 &format!("{POD_IDENTITY_TOKEN_DIR}/{POD_IDENTITY_TOKEN_FILE}"),
             );
-        self.mount(
-            POD_IDENTITY_VOLUME,
-            POD_IDENTITY_TOKEN_DIR,
-            "pods.eks.amazonaws.com",
-            POD_IDENTITY_TOKEN_FILE,
-        )
+        self.mount(POD_IDENTITY_VOLUME, POD_IDENTITY_TOKEN_DIR, source)
     }
 
-    fn mount(mut self, volume: &str, dir: &str, audience: &str, file: &str) -> Self {
+    /// Mounts `volume` at `dir`, projected from `source`.
+    fn mount(mut self, volume: &str, dir: &str, source: Value) -> Self {
         self.container()["volumeMounts"]
             .as_array_mut()
             .expect("volumeMounts array")
@@ -562,13 +765,17 @@ impl PodObject {
         self.json["spec"]["volumes"]
             .as_array_mut()
             .expect("volumes array")
-            .push(json!({"name": volume, "projected": {"sources": [
-                {"serviceAccountToken": {"audience": audience, "expirationSeconds": 86400, "path": file}}
-            ]}}));
+            .push(json!({"name": volume, "projected": {"sources": [source]}}));
         self
     }
 
     fn container(&mut self) -> &mut Value {
         &mut self.json["spec"]["containers"][0]
     }
+}
+
+/// A projected volume source: the pod's service-account token for
+/// `audience`, as the file `path`.
+pub fn service_account_token(audience: &str, path: &str) -> Value {
+    json!({"serviceAccountToken": {"audience": audience, "expirationSeconds": 86400, "path": path}})
 }

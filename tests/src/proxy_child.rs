@@ -8,8 +8,9 @@
 //!
 //! This module is both sides of that exchange: [`ProxyChild`] starts the
 //! child and reads its `READY` line; [`ChildConfig`], [`announce_ready`] and
-//! [`stop_at_end_of_input`] are what the entry uses. How the entry assembles
-//! the proxy is the test binary's own (it needs the agent's internals).
+//! [`stop_at_end_of_input`] are what the entry uses. The entry serves
+//! through the agent's own assembly entry (`app::build_proxy_only`); it
+//! lives in the test binary, since the kit does not depend on the agent.
 
 use std::{
     collections::HashMap,

@@ -57,9 +57,11 @@ impl PodCommand {
         self
     }
 
-    /// Join the cgroup directory `path`.
-    pub fn cgroup(mut self, path: &Path) -> Self {
-        self.cgroup = Some(path.to_owned());
+    /// Join the cgroup directory `path`, also instead of the one the
+    /// command was made for (e.g. a node agent placed in a pod's container
+    /// cgroup, as a DaemonSet runs).
+    pub fn cgroup(mut self, path: impl AsRef<Path>) -> Self {
+        self.cgroup = Some(path.as_ref().to_owned());
         self.in_cgroup = true;
         self
     }

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use lattice_tests::{
     Bpffs, ChildGuard, agent_bin,
+    bpffs::{MountNs, SysFsBpf},
     bpftool::attached_programs,
     node::{LATTICE_V4, NodePod, PodSpec},
-    node_agent::{Cluster, NodeAgent, PodObject, sts_url},
+    node_agent::{AgentPin, AgentStart, Cluster, NodeAgent, PodObject, sts_url},
     reliability::Record,
     require_root,
     spawn::Stream,
@@ -196,11 +197,14 @@ fn sidecar_killed_under_load_fails_closed_and_recovers() {
     assert!(count(&result, "ok") > 100, "{result}");
 }
 
-/// The node agent killed under load: its programs and maps are pinned, the
-/// pod's namespace stays enrolled, so while no agent runs the pod's
-/// connects are refused, never unsigned; the restarted agent takes the
-/// pins over (no second attachment), re-enrolls the pod from the API and
-/// serves again, without the pod restarting.
+/// The node agent killed under load, started as users start it, without
+/// `--pin`: node mode pins by default (at `/sys/fs/bpf/lattice-node`,
+/// created on the node's bpffs: here a bpffs mounted there in a mount
+/// namespace of the test's own), so its programs and maps stay, the pod's
+/// namespace stays enrolled, and while no agent runs the pod's connects
+/// are refused, never unsigned; the restarted agent takes the pins over
+/// (no second attachment), re-enrolls the pod from the API and serves
+/// again, without the pod restarting.
 #[test]
 fn node_agent_killed_under_load_fails_closed_and_recovers() {
     if !require_root("node_agent_killed_under_load_fails_closed_and_recovers") {
@@ -208,25 +212,37 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
     }
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
-    let bpffs = Bpffs::new();
-    let pin = bpffs.path().join("lattice-node");
-    let pin_arg = pin.to_str().unwrap().to_owned();
+    let mount_ns = MountNs::new(SysFsBpf::Bpffs);
     let pod = annotated_irsa_pod(&cluster, "node-0");
-    let start = || start_pinned_agent(&cluster, &agent_bin(), &pin_arg);
+    let sts = sts_url();
+    let env = [("AWS_ENDPOINT_URL_STS", sts.as_str())];
+    let start = || {
+        NodeAgent::start_with(
+            &cluster,
+            cluster.agent_command_via(&mount_ns.command_prefix(), [] as [&str; 0]),
+            &AgentStart {
+                env: &env,
+                pin: AgentPin::Default,
+                ..AgentStart::default()
+            },
+        )
+    };
     let mut agent = start();
     agent.wait_pod(pod.uid(), Some("enrolled"), Duration::from_secs(15));
     let kubepods = cluster.node.cgroup_root().join("kubepods.slice");
     let attached = attached_programs(&kubepods);
     assert_eq!(attached.len(), 4, "{attached:?}");
+    let pins = std::process::Command::new("nsenter")
+        .args(&mount_ns.command_prefix()[1..])
+        .args(["ls", "/sys/fs/bpf/lattice-node"])
+        .output()
+        .expect("list the default pin directory");
+    let pins = String::from_utf8_lossy(&pins.stdout).into_owned();
 
     let load = start_load(&pod, 8);
     std::thread::sleep(Duration::from_secs(2));
     agent.kill();
-    assert_eq!(
-        attached_programs(&kubepods),
-        attached,
-        "pinned programs stay"
-    );
+    let after_kill = attached_programs(&kubepods);
     std::thread::sleep(RESTART_DELAY);
     let restarted = monotonic_ns();
     let agent = start();
@@ -240,7 +256,7 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
     let recovered = result["recovered_ns"].as_u64().map(u128::from);
     let record = Record {
         id: "node-agent-sigkill",
-        fault: "node agent SIGKILL, restarted 1 s later (pinned)".into(),
+        fault: "node agent SIGKILL, restarted 1 s later (pinned by default)".into(),
         load: "1 app, new connection per request, back to back, 8 s".into(),
         attempted: count(&result, "ok") + count(&result, "failed") + count(&result, "refused"),
         failed: count(&result, "failed") + count(&result, "refused"),
@@ -255,6 +271,11 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
     assert_eq!(
         record.unsigned, 0,
         "unsigned requests reached the service: {result}"
+    );
+    assert_eq!(after_kill, attached, "pinned programs stay");
+    assert!(
+        pins.contains("link_lattice_connect4") && pins.contains("map_ENROLLED_NETNS"),
+        "nothing pinned at the default path: {pins:?}"
     );
     assert!(
         count(&result, "refused") > 0,

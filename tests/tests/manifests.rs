@@ -10,33 +10,26 @@
 //! `kubectl` (with kustomize) and the venv (`cargo xtask setup`); without
 //! them the tests are skipped loudly, and under CI=true they fail.
 
-use std::process::Command;
-
-use lattice_tests::{manifests::manifest_tools, sidecar::SIDECAR_CAPS, workspace};
+use lattice_tests::{
+    manifests::{self, manifest_tools},
+    sidecar::SIDECAR_CAPS,
+};
 
 fn check_manifests(test: &str, command: &str) {
     let Some(tools) = manifest_tools(test) else {
         return;
     };
-    let workspace = workspace();
     let caps: Vec<String> = SIDECAR_CAPS.iter().map(|c| c.to_uppercase()).collect();
-    let out = Command::new(&tools.python)
-        .arg(workspace.join("tests/manifests/check_manifests.py"))
-        .arg(command)
-        .arg("--workspace")
-        .arg(&workspace)
-        .arg("--validator")
-        .arg(&tools.validator)
-        .arg("--expected-caps")
-        .arg(caps.join(","))
-        .output()
-        .expect("run check_manifests.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stdout}");
-    assert!(
-        out.status.success(),
-        "check_manifests.py {command} failed:\n{stdout}\n{stderr}"
+    let caps = caps.join(",");
+    manifests::check_manifests(
+        &tools,
+        command,
+        &[
+            "--validator".as_ref(),
+            tools.validator.as_os_str(),
+            "--expected-caps".as_ref(),
+            caps.as_ref(),
+        ],
     );
 }
 
@@ -62,24 +55,16 @@ fn kyverno_policy_injects_the_native_sidecar_into_annotated_templates_only() {
 /// DaemonSets; a non-privileged container with the measured capabilities
 /// (the CNI plugin's included); the host's PID namespace and six hostPaths
 /// (two read-only); readiness on /readyz; every node; updates that surge
-/// a new agent beside the old one, never leaving the node without one.
+/// a new agent beside the old one, never leaving the node without one; the
+/// node's bpffs mounted where node mode pins by default; and a
+/// NetworkPolicy letting only the monitoring namespace reach the agent's
+/// pod, on its admin port.
 #[test]
 fn node_manifests_grant_exactly_the_measured_privileges() {
     let Some(tools) = manifest_tools("node_manifests_grant_exactly_the_measured_privileges") else {
         return;
     };
-    let out = Command::new(&tools.python)
-        .arg(workspace().join("tests/manifests/check_manifests.py"))
-        .args(["node", "--workspace"])
-        .arg(workspace())
-        .output()
-        .expect("run check_manifests.py node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let v = manifests::check_manifests_json(&tools, "node");
     assert_eq!(
         v["kinds"],
         serde_json::json!([
@@ -87,6 +72,7 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
             "ClusterRoleBinding",
             "DaemonSet",
             "Namespace",
+            "NetworkPolicy",
             "Role",
             "RoleBinding",
             "ServiceAccount"
@@ -198,6 +184,22 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
     };
     assert_eq!(value("LATTICE_CNI_CONF_DIR"), "/etc/cni/net.d");
     assert_eq!(value("LATTICE_CNI_BIN_DIR"), "/opt/cni/bin");
+    // Node mode pins at /sys/fs/bpf/lattice-node unless told otherwise:
+    // the bpffs hostPath below must be mounted there.
+    assert!(
+        env.iter()
+            .find(|e| e["name"] == "LATTICE_PIN")
+            .is_none_or(|e| e["value"] == "/sys/fs/bpf/lattice-node"),
+        "LATTICE_PIN elsewhere than the bpffs mount"
+    );
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == "/sys/fs/bpf" && m["readOnly"] != true),
+        "the node's bpffs is mounted where node mode pins"
+    );
     let run_dir = env
         .iter()
         .find(|e| e["name"] == "LATTICE_RUN_DIR")
@@ -251,5 +253,40 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
             ),
             ("/var/run/lattice".to_owned(), "None".to_owned(), false),
         ]
+    );
+
+    let policy = &v["networkpolicy"];
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        ds["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+            .as_str()
+            .map(|n| serde_json::json!({"app.kubernetes.io/name": n}))
+            .unwrap(),
+        "the NetworkPolicy selects the agent's pods"
+    );
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let ingress = policy["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 1, "{ingress:?}");
+    let admin_port = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["containerPort"] == 15090)
+        .expect("the admin port is declared");
+    assert_eq!(
+        ingress[0]["ports"],
+        serde_json::json!([{"port": admin_port["name"], "protocol": "TCP"}]),
+        "only the admin port"
+    );
+    let from = ingress[0]["from"].as_array().unwrap();
+    assert!(
+        !from.is_empty()
+            && from.iter().all(
+                |f| f["namespaceSelector"]["matchLabels"].is_object() && f["ipBlock"].is_null()
+            ),
+        "only pods of named namespaces may scrape: {from:?}"
     );
 }

@@ -20,10 +20,11 @@ use lattice_tests::{
     Bpffs,
     agent::release_agent_bin,
     bpftool::{attached_programs, map_entries},
-    node::{LATTICE_V4, NodePod, POD_IDENTITY_V4, PodSpec},
+    node::{LATTICE_V4, POD_IDENTITY_V4, PodSpec},
     node_agent::{
-        AppReply, Cluster, INJECT, NodeAgent, POD_IDENTITY_TOKEN_FILE, POD_IDENTITY_VOLUME,
-        PodObject, app_request, sequential_gets, sts_url,
+        AppReply, Cluster, INJECT, LATTICE_HOST, NodeAgent, POD_IDENTITY_TOKEN_FILE,
+        POD_IDENTITY_VOLUME, PodObject, REGION, app_request, apply_irsa_pod, irsa_token,
+        lattice_get, role_arn, sequential_gets, start_agent, sts_url,
     },
     reliability::Record,
     require_root, test_bin,
@@ -31,44 +32,10 @@ use lattice_tests::{
 };
 use serde_json::json;
 
-const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
-const REGION: &str = "us-west-2";
-
-/// A web identity token as the kubelet projects it (moto does not check it).
-fn token(n: usize) -> String {
-    format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6{n}In0.c2ln")
-}
-
-fn role(name: &str) -> String {
-    format!("arn:aws:iam::123456789012:role/{name}")
-}
-
-fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
-    let sts = sts_url();
-    NodeAgent::start(
-        cluster,
-        cluster.agent_command(args),
-        &[("AWS_ENDPOINT_URL_STS", &sts)],
-    )
-}
 
 fn url(path: &str) -> String {
     format!("http://{LATTICE_V4}{path}")
-}
-
-fn get(pod: &NodePod, path: &str) -> AppReply {
-    app_request(pod, &["-H", &format!("Host: {HOST}"), &url(path)])
-}
-
-/// An IRSA pod, annotated, applied; returns its API object.
-fn irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
-    let obj = PodObject::new(pod, cluster.node.name())
-        .annotated()
-        .service_account(sa)
-        .irsa(pod, &role(sa), REGION, &token(n));
-    cluster.apply(&obj);
-    obj
 }
 
 /// Two pods with different roles, 1,000 requests interleaved between them
@@ -84,13 +51,13 @@ fn pods_sign_with_their_own_identity_none_cross_signed() {
     let verifier = cluster.lattice_service(&[]);
     let a = cluster.node.add_pod(PodSpec::new("shop", "cart-0"));
     let b = cluster.node.add_pod(PodSpec::new("shop", "pay-0"));
-    irsa_pod(&cluster, &a, "cart", 1);
-    irsa_pod(&cluster, &b, "pay", 2);
+    apply_irsa_pod(&cluster, &a, "cart", 1);
+    apply_irsa_pod(&cluster, &b, "pay", 2);
     let agent = start_agent(&cluster, &[]);
     agent.wait_pod(a.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     agent.wait_pod(b.uid(), Some("enrolled"), ENROLL_TIMEOUT);
 
-    let host = format!("Host: {HOST}");
+    let host = format!("Host: {LATTICE_HOST}");
     let clients: Vec<_> = (0..5)
         .flat_map(|i| [(&a, i), (&b, i)])
         .map(|(pod, i)| {
@@ -118,8 +85,8 @@ fn pods_sign_with_their_own_identity_none_cross_signed() {
     let seen = verifier.wait_requests(1000, Duration::from_secs(30));
     assert_eq!(seen.len(), 1000);
     let pods: HashMap<String, String> = [
-        (a.ip().to_string(), role("cart")),
-        (b.ip().to_string(), role("pay")),
+        (a.ip().to_string(), role_arn("cart")),
+        (b.ip().to_string(), role_arn("pay")),
     ]
     .into();
     let mut per_pod: HashMap<&str, usize> = HashMap::new();
@@ -148,7 +115,7 @@ fn pods_sign_with_their_own_identity_none_cross_signed() {
         assert_eq!(row["namespace"], "shop");
         assert_eq!(row["name"], pod.name());
         assert_eq!(row["identity"], "irsa");
-        assert_eq!(row["role_arn"], role(sa));
+        assert_eq!(row["role_arn"], role_arn(sa));
         assert_eq!(row["service_account"], sa);
         assert_eq!(row["requests"], 500);
         assert_eq!(row["errors"], 0);
@@ -190,7 +157,7 @@ fn enrollment_follows_annotations_and_namespace_labels() {
     let p = cluster.node.add_pod(PodSpec::new("shop", "late-0"));
     let plain = PodObject::new(&p, cluster.node.name())
         .service_account("late")
-        .irsa(&p, &role("late"), REGION, &token(1));
+        .irsa(&p, &role_arn("late"), REGION, &irsa_token(1));
     cluster.apply(&plain);
     let agent = start_agent(&cluster, &[]);
     let attached = attached_programs(&cluster.node.cgroup_root().join("kubepods.slice"));
@@ -203,7 +170,7 @@ fn enrollment_follows_annotations_and_namespace_labels() {
             "{who}: {reply:?}"
         );
     };
-    unsigned(&get(&p, "/before"), "pod not annotated");
+    unsigned(&lattice_get(&p, "/before"), "pod not annotated");
     assert_eq!(agent.pod_row(p.uid()), None);
     let node_app = app_request_from_node(&cluster);
     unsigned(&node_app, "the node itself");
@@ -211,13 +178,13 @@ fn enrollment_follows_annotations_and_namespace_labels() {
     let started = Instant::now();
     cluster.apply(&plain.clone().annotated());
     agent.wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-    let r = get(&p, "/after");
+    let r = lattice_get(&p, "/after");
     assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
     eprintln!("annotated → first signed 200: {:?}", started.elapsed());
 
     cluster.apply(&plain.clone().without_annotation(INJECT));
     agent.wait_pod(p.uid(), None, ENROLL_TIMEOUT);
-    unsigned(&get(&p, "/unannotated"), "annotation removed");
+    unsigned(&lattice_get(&p, "/unannotated"), "annotation removed");
 
     // The namespace label, and a pod opting out of it.
     cluster.api.apply_namespace(json!({
@@ -228,13 +195,13 @@ fn enrollment_follows_annotations_and_namespace_labels() {
     cluster.apply(
         &PodObject::new(&q, cluster.node.name())
             .service_account("q")
-            .irsa(&q, &role("q"), REGION, &token(2)),
+            .irsa(&q, &role_arn("q"), REGION, &irsa_token(2)),
     );
     cluster.apply(&PodObject::new(&out, cluster.node.name()).annotation(INJECT, "false"));
     agent.wait_pod(q.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-    assert_eq!(get(&q, "/labeled").status, 200);
+    assert_eq!(lattice_get(&q, "/labeled").status, 200);
     unsigned(
-        &get(&out, "/opted-out"),
+        &lattice_get(&out, "/opted-out"),
         "pod opting out of its namespace's label",
     );
     assert_eq!(agent.pod_row(out.uid()), None);
@@ -259,7 +226,7 @@ fn enrollment_follows_annotations_and_namespace_labels() {
     // Deleting the pod lets it go.
     cluster.api.delete_pod("labeled", "q-0");
     agent.wait_pod(q.uid(), None, ENROLL_TIMEOUT);
-    unsigned(&get(&q, "/deleted"), "pod deleted from the API");
+    unsigned(&lattice_get(&q, "/deleted"), "pod deleted from the API");
     wait_event(&cluster, q.uid(), "Unenrolled");
 
     let signed_by_node = verifier
@@ -287,7 +254,11 @@ fn app_request_from_node(cluster: &Cluster) -> AppReply {
             "-w",
             "\nSTATUS %{http_code}",
         ])
-        .args(["-H", &format!("Host: {HOST}"), &url("/from-the-node")])
+        .args([
+            "-H",
+            &format!("Host: {LATTICE_HOST}"),
+            &url("/from-the-node"),
+        ])
         .run(Duration::from_secs(20));
     let (body, status) = out.stdout.rsplit_once("\nSTATUS ").expect("status");
     AppReply {
@@ -334,7 +305,7 @@ fn failed_enrollment_is_reported_and_retried() {
     let good = PodObject::new(&p, cluster.node.name())
         .annotated()
         .service_account("v4only")
-        .irsa(&p, &role("v4only"), REGION, &token(1));
+        .irsa(&p, &role_arn("v4only"), REGION, &irsa_token(1));
     let mut wrong = good.clone();
     wrong.json["status"]["podIP"] = "169.254.99.99".into();
     wrong.json["status"]["podIPs"] = json!([{"ip": "169.254.99.99"}]);
@@ -373,7 +344,7 @@ fn failed_enrollment_is_reported_and_retried() {
 
     cluster.apply(&good);
     agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(40));
-    let r = get(&p, "/v4-only");
+    let r = lattice_get(&p, "/v4-only");
     assert_eq!(r.status, 200, "{r:?}\n{}", agent.log());
 }
 
@@ -399,7 +370,7 @@ fn a_pod_without_identity_gets_503_naming_it() {
         .wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT)
         .unwrap();
     assert_eq!(row["identity"], "none");
-    let r = get(&p, "/x");
+    let r = lattice_get(&p, "/x");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(
         r.body.starts_with(
@@ -459,7 +430,7 @@ fn pod_identity_follows_token_rotation() {
         .wait_pod(p.uid(), Some("enrolled"), ENROLL_TIMEOUT)
         .unwrap();
     assert_eq!(row["identity"], "pod-identity");
-    assert_eq!(get(&p, "/first").status, 200);
+    assert_eq!(lattice_get(&p, "/first").status, 200);
     let before = verifier.issued().len();
     assert!(before >= 1);
 
@@ -473,7 +444,7 @@ fn pod_identity_follows_token_rotation() {
     let rotated = Instant::now();
     let mut failures = Vec::new();
     while rotated.elapsed() < Duration::from_secs(14) {
-        let r = get(&p, "/during");
+        let r = lattice_get(&p, "/during");
         if r.status != 200 {
             failures.push(r);
         }
@@ -517,9 +488,9 @@ fn hundred_pods_come_and_go_leaving_nothing() {
     let fds = |pid: i32| fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     // One pod first, to count the descriptors that stay (pools, runtime).
     let warm = cluster.node.add_pod(PodSpec::new("churn", "warm"));
-    let warm_obj = irsa_pod(&cluster, &warm, "warm", 0);
+    let warm_obj = apply_irsa_pod(&cluster, &warm, "warm", 0);
     agent.wait_pod(warm.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-    assert_eq!(get(&warm, "/warm").status, 200);
+    assert_eq!(lattice_get(&warm, "/warm").status, 200);
     let _ = warm_obj;
     cluster.api.delete_pod("churn", "warm");
     agent.wait_pod(warm.uid(), None, ENROLL_TIMEOUT);
@@ -531,9 +502,9 @@ fn hundred_pods_come_and_go_leaving_nothing() {
         let pod = cluster
             .node
             .add_pod(PodSpec::new("churn", &format!("p{i}")));
-        irsa_pod(&cluster, &pod, &format!("sa{}", i % 7), i + 10);
+        apply_irsa_pod(&cluster, &pod, &format!("sa{}", i % 7), i + 10);
         agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
-        let r = get(&pod, "/once");
+        let r = lattice_get(&pod, "/once");
         assert_eq!(r.status, 200, "cycle {i}: {r:?}\n{}", agent.log());
         cluster.api.delete_pod("churn", pod.name());
         agent.wait_pod(pod.uid(), None, ENROLL_TIMEOUT);
@@ -605,8 +576,8 @@ fn a_flooding_pod_does_not_starve_another() {
     }
     let flooder = cluster.node.add_pod(PodSpec::new("shop", "flood-0"));
     let victim = cluster.node.add_pod(PodSpec::new("shop", "quiet-0"));
-    irsa_pod(&cluster, &flooder, "flood", 1);
-    irsa_pod(&cluster, &victim, "quiet", 2);
+    apply_irsa_pod(&cluster, &flooder, "flood", 1);
+    apply_irsa_pod(&cluster, &victim, "quiet", 2);
     let sts = sts_url();
     let agent = NodeAgent::start(
         &cluster,
@@ -700,7 +671,7 @@ fn expired_watch_relists_and_misses_nothing() {
     let p = cluster.node.add_pod(PodSpec::new("shop", "gap-0"));
     let plain = PodObject::new(&p, cluster.node.name())
         .service_account("gap")
-        .irsa(&p, &role("gap"), REGION, &token(1));
+        .irsa(&p, &role_arn("gap"), REGION, &irsa_token(1));
     cluster.apply(&plain);
     let agent = start_agent(&cluster, &[]);
     let lists_before = list_requests(&cluster);
@@ -717,7 +688,7 @@ fn expired_watch_relists_and_misses_nothing() {
     cluster.api.compact();
     drop(hold);
     agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(30));
-    assert_eq!(get(&p, "/after-gap").status, 200);
+    assert_eq!(lattice_get(&p, "/after-gap").status, 200);
     assert!(
         list_requests(&cluster) > lists_before,
         "no re-list after 410: {:?}",

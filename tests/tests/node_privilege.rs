@@ -166,7 +166,7 @@ fn without_any_one_capability_the_start_fails() {
             .filter(|c| *c != missing)
             .collect();
         let mut cmd = agent_with(&cluster, &set).build();
-        cmd.env_clear().envs(lattice_tests::node_agent::clean_env());
+        cmd.env_clear().envs(cluster.agent_env());
         let mut child = lattice_tests::ChildGuard::spawn(cmd, format!("agent without {missing}"));
         let status = child
             .wait_timeout(Duration::from_secs(30))
@@ -286,10 +286,7 @@ fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
         assert_eq!(status_field(&status, "CapEff"), mask(&kept), "{status}");
         assert_eq!(status_field(&status, "CapPrm"), mask(&kept), "{status}");
     }
-    let conflist = cluster
-        .node
-        .cni_conf_dir()
-        .join(format!("10-{}.conflist", cluster.node.name()));
+    let conflist = cluster.node.cni_conflist().to_owned();
     let chained = || {
         std::fs::read_to_string(&conflist)
             .unwrap()
@@ -320,7 +317,7 @@ fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
     for missing in NODE_CNI_CAPS {
         let set: Vec<&str> = start.iter().copied().filter(|c| *c != missing).collect();
         let mut cmd = with_cni(&set).build();
-        cmd.env_clear().envs(lattice_tests::node_agent::clean_env());
+        cmd.env_clear().envs(cluster.agent_env());
         let mut child = lattice_tests::ChildGuard::spawn(cmd, format!("agent without {missing}"));
         let status = child
             .wait_timeout(Duration::from_secs(30))

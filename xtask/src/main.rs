@@ -6,6 +6,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod image;
 mod reliability;
 mod setup;
@@ -29,7 +30,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Make this machine ready to build and test: nightly rust-src,
-    /// bpf-linker, cargo-auditable, Debian packages, the Python test venv.
+    /// bpf-linker, cargo-auditable, cargo-fuzz, Debian packages, the Python
+    /// test venv.
     Setup,
     /// Build only the eBPF object and print its path.
     BuildEbpf {
@@ -37,7 +39,8 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test: cargo fmt --check, clippy -D warnings, cargo test.
+    /// Run every test: cargo fmt --check, clippy -D warnings, cargo test,
+    /// a short run of every fuzz target.
     Test {
         /// Passed to `cargo test` after its own arguments, e.g. a test name
         /// filter, or `-- --nocapture`.
@@ -46,6 +49,13 @@ enum Task {
     },
     /// Run the end-to-end demo on this machine.
     Demo,
+    /// Run every fuzz target (fuzz/, cargo-fuzz on nightly) for a while,
+    /// after replaying the failing inputs kept in fuzz/regressions/.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        time: u64,
+    },
     /// Build the lattice-agent OCI image (the agent and the CNI plugin; an
     /// index of amd64 and arm64 images) into
     /// <target>/image/lattice-agent.oci.tar.
@@ -114,6 +124,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { args } => test::run(&ws, &ready, xtask_build, setup, &args),
         Task::Demo => demo::run(&ws, &ready),
+        Task::Fuzz { time } => fuzz::run(&ws, &ready, time),
         Task::Image { arch, profile } => {
             image::build_image(&ws.root, &ws.target_dir, &arch.arches(), &profile)?;
             Ok(())

@@ -33,7 +33,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     "qemu-user-static",
-    // `cargo xtask bench`: the seed's NAT rules as a baseline; the chart's font
+    // `cargo xtask bench`: the iptables setup's NAT rules as a baseline; the chart's font
     "iptables",
     "fonts-dejavu-core",
     // the node fixture's pod network: CNI bridge, host-local, loopback
@@ -74,6 +74,7 @@ pub fn run(ws: &Workspace) -> Result<Ready> {
     changed |= nightly_rust_src()?;
     changed |= bpf_linker(ws)?;
     changed |= cargo_auditable(ws)?;
+    changed |= cargo_fuzz(ws)?;
     let venv = ws.target_dir.join("venv");
     changed |= python_venv(&ws.root.join(REQUIREMENTS), &venv)?;
     if changed {
@@ -296,32 +297,50 @@ fn build_bpf_linker(cache: &Path, libllvm: &Path, major: u32) -> Result<()> {
 /// with; pinned, so every machine writes the same format.
 const CARGO_AUDITABLE: &str = "0.7.7";
 
-/// Makes sure `$CARGO_HOME/bin/cargo-auditable` is [`CARGO_AUDITABLE`],
-/// built once into `$CARGO_HOME/lattice-tools/cargo-auditable-<version>/`;
+/// Makes sure `$CARGO_HOME/bin/cargo-auditable` is [`CARGO_AUDITABLE`];
 /// true if it built or relinked it.
 fn cargo_auditable(ws: &Workspace) -> Result<bool> {
+    cargo_tool(ws, "cargo-auditable", CARGO_AUDITABLE, "about a minute")
+}
+
+// -------------------------------------------------------------- cargo-fuzz
+
+/// The cargo-fuzz release `cargo xtask fuzz` drives; pinned like
+/// cargo-auditable.
+const CARGO_FUZZ: &str = "0.13.2";
+
+/// Makes sure `$CARGO_HOME/bin/cargo-fuzz` is [`CARGO_FUZZ`]; true if it
+/// built or relinked it.
+fn cargo_fuzz(ws: &Workspace) -> Result<bool> {
+    cargo_tool(ws, "cargo-fuzz", CARGO_FUZZ, "about two minutes")
+}
+
+/// Makes sure `$CARGO_HOME/bin/<name>` is that crate's `version`, built
+/// once into `$CARGO_HOME/lattice-tools/<name>-<version>/`; true if it
+/// built or relinked it.
+fn cargo_tool(ws: &Workspace, name: &str, version: &str, takes: &str) -> Result<bool> {
     let cache = ws
         .cargo_home
         .join("lattice-tools")
-        .join(format!("cargo-auditable-{CARGO_AUDITABLE}"));
-    let built = cache.join("bin/cargo-auditable");
+        .join(format!("{name}-{version}"));
+    let built = cache.join("bin").join(name);
     // cargo install writes the binary last: present means complete.
     let fresh = built.is_file();
     if !fresh {
-        eprintln!("setup: building cargo-auditable {CARGO_AUDITABLE} (about a minute)");
+        eprintln!("setup: building {name} {version} ({takes})");
         let mut install = Command::new("cargo");
         // From the cache dir, as for bpf-linker: the workspace's settings
         // must not apply to a tool install.
         fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
         cmd::without_cargo_env(&mut install)
             .current_dir(&cache)
-            .args(["install", "cargo-auditable", "--locked", "--force"])
-            .args(["--version", &format!("={CARGO_AUDITABLE}")])
+            .args(["install", name, "--locked", "--force"])
+            .args(["--version", &format!("={version}")])
             .arg("--root")
             .arg(&cache);
         cmd::run(&mut install)?;
     }
-    let relinked = link(&built, &ws.cargo_home.join("bin/cargo-auditable"))?;
+    let relinked = link(&built, &ws.cargo_home.join("bin").join(name))?;
     Ok(!fresh || relinked)
 }
 

@@ -20,7 +20,7 @@ use lattice_tests::IMAGE_TEST_PROFILE;
 use nix::sys::resource::{UsageWho, getrusage};
 
 use crate::{
-    Workspace, cmd,
+    Workspace, cmd, fuzz,
     image::{self, Arch},
     reliability,
     setup::Ready,
@@ -44,6 +44,9 @@ enum Work {
     /// xtask image --profile quick-release`): the image tests check them,
     /// and the timed node-mode tests run the image's static agent.
     Image,
+    /// Every fuzz target for a few seconds, after replaying the inputs
+    /// kept in fuzz/regressions/ (`cargo xtask fuzz`).
+    Fuzz,
 }
 
 /// Runs every step; `xtask_build` and `setup` are what came before (see
@@ -138,12 +141,16 @@ fn steps(test_args: &[String]) -> Vec<Step> {
             name: "test xtask",
             work: Work::Cargo(test_xtask),
         },
+        Step {
+            name: "fuzz",
+            work: Work::Fuzz,
+        },
     ]
 }
 
 /// One step: a cargo invocation from the workspace root, with bpf-linker
 /// on PATH (lattice-agent's build.rs needs it) and the venv for the test
-/// servers; or the image build.
+/// servers; or the image build; or the fuzz targets.
 fn run_step(ws: &Workspace, ready: &Ready, step: &Step) -> Result<()> {
     match &step.work {
         Work::Cargo(args) => {
@@ -157,6 +164,7 @@ fn run_step(ws: &Workspace, ready: &Ready, step: &Step) -> Result<()> {
         Work::Image => {
             image::build_image(&ws.root, &ws.target_dir, &Arch::ALL, IMAGE_TEST_PROFILE).map(drop)
         }
+        Work::Fuzz => fuzz::run(ws, ready, fuzz::TEST_SECONDS),
     }
 }
 

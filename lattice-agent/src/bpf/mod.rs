@@ -3,6 +3,7 @@
 
 mod checks;
 mod orig_dst_map;
+mod own_cgroup;
 mod raw_link;
 
 use std::{
@@ -20,8 +21,9 @@ use aya::{
     },
 };
 use ipnet::{Ipv4Net, Ipv6Net};
-use lattice_common::{CONFIG_GATE_BY_NETNS, Config, names};
+use lattice_common::{CONFIG_EXEMPT_UID, CONFIG_GATE_BY_NETNS, Config, names};
 pub use orig_dst_map::{NetnsOrigDst, OrigDstMap};
+pub use own_cgroup::own_cgroup_id;
 
 /// The eBPF object built by build.rs from the lattice-ebpf crate.
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -75,6 +77,27 @@ pub enum BpfError {
     Pin { path: PathBuf, detail: String },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("the table of enrolled network namespaces is full: it holds {capacity} (--max-pods)")]
+    GateFull { capacity: u32 },
+    #[error("finding this agent's own cgroup under --cgroup-root {}", root.display())]
+    OwnCgroup {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the programs tell the agent's own connects (never redirected) from
+/// the workloads'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentExemption {
+    /// By `exempt_uid` (`run`, `sidecar`), as the iptables setup did: any
+    /// other process of that UID in the cgroup passes too.
+    Uid,
+    /// By the agent's own cgroup (node mode; see [`own_cgroup_id`]). None:
+    /// the agent runs outside the tree the programs attach to, where its
+    /// connects are not seen at all.
+    Cgroup(Option<u64>),
 }
 
 /// What to intercept and where to send it.
@@ -84,7 +107,9 @@ pub struct InterceptConfig {
     pub v4_prefixes: Vec<Ipv4Net>,
     pub v6_prefixes: Vec<Ipv6Net>,
     pub proxy_port: u16,
+    /// The UID the agent runs as once attached.
     pub exempt_uid: u32,
+    pub exempt: AgentExemption,
     pub pin: Option<PathBuf>,
     /// Attach held by the cgroup rather than by the agent's process (when
     /// not pinned): the programs stay when the agent exits or crashes, so
@@ -94,6 +119,10 @@ pub struct InterceptConfig {
     /// Redirect only connects from enrolled network namespaces (node mode,
     /// see [`NetnsGate`]); otherwise every connect in the cgroup.
     pub gate_by_netns: bool,
+    /// Network namespaces the gate holds at most (node mode's
+    /// `--max-pods`): its map's size, set when the map is created (a
+    /// pinned map keeps the size it was created with).
+    pub gate_capacity: u32,
 }
 
 /// The attached interceptor. Dropping it detaches the programs, unless they
@@ -108,6 +137,12 @@ pub struct Interceptor {
     orig_dst: std::sync::Arc<OrigDstMap>,
     gate: Option<NetnsGate>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Checks that `dir` can hold pins: a directory on a bpf filesystem,
+/// created when missing and its parent is one.
+pub fn check_pin_dir(dir: &Path) -> Result<(), BpfError> {
+    checks::bpffs_dir(dir)
 }
 
 impl Interceptor {
@@ -143,13 +178,14 @@ impl Interceptor {
             source,
         })?;
         let gate = match cfg.gate_by_netns {
-            true => Some(NetnsGate::new(&mut ebpf)?),
+            true => Some(NetnsGate::new(&mut ebpf, cfg.gate_capacity)?),
             false => None,
         };
         tracing::info!(
             cgroup = %cfg.cgroup.display(),
             proxy_port = cfg.proxy_port,
             exempt_uid = cfg.exempt_uid,
+            exempt = ?cfg.exempt,
             v4 = ?cfg.v4_prefixes,
             v6 = ?cfg.v6_prefixes,
             pinned = ?cfg.pin,
@@ -217,6 +253,7 @@ fn load(cfg: &InterceptConfig) -> Result<Ebpf, BpfError> {
         // Reuses the map pinned there by an earlier agent, or creates and pins it.
         loader.map_pin_path(name, path.as_path());
     }
+    loader.map_max_entries(names::ENROLLED_NETNS, cfg.gate_capacity);
     // Debug lines cost a ring-buffer write per connection: only emit them
     // from the kernel when someone will read them.
     let level: u8 = if tracing::enabled!(target: "lattice_ebpf", tracing::Level::DEBUG) {
@@ -245,21 +282,29 @@ fn write_config(ebpf: &mut Ebpf, cfg: &InterceptConfig) -> Result<(), BpfError> 
         .ok_or(BpfError::MissingMap(names::CONFIG))?
         .try_into()
         .map_err(map_err(names::CONFIG))?;
-    config
-        .set(
-            0,
-            Config {
-                proxy_port: cfg.proxy_port,
-                flags: if cfg.gate_by_netns {
-                    CONFIG_GATE_BY_NETNS
-                } else {
-                    0
-                },
-                exempt_uid: cfg.exempt_uid,
-            },
-            0,
-        )
-        .map_err(map_err(names::CONFIG))?;
+    let mut flags = 0;
+    if cfg.gate_by_netns {
+        flags |= CONFIG_GATE_BY_NETNS;
+    }
+    let mut entry = Config {
+        proxy_port: cfg.proxy_port,
+        flags,
+        exempt_uid: cfg.exempt_uid,
+        exempt_cgroups: [0, 0],
+    };
+    match cfg.exempt {
+        AgentExemption::Uid => entry.flags |= CONFIG_EXEMPT_UID,
+        // A pinned entry names the agent this one replaces (during an
+        // update it still drains, making upstream connects): it stays
+        // exempt beside this one.
+        AgentExemption::Cgroup(Some(own)) => {
+            let previous = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+            entry.exempt_cgroups = previous.exempt_cgroups;
+            entry = entry.with_agent_cgroup(own);
+        }
+        AgentExemption::Cgroup(None) => {}
+    }
+    config.set(0, entry, 0).map_err(map_err(names::CONFIG))?;
 
     let v4: Vec<Key<[u8; 4]>> = cfg
         .v4_prefixes
@@ -459,15 +504,29 @@ where
 pub struct NetnsGate {
     // Updates are rare (pod enrollment); a mutex keeps `&self` methods.
     map: std::sync::Mutex<BpfHashMap<MapData, u64, u32>>,
+    /// Namespaces the map holds at most.
+    capacity: u32,
 }
 
 impl NetnsGate {
-    fn new(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+    fn new(ebpf: &mut Ebpf, wanted: u32) -> Result<Self, BpfError> {
         let name = names::ENROLLED_NETNS;
         let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+        let capacity = match &map {
+            aya::maps::Map::HashMap(data) => data.info().map_or(wanted, |i| i.max_entries()),
+            _ => wanted,
+        };
+        if capacity != wanted {
+            tracing::warn!(
+                capacity,
+                max_pods = wanted,
+                "the pinned table of enrolled network namespaces keeps the size it was created with, not --max-pods (remove its pin to resize it)"
+            );
+        }
         let map = BpfHashMap::try_from(map).map_err(|source| BpfError::Map { name, source })?;
         Ok(Self {
             map: std::sync::Mutex::new(map),
+            capacity,
         })
     }
 
@@ -477,12 +536,18 @@ impl NetnsGate {
 
     /// Starts redirecting connects made in the netns with this cookie.
     pub fn enroll(&self, netns_cookie: u64) -> Result<(), BpfError> {
-        self.lock()
-            .insert(netns_cookie, 1, 0)
-            .map_err(|source| BpfError::Map {
+        match self.lock().insert(netns_cookie, 1, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(BpfError::GateFull {
+                    capacity: self.capacity,
+                })
+            }
+            Err(source) => Err(BpfError::Map {
                 name: names::ENROLLED_NETNS,
                 source,
-            })
+            }),
+        }
     }
 
     /// Stops redirecting them. Unknown cookies are not an error.

@@ -147,7 +147,7 @@ fn keep_chained(settings: &CniSettings, readiness: &Readiness, last_error: &mut 
             readiness.set_cni(Ok(()));
         }
         Err(e) => {
-            let why = crate::credentials::error_chain(&e);
+            let why = crate::error_chain(&e);
             if last_error.as_deref() != Some(why.as_str()) {
                 tracing::warn!(reason = %why, "CNI plugin not in the runtime's chain; new pods are enrolled only once the API shows them running");
             }
@@ -164,7 +164,7 @@ pub fn uninstall(settings: &CniSettings) {
         Ok(files) if files.is_empty() => {}
         Ok(files) => tracing::info!(?files, "CNI plugin taken out of the runtime's chain"),
         Err(e) => {
-            tracing::warn!(error = %crate::credentials::error_chain(&e), "could not take the CNI plugin out of the runtime's chain")
+            tracing::warn!(error = %crate::error_chain(&e), "could not take the CNI plugin out of the runtime's chain")
         }
     }
 }
@@ -200,7 +200,7 @@ pub async fn leaving_for_good(client: &kube::Client) -> bool {
     match tokio::time::timeout(LOOKUP_TIMEOUT, check).await {
         Ok(Ok(leaving)) => leaving,
         Ok(Err(e)) => {
-            tracing::warn!(error = %crate::credentials::error_chain(&e), "cannot tell whether the agent's DaemonSet is being deleted; the CNI plugin stays in the chain (if lattice is being uninstalled, remove the lattice-cni entry from the node's CNI configuration)");
+            tracing::warn!(error = %crate::error_chain(&e), "cannot tell whether the agent's DaemonSet is being deleted; the CNI plugin stays in the chain (if lattice is being uninstalled, remove the lattice-cni entry from the node's CNI configuration)");
             false
         }
         Err(_) => {
@@ -229,6 +229,8 @@ pub struct PodLookup {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
     pub client: kube::Client,
+    /// This node (`--node-name`): only its pods are served.
+    pub node_name: String,
 }
 
 /// Answers the plugin's calls on `listener` until `shutdown`.
@@ -312,8 +314,7 @@ async fn resolve(
         return Ok((None, None));
     }
     let fd = fd.ok_or("no network namespace came with the call")?;
-    let netns =
-        NetNs::from_fd(fd, &request.netns).map_err(|e| crate::credentials::error_chain(&e))?;
+    let netns = NetNs::from_fd(fd, &request.netns).map_err(|e| crate::error_chain(&e))?;
     let pod = find_pod(request, lookup).await?;
     let labels = namespace_labels(&request.pod_namespace, lookup).await?;
     Ok((Some((pod, labels)), Some(netns)))
@@ -321,25 +322,38 @@ async fn resolve(
 
 /// From the store, else from the API: the kubelet starts a sandbox as soon
 /// as the pod is bound, possibly before this agent's watch delivers it.
+/// The pod must be bound to this node, and have the call's UID when it
+/// names one (runtimes need not pass `K8S_POD_UID`; a name alone could
+/// be another node's pod, whose identity this sandbox must never get).
 async fn find_pod(request: &Request, lookup: &PodLookup) -> Result<Pod, String> {
     let key = ObjectRef::new(&request.pod_name).within(&request.pod_namespace);
     let matches =
         |p: &Pod| request.pod_uid.is_empty() || p.metadata.uid.as_deref() == Some(&request.pod_uid);
+    let name = format!("{}/{}", request.pod_namespace, request.pod_name);
+    let on_this_node = |pod: Pod| {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        if node == Some(lookup.node_name.as_str()) {
+            Ok(pod)
+        } else {
+            Err(format!(
+                "pod {name} (uid {}) is bound to node {}, not to this node {}",
+                pod.metadata.uid.as_deref().unwrap_or("?"),
+                node.unwrap_or("(none)"),
+                lookup.node_name
+            ))
+        }
+    };
     if let Some(pod) = lookup.pods.get(&key).filter(|p| matches(p)) {
-        return Ok((*pod).clone());
+        return on_this_node((*pod).clone());
     }
     let api = Api::<Pod>::namespaced(lookup.client.clone(), &request.pod_namespace);
-    let name = format!("{}/{}", request.pod_namespace, request.pod_name);
     match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(&request.pod_name)).await {
-        Ok(Ok(Some(pod))) if matches(&pod) => Ok(pod),
+        Ok(Ok(Some(pod))) if matches(&pod) => on_this_node(pod),
         Ok(Ok(_)) => Err(format!(
             "pod {name} (uid {}) not found in the Kubernetes API",
             request.pod_uid
         )),
-        Ok(Err(e)) => Err(format!(
-            "looking up pod {name}: {}",
-            crate::credentials::error_chain(&e)
-        )),
+        Ok(Err(e)) => Err(format!("looking up pod {name}: {}", crate::error_chain(&e))),
         Err(_) => Err(format!(
             "looking up pod {name}: the Kubernetes API did not answer within {LOOKUP_TIMEOUT:?}"
         )),
@@ -358,7 +372,7 @@ async fn namespace_labels(
         Ok(Ok(ns)) => Ok(ns.and_then(|ns| ns.metadata.labels)),
         Ok(Err(e)) => Err(format!(
             "looking up namespace {namespace}: {}",
-            crate::credentials::error_chain(&e)
+            crate::error_chain(&e)
         )),
         Err(_) => Err(format!(
             "looking up namespace {namespace}: the Kubernetes API did not answer within {LOOKUP_TIMEOUT:?}"

@@ -6,19 +6,22 @@
 //! The namespace is given (by the CNI plugin as the pod's sandbox starts,
 //! or by the agent this one replaces), or found for a running pod: its
 //! cgroup, a process in it, that process's namespace, checked to hold the
-//! pod's IP.
+//! pod's IP. What enrolling makes is a [`Served`], which the pod's entry
+//! in the table ([`super::state`]) owns until it stops.
 
 use std::{
     fs, io,
     net::IpAddr,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use super::{
-    handover::{HandedOver, HandedPod},
+    handover::{HandedPod, ServedPod},
     identity::{IdentityError, IdentityLease, IdentityStore},
     pod_spec::PodPlan,
+    state::{self, NetnsId, Seen},
 };
 use crate::{
     bpf::{BpfError, NetnsGate, NetnsOrigDst, OrigDstMap},
@@ -29,6 +32,10 @@ use crate::{
     proxy::{ProxyConfig, WorkloadProxy},
     workload::{ListenError, Listeners, Workload, bind_loopback},
 };
+
+/// Processes of a pod looked at to tell whether it still lives in the
+/// namespace it is served in (the first one usually does).
+const PROCESSES_CHECKED: usize = 64;
 
 /// What every enrollment on this node shares.
 pub struct NodeContext {
@@ -44,9 +51,6 @@ pub struct NodeContext {
     pub orig_dst: Arc<OrigDstMap>,
     pub metrics: Arc<Metrics>,
     pub identities: IdentityStore,
-    /// Listeners the agent this one replaces handed over, by pod UID,
-    /// until their pods are enrolled on them.
-    pub handed_over: std::sync::Mutex<HandedOver>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,11 @@ pub enum EnrollError {
         expected: Vec<IpAddr>,
         found: Vec<IpAddr>,
     },
+    #[error(
+        "process {pid} in {} is in the node's network namespace, not a pod's",
+        cgroup.display()
+    )]
+    NodeNetns { pid: u32, cgroup: PathBuf },
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("starting the pod's proxy")]
@@ -87,120 +96,227 @@ pub enum EnrollError {
     Gate(#[source] BpfError),
 }
 
-/// A served pod. [`EnrolledPod::unenroll`] undoes it.
-pub struct EnrolledPod {
-    pub plan: PodPlan,
-    /// Second descriptors of its listening sockets, to hand them over.
-    pub listener_fds: Vec<std::os::fd::OwnedFd>,
-    pub netns: Arc<NetNs>,
-    /// The namespace was given rather than found through the pod's IP:
-    /// the pod is served whether or not the API shows an IP yet.
-    pub netns_given: bool,
+/// A failed enrollment, and the namespace (cookie) a process of the pod
+/// was found in, if any: it stays in the gate while the pod fails.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: EnrollError,
+    pub netns_cookie: Option<u64>,
+}
+
+impl Failure {
+    fn before_netns(error: impl Into<EnrollError>) -> Self {
+        Self {
+            error: error.into(),
+            netns_cookie: None,
+        }
+    }
+
+    /// `error` for a pod whose processes live in `netns`.
+    fn in_netns(ctx: &NodeContext, netns: &Arc<NetNs>, error: impl Into<EnrollError>) -> Self {
+        Self {
+            error: error.into(),
+            netns_cookie: cookie_of(ctx, netns),
+        }
+    }
+}
+
+/// An enrolled pod, as its table entry holds it.
+pub type Enrolled = state::Enrolled<Served>;
+
+/// What serves an enrolled pod: its proxy on its listeners, second
+/// descriptors of those listeners (to hand them on), its namespace, its
+/// identity lease and its series. [`Served::stop`] undoes it all but the
+/// gate entry, which is the table's.
+pub struct Served {
+    /// `namespace/name`, for logs.
+    pod: String,
+    listener_fds: Vec<OwnedFd>,
+    netns: Arc<NetNs>,
     workload: Workload,
     /// Holds the pod's identity alive (and its token file in use).
     lease: Option<IdentityLease>,
     metrics: WorkloadMetrics,
-    /// Why requests get 503, when the pod has no usable identity.
-    pub missing_identity: Option<String>,
 }
 
-impl EnrolledPod {
-    pub fn netns_cookie(&self) -> u64 {
-        self.workload.netns_cookie()
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("pod", &self.pod)
+            .field("netns", &self.netns.path())
+            .field("netns_cookie", &self.workload.netns_cookie())
+            .finish_non_exhaustive()
     }
+}
 
+impl Served {
     pub fn counts(&self) -> Arc<Counts> {
         Arc::clone(&self.metrics.counts)
     }
 
-    /// Stops redirecting the pod's connects, then stops its proxy (in the
-    /// background: in-flight requests drain for up to `--drain-timeout`).
-    pub fn unenroll(self, ctx: &NodeContext) -> tokio::task::JoinHandle<()> {
-        if let Err(e) = ctx.gate.unenroll(self.netns_cookie()) {
-            tracing::warn!(pod = %self.plan.display_name(), error = %e, "could not remove the pod from the interceptor");
-        }
-        self.stop(ctx)
+    /// Duplicates of its listening sockets and namespace, for an agent
+    /// taking over.
+    pub fn handover(&self) -> io::Result<ServedPod> {
+        Ok(ServedPod {
+            listeners: self
+                .listener_fds
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<io::Result<Vec<_>>>()?,
+            netns: Some(self.netns.duplicate()?),
+        })
     }
 
-    /// Stops the proxy but leaves the namespace enrolled: its Lattice
-    /// connects are then refused (no listener) rather than sent unsigned.
+    /// Its listening sockets (second descriptors), for the pod's next
+    /// enrollment to serve on if it is in the same namespace: connects
+    /// queued on them are then served, not reset. Taken, they close with
+    /// that enrollment (or its failure), no longer with [`Served::stop`].
+    pub fn take_listeners(&mut self) -> Vec<std::net::TcpListener> {
+        std::mem::take(&mut self.listener_fds)
+            .into_iter()
+            .map(std::net::TcpListener::from)
+            .collect()
+    }
+
+    /// Stops the proxy (in the background: in-flight requests drain for up
+    /// to `--drain-timeout`). Its listeners close at once, duplicates too:
+    /// while the pod's namespace stays in the gate its Lattice connects
+    /// are refused, neither sent unsigned nor left waiting in a backlog no
+    /// one accepts from.
     pub fn stop(self, ctx: &NodeContext) -> tokio::task::JoinHandle<()> {
         let Self {
-            plan,
+            pod,
+            listener_fds,
+            netns,
             workload,
             lease,
             metrics,
-            ..
         } = self;
+        drop(listener_fds);
         let all = Arc::clone(&ctx.metrics);
         tokio::spawn(async move {
-            if let Err(e) = workload.stop().await {
-                tracing::warn!(pod = %plan.display_name(), error = %e, "pod proxy stopped with an error");
-            }
+            workload.stop().await;
+            tracing::debug!(%pod, "pod proxy stopped");
+            drop(netns);
             all.forget_workload(&metrics);
             drop(lease);
         })
     }
 }
 
-/// Enrolls `plan`'s running pod, in the namespace the agent it replaces
-/// handed over or else the one found through its cgroup; nothing is left
-/// behind on error.
-pub fn enroll(ctx: &NodeContext, plan: PodPlan) -> Result<EnrolledPod, EnrollError> {
-    match take_handed_over(ctx, &plan.uid) {
-        Some(HandedPod {
-            listeners,
-            netns: Some(fd),
-        }) => {
-            let netns = NetNs::from_fd(fd, format!("handed over for pod {}", plan.uid))?;
-            serve(ctx, plan, Arc::new(netns), Some(listeners), true)
-        }
-        handed => {
-            let netns = find_netns(ctx, &plan)?;
-            serve(ctx, plan, netns, handed.map(|h| h.listeners), false)
-        }
-    }
-}
-
-/// Enrolls `plan`'s pod in `netns`, the namespace the CNI plugin passed as
-/// the pod's sandbox starts (before the API shows an IP).
-pub fn enroll_in(
+/// Enrolls `plan`'s pod: in `given` (the sandbox's namespace, from the CNI
+/// plugin), else in the namespace the replaced agent `handed` over with
+/// its sockets, else in the one found through its cgroup. Listeners
+/// `handed` over (or the pod's own from before it was enrolled anew) are
+/// served on if they are in that namespace; nothing is left behind on
+/// error but the failure's namespace (see [`Failure`]).
+pub fn enroll(
     ctx: &NodeContext,
     plan: PodPlan,
-    netns: NetNs,
-) -> Result<EnrolledPod, EnrollError> {
-    let handed = take_handed_over(ctx, &plan.uid).map(|h| h.listeners);
-    serve(ctx, plan, Arc::new(netns), handed, true)
-}
-
-fn take_handed_over(ctx: &NodeContext, uid: &str) -> Option<HandedPod> {
-    ctx.handed_over
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(uid)
+    handed: Option<HandedPod>,
+    given: Option<NetNs>,
+) -> Result<Enrolled, Failure> {
+    let (netns, listeners, is_given) = match (given, handed) {
+        (Some(netns), handed) => (Arc::new(netns), handed.map(|h| h.listeners), true),
+        (
+            None,
+            Some(HandedPod {
+                listeners,
+                netns: Some(fd),
+            }),
+        ) => {
+            let netns = NetNs::from_fd(fd, format!("handed over for pod {}", plan.uid))
+                .map_err(Failure::before_netns)?;
+            (Arc::new(netns), Some(listeners), true)
+        }
+        (None, handed) => (find_netns(ctx, &plan)?, handed.map(|h| h.listeners), false),
+    };
+    serve(ctx, plan, netns, listeners, is_given)
 }
 
 /// The namespace of a process in the pod's cgroup, if it holds the pod's IP.
-fn find_netns(ctx: &NodeContext, plan: &PodPlan) -> Result<Arc<NetNs>, EnrollError> {
-    let cgroup = pod_cgroup::find_pod_cgroup(&ctx.cgroup_root, &plan.uid, "")?;
-    let pid = first_process(&cgroup)?;
-    let netns = Arc::new(NetNs::of_process(&ctx.proc_root, pid)?);
-    let found =
-        netns
-            .run(&ctx.home, local_addresses)?
-            .map_err(|source| EnrollError::Addresses {
+fn find_netns(ctx: &NodeContext, plan: &PodPlan) -> Result<Arc<NetNs>, Failure> {
+    let cgroup = pod_cgroup::find_pod_cgroup(&ctx.cgroup_root, &plan.uid, "")
+        .map_err(Failure::before_netns)?;
+    let pid = first_process(&cgroup).map_err(Failure::before_netns)?;
+    let netns = Arc::new(NetNs::of_process(&ctx.proc_root, pid).map_err(Failure::before_netns)?);
+    if is_home(ctx, &netns) {
+        return Err(Failure::before_netns(EnrollError::NodeNetns {
+            pid,
+            cgroup,
+        }));
+    }
+    let found = netns
+        .run(&ctx.home, local_addresses)
+        .map_err(|e| Failure::in_netns(ctx, &netns, e))?
+        .map_err(|source| {
+            let error = EnrollError::Addresses {
                 netns: netns.path().to_owned(),
                 source,
-            })?;
+            };
+            Failure::in_netns(ctx, &netns, error)
+        })?;
     if !plan.ips.iter().any(|ip| found.contains(ip)) {
-        return Err(EnrollError::WrongNetns {
+        let error = EnrollError::WrongNetns {
             pid,
             cgroup,
             expected: plan.ips.clone(),
             found,
-        });
+        };
+        return Err(Failure::in_netns(ctx, &netns, error));
     }
     Ok(netns)
+}
+
+/// Where the pod's processes are, against `served`: whether any of them
+/// (the first [`PROCESSES_CHECKED`]) still lives in that namespace.
+pub fn where_processes_are(ctx: &NodeContext, uid: &str, served: NetnsId) -> Seen {
+    let Ok(cgroup) = pod_cgroup::find_pod_cgroup(&ctx.cgroup_root, uid, "") else {
+        return Seen::Unknown;
+    };
+    let mut any = false;
+    for pid in processes(&cgroup).take(PROCESSES_CHECKED) {
+        // The process may have exited since it was listed.
+        let Ok(meta) = fs::metadata(ctx.proc_root.join(pid.to_string()).join("ns/net")) else {
+            continue;
+        };
+        use std::os::unix::fs::MetadataExt as _;
+        if (meta.dev(), meta.ino()) == served {
+            return Seen::Served;
+        }
+        any = true;
+    }
+    if any { Seen::Elsewhere } else { Seen::Unknown }
+}
+
+/// The cookie of the namespace a process of the pod lives in, if it has
+/// one (and it is not the node's): for a pod that asks for signing but is
+/// not served yet, that namespace must stay in the gate.
+pub fn process_netns_cookie(ctx: &NodeContext, uid: &str) -> Option<u64> {
+    let cgroup = pod_cgroup::find_pod_cgroup(&ctx.cgroup_root, uid, "").ok()?;
+    let pid = first_process(&cgroup).ok()?;
+    let netns = Arc::new(NetNs::of_process(&ctx.proc_root, pid).ok()?);
+    cookie_of(ctx, &netns)
+}
+
+/// The cookie of `netns` (what the gate keys it by), unless it is the
+/// node's own namespace, which is never gated.
+fn cookie_of(ctx: &NodeContext, netns: &Arc<NetNs>) -> Option<u64> {
+    if is_home(ctx, netns) {
+        return None;
+    }
+    let sockets = SocketFactory::In {
+        netns: Arc::clone(netns),
+        home: Arc::clone(&ctx.home),
+    };
+    let probe = sockets
+        .tcp_socket(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .ok()?;
+    crate::netns::netns_cookie(&probe).ok()
+}
+
+fn is_home(ctx: &NodeContext, netns: &NetNs) -> bool {
+    matches!((netns.id(), ctx.home.id()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Listeners (handed over, if they are in `netns`, else new ones), the
@@ -210,17 +326,23 @@ fn serve(
     plan: PodPlan,
     netns: Arc<NetNs>,
     handed: Option<Vec<std::net::TcpListener>>,
-    netns_given: bool,
-) -> Result<EnrolledPod, EnrollError> {
+    given: bool,
+) -> Result<Enrolled, Failure> {
+    let netns_id = netns
+        .id()
+        .map_err(|e| Failure::in_netns(ctx, &netns, EnrollError::Start(e)))?;
     let sockets = SocketFactory::In {
         netns: Arc::clone(&netns),
         home: Arc::clone(&ctx.home),
     };
-    let listeners = match adopt_listeners(&plan, handed, &sockets)? {
+    let fail = |error: EnrollError| Failure::in_netns(ctx, &netns, error);
+    let listeners = match adopt_listeners(&plan, handed, &sockets).map_err(fail)? {
         Some(l) => l,
-        None => bind_loopback(ctx.proxy_port, &sockets, true)?,
+        None => bind_loopback(ctx.proxy_port, &sockets, true).map_err(|e| fail(e.into()))?,
     };
-    let listener_fds = listeners.duplicates().map_err(EnrollError::Start)?;
+    let listener_fds = listeners
+        .duplicates()
+        .map_err(|e| fail(EnrollError::Start(e)))?;
     let netns_cookie = listeners.netns_cookie;
 
     let (creds, lease, region) = credentials(&ctx.identities, &plan, &ctx.kubelet_root);
@@ -246,27 +368,39 @@ fn serve(
         },
         listeners,
     )
-    .map_err(EnrollError::Start)?;
-    let pod = EnrolledPod {
-        plan,
+    .map_err(|e| {
+        ctx.metrics.forget_workload(&metrics);
+        fail(EnrollError::Start(e))
+    })?;
+    let served = Served {
+        pod: plan.display_name(),
         listener_fds,
         netns,
-        netns_given,
         workload,
         lease,
         metrics,
-        missing_identity,
     };
     // Last: the listeners are up, so a redirected connect finds them.
     if let Err(e) = ctx.gate.enroll(netns_cookie) {
-        drop(pod.stop(ctx));
-        return Err(EnrollError::Gate(e));
+        drop(served.stop(ctx));
+        return Err(Failure {
+            error: EnrollError::Gate(e),
+            netns_cookie: Some(netns_cookie),
+        });
     }
-    Ok(pod)
+    Ok(state::Enrolled {
+        plan,
+        netns: netns_id,
+        cookie: netns_cookie,
+        given,
+        sandbox: None,
+        missing_identity,
+        served,
+    })
 }
 
-/// The listening sockets the replaced agent served the pod with, if they
-/// are in the pod's namespace.
+/// The listening sockets the pod was served on (by the replaced agent, or
+/// by this one before it was enrolled anew), if they are in its namespace.
 fn adopt_listeners(
     plan: &PodPlan,
     handed: Option<Vec<std::net::TcpListener>>,
@@ -281,10 +415,10 @@ fn adopt_listeners(
         .map_err(EnrollError::Start)?;
     let pod_netns = crate::netns::netns_cookie(&probe).map_err(EnrollError::Start)?;
     if pod_netns != listeners.netns_cookie {
-        tracing::warn!(pod = %plan.display_name(), "handed-over listeners are not in the pod's network namespace; binding new ones");
+        tracing::info!(pod = %plan.display_name(), "the listeners the pod was served on are in another network namespace than its own; binding new ones");
         return Ok(None);
     }
-    tracing::debug!(pod = %plan.display_name(), "serving on the listeners the replaced agent handed over");
+    tracing::debug!(pod = %plan.display_name(), "serving on the listeners the pod was served on");
     Ok(Some(listeners))
 }
 
@@ -313,24 +447,44 @@ fn credentials(
 /// A process in the pod's cgroup or below (containers have cgroups of
 /// their own under the pod's).
 fn first_process(cgroup: &Path) -> Result<u32, EnrollError> {
+    // Unreadable cgroups are an error here, not an empty pod.
+    fs::read_dir(cgroup).map_err(|source| EnrollError::Processes {
+        cgroup: cgroup.to_owned(),
+        source,
+    })?;
+    processes(cgroup)
+        .next()
+        .ok_or_else(|| EnrollError::NoProcess {
+            cgroup: cgroup.to_owned(),
+        })
+}
+
+/// The processes in the pod's cgroup and below, depth first, read as
+/// they are needed.
+fn processes(cgroup: &Path) -> impl Iterator<Item = u32> {
     let mut dirs = vec![cgroup.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        let err = |source| EnrollError::Processes {
-            cgroup: dir.clone(),
-            source,
-        };
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).map_err(err)?;
-        if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
-            return Ok(pid);
-        }
-        for entry in fs::read_dir(&dir).map_err(err)? {
-            let entry = entry.map_err(err)?;
-            if entry.file_type().map_err(err)?.is_dir() {
-                dirs.push(entry.path());
+    let mut pids: std::vec::IntoIter<u32> = Vec::new().into_iter();
+    std::iter::from_fn(move || {
+        loop {
+            if let Some(pid) = pids.next() {
+                return Some(pid);
+            }
+            let dir = dirs.pop()?;
+            if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+                pids = procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<_>>()
+                    .into_iter();
+            }
+            if let Ok(entries) = fs::read_dir(&dir) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
             }
         }
-    }
-    Err(EnrollError::NoProcess {
-        cgroup: cgroup.to_owned(),
     })
 }

@@ -16,7 +16,7 @@ use kube::api::{Api, PostParams};
 pub const CONTROLLER: &str = "vpc-lattices-svcs.amazonaws.com/lattice-agent";
 
 /// The pod an Event is about.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,

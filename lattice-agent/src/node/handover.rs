@@ -15,7 +15,10 @@
 //! maps, enrolled namespaces) alone from then on: the new agent owns it.
 //!
 //! The exchange is line-based JSON over a Unix stream socket, in lockstep
-//! (one request, one answer) so each answer's descriptors stay with it:
+//! (one request, one answer) so each answer's descriptors stay with it.
+//! Every frame is capped ([`lattice_cni::frame`]): a line longer than
+//! [`MAX_FRAME`] or more descriptors than one message can carry end the
+//! exchange with an error, whichever agent sends them.
 //!
 //! ```text
 //! new → old: {"op":"next"}                  (repeated until "last")
@@ -27,21 +30,25 @@
 
 use std::{
     collections::HashMap,
-    io::{self, IoSlice, IoSliceMut, Write as _},
+    io::{self, IoSlice, Write as _},
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsRawFd, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use lattice_cni::frame::{self, FrameError, Lines};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::{Deserialize, Serialize};
 
 /// Pods per answer: two sockets and a namespace each, within the kernel's
 /// 253 descriptors per SCM_RIGHTS message.
-const PODS_PER_BATCH: usize = 80;
+pub const PODS_PER_BATCH: usize = 80;
+/// The longest line either agent sends or accepts: an answer of
+/// [`PODS_PER_BATCH`] pods is a few KiB.
+pub const MAX_FRAME: usize = 64 * 1024;
 /// How long either side waits for the other.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -62,20 +69,20 @@ pub enum HandoverError {
     Protocol { path: PathBuf, detail: String },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-enum Request {
+pub enum Request {
     Next,
     Taken,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct PodSockets {
-    uid: String,
-    sockets: usize,
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSockets {
+    pub uid: String,
+    pub sockets: usize,
     /// Its network namespace follows its sockets.
     #[serde(default)]
-    netns: bool,
+    pub netns: bool,
 }
 
 /// What a running agent hands over for one pod.
@@ -90,10 +97,37 @@ pub struct HandedPod {
     pub netns: Option<OwnedFd>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Batch {
-    pods: Vec<PodSockets>,
-    last: bool,
+/// One answer to `next`: pods and the descriptors that came with it.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub pods: Vec<PodSockets>,
+    pub last: bool,
+}
+
+impl Batch {
+    /// An answer from its line and the number of descriptors that came
+    /// with it: at most [`PODS_PER_BATCH`] pods, each descriptor announced.
+    pub fn decode(line: &[u8], fds: usize) -> Result<Self, String> {
+        let batch: Self = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        if batch.pods.len() > PODS_PER_BATCH {
+            return Err(format!(
+                "{} pods in one answer, at most {PODS_PER_BATCH}",
+                batch.pods.len()
+            ));
+        }
+        let wanted = batch
+            .pods
+            .iter()
+            .try_fold(0usize, |n, p| {
+                n.checked_add(p.sockets)?.checked_add(usize::from(p.netns))
+            })
+            .filter(|n| *n <= frame::MAX_FDS)
+            .ok_or_else(|| "more descriptors announced than one answer carries".to_owned())?;
+        if wanted != fds {
+            return Err(format!("{wanted} sockets announced, {fds} received"));
+        }
+        Ok(batch)
+    }
 }
 
 /// Binds the control socket at [`socket_path`], taking the name over from
@@ -139,18 +173,8 @@ pub fn take_listeners(run_dir: &Path) -> Result<Option<(Predecessor, HandedOver)
     let mut handed = HandedOver::new();
     loop {
         conn.send(&Request::Next, &[])?;
-        let (batch, fds): (Batch, Vec<OwnedFd>) = conn.receive()?;
-        let wanted: usize = batch
-            .pods
-            .iter()
-            .map(|p| p.sockets + usize::from(p.netns))
-            .sum();
-        if wanted != fds.len() {
-            return Err(conn.protocol(format!(
-                "{wanted} sockets announced, {} received",
-                fds.len()
-            )));
-        }
+        let (line, fds) = conn.receive_frame()?;
+        let batch = Batch::decode(&line, fds.len()).map_err(|e| conn.protocol(e))?;
         let mut fds = fds.into_iter();
         for pod in batch.pods {
             let listeners = fds
@@ -177,7 +201,7 @@ impl Predecessor {
     /// Tells the old agent its successor serves every pod now.
     pub fn taken(mut self) -> Result<(), HandoverError> {
         self.conn.send(&Request::Taken, &[])?;
-        let (_ok, _): (serde_json::Value, Vec<OwnedFd>) = self.conn.receive()?;
+        let (_ok, _): (serde_json::Value, Vec<OwnedFd>) = self.conn.receive(0)?;
         Ok(())
     }
 }
@@ -208,7 +232,7 @@ pub fn serve_successor(
     let pods = agent.listeners();
     let mut batches = pods.chunks(PODS_PER_BATCH).peekable();
     loop {
-        let (request, _): (Request, Vec<OwnedFd>) = conn.receive()?;
+        let (request, _): (Request, Vec<OwnedFd>) = conn.receive(0)?;
         match request {
             Request::Next => {
                 let batch = batches.next().unwrap_or(&[]);
@@ -244,7 +268,7 @@ struct Conn {
     stream: UnixStream,
     path: PathBuf,
     /// Bytes read past the last line.
-    pending: Vec<u8>,
+    lines: Lines,
 }
 
 impl Conn {
@@ -252,7 +276,7 @@ impl Conn {
         Self {
             stream,
             path,
-            pending: Vec::new(),
+            lines: Lines::new(MAX_FRAME),
         }
     }
 
@@ -272,6 +296,12 @@ impl Conn {
 
     fn send(&mut self, message: &impl Serialize, fds: &[RawFd]) -> Result<(), HandoverError> {
         let mut line = serde_json::to_vec(message).map_err(|e| self.protocol(e.to_string()))?;
+        if line.len() > MAX_FRAME {
+            return Err(self.protocol(format!(
+                "message of {} bytes, longer than {MAX_FRAME}",
+                line.len()
+            )));
+        }
         line.push(b'\n');
         let cmsgs = [ControlMessage::ScmRights(fds)];
         let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsgs };
@@ -279,7 +309,7 @@ impl Conn {
             self.stream.as_raw_fd(),
             &[IoSlice::new(&line)],
             cmsgs,
-            MsgFlags::empty(),
+            MsgFlags::MSG_NOSIGNAL,
             None,
         )
         .map_err(|e| self.io(e.into()))?;
@@ -292,48 +322,29 @@ impl Conn {
         Ok(())
     }
 
+    /// The next line and the descriptors that came with it (at most one
+    /// message's worth).
+    fn receive_frame(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoverError> {
+        frame::read_frame(&self.stream, &mut self.lines, frame::MAX_FDS).map_err(|e| match e {
+            FrameError::Io(source) => self.io(source),
+            FrameError::Closed => self.protocol("closed by the other agent".into()),
+            e => self.protocol(e.to_string()),
+        })
+    }
+
+    /// The next message, with at most `max_fds` descriptors.
     fn receive<T: for<'de> Deserialize<'de>>(
         &mut self,
+        max_fds: usize,
     ) -> Result<(T, Vec<OwnedFd>), HandoverError> {
-        let mut fds = Vec::new();
-        while !self.pending.contains(&b'\n') {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut space = nix::cmsg_space!([RawFd; 253]);
-            let (n, received) = {
-                let mut iov = [IoSliceMut::new(&mut buf)];
-                let msg = recvmsg::<()>(
-                    self.stream.as_raw_fd(),
-                    &mut iov,
-                    Some(&mut space),
-                    MsgFlags::MSG_CMSG_CLOEXEC,
-                )
-                .map_err(|e| self.io(e.into()))?;
-                let mut received = Vec::new();
-                for cmsg in msg.cmsgs().map_err(|e| self.io(e.into()))? {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        // SAFETY: the kernel just installed these descriptors
-                        // in this process for us: we own them.
-                        received.extend(
-                            raw.into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-                (msg.bytes, received)
-            };
-            fds.extend(received);
-            if n == 0 {
-                return Err(self.protocol("closed by the other agent".into()));
-            }
-            self.pending.extend_from_slice(&buf[..n]);
+        let (line, fds) = self.receive_frame()?;
+        if fds.len() > max_fds {
+            return Err(self.protocol(format!(
+                "{} descriptors with a message that carries {max_fds}",
+                fds.len()
+            )));
         }
-        let end = self
-            .pending
-            .iter()
-            .position(|b| *b == b'\n')
-            .unwrap_or_default();
-        let line: Vec<u8> = self.pending.drain(..=end).collect();
-        let value = serde_json::from_slice(&line[..end])
+        let value = serde_json::from_slice(&line)
             .map_err(|e| self.protocol(format!("{e}: {}", String::from_utf8_lossy(&line))))?;
         Ok((value, fds))
     }
@@ -449,5 +460,89 @@ mod tests {
         // A stale socket file from a crashed agent: no one listens on it.
         drop(std::os::unix::net::UnixListener::bind(socket_path(dir.path())).unwrap());
         assert!(take_listeners(dir.path()).unwrap().is_none());
+    }
+
+    /// Writes a line that never ends until the reader hangs up (at most
+    /// 64 MiB); returns how much it wrote.
+    fn flood(stream: UnixStream) -> usize {
+        let chunk = [b'x'; 4096];
+        let mut sent = 0;
+        while sent < 64 << 20 {
+            match (&stream).write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        sent
+    }
+
+    fn assert_refused_early(err: &HandoverError, sent: usize) {
+        assert!(
+            err.to_string()
+                .ends_with(": message longer than 65536 bytes"),
+            "{err}"
+        );
+        assert!(sent < 64 << 20, "{sent} bytes were read and buffered");
+    }
+
+    /// The successor stops reading an answer that never ends.
+    #[test]
+    fn an_endless_answer_is_refused_not_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = std::os::unix::net::UnixListener::bind(socket_path(dir.path())).unwrap();
+        let feeder = std::thread::spawn(move || flood(server.accept().unwrap().0));
+        let err = match take_listeners(dir.path()) {
+            Err(e) => e,
+            Ok(_) => panic!("an endless answer was accepted"),
+        };
+        assert_refused_early(&err, feeder.join().unwrap());
+    }
+
+    /// The running agent stops reading a request that never ends.
+    #[test]
+    fn an_endless_request_is_refused_not_buffered() {
+        let (old_side, new_side) = UnixStream::pair().unwrap();
+        let feeder = std::thread::spawn(move || flood(new_side));
+        let old = Old {
+            sockets: Vec::new(),
+            handed: Arc::new(AtomicBool::new(false)),
+        };
+        let err = serve_successor(old_side, Path::new("agent.sock"), &old).unwrap_err();
+        assert_refused_early(&err, feeder.join().unwrap());
+        assert!(!old.handed.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn answers_must_announce_what_they_carry() {
+        let ok = br#"{"pods":[{"uid":"a","sockets":2,"netns":true}],"last":true}"#;
+        assert_eq!(Batch::decode(ok, 3).unwrap().pods.len(), 1);
+        assert_eq!(
+            Batch::decode(ok, 2).unwrap_err(),
+            "3 sockets announced, 2 received"
+        );
+        // Counts that overflow, or exceed what one message can carry.
+        let huge = format!(
+            r#"{{"pods":[{{"uid":"a","sockets":{},"netns":true}}],"last":true}}"#,
+            usize::MAX
+        );
+        assert_eq!(
+            Batch::decode(huge.as_bytes(), 0).unwrap_err(),
+            "more descriptors announced than one answer carries"
+        );
+        let many = serde_json::to_vec(&Batch {
+            pods: (0..=PODS_PER_BATCH)
+                .map(|i| PodSockets {
+                    uid: i.to_string(),
+                    sockets: 0,
+                    netns: false,
+                })
+                .collect(),
+            last: false,
+        })
+        .unwrap();
+        assert_eq!(
+            Batch::decode(&many, 0).unwrap_err(),
+            "81 pods in one answer, at most 80"
+        );
     }
 }

@@ -3,8 +3,12 @@
 //! An identity is an IRSA role (assumed with the pod's projected web
 //! identity token at STS) or an EKS Pod Identity association (the Pod
 //! Identity Agent's endpoint called with the pod's token). Pods with the
-//! same service account and role share one credential cache, refreshed in
-//! the background ahead of expiry; requests only read it.
+//! same service account, role and token projection (volume, path and
+//! audience of the `serviceAccountToken` source) share one credential
+//! cache, refreshed in the background ahead of expiry; requests only read
+//! it. Their tokens are then the kubelet's tokens of one service account
+//! for one audience, interchangeable: a pod cannot hand its siblings a
+//! token of its own making.
 //!
 //! A pod holds an [`IdentityLease`]; its workload gets one
 //! [`WorkloadCredentials`] from it when it starts, and that is all the
@@ -42,10 +46,10 @@ use hyper_util::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::pod_spec::{IdentityPlan, PodPlan};
+use super::pod_spec::{IdentityPlan, PodPlan, ProjectedToken};
 use crate::{
     credentials::{CredentialsCache, WorkloadCredentials},
-    metrics::{IdentityLabel, Metrics},
+    metrics::{CredentialMetrics, IdentityLabel, Metrics},
 };
 
 /// One call to STS or the Pod Identity Agent; the cache's own timeout and
@@ -61,11 +65,13 @@ pub enum IdentityKey {
         role_arn: String,
         region: String,
         session_name: Option<String>,
+        token: ProjectedToken,
     },
     PodIdentity {
         namespace: String,
         service_account: String,
         uri: String,
+        token: ProjectedToken,
     },
 }
 
@@ -117,11 +123,14 @@ struct Identity {
     tokens: Arc<TokenFiles>,
     /// Stops this identity's refresher when the last pod lets go.
     refresher: CancellationToken,
+    /// Its credential series, which go with it.
+    series: CredentialMetrics,
 }
 
 impl Drop for Identity {
     fn drop(&mut self) {
         self.refresher.cancel();
+        self.series.forget();
     }
 }
 
@@ -217,6 +226,7 @@ impl IdentityStore {
                     role_arn: role_arn.clone(),
                     region: region.to_owned(),
                     session_name: session_name.clone(),
+                    token: token.clone(),
                 },
                 token.host_path(kubelet_root, &plan.uid),
             ),
@@ -229,6 +239,7 @@ impl IdentityStore {
                     namespace: plan.namespace.clone(),
                     service_account: service_account.clone(),
                     uri: uri.clone(),
+                    token: token.clone(),
                 },
                 token.host_path(kubelet_root, &plan.uid),
             ),
@@ -270,6 +281,7 @@ impl IdentityStore {
                 role_arn,
                 region,
                 session_name,
+                ..
             } => SharedCredentialsProvider::new(WebIdentity {
                 role_arn: role_arn.clone(),
                 session_name: session_name
@@ -294,27 +306,32 @@ impl IdentityStore {
             }
         };
         let refresher = self.shutdown.child_token();
-        let cache = CredentialsCache::spawn(
-            provider,
-            self.metrics
-                .credentials(IdentityLabel::new(&key.to_string())),
-            refresher.clone(),
-        );
+        let series = self
+            .metrics
+            .credentials(IdentityLabel::new(&key.to_string()));
+        let cache = CredentialsCache::spawn(provider, series.clone(), refresher.clone());
         tracing::info!(identity = %key, "new AWS identity; fetching its credentials");
         Identity {
             cache,
             tokens,
             refresher,
+            series,
         }
     }
 }
 
-/// `lattice-<namespace>-<service account>`, cut to STS's 64 characters:
-/// CloudTrail then shows which pods' service account a session is for.
+/// `lattice-<namespace>-<service account>`, cut to STS's 64 characters
+/// and its alphabet (`\w+=,.@-`, anything else as `-`): CloudTrail then
+/// shows which pods' service account a session is for.
 fn default_session_name(namespace: &str, service_account: &str) -> String {
-    let mut name = format!("lattice-{namespace}-{service_account}");
-    name.truncate(64);
-    name
+    format!("lattice-{namespace}-{service_account}")
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '+' | '=' | ',' | '.' | '@' | '-' => c,
+            _ => '-',
+        })
+        .take(64)
+        .collect()
 }
 
 /// IRSA: AssumeRoleWithWebIdentity with the pod's projected token, read
@@ -436,7 +453,7 @@ fn parse_expiration(s: &str) -> Result<SystemTime, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::pod_spec::ProjectedFile;
+    use crate::node::pod_spec::ProjectedToken;
 
     fn plan(uid: &str, sa: &str, role: &str) -> PodPlan {
         PodPlan {
@@ -447,9 +464,10 @@ mod tests {
             identity: IdentityPlan::Irsa {
                 service_account: sa.into(),
                 role_arn: role.into(),
-                token: ProjectedFile {
+                token: ProjectedToken {
                     volume: "aws-iam-token".into(),
                     relative: "token".into(),
+                    audience: Some("sts.amazonaws.com".into()),
                 },
                 session_name: None,
             },
@@ -504,6 +522,54 @@ mod tests {
             "the last pod's departure stops its refresher"
         );
         assert_eq!(store.len(), 1);
+        let text = store.metrics.encode();
+        assert!(!text.contains("role/pay"), "{text}");
+        assert!(text.contains("identity=\"irsa:arn:role/cart\""), "{text}");
+        drop(a2);
+        assert!(!store.metrics.encode().contains("role/cart"));
+    }
+
+    /// Pods of one service account and role whose tokens come from
+    /// different projections (volume, path, audience) hold different
+    /// identities: a token that is not what its siblings' is cannot stand
+    /// in for theirs.
+    #[tokio::test]
+    async fn pods_share_an_identity_only_with_the_same_token_projection() {
+        let store = store();
+        let root = Path::new("/nonexistent/kubelet");
+        let a = store
+            .lease(&plan("a", "cart", "arn:role/cart"), "us-west-2", root)
+            .unwrap();
+        let mut other_volume = plan("b", "cart", "arn:role/cart");
+        let IdentityPlan::Irsa { token, .. } = &mut other_volume.identity else {
+            unreachable!()
+        };
+        token.volume = "my-token".into();
+        let b = store.lease(&other_volume, "us-west-2", root).unwrap();
+        let mut other_path = plan("c", "cart", "arn:role/cart");
+        let IdentityPlan::Irsa { token, .. } = &mut other_path.identity else {
+            unreachable!()
+        };
+        token.relative = "nested/token".into();
+        let c = store.lease(&other_path, "us-west-2", root).unwrap();
+        let mut other_audience = plan("d", "cart", "arn:role/cart");
+        let IdentityPlan::Irsa { token, .. } = &mut other_audience.identity else {
+            unreachable!()
+        };
+        token.audience = Some("not-sts".into());
+        let d = store.lease(&other_audience, "us-west-2", root).unwrap();
+        let all = [&a, &b, &c, &d];
+        for (i, x) in all.iter().enumerate() {
+            for y in &all[i + 1..] {
+                assert!(!Arc::ptr_eq(&x.identity, &y.identity));
+            }
+        }
+        assert_eq!(store.len(), 4);
+        // The same projection is one identity.
+        let a2 = store
+            .lease(&plan("a2", "cart", "arn:role/cart"), "us-west-2", root)
+            .unwrap();
+        assert!(Arc::ptr_eq(&a.identity, &a2.identity));
     }
 
     /// A workload's credentials are bound to its own identity when it is
@@ -564,5 +630,9 @@ mod tests {
         assert!(parse_expiration("tomorrow").is_err());
         assert_eq!(default_session_name("shop", "cart"), "lattice-shop-cart");
         assert_eq!(default_session_name(&"n".repeat(63), "sa").len(), 64);
+        assert_eq!(
+            default_session_name("shop\"}\n", "sa/é"),
+            "lattice-shop----sa--"
+        );
     }
 }

@@ -90,14 +90,14 @@ pub enum IdentityPlan {
     Irsa {
         service_account: String,
         role_arn: String,
-        token: ProjectedFile,
+        token: ProjectedToken,
         /// `AWS_ROLE_SESSION_NAME` when the pod sets one.
         session_name: Option<String>,
     },
     PodIdentity {
         service_account: String,
         uri: String,
-        token: ProjectedFile,
+        token: ProjectedToken,
     },
     /// Nothing to sign with: every request gets 503 with this reason.
     Missing(String),
@@ -114,15 +114,19 @@ impl IdentityPlan {
     }
 }
 
-/// A file in one of the pod's projected volumes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProjectedFile {
+/// A service-account token the kubelet projects into one of the pod's
+/// volumes (a `serviceAccountToken` source): the token of the pod's
+/// service account for `audience`, which the pod cannot write.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProjectedToken {
     pub volume: String,
     /// Path inside the volume: only normal components.
     pub relative: PathBuf,
+    /// `serviceAccountToken.audience`; None: the API server's own.
+    pub audience: Option<String>,
 }
 
-impl ProjectedFile {
+impl ProjectedToken {
     /// Where the kubelet keeps it on the node.
     pub fn host_path(&self, kubelet_root: &Path, pod_uid: &str) -> PathBuf {
         kubelet_root
@@ -269,28 +273,37 @@ fn identity_plan(pod_name: &str, spec: &PodSpec) -> (IdentityPlan, Option<String
         let plan = if let (Some(arn), Some(file)) =
             (env.get(ROLE_ARN), env.get(WEB_IDENTITY_TOKEN_FILE))
         {
-            match projected_file(spec, env.container, file) {
-                Ok(token) => IdentityPlan::Irsa {
+            match (
+                check_role_arn(arn),
+                projected_token(spec, env.container, file),
+            ) {
+                // Debug-quoted: the pod's text stays one escaped line in
+                // Events, logs and `/pods`.
+                (Err(why), _) => IdentityPlan::Missing(format!(
+                    "pod {pod_name}: {ROLE_ARN} {arn:?} of container {} is not an IAM role ARN: {why}",
+                    env.container.name
+                )),
+                (_, Err(why)) => IdentityPlan::Missing(format!(
+                    "pod {pod_name}: {WEB_IDENTITY_TOKEN_FILE} {file:?} of container {}: {why}",
+                    env.container.name
+                )),
+                (Ok(()), Ok(token)) => IdentityPlan::Irsa {
                     service_account: service_account.clone(),
                     role_arn: arn.to_owned(),
                     token,
                     session_name: env.get(ROLE_SESSION_NAME).map(str::to_owned),
                 },
-                Err(why) => IdentityPlan::Missing(format!(
-                    "pod {pod_name}: {WEB_IDENTITY_TOKEN_FILE} {file} of container {}: {why}",
-                    env.container.name
-                )),
             }
         } else if let (Some(uri), Some(file)) = (env.get(FULL_URI), env.get(AUTH_TOKEN_FILE)) {
             match (
                 check_credentials_uri(uri),
-                projected_file(spec, env.container, file),
+                projected_token(spec, env.container, file),
             ) {
                 (Err(why), _) => {
-                    IdentityPlan::Missing(format!("pod {pod_name}: {FULL_URI} {uri}: {why}"))
+                    IdentityPlan::Missing(format!("pod {pod_name}: {FULL_URI} {uri:?}: {why}"))
                 }
                 (_, Err(why)) => IdentityPlan::Missing(format!(
-                    "pod {pod_name}: {AUTH_TOKEN_FILE} {file} of container {}: {why}",
+                    "pod {pod_name}: {AUTH_TOKEN_FILE} {file:?} of container {}: {why}",
                     env.container.name
                 )),
                 (Ok(()), Ok(token)) => IdentityPlan::PodIdentity {
@@ -339,12 +352,13 @@ fn identity_plan(pod_name: &str, spec: &PodSpec) -> (IdentityPlan, Option<String
     (identity, region)
 }
 
-/// Maps `file` (a path inside `container`) to a file of a projected volume.
-fn projected_file(
+/// Maps `file` (a path inside `container`) to the service-account token
+/// a projected volume holds there.
+fn projected_token(
     spec: &PodSpec,
     container: &Container,
     file: &str,
-) -> Result<ProjectedFile, String> {
+) -> Result<ProjectedToken, String> {
     let file = Path::new(file);
     let mount = container
         .volume_mounts
@@ -370,12 +384,12 @@ fn projected_file(
         .flatten()
         .find(|v| v.name == mount.name)
         .ok_or_else(|| format!("volume {} is not in the pod's spec", mount.name))?;
-    if volume.projected.is_none() {
+    let Some(projected) = &volume.projected else {
         return Err(format!(
             "volume {} is not a projected volume (the EKS webhooks use projected service-account tokens)",
             mount.name
         ));
-    }
+    };
     let relative = file
         .strip_prefix(&mount.mount_path)
         .map_err(|_| "outside its volume".to_owned())?;
@@ -385,10 +399,84 @@ fn projected_file(
     if relative.as_os_str().is_empty() || !normal {
         return Err("not a plain path to a file inside its volume".to_owned());
     }
-    Ok(ProjectedFile {
+    // Any other source (a ConfigMap, a Secret, the downward API) holds what
+    // the pod's own objects say, which a pod sharing an identity with
+    // others must not hand them as their token. (The API server refuses
+    // two sources projecting one path.)
+    let token = projected
+        .sources
+        .iter()
+        .flatten()
+        .filter_map(|s| s.service_account_token.as_ref())
+        .find(|t| Path::new(&t.path) == relative)
+        .ok_or_else(|| {
+            format!(
+                "volume {} projects no serviceAccountToken at {:?} (the EKS webhooks project the service account's token there)",
+                mount.name,
+                relative.display().to_string()
+            )
+        })?;
+    Ok(ProjectedToken {
         volume: mount.name.clone(),
         relative: relative.to_owned(),
+        audience: token.audience.clone().filter(|a| !a.is_empty()),
     })
+}
+
+/// `arn:<partition>:iam::<account>:role/<path/><name>`, as IAM names
+/// roles: the partition `aws` or `aws-…`, a 12-digit account, a name of
+/// 1 to 64 of `A-Za-z0-9+=,.@_-` and a path of printable ASCII without
+/// space (which admits `"`, `}` and `\`: label values are escaped where
+/// they are written).
+fn check_role_arn(arn: &str) -> Result<(), &'static str> {
+    const MAX_ARN: usize = 2048;
+    const MAX_PATH: usize = 512;
+    const MAX_NAME: usize = 64;
+    if arn.len() > MAX_ARN {
+        return Err("longer than 2048 characters");
+    }
+    let mut parts = arn.splitn(6, ':');
+    let (Some("arn"), Some(partition), Some(service), Some(region), Some(account), Some(resource)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err("expected arn:<partition>:iam::<account>:role/<name>");
+    };
+    let partition_ok = partition == "aws"
+        || partition.strip_prefix("aws-").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        });
+    if !partition_ok {
+        return Err("the partition is not aws or aws-<name>");
+    }
+    if service != "iam" || !region.is_empty() {
+        return Err("not an ARN of IAM (arn:<partition>:iam::…)");
+    }
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("the account is not 12 digits");
+    }
+    let Some(path_and_name) = resource.strip_prefix("role/") else {
+        return Err("not a role (…:role/<name>)");
+    };
+    let (path, name) = match path_and_name.rsplit_once('/') {
+        Some((path, name)) => (path, name),
+        None => ("", path_and_name),
+    };
+    let name_ok = (1..=MAX_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b));
+    if !name_ok {
+        return Err("the role name is not 1 to 64 of A-Za-z0-9+=,.@_-");
+    }
+    if path.len() > MAX_PATH || !path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err("the role path holds a space, a control or a non-ASCII character");
+    }
+    Ok(())
 }
 
 fn check_credentials_uri(uri: &str) -> Result<(), String> {
@@ -620,6 +708,83 @@ mod tests {
             panic!()
         };
         assert!(why.contains("not a projected volume"), "{why}");
+    }
+
+    /// What a pod writes in `AWS_ROLE_ARN` ends up in metric labels, logs
+    /// and STS calls: only IAM role ARNs are taken (a role path may hold
+    /// any printable ASCII but space, so `"`, `}` and `\` are valid).
+    #[test]
+    fn role_arns_that_are_not_iam_role_arns_are_refused() {
+        for arn in [
+            "arn:aws:iam::111122223333:role/app\nlattice_injected_total 1",
+            "arn:aws:iam::111122223333:role/a\"} 1\n#",
+            "arn:aws:iam::111122223333:role/with space",
+            "arn:aws:iam::111122223333:role/",
+            "arn:aws:iam::111122223333:role/path/",
+            "arn:aws:iam::1111:role/app",
+            "arn:aws:iam::111122223333:user/app",
+            "arn:aws:sts::111122223333:role/app",
+            "arn:aws:iam:us-west-2:111122223333:role/app",
+            "role/app",
+        ] {
+            let mut j = irsa_pod();
+            j["spec"]["containers"][0]["env"][1]["value"] = arn.into();
+            let IdentityPlan::Missing(why) = plan(j).identity else {
+                panic!("{arn:?} was taken")
+            };
+            assert!(
+                why.contains("AWS_ROLE_ARN") && why.contains("not an IAM role ARN"),
+                "{arn:?}: {why}"
+            );
+            assert!(
+                !why.contains('\n'),
+                "{arn:?}: the reason is one line: {why}"
+            );
+        }
+        for arn in [
+            "arn:aws:iam::111122223333:role/q\"u}o\\te/app",
+            "arn:aws-cn:iam::111122223333:role/app",
+            "arn:aws-us-gov:iam::111122223333:role/a/b/c+=,.@_-1",
+        ] {
+            let mut j = irsa_pod();
+            j["spec"]["containers"][0]["env"][1]["value"] = arn.into();
+            let IdentityPlan::Irsa { role_arn, .. } = plan(j).identity else {
+                panic!("{arn:?} refused")
+            };
+            assert_eq!(role_arn, arn);
+        }
+    }
+
+    /// The token must be what the EKS webhooks project: a
+    /// `serviceAccountToken` source at that path. A file of any other
+    /// source (a ConfigMap, a Secret, the downward API) in a projected
+    /// volume is the pod's own writing, not a token of its service account.
+    #[test]
+    fn the_token_must_be_a_service_account_token_projection() {
+        let mut j = irsa_pod();
+        j["spec"]["volumes"][0]["projected"]["sources"] = serde_json::json!([
+            {"configMap": {"name": "fake", "items": [{"key": "t", "path": "token"}]}}
+        ]);
+        let IdentityPlan::Missing(why) = plan(j).identity else {
+            panic!("a ConfigMap was taken for a token")
+        };
+        assert!(why.contains("serviceAccountToken"), "{why}");
+
+        let mut j = irsa_pod();
+        j["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["path"] =
+            "other".into();
+        let IdentityPlan::Missing(why) = plan(j).identity else {
+            panic!("a file beside the token was taken for it")
+        };
+        assert!(why.contains("serviceAccountToken"), "{why}");
+
+        // Beside other sources, the token's own path is what counts.
+        let mut j = irsa_pod();
+        j["spec"]["volumes"][0]["projected"]["sources"] = serde_json::json!([
+            {"configMap": {"name": "ca", "items": [{"key": "ca", "path": "ca.crt"}]}},
+            {"serviceAccountToken": {"audience": "sts.amazonaws.com", "path": "token"}}
+        ]);
+        assert!(matches!(plan(j).identity, IdentityPlan::Irsa { .. }));
     }
 
     #[test]

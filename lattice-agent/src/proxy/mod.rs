@@ -6,13 +6,11 @@ pub mod body;
 pub mod errors;
 pub mod headers;
 pub mod server;
-pub mod units;
 pub mod upstream;
 pub mod workers;
 
 use std::{
     borrow::Cow,
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -27,19 +25,18 @@ use self::{
     body::{Guarded, ProxyBody, boxed},
     errors::RequestError,
     server::ConnCtx,
-    upstream::{TlsConfigError, TlsConfigs, Upstream, UpstreamConfig},
+    upstream::{TlsConfigs, Upstream, UpstreamConfig},
 };
 use crate::{
-    cli::ProxyArgs,
     credentials::WorkloadCredentials,
     metrics::WorkloadMetrics,
     netns::SocketFactory,
     orig_dst::OriginalDestination,
     query,
-    sign::{self, Algorithm, Payload, RequestToSign, Signer, SigningConfig},
+    sign::{self, Payload, RequestToSign, Signer, SigningConfig},
 };
 
-/// The proxy's settings, built once from [`ProxyArgs`].
+/// The proxy's settings (built by `config`).
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub signing: SigningConfig,
@@ -53,79 +50,11 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     pub max_header_bytes: u64,
     pub log_signing: bool,
-    pub admin_addr: SocketAddr,
     /// Open client connections per workload; more wait in the backlog.
     pub max_connections: usize,
     /// `--workers` threads connections are spread over; `None` serves
     /// them on the runtime the proxy runs on.
     pub workers: Option<Arc<workers::WorkerPool>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("no AWS region: pass --region (LATTICE_REGION) or set AWS_REGION / a profile region")]
-    NoRegion,
-    #[error("--upstream-tls")]
-    Tls(#[from] TlsConfigError),
-    #[error("--{flag} must be greater than zero")]
-    Zero { flag: &'static str },
-}
-
-impl ProxyConfig {
-    /// Checks every flag and reads `--ca-file`. Called before attaching and
-    /// while still privileged, so a bad flag never leaves interception
-    /// without a proxy and a root-only CA file stays readable. The region
-    /// is `--region` here; [`Self::resolve_region`] completes it.
-    pub fn from_args(args: &ProxyArgs) -> Result<Self, ProxyError> {
-        for (flag, zero) in [
-            ("connect-timeout", args.connect_timeout.is_zero()),
-            ("idle-timeout", args.idle_timeout.is_zero()),
-            ("max-header-bytes", args.max_header_bytes == 0),
-        ] {
-            if zero {
-                return Err(ProxyError::Zero { flag });
-            }
-        }
-        let upstream_tls = if args.upstream_tls {
-            Some(TlsConfigs::new(args.ca_file.as_deref())?)
-        } else {
-            None
-        };
-        Ok(Self {
-            signing: SigningConfig {
-                service: args.service.clone(),
-                region: args.region.clone().unwrap_or_default(),
-                algorithm: if args.sigv4a {
-                    Algorithm::SigV4a
-                } else {
-                    Algorithm::SigV4
-                },
-            },
-            sign_payload: args.sign_payload,
-            max_signed_body: args.max_signed_body,
-            upstream_tls,
-            connect_timeout: args.connect_timeout,
-            request_timeout: Some(args.request_timeout).filter(|d| !d.is_zero()),
-            idle_timeout: args.idle_timeout,
-            drain_timeout: args.drain_timeout,
-            max_header_bytes: args.max_header_bytes,
-            log_signing: args.log_signing,
-            admin_addr: args.admin_addr,
-            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
-            workers: None,
-        })
-    }
-
-    /// Falls back to the region the credential chain resolved (AWS_REGION,
-    /// profile, IMDS) when `--region` was not given.
-    pub fn resolve_region(&mut self, chain_region: Option<String>) -> Result<(), ProxyError> {
-        if self.signing.region.is_empty() {
-            self.signing.region = chain_region
-                .filter(|r| !r.is_empty())
-                .ok_or(ProxyError::NoRegion)?;
-        }
-        Ok(())
-    }
 }
 
 /// What one served workload (a pod) brings to the proxy: everything a
@@ -158,7 +87,7 @@ pub async fn serve(
     workload: WorkloadProxy,
     listeners: Vec<TcpListener>,
     shutdown: CancellationToken,
-) -> Result<(), ProxyError> {
+) {
     let WorkloadProxy {
         cfg,
         sockets,
@@ -185,7 +114,6 @@ pub async fn serve(
         }
     }
     server::run(shared, listeners, orig_dst, shutdown).await;
-    Ok(())
 }
 
 /// Answers one request: forwarded and signed, or a `lattice-agent:` error.

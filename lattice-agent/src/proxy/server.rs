@@ -164,11 +164,11 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        // No eBPF record: the connection may have been steered by the seed
-        // setup's iptables NAT rules instead; conntrack knows where it went.
+        // No eBPF record: the connection may have been steered by the
+        // iptables setup's NAT rules instead, where the workload serves them.
         let dst = orig_dst
             .original_destination(peer)
-            .or_else(|| crate::nat_orig_dst::nat_original_destination(&stream));
+            .or_else(|| orig_dst.untracked_destination(std::os::fd::AsFd::as_fd(&stream)));
         match dst {
             Some(_) => {
                 shared.metrics.redirected.inc();

@@ -39,7 +39,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{body::ProxyBody, errors::RequestError};
-use crate::{credentials::error_chain, netns::SocketFactory};
+use crate::{error_chain, netns::SocketFactory};
 
 /// Upstream protocol, following the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,7 +57,7 @@ pub struct TlsConfigs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
-    #[error("--ca-file {path}: {reason}")]
+    #[error("{path}: {reason}")]
     CaFile { path: String, reason: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),

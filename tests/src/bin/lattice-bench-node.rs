@@ -262,7 +262,7 @@ fn run(args: &Args) -> Result<Value, String> {
         .env("AWS_SECRET_ACCESS_KEY", UNUSED_KEY.secret_access_key)
         .env("AWS_REGION", UNUSED_KEY.region)
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .args(["--log", "warn,lattice_agent::mode=info", "run", "--cgroup"])
+        .args(["--log", "warn,lattice_agent::app=info", "run", "--cgroup"])
         .arg(sidecar_pod.cgroup_path())
         .spawn();
     sidecar.wait_for(

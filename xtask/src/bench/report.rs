@@ -309,6 +309,13 @@ pub fn targets(runs: &[Run], cost: &[Cost], micro: &Micro) -> Vec<Target> {
             Some(2.0),
             "µs",
         ),
+        Target::new(
+            "SigV4A signing of a headers-only request (criterion)",
+            micro.sign_sigv4a_ns.map(|ns| ns / 1000.0),
+            "max",
+            Some(20.0),
+            "µs",
+        ),
     ]
 }
 
@@ -584,7 +591,7 @@ mod tests {
         let runs = sample();
         let micro = Micro {
             sign_sigv4_ns: Some(2500.0),
-            sign_sigv4a_ns: None,
+            sign_sigv4a_ns: Some(15_000.0),
         };
         let t = targets(&runs, &cost(&runs), &micro);
         assert!((t[0].measured.unwrap() - 1.4).abs() < 1e-9, "21 / 15");
@@ -599,6 +606,7 @@ mod tests {
         assert_eq!(t[4].met, None, "no upload");
         assert_eq!(t[5].met, None, "no lattice-w2 figures");
         assert_eq!(t[6].met, Some(false), "2.5 µs > 2 µs");
+        assert_eq!(t[7].met, Some(true), "15 µs <= 20 µs");
     }
 
     #[test]

@@ -3,32 +3,52 @@
 
 use std::time::Duration;
 
+/// A flag value that is not a duration or size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("{value:?}: expected a duration like 500ms, 5s, 2m or 1h")]
+    NotADuration { value: String },
+    #[error("{value:?}: unknown unit {unit:?} (use ms, s, m or h)")]
+    DurationUnit { value: String, unit: String },
+    #[error("{value:?}: expected a size like 65536, 64KiB or 10MiB")]
+    NotASize { value: String },
+    #[error("{value:?}: unknown unit {unit:?} (use KiB, MiB or GiB)")]
+    SizeUnit { value: String, unit: String },
+    #[error("{value:?}: too large")]
+    TooLarge { value: String },
+}
+
 /// Parses `N`, `Nms`, `Ns`, `Nm` or `Nh` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 5s, 2m or 1h"))?;
+    let n: u64 = num.parse().map_err(|_| UnitError::NotADuration {
+        value: s.to_owned(),
+    })?;
     let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)")),
+        other => {
+            return Err(UnitError::DurationUnit {
+                value: s.to_owned(),
+                unit: other.to_owned(),
+            });
+        }
     };
     Ok(d)
 }
 
 /// Parses a byte count with an optional binary (KiB) or decimal (KB) suffix.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, UnitError> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a size like 65536, 64KiB or 10MiB"))?;
+    let n: u64 = num.parse().map_err(|_| UnitError::NotASize {
+        value: s.to_owned(),
+    })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" | "k" => 1 << 10,
@@ -38,13 +58,15 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?} (use KiB, MiB or GiB)"
-            ));
+            return Err(UnitError::SizeUnit {
+                value: s.to_owned(),
+                unit: other.to_owned(),
+            });
         }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?}: too large"))
+    n.checked_mul(mult).ok_or_else(|| UnitError::TooLarge {
+        value: s.to_owned(),
+    })
 }
 
 #[cfg(test)]
