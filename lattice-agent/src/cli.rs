@@ -235,12 +235,27 @@ pub struct ProxyArgs {
     #[arg(long, env = "LATTICE_MAX_SIGNED_BODY", default_value = "10MiB", value_parser = crate::config::units::parse_bytes)]
     pub max_signed_body: u64,
 
-    /// Connect to the original destination with TLS; SNI and the certificate
+    /// Send every signed request over TLS to its original destination (the
+    /// rule `*`, after any --upstream-tls-rule); SNI and the certificate
     /// name come from the request's Host.
     #[arg(long, env = "LATTICE_UPSTREAM_TLS")]
     pub upstream_tls: bool,
 
-    /// Extra PEM CA certificates trusted for --upstream-tls (besides the webpki roots).
+    /// Send matching signed requests over TLS: `SELECTOR[ => PORT]`, where
+    /// SELECTOR is `*`, `port:N`, `cidr:PREFIX` or `host:NAME` (`host:*.SUFFIX`
+    /// for any name ending in .SUFFIX), and PORT the upstream port (default:
+    /// the one the app called). Repeat or separate with commas; the first
+    /// match decides; no match: plain HTTP. E.g.
+    /// `host:*.vpc-lattice-svcs.us-west-2.on.aws => 443`.
+    #[arg(
+        long = "upstream-tls-rule",
+        env = "LATTICE_UPSTREAM_TLS_RULES",
+        value_delimiter = ','
+    )]
+    pub upstream_tls_rules: Vec<String>,
+
+    /// Extra PEM CA certificates trusted for TLS to upstreams (besides the
+    /// webpki roots), e.g. an ACM Private CA's.
     #[arg(long, env = "LATTICE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 
@@ -252,9 +267,18 @@ pub struct ProxyArgs {
     #[arg(long, env = "LATTICE_REQUEST_TIMEOUT", default_value = "60s", value_parser = crate::config::units::parse_duration)]
     pub request_timeout: Duration,
 
-    /// Close client and pooled upstream connections idle this long.
+    /// Close client and pooled upstream connections idle this long (HTTP:
+    /// connections passed through are never closed for idleness).
     #[arg(long, env = "LATTICE_IDLE_TIMEOUT", default_value = "90s", value_parser = crate::config::units::parse_duration)]
     pub idle_timeout: Duration,
+
+    /// How long a new connection may stay silent before the proxy connects
+    /// to its destination, so that a server-first protocol (databases,
+    /// SMTP) can greet. Whichever side then speaks first decides: the
+    /// server makes it a pass-through, the client's first bytes are
+    /// classified as always (HTTP is signed).
+    #[arg(long, env = "LATTICE_SERVER_FIRST_WAIT", default_value = "50ms", value_parser = crate::config::units::parse_duration)]
+    pub server_first_wait: Duration,
 
     /// On shutdown, how long in-flight requests may take to finish.
     #[arg(long, env = "LATTICE_DRAIN_TIMEOUT", default_value = "20s", value_parser = crate::config::units::parse_duration)]
@@ -278,8 +302,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "LATTICE_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
 
-    /// Open client connections per pod (per workload); further connections
-    /// wait in the listen backlog until one closes.
+    /// Open client connections per pod (per workload). At the limit a new
+    /// connection closes the oldest idle one (an HTTP connection with no
+    /// request in flight, or one that has not sent a whole request head);
+    /// only when none is idle does it wait, in the listen backlog.
+    /// Connections passed through (TLS and other protocols) are never idle.
     #[arg(long, env = "LATTICE_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

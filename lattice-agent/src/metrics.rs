@@ -21,6 +21,7 @@ use std::{
     },
 };
 
+use crate::proxy::classify::Kind;
 use prometheus_client::{
     encoding::{
         EncodeLabel as _, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
@@ -113,6 +114,17 @@ impl EncodeLabelSet for RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+impl EncodeLabelSet for KindLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        label(encoder, "kind", self.kind)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -148,6 +160,13 @@ pub struct Metrics {
     /// `lattice_unknown_destination_connections_total{[namespace,pod]}`:
     /// accepted connections without one (answered 421).
     unknown_destination_connections: ByWorkload<Counter>,
+    /// `lattice_client_connections_total{[namespace,pod,]kind}`: client
+    /// connections by what they speak (signed `http1`/`h2c`, passed
+    /// through `tls`/`opaque`/`server-first`).
+    client_connections: Family<(WorkloadLabels, KindLabels), Counter>,
+    /// `lattice_connections_closed_for_room_total{[namespace,pod]}`: idle
+    /// client connections closed at `--max-connections` to admit new ones.
+    closed_for_room: ByWorkload<Counter>,
     /// `lattice_enrolled_pods` (node mode).
     pub enrolled_pods: Gauge,
     /// `lattice_enrollments_total{result="success|error"}` (node mode).
@@ -214,6 +233,18 @@ impl Metrics {
             "Accepted connections without an original destination record",
             unknown_destination_connections.clone(),
         );
+        let client_connections = Family::default();
+        registry.register(
+            "client_connections",
+            "Client connections by kind: http1 and h2c are signed; tls, opaque and server-first are passed through unchanged",
+            client_connections.clone(),
+        );
+        let closed_for_room = Family::default();
+        registry.register(
+            "connections_closed_for_room",
+            "Idle client connections closed at --max-connections to admit new ones",
+            closed_for_room.clone(),
+        );
         let enrolled_pods = Gauge::default();
         registry.register(
             "enrolled_pods",
@@ -236,6 +267,8 @@ impl Metrics {
             open_connections,
             redirected_connections,
             unknown_destination_connections,
+            client_connections,
+            closed_for_room,
             enrolled_pods,
             enrollments,
             credential_sources: std::sync::Mutex::default(),
@@ -252,6 +285,15 @@ impl Metrics {
                 .get_or_create(&labels)
                 .clone(),
             signing_failures: self.signing_failures.get_or_create(&labels).clone(),
+            closed_for_room: self.closed_for_room.get_or_create(&labels).clone(),
+            kinds: Kind::ALL.map(|kind| {
+                self.client_connections.get_or_create_owned(&(
+                    labels.clone(),
+                    KindLabels {
+                        kind: kind.as_str(),
+                    },
+                ))
+            }),
             counts: Arc::new(Counts::default()),
             requests: Arc::default(),
             labels,
@@ -267,6 +309,15 @@ impl Metrics {
         self.redirected_connections.remove(labels);
         self.unknown_destination_connections.remove(labels);
         self.signing_failures.remove(labels);
+        self.closed_for_room.remove(labels);
+        for kind in Kind::ALL {
+            self.client_connections.remove(&(
+                labels.clone(),
+                KindLabels {
+                    kind: kind.as_str(),
+                },
+            ));
+        }
         let counters = workload.requests.lock().unwrap_or_else(|p| p.into_inner());
         for (method, status) in counters.keys() {
             self.requests
@@ -369,11 +420,13 @@ fn request_labels(method: &str, status: u16) -> RequestLabels {
     }
 }
 
-/// Requests and the agent's own error answers of one workload, for `/pods`.
+/// Requests, the agent's own error answers and client connections by
+/// kind ([`Kind::index`]) of one workload, for `/pods`.
 #[derive(Debug, Default)]
 pub struct Counts {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
+    pub connections: [AtomicU64; Kind::ALL.len()],
 }
 
 /// One workload's series.
@@ -385,6 +438,9 @@ pub struct WorkloadMetrics {
     pub redirected: Counter,
     pub unknown_destination: Counter,
     pub signing_failures: Counter,
+    pub closed_for_room: Counter,
+    /// `lattice_client_connections_total` by [`Kind::index`].
+    kinds: [Counter; Kind::ALL.len()],
     pub counts: Arc<Counts>,
     /// This workload's `lattice_requests_total` series by (method label,
     /// status): found without building label strings on every request.
@@ -411,6 +467,12 @@ impl WorkloadMetrics {
         if own_error {
             self.counts.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one client connection of `kind`.
+    pub fn count_connection(&self, kind: Kind) {
+        self.kinds[kind.index()].inc();
+        self.counts.connections[kind.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_duration(&self) -> &Histogram {
@@ -459,6 +521,7 @@ mod tests {
         );
         m.credentials(IdentityLabel::default()).count_refresh(true);
         w.open_connections.inc();
+        w.count_connection(Kind::ServerFirst);
         let text = m.encode();
         for needle in [
             "lattice_requests_total{method=\"GET\",status=\"200\"} 1",
@@ -470,6 +533,8 @@ mod tests {
             "lattice_signing_failures_total{} 0",
             "lattice_redirected_connections_total{} 0",
             "lattice_credential_expiry_timestamp_seconds{} 0",
+            "lattice_client_connections_total{kind=\"server-first\"} 1",
+            "lattice_client_connections_total{kind=\"tls\"} 0",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
@@ -515,18 +580,24 @@ mod tests {
             true,
         );
         w.open_connections.inc();
+        w.count_connection(Kind::Tls);
         m.credentials(IdentityLabel::new("irsa:arn:aws:iam::1:role/cart"))
             .count_refresh(false);
         let text = m.encode();
         for needle in [
             "lattice_requests_total{namespace=\"shop\",pod=\"cart-0\",method=\"POST\",status=\"503\"} 1",
             "lattice_open_connections{namespace=\"shop\",pod=\"cart-0\"} 1",
+            "lattice_client_connections_total{namespace=\"shop\",pod=\"cart-0\",kind=\"tls\"} 1",
             "lattice_credential_refreshes_total{identity=\"irsa:arn:aws:iam::1:role/cart\",result=\"error\"} 1",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
         assert_eq!(w.counts.requests.load(Ordering::Relaxed), 1);
         assert_eq!(w.counts.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            w.counts.connections[Kind::Tls.index()].load(Ordering::Relaxed),
+            1
+        );
         m.forget_workload(&w);
         assert!(!m.encode().contains("cart-0"));
     }

@@ -39,6 +39,20 @@ pub const PREFIX_CAPACITY: u32 = 64;
 /// kubelet's pods-per-node limits.
 pub const ENROLLED_CAPACITY: u32 = 4096;
 
+/// Value of a prefix-trie entry whose addresses are redirected.
+pub const PREFIX_INTERCEPT: u8 = 1;
+/// Value of a prefix-trie entry whose addresses are never redirected, even
+/// inside a shorter intercepted prefix (the longest match wins).
+pub const PREFIX_EXEMPT: u8 = 0;
+
+/// Addresses never intercepted whatever prefixes are configured: the EKS
+/// Pod Identity Agent, which the credential chain of every pod (and the
+/// agent's own) must reach directly.
+pub const NEVER_INTERCEPTED_V4: [[u8; 4]; 1] = [[169, 254, 170, 23]];
+/// `fd00:ec2::23`, the Pod Identity Agent's IPv6 address.
+pub const NEVER_INTERCEPTED_V6: [[u8; 16]; 1] =
+    [[0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x23]];
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
@@ -299,6 +313,14 @@ mod tests {
             SockAddr::from(mapped).peer_key(),
             SockAddr::from(v4).peer_key()
         );
+    }
+
+    #[test]
+    fn never_intercepted_addresses_are_the_pod_identity_agent() {
+        let v4 = core::net::Ipv4Addr::from(NEVER_INTERCEPTED_V4[0]);
+        assert_eq!(v4, core::net::Ipv4Addr::new(169, 254, 170, 23));
+        let v6 = core::net::Ipv6Addr::from(NEVER_INTERCEPTED_V6[0]);
+        assert_eq!(v6, "fd00:ec2::23".parse::<core::net::Ipv6Addr>().unwrap());
     }
 
     #[test]

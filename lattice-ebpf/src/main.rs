@@ -36,8 +36,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lattice_common::{
-    AF_INET, AF_INET6, Config, ENROLLED_CAPACITY, ORIG_DST_CAPACITY, PREFIX_CAPACITY, PeerKey,
-    PendingConnect, SockAddr, is_v4_mapped,
+    AF_INET, AF_INET6, Config, ENROLLED_CAPACITY, ORIG_DST_CAPACITY, PREFIX_CAPACITY,
+    PREFIX_EXEMPT, PeerKey, PendingConnect, SockAddr, is_v4_mapped,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -52,6 +52,8 @@ const ALLOW: i32 = 1;
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+/// Destination prefixes: [`lattice_common::PREFIX_INTERCEPT`] entries are
+/// redirected, [`PREFIX_EXEMPT`] entries (longer, inside them) never are.
 #[map]
 static V4_PREFIXES: LpmTrie<[u8; 4], u8> =
     LpmTrie::with_max_entries(PREFIX_CAPACITY, BPF_F_NO_PREALLOC);
@@ -141,7 +143,7 @@ fn redirect_connect4(ctx: &SockAddrContext) -> Option<()> {
         }
         let ip = (*sa).user_ip4;
         let octets = ip.to_ne_bytes();
-        V4_PREFIXES.get(Key::new(32, octets))?;
+        intercepted_v4(octets)?;
         let (cfg, netns) = active_config(ctx)?;
         let port = u16::from_be((*sa).user_port as u16);
         let cookie = bpf_get_socket_cookie(ctx.as_ptr());
@@ -184,7 +186,7 @@ fn redirect_connect6(ctx: &SockAddrContext) -> Option<()> {
         let port = u16::from_be((*sa).user_port as u16);
         let (orig, loopback) = if is_v4_mapped(&bytes) {
             let v4 = [bytes[12], bytes[13], bytes[14], bytes[15]];
-            V4_PREFIXES.get(Key::new(32, v4))?;
+            intercepted_v4(v4)?;
             // JVMs and other dual-stack clients: keep the mapped form.
             let lo = [
                 0,
@@ -194,7 +196,7 @@ fn redirect_connect6(ctx: &SockAddrContext) -> Option<()> {
             ];
             (SockAddr::v4(v4, port), lo)
         } else {
-            V6_PREFIXES.get(Key::new(128, bytes))?;
+            intercepted_v6(bytes)?;
             (
                 SockAddr::v6(bytes, port),
                 [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
@@ -219,6 +221,17 @@ fn redirect_connect6(ctx: &SockAddrContext) -> Option<()> {
         );
     }
     Some(())
+}
+
+/// `Some` when the longest configured prefix holding `ip` is intercepted.
+#[inline(always)]
+fn intercepted_v4(ip: [u8; 4]) -> Option<()> {
+    (*V4_PREFIXES.get(Key::new(32, ip))? != PREFIX_EXEMPT).then_some(())
+}
+
+#[inline(always)]
+fn intercepted_v6(ip: [u8; 16]) -> Option<()> {
+    (*V6_PREFIXES.get(Key::new(128, ip))? != PREFIX_EXEMPT).then_some(())
 }
 
 #[inline(always)]

@@ -173,6 +173,9 @@ struct Shared {
     /// True while [`ApiServer::hold_watches`]'s guard lives: new watch
     /// requests wait.
     held: watch::Sender<bool>,
+    /// True while [`ApiServer::hold_lists`]'s guard lives: new list
+    /// requests wait.
+    lists_held: watch::Sender<bool>,
     bookmark_interval: Mutex<Duration>,
     log: Mutex<Vec<Logged>>,
     open_watches: AtomicUsize,
@@ -196,6 +199,12 @@ impl Shared {
         let mut held = self.held.subscribe();
         let _ = held.wait_for(|h| !*h).await;
     }
+
+    /// Returns once no [`ListHold`] lives.
+    async fn lists_unheld(&self) {
+        let mut held = self.lists_held.subscribe();
+        let _ = held.wait_for(|h| !*h).await;
+    }
 }
 
 /// While it lives, new watch requests wait (unanswered) and open streams
@@ -208,6 +217,19 @@ pub struct WatchHold {
 impl Drop for WatchHold {
     fn drop(&mut self) {
         self.shared.held.send_replace(false);
+    }
+}
+
+/// While it lives, new list requests wait (unanswered): a client's first
+/// list takes as long as the test wants, as against a slow or distant
+/// real server.
+pub struct ListHold {
+    shared: Arc<Shared>,
+}
+
+impl Drop for ListHold {
+    fn drop(&mut self) {
+        self.shared.lists_held.send_replace(false);
     }
 }
 
@@ -251,6 +273,7 @@ impl ApiServer {
             changed: watch::Sender::new(0),
             close: watch::Sender::new(0),
             held: watch::Sender::new(false),
+            lists_held: watch::Sender::new(false),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             log: Mutex::new(Vec::new()),
             open_watches: AtomicUsize::new(0),
@@ -391,6 +414,15 @@ impl ApiServer {
     pub fn hold_watches(&self) -> WatchHold {
         self.shared.held.send_replace(true);
         WatchHold {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Holds new list requests until the guard is dropped (see
+    /// [`ListHold`]).
+    pub fn hold_lists(&self) -> ListHold {
+        self.shared.lists_held.send_replace(true);
+        ListHold {
             shared: Arc::clone(&self.shared),
         }
     }
@@ -777,6 +809,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 shared.unheld().await;
                 start_watch(shared, kind, filter, render, &query)
             } else {
+                shared.lists_unheld().await;
                 list(shared, kind, &filter, render, &query)
             }
         }

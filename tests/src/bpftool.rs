@@ -133,3 +133,111 @@ pub fn wait_detached(cgroup: &Path, context: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// `bpftool OBJECT show pinned PATH` (`link` or `map`), and a reader of
+/// its number fields.
+fn show_pinned(object: &str, pinned: &Path) -> (Value, impl Fn(&Value, &str) -> u64) {
+    let json = bpftool_json(&[
+        object.as_ref(),
+        "show".as_ref(),
+        "pinned".as_ref(),
+        pinned.as_os_str(),
+    ]);
+    let object = object.to_owned();
+    let field = move |json: &Value, k: &str| {
+        json.get(k)
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| panic!("bpftool {object} show: no {k} in {json}"))
+    };
+    (json, field)
+}
+
+/// `(link id, program id)` of the link pinned at `pinned`.
+pub fn pinned_link(pinned: &Path) -> (u64, u64) {
+    let (json, field) = show_pinned("link", pinned);
+    (field(&json, "id"), field(&json, "prog_id"))
+}
+
+/// The kernel's tag of program `id` (hex): the hash of its instructions.
+pub fn prog_tag(id: u64) -> String {
+    let id = id.to_string();
+    let json = bpftool_json(&["prog".as_ref(), "show".as_ref(), "id".as_ref(), id.as_ref()]);
+    json.get("tag")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("bpftool prog show: no tag in {json}"))
+        .to_owned()
+}
+
+/// What `bpftool map show` says of the map pinned at `pinned`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapFacts {
+    pub id: u64,
+    pub map_type: String,
+    pub key_size: u64,
+    pub value_size: u64,
+    pub max_entries: u64,
+}
+
+pub fn pinned_map(pinned: &Path) -> MapFacts {
+    let (json, field) = show_pinned("map", pinned);
+    let field = |k: &str| field(&json, k);
+    MapFacts {
+        id: field("id"),
+        map_type: json
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        key_size: field("bytes_key"),
+        value_size: field("bytes_value"),
+        max_entries: field("max_entries"),
+    }
+}
+
+/// The keys of the map pinned at `pinned`, read as native-endian u64s
+/// (the gate's network-namespace cookies).
+pub fn map_keys_u64(pinned: &Path) -> Vec<u64> {
+    let json = bpftool_json(&[
+        "map".as_ref(),
+        "dump".as_ref(),
+        "pinned".as_ref(),
+        pinned.as_os_str(),
+    ]);
+    let mut keys: Vec<u64> = json
+        .as_array()
+        .unwrap_or_else(|| panic!("bpftool map dump: expected an array, got {json}"))
+        .iter()
+        .map(|entry| {
+            let bytes: Vec<u8> = entry["key"]
+                .as_array()
+                .unwrap_or_else(|| panic!("bpftool map dump: no key in {entry}"))
+                .iter()
+                .map(|b| {
+                    let hex = b.as_str().unwrap_or_default().trim_start_matches("0x");
+                    u8::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("key byte {b}: {e}"))
+                })
+                .collect();
+            u64::from_ne_bytes(
+                bytes
+                    .try_into()
+                    .unwrap_or_else(|k| panic!("not an 8-byte key: {k:?}")),
+            )
+        })
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Creates a map pinned at `pinned` (`bpftool map create`), e.g. one laid
+/// out as an older agent's.
+pub fn map_create(pinned: &Path, map_type: &str, key: u32, value: u32, entries: u32, name: &str) {
+    let (key, value, entries) = (key.to_string(), value.to_string(), entries.to_string());
+    let mut args = vec![OsStr::new("map"), OsStr::new("create"), pinned.as_os_str()];
+    args.extend(
+        [
+            "type", map_type, "key", &key, "value", &value, "entries", &entries, "name", name,
+        ]
+        .map(OsStr::new),
+    );
+    bpftool(args);
+}

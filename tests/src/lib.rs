@@ -21,12 +21,16 @@
 //! - [`node_agent`]: running `lattice-agent node` on a [`node::Node`] with
 //!   the API stand-in, and pods' API objects as the EKS webhooks shape them;
 //! - [`bpftool`]: what is attached to a cgroup, how full a pinned map is;
+//! - [`rebuild`]: pins as an agent of another build leaves them (other
+//!   programs in the pinned links, maps laid out otherwise);
 //! - [`bpffs`]: a private bpffs mount for `--pin`, and a mount namespace
 //!   whose `/sys/fs/bpf` is a bpffs or not (node mode's default pin);
 //! - [`orig_dst`]: `SO_ORIGINAL_DST`, as proxies written for iptables ask it;
 //! - [`verifier`]: the botocore SigV4 verifier as a Lattice-like service in
 //!   a pod, and the demo credentials.
 //! - [`apiserver`]: the Kubernetes API stand-in kube-rs and kubectl talk to;
+//! - [`script`]: scripted byte exchanges for protocols that are not HTTP;
+//! - [`tls`]: test CAs and the certificates they issue;
 //! - [`time`], [`random`]: dates, clocks, UIDs and IDs for the above;
 //! - [`reliability`]: the lifecycle tests' figures for the README table.
 //! - [`loopback`]: HTTP/1.1 and h2c clients and small upstreams on 127.0.0.1
@@ -82,13 +86,19 @@ pub mod proxy_child;
 #[cfg(feature = "full")]
 pub mod random;
 #[cfg(feature = "full")]
+pub mod rebuild;
+#[cfg(feature = "full")]
 pub mod reliability;
+#[cfg(feature = "full")]
+pub mod script;
 #[cfg(feature = "full")]
 pub mod sidecar;
 #[cfg(feature = "full")]
 pub mod sigv4;
 #[cfg(feature = "full")]
 pub mod time;
+#[cfg(feature = "full")]
+pub mod tls;
 #[cfg(feature = "full")]
 pub mod verifier;
 

@@ -9,7 +9,6 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -21,7 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{spawn::run_ok, time::format_rfc3339};
+use crate::time::format_rfc3339;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -344,75 +343,8 @@ impl CredsServer {
     }
 }
 
-/// A CA and a leaf certificate for `names`, made with the openssl CLI in
-/// `dir`: returns (ca.pem, leaf.pem, leaf.key). None when openssl is missing.
-pub fn make_certs(dir: &Path, names: &[&str]) -> Option<(PathBuf, PathBuf, PathBuf)> {
-    if Command::new("openssl").arg("version").output().is_err() {
-        return None;
-    }
-    let openssl = |args: &[&str]| {
-        run_ok(Command::new("openssl").args(args).current_dir(dir));
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"],
-            &ec[..],
-            &["-keyout", "ca.key", "-out", "ca.pem"],
-            &["-days", "2", "-subj", "/CN=lattice test CA"],
-        ]
-        .concat(),
-    );
-    let san = names
-        .iter()
-        .map(|n| format!("DNS:{n}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    std::fs::write(
-        dir.join("leaf.ext"),
-        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
-    openssl(
-        &[
-            &["req"],
-            &ec[..],
-            &["-keyout", "leaf.key", "-out", "leaf.csr"],
-            &["-subj", "/CN=lattice test leaf"],
-        ]
-        .concat(),
-    );
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "leaf.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "leaf.ext",
-    ]);
-    Some((
-        dir.join("ca.pem"),
-        dir.join("leaf.pem"),
-        dir.join("leaf.key"),
-    ))
-}
-
-/// TLS upstream (ALPN h2 and http/1.1) answering
+/// TLS upstream (ALPN h2 and http/1.1) with a certificate from
+/// [`crate::tls::TestCa`], answering
 /// `sni=<SNI> alpn=<ALPN> version=<HTTP version> authority=<Host or :authority>`.
 pub async fn tls_upstream(cert: &Path, key: &Path) -> SocketAddr {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};

@@ -108,14 +108,62 @@ pub fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
 }
 
 /// `pod` as the API shows it, annotated, with IRSA for service account
-/// `sa` (role `sa`, token `n`, [`REGION`]), applied; returns its object.
-pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
-    let obj = PodObject::new(pod, cluster.node.name())
+/// `sa` (role `sa`, token `n`, [`REGION`]); not applied yet.
+pub fn irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
+    PodObject::new(pod, cluster.node.name())
         .annotated()
         .service_account(sa)
-        .irsa(pod, &role_arn(sa), REGION, &irsa_token(n));
+        .irsa(pod, &role_arn(sa), REGION, &irsa_token(n))
+}
+
+/// [`irsa_pod`], applied; returns its object.
+pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
+    let obj = irsa_pod(cluster, pod, sa, n);
     cluster.apply(&obj);
     obj
+}
+
+/// An app's load on the VPC Lattice service from `pod`, as UID 1000, for
+/// `seconds`: `lattice-test-client MODE`, `load` (a new connection per
+/// request, back to back, refused connects retried) or `load-keepalive`.
+/// Its summary comes from [`load_result`].
+pub fn start_load(pod: &NodePod, mode: &str, seconds: u64) -> ChildGuard {
+    pod.command(crate::pod::test_bin("lattice-test-client"))
+        .uid(1000)
+        .args([
+            mode,
+            &format!("{}:80", crate::node::LATTICE_V4),
+            &seconds.to_string(),
+            LATTICE_HOST,
+        ])
+        .spawn()
+}
+
+/// The summary a load prints when it ends (`ok`, `failed`, `refused`,
+/// `recovered_ns`, ...); panics if it does not end within `timeout`.
+pub fn load_result(mut load: ChildGuard, timeout: Duration) -> Value {
+    let status = load.wait_timeout(timeout).expect("the load ends");
+    let out = load.output(status);
+    assert!(out.success(), "{out}");
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("load output ({e}): {out}"))
+}
+
+/// A counter of a load's summary.
+pub fn load_count(summary: &Value, key: &str) -> u64 {
+    summary[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {summary}"))
+}
+
+/// Requests the service refused because they were not signed (each one
+/// printed).
+pub fn unsigned_requests(verifier: &crate::verifier::Verifier) -> u64 {
+    verifier
+        .requests()
+        .iter()
+        .filter(|r| r.status != 200)
+        .inspect(|r| eprintln!("not accepted: {r:?}"))
+        .count() as u64
 }
 
 /// The app's GET of `path` on the VPC Lattice service, from `pod`.
@@ -298,6 +346,48 @@ impl Cluster {
     pub fn apply(&self, pod: &PodObject) -> Value {
         self.api.apply_pod(pod.json.clone())
     }
+
+    /// Waits up to 10 s for an Event `matches` accepts (`what` names it
+    /// in the failure); returns it.
+    pub fn wait_event_where(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = self.api.events().into_iter().find(&matches) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} event: {:?}",
+                self.api.events()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to 10 s for an Event with `reason` about the pod `uid`.
+    pub fn wait_event(&self, uid: &str, reason: &str) -> Value {
+        self.wait_event_where(&format!("{reason} for {uid}"), |e| {
+            e["reason"] == reason && e["regarding"]["uid"] == uid
+        })
+    }
+
+    /// `lattice-test-service --keep-alive` on port 80 of each of `addrs`,
+    /// added to the node's `lo`: services beside the verifier, listening.
+    pub fn keep_alive_services(&self, addrs: &[&str]) -> Vec<ChildGuard> {
+        addrs
+            .iter()
+            .map(|addr| {
+                self.node.add_lo_addr(&format!("{addr}/32"));
+                let mut service = self
+                    .node
+                    .command(crate::pod::test_bin("lattice-test-service"))
+                    .args(["--keep-alive", &format!("tcp:{addr}:80")])
+                    .spawn();
+                service.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
+                service
+            })
+            .collect()
+    }
 }
 
 impl Default for Cluster {
@@ -381,8 +471,19 @@ impl NodeAgent {
 
     /// [`NodeAgent::start`] as `how` says.
     pub fn start_with(cluster: &Cluster, cmd: PodCommand, how: &AgentStart<'_>) -> Self {
+        Self::start_until(cluster, cmd, how, READY_LINE)
+    }
+
+    /// [`NodeAgent::start_with`], waiting for `line` in its log rather
+    /// than its ready line (an agent that cannot be ready yet).
+    pub fn start_until(
+        cluster: &Cluster,
+        cmd: PodCommand,
+        how: &AgentStart<'_>,
+        line: &str,
+    ) -> Self {
         let (mut child, port) = Self::spawn(cluster, cmd, how);
-        child.wait_for(Stream::Stderr, READY_LINE, Duration::from_secs(30));
+        child.wait_for(Stream::Stderr, line, Duration::from_secs(30));
         Self {
             child,
             node_netns: cluster.node.netns_path().to_owned(),

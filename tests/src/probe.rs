@@ -117,3 +117,17 @@ pub fn serve_one_request(listener: &TcpListener, body: &str, timeout: Duration) 
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// gRPC-style h2c arguments for curl: HTTP/2 prior knowledge, a POST of
+/// `data` (curl's `--data-binary` syntax) as application/grpc.
+pub fn grpc_curl_args(data: &str) -> [&str; 7] {
+    [
+        "--http2-prior-knowledge",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        data,
+    ]
+}

@@ -16,15 +16,16 @@ use lattice_tests::{
     bpffs::{MountNs, SysFsBpf},
     bpftool::attached_programs,
     node::{LATTICE_V4, NodePod, PodSpec},
-    node_agent::{AgentPin, AgentStart, Cluster, NodeAgent, PodObject, sts_url},
+    node_agent::{
+        self, AgentPin, AgentStart, Cluster, NodeAgent, PodObject, load_count, load_result,
+        sts_url, unsigned_requests,
+    },
     reliability::Record,
     require_root,
     spawn::Stream,
-    test_bin,
     time::monotonic_ns,
     verifier::{DEMO_CREDENTIALS, Verifier, python},
 };
-use serde_json::Value;
 
 const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 /// How long the kubelet takes to start a crashed container again.
@@ -32,41 +33,7 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// The app's load: new connection per request, refused connects retried.
 fn start_load(pod: &NodePod, seconds: u64) -> ChildGuard {
-    start_client_load(pod, "load", seconds)
-}
-
-/// `lattice-test-client MODE` (`load` or `load-keepalive`) from `pod`.
-fn start_client_load(pod: &NodePod, mode: &str, seconds: u64) -> ChildGuard {
-    pod.command(test_bin("lattice-test-client"))
-        .uid(1000)
-        .args([
-            mode,
-            &format!("{LATTICE_V4}:80"),
-            &seconds.to_string(),
-            HOST,
-        ])
-        .spawn()
-}
-
-fn load_result(mut load: ChildGuard, timeout: Duration) -> Value {
-    let status = load.wait_timeout(timeout).expect("the load ends");
-    let out = load.output(status);
-    assert!(out.success(), "{out}");
-    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("load output ({e}): {out}"))
-}
-
-fn count(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
-}
-
-/// Requests the service refused because they were not signed.
-fn unsigned(verifier: &Verifier) -> u64 {
-    verifier
-        .requests()
-        .iter()
-        .filter(|r| r.status != 200)
-        .inspect(|r| eprintln!("not accepted: {r:?}"))
-        .count() as u64
+    node_agent::start_load(pod, "load", seconds)
 }
 
 /// A pod annotated for the node agent, with an IRSA identity (role `node`).
@@ -167,15 +134,17 @@ fn sidecar_killed_under_load_fails_closed_and_recovers() {
         id: "sidecar-sigkill",
         fault: "sidecar SIGKILL, restarted 1 s later".into(),
         load: "1 app, new connection per request, back to back, 8 s".into(),
-        attempted: count(&result, "ok") + count(&result, "failed") + count(&result, "refused"),
-        failed: count(&result, "failed") + count(&result, "refused"),
-        unsigned: unsigned(&verifier),
+        attempted: load_count(&result, "ok")
+            + load_count(&result, "failed")
+            + load_count(&result, "refused"),
+        failed: load_count(&result, "failed") + load_count(&result, "refused"),
+        unsigned: unsigned_requests(&verifier),
         recovery_ms: recovered.map(|r| (r.saturating_sub(restarted)) as f64 / 1e6),
         notes: format!(
             "connects refused while no sidecar ran ({} refusals); the restarted sidecar was \
              ready after {start_ms:.0} ms; a connect made as it replaced the programs can \
              find no record (421)",
-            count(&result, "refused")
+            load_count(&result, "refused")
         ),
     };
     record.save();
@@ -184,7 +153,7 @@ fn sidecar_killed_under_load_fails_closed_and_recovers() {
         "unsigned requests reached the service: {result}"
     );
     assert!(
-        count(&result, "refused") > 0,
+        load_count(&result, "refused") > 0,
         "the app never saw the gap: {result}"
     );
     assert!(
@@ -194,7 +163,7 @@ fn sidecar_killed_under_load_fails_closed_and_recovers() {
         "refusals began before the kill? {result}"
     );
     assert!(recovered.is_some(), "never recovered: {result}");
-    assert!(count(&result, "ok") > 100, "{result}");
+    assert!(load_count(&result, "ok") > 100, "{result}");
 }
 
 /// The node agent killed under load, started as users start it, without
@@ -258,13 +227,15 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
         id: "node-agent-sigkill",
         fault: "node agent SIGKILL, restarted 1 s later (pinned by default)".into(),
         load: "1 app, new connection per request, back to back, 8 s".into(),
-        attempted: count(&result, "ok") + count(&result, "failed") + count(&result, "refused"),
-        failed: count(&result, "failed") + count(&result, "refused"),
-        unsigned: unsigned(&verifier),
+        attempted: load_count(&result, "ok")
+            + load_count(&result, "failed")
+            + load_count(&result, "refused"),
+        failed: load_count(&result, "failed") + load_count(&result, "refused"),
+        unsigned: unsigned_requests(&verifier),
         recovery_ms: recovered.map(|r| (r.saturating_sub(restarted)) as f64 / 1e6),
         notes: format!(
             "connects refused while no agent ran ({} refusals); recovery includes the agent's start and the pod's re-enrollment",
-            count(&result, "refused")
+            load_count(&result, "refused")
         ),
     };
     record.save();
@@ -278,7 +249,7 @@ fn node_agent_killed_under_load_fails_closed_and_recovers() {
         "nothing pinned at the default path: {pins:?}"
     );
     assert!(
-        count(&result, "refused") > 0,
+        load_count(&result, "refused") > 0,
         "the app never saw the gap: {result}"
     );
     assert!(
@@ -316,7 +287,7 @@ fn upstream_down_under_load_502s_then_recovers() {
 
     let load = start_load(&pod, 8);
     std::thread::sleep(Duration::from_secs(2));
-    let unsigned_before = unsigned(&before);
+    let unsigned_before = unsigned_requests(&before);
     drop(before);
     std::thread::sleep(Duration::from_secs(2));
     let after = service();
@@ -327,14 +298,16 @@ fn upstream_down_under_load_502s_then_recovers() {
         id: "upstream-down",
         fault: "the Lattice service down for 2 s".into(),
         load: "1 app, new connection per request, back to back, 8 s".into(),
-        attempted: count(&result, "ok") + count(&result, "failed") + count(&result, "refused"),
-        failed: count(&result, "failed") + count(&result, "refused"),
-        unsigned: unsigned_before + unsigned(&after),
+        attempted: load_count(&result, "ok")
+            + load_count(&result, "failed")
+            + load_count(&result, "refused"),
+        failed: load_count(&result, "failed") + load_count(&result, "refused"),
+        unsigned: unsigned_before + unsigned_requests(&after),
         recovery_ms: recovered.map(|r| (r.saturating_sub(back)) as f64 / 1e6),
         notes: format!(
             "every failure a 502 from the agent ({} during the outage); recovery counted from \
              the service listening again",
-            count(&result, "failed")
+            load_count(&result, "failed")
         ),
     };
     record.save();
@@ -342,9 +315,9 @@ fn upstream_down_under_load_502s_then_recovers() {
         record.unsigned, 0,
         "unsigned requests reached the service: {result}"
     );
-    assert_eq!(count(&result, "refused"), 0, "{result}");
+    assert_eq!(load_count(&result, "refused"), 0, "{result}");
     assert!(
-        count(&result, "failed") > 0,
+        load_count(&result, "failed") > 0,
         "the outage went unseen: {result}"
     );
     let reasons = result["reasons"].as_array().expect("reasons");
@@ -355,7 +328,7 @@ fn upstream_down_under_load_502s_then_recovers() {
         "failures other than 502: {result}"
     );
     assert!(recovered.is_some(), "never recovered: {result}");
-    assert!(count(&result, "ok") > 100, "{result}");
+    assert!(load_count(&result, "ok") > 100, "{result}");
 }
 
 /// A rolling update of the node agent, as the DaemonSet does it
@@ -392,8 +365,8 @@ fn node_agent_replaced_under_load_loses_no_request() {
     assert_eq!(attached.len(), 4, "{attached:?}");
 
     let seconds = 3 + 3 * REPLACEMENTS as u64;
-    let kept = start_client_load(&pods[0], "load-keepalive", seconds);
-    let fresh = start_client_load(&pods[1], "load", seconds);
+    let kept = node_agent::start_load(&pods[0], "load-keepalive", seconds);
+    let fresh = node_agent::start_load(&pods[1], "load", seconds);
     let mut takeovers_ms = Vec::new();
     for round in 0..REPLACEMENTS {
         std::thread::sleep(Duration::from_millis(1500));
@@ -426,7 +399,7 @@ fn node_agent_replaced_under_load_loses_no_request() {
     }
     let kept = load_result(kept, Duration::from_secs(seconds + 30));
     let fresh = load_result(fresh, Duration::from_secs(seconds + 30));
-    let total = |key: &str| count(&kept, key) + count(&fresh, key);
+    let total = |key: &str| load_count(&kept, key) + load_count(&fresh, key);
     let record = Record {
         id: "node-agent-upgrade",
         fault: format!(
@@ -437,13 +410,13 @@ fn node_agent_replaced_under_load_loses_no_request() {
         ),
         attempted: total("ok") + total("failed") + total("refused"),
         failed: total("failed") + total("refused"),
-        unsigned: unsigned(&verifier),
+        unsigned: unsigned_requests(&verifier),
         recovery_ms: None,
         notes: format!(
             "p99 {} µs (kept-alive) / {} µs (new connections); {} requests sent again on a new connection after the old agent closed an idle kept-alive one (as Go's net/http does); takeover {:.0}-{:.0} ms",
             kept["p99_us"],
             fresh["p99_us"],
-            count(&kept, "retried"),
+            load_count(&kept, "retried"),
             takeovers_ms.iter().copied().fold(f64::INFINITY, f64::min),
             takeovers_ms.iter().copied().fold(0.0, f64::max),
         ),
@@ -457,11 +430,11 @@ fn node_agent_replaced_under_load_loses_no_request() {
         agent.log()
     );
     assert!(
-        count(&kept, "ok") > 100 && count(&fresh, "ok") > 100,
+        load_count(&kept, "ok") > 100 && load_count(&fresh, "ok") > 100,
         "too little load to mean anything: {kept} {fresh}"
     );
     assert!(
-        count(&kept, "connections") > 1,
+        load_count(&kept, "connections") > 1,
         "the kept-alive app never moved to the new agent: {kept}"
     );
 }
@@ -590,7 +563,7 @@ fn credential_outage_503s_then_recovers_without_a_storm() {
         load: "1 app, one request every 200 ms".into(),
         attempted,
         failed,
-        unsigned: unsigned(&verifier),
+        unsigned: unsigned_requests(&verifier),
         recovery_ms: recovered.map(|d| d.as_secs_f64() * 1000.0),
         notes: format!(
             "{failed} requests answered 503 (no credentials), {} naming the endpoint's 500; \

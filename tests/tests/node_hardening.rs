@@ -486,20 +486,12 @@ fn what_a_pod_controls_never_breaks_the_metrics_page() {
         "{row}"
     );
     assert_eq!(get_as(&injected, 1000, "/injected").status, 503);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cluster.api.events().iter().any(|e| {
+    cluster.wait_event_where("AWS_ROLE_ARN", |e| {
         e["regarding"]["uid"] == injected.uid()
             && e["note"]
                 .as_str()
                 .is_some_and(|n| n.contains("AWS_ROLE_ARN"))
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "no Event: {:?}",
-            cluster.api.events()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
 /// An annotated pod of the service account `shared`, as the Pod Identity

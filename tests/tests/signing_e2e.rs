@@ -32,6 +32,7 @@ use lattice_tests::{
     ChildGuard, Pod, TempDir,
     agent::{READY_LINE, READY_TIMEOUT, STOP_TIMEOUT, agent_bin, assert_no_credentials_text},
     pod::{LATTICE_V4, LATTICE_V6},
+    probe::grpc_curl_args,
     require_root,
     sigv4::ENCODING_CASES,
     spawn::Stream,
@@ -694,20 +695,6 @@ fn ipv6_and_ipv4_mapped_destinations() {
     assert!(!logs.contains(" ERROR "), "{logs}");
 }
 
-/// gRPC-style h2c arguments for curl: HTTP/2 prior knowledge, a POST of
-/// `data` (curl's `--data-binary` syntax) as application/grpc.
-fn grpc_args(data: &str) -> [&str; 7] {
-    [
-        "--http2-prior-knowledge",
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "te: trailers",
-        "--data-binary",
-        data,
-    ]
-}
-
 /// An h2c client (HTTP/2 prior knowledge, gRPC-style POST) is signed and
 /// forwarded over HTTP/2; the gRPC trailer comes back to the app.
 #[test]
@@ -723,7 +710,7 @@ fn h2c_grpc_style_request_is_signed_and_forwarded() {
     let _agent = RunningAgent::with_static(&pod, &[]);
 
     let data = format!("@{}", str_path(&frame));
-    let r = to_service(&pod, &grpc_args(&data), "/lattice.test.Echo/Say");
+    let r = to_service(&pod, &grpc_curl_args(&data), "/lattice.test.Echo/Say");
     assert_eq!(r.version, "2", "{r:?}");
     assert_eq!(r.status, 200, "{r:?}");
     // curl -i prints trailers after the body.
@@ -991,7 +978,7 @@ fn no_secret_or_token_in_the_agent_logs() {
         "X-Amz-Security-Token: CLIENT-FAKE-TOKEN-XYZ",
     ];
     to_service(pod, &client_creds, "/logged?a=1").assert_ok();
-    let r = to_service(pod, &grpc_args("grpc"), "/lattice.test.Echo/Logged");
+    let r = to_service(pod, &grpc_curl_args("grpc"), "/lattice.test.Echo/Logged");
     assert_eq!((r.status, r.version.as_str()), (200, "2"), "{r:?}");
     // An upstream error: nothing listens on port 81.
     let r = app(pod, &[&format!("http://{LATTICE_V4}:81/")]);

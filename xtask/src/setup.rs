@@ -21,6 +21,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",     // `ip netns`, addresses on a namespace's lo
     "util-linux",   // nsenter, setpriv, mount
     "curl",         // the demo's client
+    "openssl",      // tests: an app's own TLS (s_client) to a TLS server (s_server)
     "nginx-light",  // an upstream HTTP server for the demo
     "wrk",          // load generator
     "python3-venv", // the Python test venv (pyenv's python may lack it)

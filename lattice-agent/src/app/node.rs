@@ -118,6 +118,9 @@ pub(super) fn build(cfg: NodeConfig) -> anyhow::Result<Bound> {
         }
         privilege::drop_to(cfg.intercept.exempt_uid, &kept).map_err(AppError::Privileges)?;
     }
+    // A gate the attach replaced may still gain namespaces from the agent
+    // being replaced: copied from now on, not from the first enrollment.
+    gate.start_following();
     let runtime = process::runtime(cfg.workers).map_err(AppError::Runtime)?;
     Ok(Bound {
         cfg,

@@ -9,6 +9,8 @@
 //!   when the agent exits (or crashes) and goes away with the cgroup.
 //!   Attaching another program of the same type to the same cgroup the
 //!   same way replaces it atomically.
+//! - Swapping the program of a pinned link (BPF_LINK_UPDATE): the cgroup
+//!   runs the old program or the new one, never neither.
 
 use std::{
     ffi::CString,
@@ -18,9 +20,14 @@ use std::{
     path::Path,
 };
 
+use super::sys::bpf;
+
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// BPF_LINK_UPDATE: only if the link still runs `old_prog_fd`'s program.
+const BPF_F_REPLACE: u32 = 4;
 /// `enum bpf_attach_type` values of the programs.
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
@@ -53,29 +60,23 @@ struct LinkCreateAttr {
 
 #[repr(C)]
 #[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+    // The kernel requires the unused tail of the attr union to be zero.
+    _zero: [u64; 6],
+}
+
+#[repr(C)]
+#[derive(Default)]
 struct ObjPinAttr {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
     _pad: u32,
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a valid, initialised repr(C) struct of the given size.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 /// Attaches `prog` to `cgroup` as a bpf_link and pins the link at `path`.
@@ -120,4 +121,22 @@ pub fn attach_held_by_cgroup(
         ..Default::default()
     };
     bpf(BPF_PROG_ATTACH, &attr).map(drop)
+}
+
+/// Makes `link` run `new_prog` in one step; with `old_prog`, only in
+/// place of that program (EPERM if the link runs another by then: another
+/// agent swapped it meanwhile).
+pub fn update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    old_prog: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: old_prog.map_or(0, |_| BPF_F_REPLACE),
+        old_prog_fd: old_prog.map_or(0, |fd| fd.as_raw_fd() as u32),
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
 }

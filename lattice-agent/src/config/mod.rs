@@ -8,6 +8,7 @@ pub mod units;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -22,6 +23,7 @@ use crate::{
     pod_cgroup::{self, PodCgroupError},
     proxy::{
         ProxyConfig,
+        tls_rules::{TlsRuleError, TlsRules},
         upstream::{TlsConfigError, TlsConfigs},
     },
     sign::{Algorithm, SigningConfig},
@@ -36,6 +38,8 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("--ca-file")]
     CaFile(#[source] TlsConfigError),
+    #[error(transparent)]
+    TlsRule(#[from] TlsRuleError),
     #[error(
         "--intercept-only: node mode serves a proxy per pod; use `run` for a proxy of your own"
     )]
@@ -349,6 +353,7 @@ fn proxy_config(args: &ProxyArgs) -> Result<ProxyConfig, ConfigError> {
     for (flag, zero) in [
         ("connect-timeout", args.connect_timeout.is_zero()),
         ("idle-timeout", args.idle_timeout.is_zero()),
+        ("server-first-wait", args.server_first_wait.is_zero()),
         ("max-header-bytes", args.max_header_bytes == 0),
     ] {
         if zero {
@@ -358,11 +363,13 @@ fn proxy_config(args: &ProxyArgs) -> Result<ProxyConfig, ConfigError> {
     if let Some(warning) = payload_signing_warning(args) {
         tracing::warn!("{warning}");
     }
-    let upstream_tls = if args.upstream_tls {
-        Some(TlsConfigs::new(args.ca_file.as_deref()).map_err(ConfigError::CaFile)?)
-    } else {
-        None
-    };
+    // `--upstream-tls` is the rule `*`, after any of the others.
+    let mut tls_rules = TlsRules::parse(&args.upstream_tls_rules, "--upstream-tls-rule")?;
+    if args.upstream_tls {
+        tls_rules = tls_rules.then(TlsRules::everything());
+    }
+    // Built whatever the rules: in node mode a pod may bring its own.
+    let tls = TlsConfigs::new(args.ca_file.as_deref()).map_err(ConfigError::CaFile)?;
     Ok(ProxyConfig {
         signing: SigningConfig {
             service: args.service.clone(),
@@ -375,10 +382,12 @@ fn proxy_config(args: &ProxyArgs) -> Result<ProxyConfig, ConfigError> {
         },
         sign_payload: args.sign_payload,
         max_signed_body: args.max_signed_body,
-        upstream_tls,
+        tls_rules: Arc::new(tls_rules),
+        tls,
         connect_timeout: args.connect_timeout,
         request_timeout: nonzero(args.request_timeout),
         idle_timeout: args.idle_timeout,
+        server_first_wait: args.server_first_wait,
         drain_timeout: args.drain_timeout,
         max_header_bytes: args.max_header_bytes,
         log_signing: args.log_signing,
@@ -715,5 +724,39 @@ mod tests {
             .expect("parses");
         let err = telemetry(&cli.telemetry).unwrap_err().to_string();
         assert_eq!(err, "--log \"lattice=loud\"");
+    }
+
+    #[test]
+    fn tls_rules_from_flags_and_upstream_tls_as_the_last_rule() {
+        let run = |flags: &[&str]| {
+            let mut argv = vec!["lattice-agent", "run", "--cgroup", "/cg"];
+            argv.extend_from_slice(flags);
+            run_config(&argv).serve.expect("serves a proxy").proxy
+        };
+        let cfg = run(&[
+            "--upstream-tls-rule",
+            "port:80 => 443,host:a.example",
+            "--upstream-tls",
+        ]);
+        let lattice = |port| SocketAddr::from(([169, 254, 171, 33], port));
+        assert_eq!(cfg.tls_rules.tls_port(lattice(80), "b.example"), Some(443));
+        assert_eq!(cfg.tls_rules.tls_port(lattice(81), "b.example"), Some(81));
+        assert!(run(&[]).tls_rules.is_empty());
+    }
+
+    #[test]
+    fn a_bad_tls_rule_names_the_flag() {
+        let err = config_error(&[
+            "lattice-agent",
+            "run",
+            "--cgroup",
+            "/cg",
+            "--upstream-tls-rule",
+            "https://svc",
+        ]);
+        assert!(
+            err.starts_with("--upstream-tls-rule \"https://svc\": unknown selector"),
+            "{err}"
+        );
     }
 }

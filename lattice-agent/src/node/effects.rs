@@ -98,6 +98,16 @@ impl NodeAgent {
                     "Enroll",
                     enrolled_note(&enrolled.plan, enrolled.missing_identity.as_deref()),
                 );
+                for why in &enrolled.plan.options.warnings {
+                    tracing::warn!(pod = %name, reason = %why, "pod annotation ignored");
+                    self.events.publish(
+                        &state::pod_ref(&enrolled.plan),
+                        Kind::Warning,
+                        "BadAnnotation",
+                        "Enroll",
+                        why.clone(),
+                    );
+                }
                 (self.table.on_enrolled(uid, enrolled), Ok(()))
             }
             Err(failure) => {

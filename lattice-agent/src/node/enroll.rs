@@ -352,6 +352,9 @@ fn serve(
     };
     let mut cfg = ctx.proxy.clone();
     cfg.signing.region = region.unwrap_or_default();
+    if let Some(rules) = &plan.options.upstream_tls {
+        cfg.tls_rules = Arc::clone(rules);
+    }
     let metrics = ctx
         .metrics
         .workload(WorkloadLabels::pod(&plan.namespace, &plan.name));

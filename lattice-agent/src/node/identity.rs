@@ -472,6 +472,7 @@ mod tests {
                 session_name: None,
             },
             region: Some("us-west-2".into()),
+            options: Default::default(),
         }
     }
 

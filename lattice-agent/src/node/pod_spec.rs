@@ -15,6 +15,12 @@
 //!   `eks-pod-identity-token`).
 //!
 //! IRSA wins where a container has both, as in the SDKs' default chain.
+//!
+//! A pod may set its own TLS origination rules with the annotation
+//! `vpc-lattices-svcs.amazonaws.com/upstream-tls` (comma-separated rules,
+//! as `--upstream-tls-rule` takes them; empty: none), which replace the
+//! agent's. One that does not parse is reported (an Event names the
+//! problem) and the pod is served with the agent's rules.
 //! The token's path inside the container is mapped through the container's
 //! volume mounts to the projected volume the kubelet keeps on the node.
 
@@ -22,12 +28,17 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Component, Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 
+use crate::proxy::tls_rules::TlsRules;
+
 /// The annotation (pods) and label (namespaces) that ask for signing.
 pub const INJECT: &str = "vpc-lattices-svcs.amazonaws.com/agent-inject";
+/// The annotation with a pod's own TLS origination rules.
+pub const UPSTREAM_TLS: &str = "vpc-lattices-svcs.amazonaws.com/upstream-tls";
 
 const ROLE_ARN: &str = "AWS_ROLE_ARN";
 const WEB_IDENTITY_TOKEN_FILE: &str = "AWS_WEB_IDENTITY_TOKEN_FILE";
@@ -64,6 +75,18 @@ pub struct PodPlan {
     pub identity: IdentityPlan,
     /// `AWS_REGION` / `AWS_DEFAULT_REGION` of its containers, if any.
     pub region: Option<String>,
+    /// What its annotations set beyond asking for signing.
+    pub options: Arc<PodOptions>,
+}
+
+/// Settings a pod makes with its own annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodOptions {
+    /// Its own TLS origination rules; `None`: the agent's.
+    pub upstream_tls: Option<Arc<TlsRules>>,
+    /// Problems with its annotations, served around (each told in an
+    /// Event).
+    pub warnings: Vec<String>,
 }
 
 impl PodPlan {
@@ -193,6 +216,22 @@ fn decide_with(
     }
     let pod_name = format!("{namespace}/{name}");
     let (identity, region) = identity_plan(&pod_name, spec);
+    let mut warnings = Vec::new();
+    let upstream_tls = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(UPSTREAM_TLS))
+        .and_then(|rules| {
+            match TlsRules::parse_list(rules, &format!("annotation {UPSTREAM_TLS}")) {
+                Ok(rules) => Some(Arc::new(rules)),
+                Err(e) => {
+                    warnings.push(format!(
+                        "pod {pod_name}: {e}; its requests use the agent's TLS rules instead"
+                    ));
+                    None
+                }
+            }
+        });
     Decision::Enroll(Box::new(PodPlan {
         uid: uid.clone(),
         namespace: namespace.clone(),
@@ -200,6 +239,10 @@ fn decide_with(
         ips,
         identity,
         region,
+        options: Arc::new(PodOptions {
+            upstream_tls,
+            warnings,
+        }),
     }))
 }
 
@@ -578,6 +621,44 @@ mod tests {
         j["status"] = serde_json::json!({"phase": "Succeeded"});
         j["metadata"]["annotations"] = serde_json::json!({INJECT: "true"});
         assert_eq!(decide_at_start(&pod(j), None), Decision::Ignore);
+    }
+
+    #[test]
+    fn tls_rules_from_the_annotation_and_a_bad_one_reported() {
+        assert_eq!(plan(irsa_pod()).options.upstream_tls, None);
+        let mut j = irsa_pod();
+        j["metadata"]["annotations"][UPSTREAM_TLS] =
+            "host:*.vpc-lattice-svcs.us-west-2.on.aws => 443, port:8443".into();
+        let p = plan(j.clone()).options;
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let rules = p.upstream_tls.clone().expect("rules");
+        assert_eq!(
+            rules.tls_port(
+                "169.254.171.33:80".parse().unwrap(),
+                "svc.vpc-lattice-svcs.us-west-2.on.aws"
+            ),
+            Some(443)
+        );
+        // Empty: none for this pod, whatever the agent's.
+        j["metadata"]["annotations"][UPSTREAM_TLS] = "".into();
+        assert_eq!(
+            plan(j.clone()).options.upstream_tls,
+            Some(Arc::new(TlsRules::default()))
+        );
+        // Not a rule: enrolled with the agent's rules, and told why.
+        j["metadata"]["annotations"][UPSTREAM_TLS] = "port:443, https://svc".into();
+        let p = plan(j).options;
+        assert_eq!(p.upstream_tls, None);
+        assert_eq!(p.warnings.len(), 1);
+        let why = &p.warnings[0];
+        assert!(
+            why.contains("app1/app1-v1-abc")
+                && why.contains(UPSTREAM_TLS)
+                && why.contains("\"https://svc\"")
+                && why.contains("unknown selector")
+                && why.contains("agent's TLS rules"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::{
     pod_spec::{IdentityPlan, PodPlan},
     state::Phase,
 };
-use crate::{admin::PodsReport, metrics::Counts};
+use crate::{admin::PodsReport, metrics::Counts, proxy::classify::Kind};
 
 /// `/pods`, shared with the admin server.
 #[derive(Default)]
@@ -53,6 +53,9 @@ struct PodRow {
 struct Traffic {
     requests: u64,
     errors: u64,
+    /// Client connections by kind (`http1`, `h2c`: signed; `tls`,
+    /// `opaque`, `server-first`: passed through).
+    connections: BTreeMap<&'static str, u64>,
 }
 
 impl Traffic {
@@ -60,6 +63,15 @@ impl Traffic {
         Self {
             requests: counts.requests.load(Ordering::Relaxed),
             errors: counts.errors.load(Ordering::Relaxed),
+            connections: Kind::ALL
+                .iter()
+                .map(|k| {
+                    (
+                        k.as_str(),
+                        counts.connections[k.index()].load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
         }
     }
 }

@@ -690,6 +690,7 @@ mod tests {
             },
             identity: IdentityPlan::Missing("none".into()),
             region: None,
+            options: Default::default(),
         }
     }
 

@@ -32,6 +32,14 @@ pub enum RequestError {
     Signing(String),
     #[error("upstream {dst}: {reason}")]
     UpstreamUnreachable { dst: SocketAddr, reason: String },
+    /// `dst`: where the TLS connection went (a rule may name another
+    /// port than the app's).
+    #[error("upstream {dst}: TLS with {name}: {failure}")]
+    UpstreamTls {
+        dst: SocketAddr,
+        name: String,
+        failure: super::upstream::TlsFailure,
+    },
     #[error("upstream {dst}: connect timed out after {}", fmt_duration(*after))]
     UpstreamConnectTimeout { dst: SocketAddr, after: Duration },
     #[error("upstream {dst}: no response within {}", fmt_duration(*after))]
@@ -49,7 +57,9 @@ impl RequestError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoCredentials(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Signing(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::UpstreamUnreachable { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnreachable { .. } | Self::UpstreamTls { .. } | Self::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamConnectTimeout { .. } | Self::UpstreamTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -108,6 +118,17 @@ mod tests {
         assert_eq!(
             t.to_string(),
             "upstream [fd00:ec2:80::1]:443: connect timed out after 1500ms"
+        );
+        let tls = RequestError::UpstreamTls {
+            dst: "169.254.171.33:443".parse().unwrap(),
+            name: "svc.example".into(),
+            failure: super::super::upstream::TlsFailure::WrongName(vec!["a.example".into()]),
+        };
+        assert_eq!(tls.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            tls.to_string(),
+            "upstream 169.254.171.33:443: TLS with svc.example: certificate not valid \
+             for this name (it is for a.example)"
         );
     }
 }

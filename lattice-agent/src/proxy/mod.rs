@@ -1,11 +1,18 @@
-//! The signing proxy. One request, top to bottom ([`handle`]):
-//! accept (server) → original destination → credentials → sign → forward
+//! The signing proxy. One connection: accept (server) → original
+//! destination → what it speaks (sniff, classify): HTTP is served request
+//! by request, anything else is passed through unchanged (splice). One
+//! request, top to bottom ([`handle`]): credentials → sign → forward
 //! (upstream) → respond.
 
 pub mod body;
+pub mod classify;
+mod conns;
 pub mod errors;
 pub mod headers;
 pub mod server;
+mod sniff;
+mod splice;
+pub mod tls_rules;
 pub mod upstream;
 pub mod workers;
 
@@ -25,6 +32,7 @@ use self::{
     body::{Guarded, ProxyBody, boxed},
     errors::RequestError,
     server::ConnCtx,
+    tls_rules::TlsRules,
     upstream::{TlsConfigs, Upstream, UpstreamConfig},
 };
 use crate::{
@@ -42,15 +50,23 @@ pub struct ProxyConfig {
     pub signing: SigningConfig,
     pub sign_payload: bool,
     pub max_signed_body: u64,
-    pub upstream_tls: Option<TlsConfigs>,
+    /// Which requests go over TLS, and to which port (`--upstream-tls`,
+    /// `--upstream-tls-rule`; in node mode a pod's annotation).
+    pub tls_rules: Arc<TlsRules>,
+    /// Trust (webpki roots and `--ca-file`) and ALPN for those.
+    pub tls: TlsConfigs,
     pub connect_timeout: Duration,
     /// `None`: no limit.
     pub request_timeout: Option<Duration>,
     pub idle_timeout: Duration,
+    /// How long a silent new connection waits before the proxy connects
+    /// to its destination, for a server-first protocol to greet.
+    pub server_first_wait: Duration,
     pub drain_timeout: Duration,
     pub max_header_bytes: u64,
     pub log_signing: bool,
-    /// Open client connections per workload; more wait in the backlog.
+    /// Open client connections per workload; at the limit the oldest idle
+    /// one is closed to admit a new one (see `conns`).
     pub max_connections: usize,
     /// `--workers` threads connections are spread over; `None` serves
     /// them on the runtime the proxy runs on.
@@ -96,7 +112,8 @@ pub async fn serve(
         metrics,
     } = workload;
     let upstream = Upstream::new(UpstreamConfig {
-        tls: cfg.upstream_tls.clone(),
+        tls_rules: Arc::clone(&cfg.tls_rules),
+        tls: cfg.tls.clone(),
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
         sockets,
@@ -236,7 +253,7 @@ async fn forward(
         // authority as `:authority`.
         let target = target.unwrap_or_else(|| origin_form(&parts.uri));
         parts.uri = Uri::builder()
-            .scheme(shared.upstream.scheme())
+            .scheme(shared.upstream.scheme(dst, authority.as_str()))
             .authority(authority)
             .path_and_query(target)
             .build()

@@ -1,11 +1,16 @@
 //! Accepting client connections and serving each one: HTTP/1.1 with
-//! keep-alive, or HTTP/2 with prior knowledge (h2c), told apart by the first
-//! bytes. At most `--max-connections` are open per workload: beyond that
-//! the workload's listeners stop accepting and further connections wait
-//! in the kernel's backlog, so one pod cannot take every task and file
-//! descriptor from the others. Graceful shutdown: stop accepting, let open
-//! connections finish their requests for up to `--drain-timeout`, then
-//! drop them.
+//! keep-alive, or HTTP/2 with prior knowledge (h2c), signed; anything else
+//! (the app's own TLS, other protocols, server-first protocols) passed
+//! through to the original destination unchanged. What a connection
+//! speaks is told by its first bytes (see `sniff`).
+//!
+//! At most `--max-connections` are open per workload, so one pod cannot
+//! take every task and file descriptor from the others; at the limit the
+//! oldest idle connection makes room for a new one, and with none idle new
+//! ones wait in the kernel's backlog (see `conns`). Graceful shutdown:
+//! stop accepting, let open connections finish their requests (passed-
+//! through ones their streams) for up to `--drain-timeout`, then drop
+//! them.
 
 use std::{
     convert::Infallible,
@@ -25,13 +30,20 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{
     sync::{CancellationToken, WaitForCancellationFutureOwned},
     task::TaskTracker,
 };
 
-use super::{ProxyConfig, Shared, upstream::StickyH1};
+use super::{
+    ProxyConfig, Shared,
+    classify::Kind,
+    conns::{Conns, Open, Phase},
+    sniff::{self, First, Opening, Prefixed},
+    splice,
+    upstream::StickyH1,
+};
 use crate::orig_dst::OriginalDestination;
 
 /// One accepted client connection.
@@ -56,7 +68,7 @@ pub(super) async fn run(
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let builder = Arc::new(http_builder(&shared.cfg));
-    let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    let conns = Conns::new(shared.cfg.max_connections);
     let mut accepts = JoinSet::new();
     for listener in listeners {
         accepts.spawn(accept_loop(
@@ -64,7 +76,7 @@ pub(super) async fn run(
             Arc::clone(&shared),
             Arc::clone(&builder),
             Arc::clone(&orig_dst),
-            Arc::clone(&slots),
+            Arc::clone(&conns),
             tracker.clone(),
             shutdown.clone(),
             hard_stop.clone(),
@@ -136,20 +148,12 @@ async fn accept_loop(
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     orig_dst: Arc<dyn OriginalDestination>,
-    slots: Arc<Semaphore>,
+    conns: Arc<Conns>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     loop {
-        // A free slot first: at the limit, connections wait in the backlog.
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => return,
-            s = Arc::clone(&slots).acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_closed) => return,
-            },
-        };
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => r,
@@ -178,27 +182,36 @@ async fn accept_loop(
                 tracing::warn!(%peer, "connection without an original destination; answering 421");
             }
         };
+        // A slot: at the limit, the oldest idle connection makes room
+        // (see `conns`); with none idle, this one waits for a slot.
+        let Some(slot) = conns
+            .admit(&shutdown, || {
+                shared.metrics.closed_for_room.inc();
+            })
+            .await
+        else {
+            return;
+        };
+        let open = conns.register(slot, Arc::new(Activity::new()));
         let ctx = |worker| ConnCtx {
             peer,
             dst,
             worker,
-            activity: Arc::new(Activity::new()),
+            activity: Arc::clone(&open.conn.activity),
             upstream: shared.upstream.sticky(dst, worker),
         };
         match shared.cfg.workers.as_deref() {
             None => {
-                let conn = serve_connection(
+                let ctx = ctx(0);
+                tracker.spawn(serve_connection(
                     Arc::clone(&shared),
                     Arc::clone(&builder),
                     stream,
-                    ctx(0),
+                    ctx,
+                    open,
                     shutdown.clone(),
                     hard_stop.clone(),
-                );
-                tracker.spawn(async move {
-                    conn.await;
-                    drop(slot);
-                });
+                ));
             }
             Some(pool) => {
                 // The socket moves to the worker's own event loop.
@@ -218,14 +231,15 @@ async fn accept_loop(
                     tracker.track_future(async move {
                         match tokio::net::TcpStream::from_std(stream) {
                             Ok(stream) => {
-                                serve_connection(shared, builder, stream, ctx, shutdown, hard_stop)
-                                    .await;
+                                serve_connection(
+                                    shared, builder, stream, ctx, open, shutdown, hard_stop,
+                                )
+                                .await;
                             }
                             Err(e) => {
                                 tracing::warn!(peer = %ctx.peer, error = %e, "registering the connection with its worker");
                             }
                         }
-                        drop(slot);
                     }),
                 );
             }
@@ -233,18 +247,115 @@ async fn accept_loop(
     }
 }
 
+/// Serves one client connection: what it speaks decides whether it is
+/// served as HTTP (signed) or passed through to its destination.
 async fn serve_connection(
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     ctx: ConnCtx,
+    open: Open,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
-    shared.metrics.open_connections.inc();
-    let _open = scopeguard(|| {
-        shared.metrics.open_connections.dec();
+    let gauge = shared.metrics.open_connections.clone();
+    gauge.inc();
+    let _open = scopeguard(move || {
+        gauge.dec();
     });
+    let (peer, dst) = (ctx.peer, ctx.dst);
+    let cfg = &shared.cfg;
+    // Nothing is in flight yet: shutdown, or making room for a new
+    // connection, closes it at once.
+    let opening = tokio::select! {
+        o = sniff::sniff(&mut stream, cfg.server_first_wait, cfg.idle_timeout, || {
+            connect_for_greeting(&shared, dst, peer)
+        }) => o,
+        () = shutdown.cancelled() => return,
+        () = open.conn.close_requested().cancelled() => {
+            tracing::debug!(%peer, "closing a connection that has not spoken, to make room");
+            return;
+        }
+    };
+    let (kind, first, upstream) = match opening {
+        Opening::Gone => {
+            tracing::debug!(%peer, "client connection closed before it said what it speaks");
+            return;
+        }
+        Opening::Client {
+            kind,
+            first,
+            upstream,
+        } => (kind, first, upstream),
+        Opening::Server { upstream } => (Kind::ServerFirst, First::default(), Some(upstream)),
+    };
+    shared.metrics.count_connection(kind);
+    tracing::debug!(%peer, dst = ?dst, kind = kind.as_str(), "client connection");
+    let client = Prefixed::new(first, stream);
+    if kind.is_http() {
+        // An upstream connection opened while the client was silent is
+        // not used: requests take the upstream pool's connections.
+        drop(upstream);
+        open.conn.set_phase(Phase::Http);
+        let close = open.conn.close_requested().clone();
+        return serve_http(shared, builder, client, ctx, shutdown, close, hard_stop).await;
+    }
+    open.conn.set_phase(Phase::PassedThrough);
+    let Some(dst) = dst else {
+        tracing::warn!(%peer, kind = kind.as_str(), "no original destination to pass the connection through to; closing it");
+        return;
+    };
+    let upstream = match upstream {
+        Some(u) => u,
+        None => match shared.upstream.connect_tcp(dst).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, %dst, error = %e, "passing the connection through: upstream unreachable; closing it");
+                return;
+            }
+        },
+    };
+    // Passed through until either side is done, or the drain ends.
+    tokio::select! {
+        r = splice::splice(client, upstream) => match r {
+            Ok((up, down)) => tracing::debug!(%peer, %dst, up, down, "passed-through connection closed"),
+            Err(e) => tracing::debug!(%peer, %dst, error = %e, "passed-through connection ended with an error"),
+        },
+        () = hard_stop.cancelled() => {
+            tracing::debug!(%peer, %dst, "drain timeout: closing a passed-through connection");
+        }
+    }
+}
+
+/// The connection a silent client's server-first protocol may greet
+/// through: `None` without a destination or when it cannot be reached
+/// (the client alone then decides).
+async fn connect_for_greeting(
+    shared: &Shared,
+    dst: Option<SocketAddr>,
+    peer: SocketAddr,
+) -> Option<tokio::net::TcpStream> {
+    let dst = dst?;
+    match shared.upstream.connect_tcp(dst).await {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::debug!(%peer, %dst, error = %e, "silent client: could not connect to its destination");
+            None
+        }
+    }
+}
+
+/// Serves a client connection's HTTP requests (HTTP/1.1 keep-alive or
+/// h2c) until it closes, goes idle, or shutdown.
+async fn serve_http(
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    client: Prefixed<tokio::net::TcpStream>,
+    ctx: ConnCtx,
+    shutdown: CancellationToken,
+    make_room: CancellationToken,
+    hard_stop: CancellationToken,
+) {
     let idle_timeout = shared.cfg.idle_timeout;
     let activity = Arc::clone(&ctx.activity);
     let mut quiet = QuietSince::new(Instant::now());
@@ -256,12 +367,14 @@ async fn serve_connection(
         let ctx = Arc::clone(&ctx);
         async move { Ok::<_, Infallible>(super::handle(shared, ctx, req).await) }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let conn = builder.serve_connection(TokioIo::new(client), svc);
     tokio::pin!(conn);
     let mut tick = idle_checks(idle_timeout);
     let mut shutdown = CancelWatch::new(shutdown);
+    let mut make_room = CancelWatch::new(make_room);
     let mut hard_stop = CancelWatch::new(hard_stop);
     let mut closing = Closing::No;
+    let mut room_grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // Polled by hand rather than with `select!`, which would poll every
     // branch (taking each token's lock) on every wake-up of a request.
     std::future::poll_fn(|cx| {
@@ -278,8 +391,25 @@ async fn serve_connection(
         if close {
             closing = Closing::Shutdown;
         }
+        // Asked to make room for a new connection: closed gracefully (at
+        // once when idle, after the request in flight otherwise), and
+        // without a request in flight shortly after, even with a head
+        // trickling in.
+        if matches!(closing, Closing::No | Closing::Idle) && make_room.poll(cx).is_ready() {
+            tracing::debug!(%peer, "closing an idle client connection to make room for a new one");
+            closing = Closing::Room;
+            close = true;
+            room_grace = Some(Box::pin(tokio::time::sleep(ROOM_GRACE)));
+        }
+        if let Some(grace) = room_grace.as_mut()
+            && grace.as_mut().poll(cx).is_ready()
+            && !activity.busy()
+        {
+            return Poll::Ready(());
+        }
         // Until it is pending, so the next tick is armed.
-        while closing != Closing::Shutdown && tick.poll_tick(cx).is_ready() {
+        while !matches!(closing, Closing::Shutdown | Closing::Room) && tick.poll_tick(cx).is_ready()
+        {
             let idle_for = quiet.idle_for(&activity, Instant::now());
             match closing {
                 Closing::No if idle_for >= idle_timeout => {
@@ -320,7 +450,14 @@ enum Closing {
     Shutdown,
     /// Idle for --idle-timeout: dropped a tick later if still open.
     Idle,
+    /// Making room for a new connection at --max-connections: dropped
+    /// after [`ROOM_GRACE`] without a request in flight.
+    Room,
 }
+
+/// How long a connection closing to make room may take to finish writing
+/// before it is dropped.
+const ROOM_GRACE: Duration = Duration::from_millis(20);
 
 /// A cancellation token watched from one task's poll: its future takes a
 /// lock when polled, so it is polled once to register the task and then
@@ -374,11 +511,16 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
             finished: AtomicU64::new(0),
         }
+    }
+
+    /// A request is in flight.
+    pub(super) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// Marks a request busy until the guard (held by its response body) drops.

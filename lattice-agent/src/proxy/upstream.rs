@@ -1,10 +1,20 @@
 //! Forwarding to the original destination over keep-alive connections
-//! (HTTP/1.1, or HTTP/2 for h2c clients), optionally over TLS.
+//! (HTTP/1.1, or HTTP/2 for h2c clients), over TLS where the rules say
+//! (see [`super::tls_rules`]).
 //!
-//! Where to connect is only ever the original destination's IP and port.
-//! The client's authority (the `Host` header, or the HTTP/2 `:authority`)
-//! only names the TLS server, never an address: connections are kept per
-//! original destination and dial that destination whatever it says.
+//! Where to connect is only ever the original destination's IP, and its
+//! port unless a TLS rule names another. The client's authority (the
+//! `Host` header, or the HTTP/2 `:authority`) only names the TLS server
+//! (SNI, and the name its certificate must carry), never an address:
+//! connections are kept per original destination and authority (so a TLS
+//! connection is only reused for the name it was verified for) and dial
+//! that destination whatever the authority says.
+//!
+//! TLS: ALPN offers `http/1.1` for HTTP/1.1 clients, whose requests stay
+//! HTTP/1.1 (one upstream connection per client connection, as for plain
+//! HTTP), and `h2` then `http/1.1` for h2c clients, whose requests need a
+//! listener that chooses h2 (else 502 naming what it chose). Sessions are
+//! resumed from rustls' cache.
 //!
 //! HTTP/1.1: a client connection keeps the upstream connection its last
 //! request used ([`StickyH1`]), so a request costs no pool lookup; closed
@@ -38,7 +48,7 @@ use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{body::ProxyBody, errors::RequestError};
+use super::{body::ProxyBody, errors::RequestError, tls_rules::TlsRules};
 use crate::{error_chain, netns::SocketFactory};
 
 /// Upstream protocol, following the client's.
@@ -48,7 +58,7 @@ pub enum Protocol {
     Http2,
 }
 
-/// Client TLS settings for `--upstream-tls`, one per ALPN protocol.
+/// Client TLS settings, one per client protocol (their ALPN offers).
 #[derive(Debug, Clone)]
 pub struct TlsConfigs {
     http1: Arc<ClientConfig>,
@@ -92,7 +102,7 @@ impl TlsConfigs {
         let mut http1 = base.clone();
         http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut http2 = base;
-        http2.alpn_protocols = vec![b"h2".to_vec()];
+        http2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
             http1: Arc::new(http1),
             http2: Arc::new(http2),
@@ -102,7 +112,9 @@ impl TlsConfigs {
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    pub tls: Option<TlsConfigs>,
+    /// Which requests go over TLS, and to which port.
+    pub tls_rules: Arc<TlsRules>,
+    pub tls: TlsConfigs,
     pub connect_timeout: Duration,
     /// Pooled connections idle this long are closed.
     pub idle_timeout: Duration,
@@ -156,12 +168,12 @@ impl Upstream {
         }
     }
 
-    /// URI scheme for requests sent upstream.
-    pub fn scheme(&self) -> &'static str {
-        if self.cfg.tls.is_some() {
-            "https"
-        } else {
-            "http"
+    /// The URI scheme of a request to `dst` for `authority`: `https`
+    /// where a TLS rule matches.
+    pub fn scheme(&self, dst: SocketAddr, authority: &str) -> &'static str {
+        match self.cfg.tls_rules.tls_port(dst, host_of(authority)) {
+            Some(_) => "https",
+            None => "http",
         }
     }
 
@@ -231,6 +243,16 @@ impl Upstream {
         }
     }
 
+    /// A plain TCP connection to `dst` from the workload's network
+    /// namespace, within `--connect-timeout`: for connections passed
+    /// through.
+    pub async fn connect_tcp(&self, dst: SocketAddr) -> Result<TcpStream, ConnectError> {
+        tokio::time::timeout(self.cfg.connect_timeout, dial_tcp(&self.cfg.sockets, dst))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+            .map_err(ConnectError::Io)
+    }
+
     /// A new HTTP/1.1 connection to `dst` (`host`: the client's authority,
     /// the TLS server name); its connection task runs on the calling
     /// thread's runtime.
@@ -257,12 +279,14 @@ impl Upstream {
     }
 
     fn connector(&self, dst: SocketAddr, proto: Protocol) -> Connector {
-        let tls = self.cfg.tls.as_ref().map(|t| match proto {
-            Protocol::Http1 => Arc::clone(&t.http1),
-            Protocol::Http2 => Arc::clone(&t.http2),
-        });
+        let tls = match proto {
+            Protocol::Http1 => Arc::clone(&self.cfg.tls.http1),
+            Protocol::Http2 => Arc::clone(&self.cfg.tls.http2),
+        };
         Connector {
             dst,
+            proto,
+            rules: Arc::clone(&self.cfg.tls_rules),
             tls,
             connect_timeout: self.cfg.connect_timeout,
             sockets: self.cfg.sockets.clone(),
@@ -426,9 +450,10 @@ fn connect_error(dst: SocketAddr, connect_timeout: Duration, e: &ConnectError) -
             dst,
             reason: io_reason(io),
         },
-        ConnectError::Tls(reason) => RequestError::UpstreamUnreachable {
-            dst,
-            reason: format!("TLS: {reason}"),
+        ConnectError::Tls { to, name, failure } => RequestError::UpstreamTls {
+            dst: *to,
+            name: name.clone(),
+            failure: failure.clone(),
         },
     }
 }
@@ -468,15 +493,87 @@ pub enum ConnectError {
     Timeout,
     #[error("{0}")]
     Io(#[from] io::Error),
-    #[error("TLS: {0}")]
-    Tls(String),
+    #[error("TLS with {to} ({name}): {failure}")]
+    Tls {
+        /// Where the TLS connection went (the rule's port).
+        to: SocketAddr,
+        name: String,
+        failure: TlsFailure,
+    },
 }
 
-/// Dials one fixed destination; the URI only names the TLS server.
+/// Why a TLS handshake to an upstream failed, as the client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFailure {
+    #[error("certificate expired")]
+    Expired,
+    #[error("certificate not valid yet")]
+    NotYetValid,
+    #[error("certificate not valid for this name{}", presented_names(.0))]
+    WrongName(Vec<String>),
+    #[error("certificate issued by an unknown CA (trusted: the webpki roots and --ca-file)")]
+    UnknownIssuer,
+    #[error("the server chose {0} instead of h2 for an HTTP/2 request")]
+    NotH2(String),
+    #[error("not a valid TLS server name")]
+    InvalidName,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A certificate's name as rustls reports it (`DnsName("a.example")`,
+/// `IpAddress(192.0.2.1)`), without the wrapping.
+fn plain_name(reported: &str) -> String {
+    let inner = reported
+        .strip_prefix("DnsName(")
+        .or_else(|| reported.strip_prefix("IpAddress("))
+        .and_then(|r| r.strip_suffix(')'));
+    match inner {
+        Some(n) => n.trim_matches('"').to_owned(),
+        None => reported.to_owned(),
+    }
+}
+
+fn presented_names(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" (it is for {})", names.join(", "))
+    }
+}
+
+impl TlsFailure {
+    /// The failure of a handshake that ended with `e`.
+    fn of(e: &io::Error) -> Self {
+        use rustls::CertificateError as C;
+        let rustls_error = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match rustls_error {
+            Some(rustls::Error::InvalidCertificate(c)) => match c {
+                C::Expired | C::ExpiredContext { .. } => Self::Expired,
+                C::NotValidYet | C::NotValidYetContext { .. } => Self::NotYetValid,
+                C::NotValidForName => Self::WrongName(Vec::new()),
+                C::NotValidForNameContext { presented, .. } => {
+                    Self::WrongName(presented.iter().map(|n| plain_name(n)).collect())
+                }
+                C::UnknownIssuer => Self::UnknownIssuer,
+                other => Self::Other(format!("certificate: {other}")),
+            },
+            Some(other) => Self::Other(other.to_string()),
+            None => Self::Other(error_chain(e)),
+        }
+    }
+}
+
+/// Dials one original destination: over TLS to the port the rules give
+/// for the URI's host, else as it is; the URI only names the TLS server.
 #[derive(Clone)]
 struct Connector {
     dst: SocketAddr,
-    tls: Option<Arc<ClientConfig>>,
+    proto: Protocol,
+    rules: Arc<TlsRules>,
+    tls: Arc<ClientConfig>,
     connect_timeout: Duration,
     sockets: SocketFactory,
 }
@@ -507,28 +604,52 @@ impl Connector {
 
     /// [`Self::connect`] without its time limit.
     async fn dial(&self, host: &str) -> Result<Conn, ConnectError> {
-        let socket = self.sockets.tcp_socket(&self.dst)?;
-        let tcp = TcpSocket::from_std_stream(socket.into())
-            .connect(self.dst)
-            .await?;
-        tcp.set_nodelay(true)?;
-        let Some(tls) = &self.tls else {
+        let host = host_of(host);
+        let Some(port) = self.rules.tls_port(self.dst, host) else {
+            let tcp = dial_tcp(&self.sockets, self.dst).await?;
             return Ok(Conn::Plain(TokioIo::new(tcp)));
         };
-        let host = host_of(host);
+        let to = SocketAddr::new(self.dst.ip(), port);
+        let tls_error = |failure| ConnectError::Tls {
+            to,
+            name: host.to_owned(),
+            failure,
+        };
         let name = ServerName::try_from(host.to_owned())
-            .map_err(|_| ConnectError::Tls(format!("invalid server name {host:?}")))?;
-        let stream = TlsConnector::from(Arc::clone(tls))
+            .map_err(|_| tls_error(TlsFailure::InvalidName))?;
+        let tcp = dial_tcp(&self.sockets, to).await?;
+        let stream = TlsConnector::from(Arc::clone(&self.tls))
             .connect(name, tcp)
             .await
-            .map_err(|e| ConnectError::Tls(error_chain(&e)))?;
+            .map_err(|e| tls_error(TlsFailure::of(&e)))?;
+        if self.proto == Protocol::Http2 {
+            let (_, session) = stream.get_ref();
+            if session.alpn_protocol() != Some(b"h2") {
+                let chosen = session.alpn_protocol().map_or_else(
+                    || "no protocol (ALPN)".to_owned(),
+                    |p| String::from_utf8_lossy(p).into_owned(),
+                );
+                return Err(tls_error(TlsFailure::NotH2(chosen)));
+            }
+        }
         Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
     }
 }
 
+/// Connects to `dst` with a socket made by `sockets`, without delay
+/// (Nagle off).
+async fn dial_tcp(sockets: &SocketFactory, dst: SocketAddr) -> io::Result<TcpStream> {
+    let socket = sockets.tcp_socket(&dst)?;
+    let tcp = TcpSocket::from_std_stream(socket.into())
+        .connect(dst)
+        .await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// The host of an authority (`host`, `host:port`, `[v6]:port`), without
 /// brackets.
-fn host_of(authority: &str) -> &str {
+pub fn host_of(authority: &str) -> &str {
     match authority.strip_prefix('[') {
         Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
@@ -612,5 +733,24 @@ impl hyper::rt::Write for Conn {
             Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_names_read_plainly() {
+        assert_eq!(plain_name("DnsName(\"a.example\")"), "a.example");
+        assert_eq!(plain_name("IpAddress(192.0.2.1)"), "192.0.2.1");
+        assert_eq!(plain_name("DirectoryName"), "DirectoryName");
+        assert_eq!(
+            TlsFailure::WrongName(vec!["a.example".into(), "b.example".into()]).to_string(),
+            "certificate not valid for this name (it is for a.example, b.example)"
+        );
+        assert_eq!(host_of("[fd00::1]:80"), "fd00::1");
+        assert_eq!(host_of("svc.example:8080"), "svc.example");
+        assert_eq!(host_of("svc.example"), "svc.example");
     }
 }

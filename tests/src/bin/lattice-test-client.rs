@@ -39,6 +39,18 @@
 //!       arrived signed; prints `signed <CLOCK_MONOTONIC ns>` (comparable
 //!       across processes) and exits 0, or exits 1 after SECS
 //!
+//!   lattice-test-client idle ADDR:PORT N SECS
+//!       N keep-alive connections, each sending one GET (`Host: idle`) and
+//!       then nothing (the answers are not read), held open for SECS
+//!       seconds; prints `holding opened=<n> failed=<n>` once all are
+//!       opened, `idle closed=<n>` (connections the other end closed) at
+//!       the end
+//!   lattice-test-client script ADDR:PORT STEP...
+//!       a scripted exchange for protocols that are not HTTP (steps as in
+//!       the kit's `script` module: send:HEX, send-random:N, expect:N,
+//!       shut, rest); prints `sent=<len>:<hash> received=<len>:<hash>`
+//!       and `head=<hex>` (the first bytes received); I/O errors exit 2
+//!
 //! `tcp` and `http` also print `client local=<addr> peer=<addr>` to stderr,
 //! `http` then `http-status=<code>`; a status other than 200 exits 4.
 //! Connect errors print `error: <ErrorKind>: <message>` and exit 2.
@@ -85,6 +97,23 @@ fn main() -> ExitCode {
             Err(_) => usage(),
         },
         ["first-call", addr, host, path] => with_addr(addr, |a| first_call(a, host, path)),
+        ["idle", addr, n, secs] => match (n.parse(), secs.parse()) {
+            (Ok(n), Ok(secs)) => with_addr(addr, |a| idle(a, n, Duration::from_secs(secs))),
+            _ => usage(),
+        },
+        ["script", addr, steps @ ..] => {
+            match steps
+                .iter()
+                .map(|s| lattice_tests::script::Step::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(steps) => with_addr(addr, |a| script(a, &steps)),
+                Err(e) => {
+                    eprintln!("{e}");
+                    usage()
+                }
+            }
+        }
         ["wait-signed", addr, secs] => match secs.parse() {
             Ok(secs) => with_addr(addr, |a| wait_signed(a, Duration::from_secs(secs))),
             Err(_) => usage(),
@@ -104,7 +133,7 @@ fn usage() -> ExitCode {
         "usage: lattice-test-client tcp|tcp-mapped|udp|http|http-mapped ADDR:PORT \
          | many|many-http ADDR:PORT N | flood ADDR:PORT HOLD ACTIVE SECS \
          | wait-signed ADDR:PORT SECS | load|load-keepalive ADDR:PORT SECS HOST \
-         | first-call ADDR:PORT HOST PATH"
+         | first-call ADDR:PORT HOST PATH | idle ADDR:PORT N SECS | script ADDR:PORT STEP..."
     );
     ExitCode::from(64)
 }
@@ -239,6 +268,60 @@ fn http_once(addr: SocketAddr, mapped: bool) -> ExitCode {
         }
         Err(e) => {
             println!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn idle(addr: SocketAddr, n: usize, secs: Duration) -> ExitCode {
+    let mut conns = Vec::with_capacity(n);
+    let mut failed = 0usize;
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&addr, TIMEOUT) {
+            Ok(mut s) => match s.write_all(b"GET /idle HTTP/1.1\r\nHost: idle\r\n\r\n") {
+                Ok(()) => conns.push(s),
+                Err(_) => failed += 1,
+            },
+            Err(_) => failed += 1,
+        }
+    }
+    println!("holding opened={} failed={failed}", conns.len());
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(secs);
+    // Closed by the other end: a read sees the end of the stream (after
+    // any answer) or an error, instead of blocking.
+    let closed = conns
+        .iter_mut()
+        .filter(|s| {
+            let mut s: &TcpStream = s;
+            let _ = s.set_nonblocking(true);
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+                }
+            }
+        })
+        .count();
+    println!("idle closed={closed}");
+    ExitCode::SUCCESS
+}
+
+fn script(addr: SocketAddr, steps: &[lattice_tests::script::Step]) -> ExitCode {
+    let result = connect(addr, false).and_then(|mut stream| {
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        lattice_tests::script::run(&mut stream, steps)
+    });
+    match result {
+        Ok((transcript, head)) => {
+            println!("{}", transcript.line());
+            println!("head={}", lattice_tests::script::encode_hex(&head));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("error: {:?}: {e}", e.kind());
             ExitCode::from(2)
         }
     }

@@ -2,17 +2,14 @@
 //! app's), signing with static credentials from the environment; or, for
 //! the floor, attaching its programs only (`--intercept-only`).
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use lattice_tests::{ChildGuard, netns::Netns};
 
 use super::{
     interrupt::Interrupt,
-    process::{log_tail, stop_gracefully},
+    process::{stop_gracefully, wait_ready},
 };
 use crate::cmd;
 
@@ -33,6 +30,9 @@ pub enum Role {
     Proxy { workers: u16 },
     /// Nothing: another proxy serves the port (`--intercept-only`).
     InterceptOnly,
+    /// The signing proxy (one thread) sending every request to nginx's TLS
+    /// listener (port 80 → 443), trusting the run's CA (see `nginx`).
+    TlsProxy,
 }
 
 /// The line an intercept-only agent logs once attached.
@@ -51,6 +51,7 @@ impl Agent {
         own_cgroup: &Path,
         attach_to: &Path,
         role: Role,
+        dir: &Path,
         stop: &Interrupt,
     ) -> Result<Self> {
         let mut command = ns.command(binary).cgroup(own_cgroup).build();
@@ -81,59 +82,50 @@ impl Agent {
             Role::InterceptOnly => {
                 command.arg("--intercept-only");
             }
+            Role::TlsProxy => {
+                command
+                    .args(["--upstream-tls-rule", "port:80 => 443", "--ca-file"])
+                    .arg(dir.join("tls/ca.pem"));
+            }
         }
         let name = cmd::display(&command);
         let mut process = ChildGuard::spawn(command, name);
 
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            stop.check()?;
-            if let Some(status) = process.try_wait() {
-                bail!(
-                    "lattice-agent exited at start ({status}):\n{}",
-                    log_tail(&process.stderr())
-                );
-            }
-            if role == Role::InterceptOnly {
-                if process.stderr().contains(INTERCEPT_ONLY_READY) {
-                    return Ok(Self { process });
+        wait_ready(
+            &mut process,
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            stop,
+            |process| {
+                if role == Role::InterceptOnly {
+                    return match process.stderr().contains(INTERCEPT_ONLY_READY) {
+                        true => Ok(()),
+                        false => Err(format!("no {INTERCEPT_ONLY_READY:?} in its log")),
+                    };
                 }
-                if Instant::now() > deadline {
-                    bail!(
-                        "lattice-agent --intercept-only not ready within 30s:\n{}",
-                        log_tail(&process.stderr())
-                    );
+                let code = cmd::read(
+                    &mut ns
+                        .command("curl")
+                        .args([
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-w",
+                            "%{http_code}",
+                            "--max-time",
+                            "2",
+                            &format!("http://{ADMIN}/readyz"),
+                        ])
+                        .build(),
+                )
+                .unwrap_or_default();
+                match code.as_str() {
+                    "200" => Ok(()),
+                    _ => Err(format!("/readyz: {code:?}")),
                 }
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            let code = cmd::read(
-                &mut ns
-                    .command("curl")
-                    .args([
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "--max-time",
-                        "2",
-                        &format!("http://{ADMIN}/readyz"),
-                    ])
-                    .build(),
-            )
-            .unwrap_or_default();
-            if code == "200" {
-                return Ok(Self { process });
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "lattice-agent not ready within 30s (/readyz: {code:?}):\n{}",
-                    log_tail(&process.stderr())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            },
+        )?;
+        Ok(Self { process })
     }
 
     /// Sum of a counter family in /metrics (all label sets).

@@ -24,6 +24,7 @@ const COLORS: [RGBColor; SCENARIOS.len()] = [
     RGBColor(44, 160, 44),
     RGBColor(23, 190, 207),
     RGBColor(255, 127, 14),
+    RGBColor(214, 39, 40),
     RGBColor(140, 86, 75),
 ];
 

@@ -23,9 +23,16 @@
 //! - `iptables`: wrk → the iptables setup's NAT REDIRECT rules → the same agent, its
 //!   programs attached to an empty cgroup so they see nothing; it finds the
 //!   original destination with SO_ORIGINAL_DST.
+//! - `tls`: `lattice` with HTTPS origination (`--upstream-tls-rule
+//!   "port:80 => 443"`): the agent signs and connects with TLS to nginx's
+//!   TLS listener (a certificate from a CA of the run's own, `--ca-file`).
 //! - `baseline` (only with `--baseline-agent PATH`): `lattice` with another
 //!   agent binary, e.g. one built from another commit, so a change is
 //!   judged against what it replaces within one run.
+//!
+//! `passthrough` is not a world of its own but TCP traffic that is not
+//! HTTP (see `tcp`), through `direct`, `floor` and `lattice`: what passing
+//! a connection through costs the agent against the floor's byte relay.
 
 mod agent;
 mod cgroup;
@@ -38,6 +45,7 @@ mod profile;
 mod relay;
 mod report;
 mod scratch;
+mod tcp;
 mod upload;
 mod wrk;
 
@@ -98,9 +106,10 @@ impl Plan {
     }
 }
 
-/// A way for the app to reach nginx; one of these, or `node`, may be
-/// picked with `--only` (`Node` is the node-mode scenario, which runs on
-/// its own).
+/// A way for the app to reach nginx; one of these, `passthrough` or
+/// `node` may be picked with `--only` (`Node` is the node-mode scenario,
+/// which runs on its own; `Passthrough` is TCP traffic through `direct`,
+/// `floor` and `lattice`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Part {
     Direct,
@@ -111,10 +120,13 @@ pub enum Part {
     #[value(name = "http-floor")]
     HttpFloor,
     Iptables,
+    Tls,
+    Passthrough,
     Node,
 }
 
 impl Part {
+    /// The scenario whose HTTP loads this part runs.
     fn scenario(self) -> Option<Scenario> {
         match self {
             Self::Direct => Some(Scenario::Direct),
@@ -123,10 +135,14 @@ impl Part {
             Self::Floor => Some(Scenario::Floor),
             Self::HttpFloor => Some(Scenario::HttpFloor),
             Self::Iptables => Some(Scenario::Iptables),
-            Self::Node => None,
+            Self::Tls => Some(Scenario::Tls),
+            Self::Passthrough | Self::Node => None,
         }
     }
 }
+
+/// The scenarios the `passthrough` loads run through.
+const PASSTHROUGH: [Scenario; 3] = [Scenario::Direct, Scenario::Floor, Scenario::Lattice];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -136,18 +152,20 @@ enum Scenario {
     Floor,
     HttpFloor,
     Iptables,
+    Tls,
     Baseline,
 }
 
 impl Scenario {
     /// The scenarios measured side by side (`Baseline` when asked for).
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Direct,
         Self::Lattice,
         Self::LatticeW2,
         Self::Floor,
         Self::HttpFloor,
         Self::Iptables,
+        Self::Tls,
         Self::Baseline,
     ];
 
@@ -161,6 +179,7 @@ impl Scenario {
             Self::Floor => "floor",
             Self::HttpFloor => "http-floor",
             Self::Iptables => "iptables",
+            Self::Tls => "tls",
             Self::Baseline => "baseline",
         }
     }
@@ -179,6 +198,8 @@ const WORKLOADS: [(&str, u32); 5] = [
 struct Binaries {
     agent: PathBuf,
     relay: PathBuf,
+    /// The passthrough loads and their echo server.
+    tcp: PathBuf,
     /// The `baseline` scenario's agent.
     baseline: Option<PathBuf>,
 }
@@ -213,11 +234,26 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
         ref baseline_agent,
     } = *opts;
     let wanted = |p: Part| only.is_empty() || only.contains(&p);
-    let scenarios: Vec<Scenario> = Scenario::ALL
+    // Scenarios whose HTTP loads run, and those the passthrough loads do.
+    let http: Vec<Scenario> = Scenario::ALL
         .into_iter()
         .filter(|&s| match s {
             Scenario::Baseline => baseline_agent.is_some(),
             s => only.is_empty() || only.iter().any(|p| p.scenario() == Some(s)),
+        })
+        .collect();
+    let passthrough: &[Scenario] = if wanted(Part::Passthrough) {
+        &PASSTHROUGH
+    } else {
+        &[]
+    };
+    let scenarios: Vec<Worlds> = Scenario::ALL
+        .into_iter()
+        .filter(|s| http.contains(s) || passthrough.contains(s))
+        .map(|s| Worlds {
+            scenario: s,
+            http: http.contains(&s),
+            tcp: passthrough.contains(&s),
         })
         .collect();
     if let Some(b) = baseline_agent
@@ -237,6 +273,7 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
         "curl",
         "nsenter",
         "ip",
+        "openssl",
     ] {
         if !cmd::succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])) {
             bail!("`{tool}` not found: run `cargo xtask setup` as root");
@@ -249,6 +286,7 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
     let binaries = Binaries {
         agent: ws.target_dir.join("release/lattice-agent"),
         relay: ws.target_dir.join("release/lattice-bench-relay"),
+        tcp: ws.target_dir.join("release/lattice-bench-tcp"),
         baseline: baseline_agent.clone(),
     };
     // The floor's relay, the node-mode scenario and its cheap upstream,
@@ -274,7 +312,7 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
     );
     // Checked even after a failure: a leak matters more than the figures.
     let clean = check_clean(&created, &host_rules);
-    let runs = measured?;
+    let (runs, tcp_runs) = measured?;
     clean?;
     eprintln!(
         "bench: cleanup verified: {} namespaces, {} cgroup trees, {} processes gone; host NAT rules unchanged",
@@ -292,6 +330,7 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
     let micro = micro::signing(ws, ready, quick)?;
     let cost = report::cost(&runs);
     let mut targets = report::targets(&runs, &cost, &micro);
+    targets.extend(report::traffic_targets(&cost, &tcp_runs));
     if let Some(node) = &node {
         targets.extend(report::node_targets(node));
     }
@@ -302,6 +341,7 @@ pub fn run(ws: &Workspace, ready: &Ready, opts: &Options) -> Result<()> {
         node_markdown,
         targets,
         runs,
+        passthrough: tcp_runs,
         cost,
         micro,
     };
@@ -357,6 +397,16 @@ fn node_scenario(
     Ok((figures, tables))
 }
 
+/// A scenario to build a world for, and which loads it runs.
+#[derive(Clone, Copy)]
+struct Worlds {
+    scenario: Scenario,
+    /// wrk's HTTP loads and the upload.
+    http: bool,
+    /// The passthrough loads (an echo server beside nginx).
+    tcp: bool,
+}
+
 /// One scenario's world. Fields drop in order: agent, relay, nginx, cgroups
 /// (and any process left in them), namespace (and its iptables rules),
 /// scratch directory.
@@ -369,6 +419,9 @@ struct Pod {
     stats: Option<ProcStats>,
     /// Held for its drop, which stops it.
     _nginx: Nginx,
+    /// The passthrough loads' echo server, when they run here.
+    _echo: Option<tcp::Echo>,
+    http: bool,
     cgroups: Cgroups,
     ns: Netns,
     scripts: (PathBuf, PathBuf),
@@ -381,11 +434,12 @@ struct Pod {
 
 impl Pod {
     fn new(
-        scenario: Scenario,
+        worlds: Worlds,
         binaries: &Binaries,
         stop: &Interrupt,
         created: &mut Created,
     ) -> Result<Self> {
+        let scenario = worlds.scenario;
         let name = unique_name();
         eprintln!("bench: {} in namespace and cgroup {name}", scenario.name());
         let dir = scratch_dir(&name);
@@ -394,8 +448,16 @@ impl Pod {
         ns.add_lo_addr(&format!("{}/32", nginx::ADDR));
         let cgroups = Cgroups::new(&name);
         created.cgroups.push(cgroups.root().to_path_buf());
-        let nginx = Nginx::start(&ns, &cgroups.upstream(), dir.path(), stop)?;
+        let tls = scenario == Scenario::Tls;
+        let nginx = Nginx::start(&ns, &cgroups.upstream(), dir.path(), tls, stop)?;
         created.pids.push(nginx.process.pid());
+        let echo = worlds
+            .tcp
+            .then(|| tcp::Echo::start(&binaries.tcp, &ns, &cgroups.upstream(), stop))
+            .transpose()?;
+        if let Some(e) = &echo {
+            created.pids.push(e.process.pid());
+        }
         if scenario == Scenario::Iptables {
             iptables_setup_rules(&ns)?;
         }
@@ -407,6 +469,7 @@ impl Pod {
             Scenario::Floor | Scenario::HttpFloor => Some((cgroups.app(), Role::InterceptOnly)),
             // Nobody runs there: the programs see no traffic, NAT steers it.
             Scenario::Iptables => Some((cgroups.empty(), proxy)),
+            Scenario::Tls => Some((cgroups.app(), Role::TlsProxy)),
             Scenario::Baseline => Some((cgroups.app(), proxy)),
         };
         let agent_binary = match (scenario, &binaries.baseline) {
@@ -414,7 +477,17 @@ impl Pod {
             _ => &binaries.agent,
         };
         let agent = attach
-            .map(|(to, role)| Agent::start(agent_binary, &ns, &cgroups.agent(), &to, role, stop))
+            .map(|(to, role)| {
+                Agent::start(
+                    agent_binary,
+                    &ns,
+                    &cgroups.agent(),
+                    &to,
+                    role,
+                    dir.path(),
+                    stop,
+                )
+            })
             .transpose()?;
         if let Some(a) = &agent {
             created.pids.push(a.process.pid());
@@ -442,6 +515,8 @@ impl Pod {
             relay,
             stats,
             _nginx: nginx,
+            _echo: echo,
+            http: worlds.http,
             cgroups,
             ns,
             scripts,
@@ -659,22 +734,22 @@ fn median_by(mut rounds: Vec<Run>, key: impl Fn(&Run) -> Option<f64>) -> Option<
 }
 
 fn measure_all(
-    scenarios: &[Scenario],
+    scenarios: &[Worlds],
     binaries: &Binaries,
     plan: &Plan,
     flamegraph: Option<&Path>,
     stop: &Interrupt,
     created: &mut Created,
-) -> Result<Vec<Run>> {
+) -> Result<(Vec<Run>, Vec<tcp::TcpRun>)> {
     let mut pods = Vec::new();
-    for &scenario in scenarios {
-        pods.push(Pod::new(scenario, binaries, stop, created)?);
+    for &worlds in scenarios {
+        pods.push(Pod::new(worlds, binaries, stop, created)?);
     }
     let mut rows: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
 
     stop.sleep(plan.idle_settle)?;
     for (pod, rows) in pods.iter().zip(&mut rows) {
-        if let Some(stats) = &pod.stats {
+        if let Some(stats) = pod.stats.as_ref().filter(|_| pod.http) {
             let rss = stats.rss_mib()?;
             eprintln!(
                 "bench:   {:8} idle agent RSS {rss:.1} MiB",
@@ -687,14 +762,14 @@ fn measure_all(
             });
         }
     }
-    for pod in &mut pods {
+    for pod in pods.iter_mut().filter(|p| p.http) {
         pod.keepalive_c16(plan.warmup, stop)?;
     }
 
     for (workload, c) in WORKLOADS {
         let mut rounds: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
         for _ in 0..plan.rounds {
-            for (pod, rounds) in pods.iter_mut().zip(&mut rounds) {
+            for (pod, rounds) in pods.iter_mut().zip(&mut rounds).filter(|(p, _)| p.http) {
                 rounds.push(pod.load(workload, c, plan, stop)?);
             }
         }
@@ -704,7 +779,7 @@ fn measure_all(
     }
     let mut uploads: Vec<Vec<Run>> = vec![Vec::new(); pods.len()];
     for _ in 0..plan.rounds {
-        for (pod, uploads) in pods.iter_mut().zip(&mut uploads) {
+        for (pod, uploads) in pods.iter_mut().zip(&mut uploads).filter(|(p, _)| p.http) {
             uploads.push(pod.upload(stop)?);
         }
     }
@@ -716,10 +791,108 @@ fn measure_all(
     {
         pod.profile(svg, plan, stop)?;
     }
+    let tcp_rows = measure_passthrough(&mut pods, scenarios, binaries, plan, stop)?;
     for pod in &mut pods {
         pod.check_proxy_saw_everything()?;
     }
-    Ok(rows.into_iter().flatten().collect())
+    Ok((rows.into_iter().flatten().collect(), tcp_rows))
+}
+
+/// The passthrough loads on the worlds that run them, rounds taking turns
+/// as for HTTP; the median round of each.
+fn measure_passthrough(
+    pods: &mut [Pod],
+    scenarios: &[Worlds],
+    binaries: &Binaries,
+    plan: &Plan,
+    stop: &Interrupt,
+) -> Result<Vec<tcp::TcpRun>> {
+    let stream_mib = if plan.rounds == 1 { 512 } else { 2048 };
+    // Short connections by the thousand: without reuse of TIME_WAIT ports
+    // (which Linux allows on 127.0.0.0/8 only by default) the proxies' own
+    // connects to the echo server would soon search for a free port, and
+    // that search, not the proxy, would be measured. Every scenario alike.
+    for (pod, worlds) in pods.iter().zip(scenarios) {
+        if worlds.tcp {
+            cmd::read(
+                &mut pod
+                    .ns
+                    .command("sysctl")
+                    .args(["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])
+                    .build(),
+            )
+            .with_context(|| format!("sysctl in namespace {}", pod.ns.name()))?;
+        }
+    }
+    let mut out = Vec::new();
+    for (load, args, c) in tcp::loads(plan.duration.as_secs(), stream_mib) {
+        let mut rounds: Vec<Vec<tcp::TcpRun>> = vec![Vec::new(); pods.len()];
+        for _ in 0..plan.rounds {
+            for ((pod, worlds), rounds) in pods.iter_mut().zip(scenarios).zip(&mut rounds) {
+                if !worlds.tcp {
+                    continue;
+                }
+                let cpu = || -> Result<Option<f64>> {
+                    pod.stats
+                        .as_ref()
+                        .map(|s| s.cpu_seconds().map(|(u, k)| u + k))
+                        .transpose()
+                };
+                let before = cpu()?;
+                let result = tcp::run(
+                    &binaries.tcp,
+                    &pod.ns,
+                    &pod.cgroups.app(),
+                    &args,
+                    plan.duration + Duration::from_secs(60),
+                    stop,
+                    &pod.dir.path().join(format!("tcp-{load}.out")),
+                )?;
+                let after = cpu()?;
+                pod.connections += result.connections.max(1);
+                let row = tcp::row(
+                    pod.scenario.name(),
+                    load,
+                    c,
+                    &result,
+                    before.zip(after).map(|(b, a)| a - b),
+                );
+                eprintln!(
+                    "bench:   {:8} tcp {load:8} c={c:<2}: p50 {} µs, {} MiB/s, {} conn/s, proxy CPU {} µs/MiB, {} µs/conn, {} errors",
+                    pod.scenario.name(),
+                    fmt(row.p50_us, 1),
+                    fmt(row.mib_s, 0),
+                    fmt(row.conns_s, 0),
+                    fmt(row.cpu_us_per_mib, 0),
+                    fmt(row.cpu_us_per_conn, 1),
+                    row.errors,
+                );
+                if row.errors > 0 {
+                    bail!("{} tcp {load}: {} errors", pod.scenario.name(), row.errors);
+                }
+                rounds.push(row);
+            }
+        }
+        for mut r in rounds.into_iter().filter(|r| !r.is_empty()) {
+            let key = |t: &tcp::TcpRun| match load {
+                "pingpong" => t.p50_us,
+                "stream" => t.mib_s,
+                _ => t.conns_s,
+            };
+            r.sort_by(|a, b| {
+                key(a)
+                    .partial_cmp(&key(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            let mid = r.len() / 2;
+            out.push(r.swap_remove(mid));
+        }
+    }
+    Ok(out)
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
 }
 
 /// The iptables setup's init-container rules, with the agent's port,

@@ -3,20 +3,18 @@
 //! PUT uploads (WebDAV module: it reads the whole body before answering, so
 //! an upload's time covers every byte). Its config, pid file, logs and files
 //! live in the scenario's scratch directory; it never listens on the host.
+//! For the `tls` scenario it also listens with TLS on port 443, with a
+//! certificate for its address from a CA made for the run (`tls/ca.pem`
+//! in the scratch directory, which the agent is given as `--ca-file`).
 
-use std::{
-    fs,
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use lattice_tests::{ChildGuard, netns::Netns};
 
 use super::{
     interrupt::Interrupt,
-    process::{log_tail, stop_gracefully},
+    process::{stop_gracefully, wait_ready},
 };
 use crate::cmd;
 
@@ -29,7 +27,13 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    pub fn start(ns: &Netns, cgroup: &Path, dir: &Path, stop: &Interrupt) -> Result<Self> {
+    pub fn start(
+        ns: &Netns,
+        cgroup: &Path,
+        dir: &Path,
+        tls: bool,
+        stop: &Interrupt,
+    ) -> Result<Self> {
         let www = dir.join("www");
         let upload = www.join("upload");
         let body_tmp = dir.join("body-tmp");
@@ -47,8 +51,14 @@ impl Nginx {
                 .with_context(|| format!("chmod {}", d.display()))?;
         }
         fs::write(www.join("index.json"), BODY).context("writing the static body")?;
+        let tls_server = if tls {
+            make_certificates(&dir.join("tls"))?;
+            tls_server(dir)
+        } else {
+            String::new()
+        };
         let conf = dir.join("nginx.conf");
-        fs::write(&conf, config(dir)).context("writing nginx.conf")?;
+        fs::write(&conf, config(dir, &tls_server)).context("writing nginx.conf")?;
         let mut command = ns.command("nginx").cgroup(cgroup).build();
         command
             .arg("-e")
@@ -61,36 +71,36 @@ impl Nginx {
         let process = ChildGuard::spawn(command, name);
         let mut nginx = Self { process };
 
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            stop.check()?;
-            if let Some(status) = nginx.process.try_wait() {
-                bail!(
-                    "nginx exited at start ({status}):\n{}\n{}",
-                    log_tail(&nginx.process.stderr()),
-                    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        wait_ready(
+            &mut nginx.process,
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            stop,
+            |_| {
+                let probe = cmd::read(
+                    &mut ns
+                        .command("curl")
+                        .args([
+                            "-sS",
+                            "--max-time",
+                            "2",
+                            &format!("http://{ADDR}/index.json"),
+                        ])
+                        .build(),
                 );
-            }
-            let probe = cmd::read(
-                &mut ns
-                    .command("curl")
-                    .args([
-                        "-sS",
-                        "--max-time",
-                        "2",
-                        &format!("http://{ADDR}/index.json"),
-                    ])
-                    .build(),
-            );
-            if probe.as_deref().is_ok_and(|b| b == BODY) {
-                return Ok(nginx);
-            }
-            if Instant::now() > deadline {
-                bail!("nginx did not answer within 10s: {probe:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                match probe {
+                    Ok(body) if body == BODY => Ok(()),
+                    other => Err(format!("answered {other:?}; error.log: {}", error_log(dir))),
+                }
+            },
+        )?;
+        Ok(nginx)
     }
+}
+
+/// nginx's own log of what went wrong at start.
+fn error_log(dir: &Path) -> String {
+    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
 }
 
 impl Drop for Nginx {
@@ -100,7 +110,80 @@ impl Drop for Nginx {
     }
 }
 
-fn config(dir: &Path) -> String {
+/// A CA (`ca.pem`) and a server certificate it issued for [`ADDR`]
+/// (`server.pem`, `server.key`), P-256, made with openssl in `tls_dir`.
+fn make_certificates(tls_dir: &Path) -> Result<()> {
+    fs::create_dir_all(tls_dir).with_context(|| format!("mkdir {}", tls_dir.display()))?;
+    let at = |name: &str| tls_dir.join(name).to_string_lossy().into_owned();
+    fs::write(
+        at("server.ext"),
+        format!(
+            "subjectAltName=IP:{ADDR}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        ),
+    )
+    .context("writing the certificate's extensions")?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    cmd::read(
+        std::process::Command::new("openssl")
+            .args(["req", "-x509"])
+            .args(ec)
+            .args([
+                "-keyout",
+                &at("ca.key"),
+                "-out",
+                &at("ca.pem"),
+                "-days",
+                "7",
+            ])
+            .args(["-subj", "/CN=lattice bench CA"])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign"]),
+    )?;
+    cmd::read(
+        std::process::Command::new("openssl")
+            .arg("req")
+            .args(ec)
+            .args(["-keyout", &at("server.key"), "-out", &at("server.csr")])
+            .args(["-subj", &format!("/CN={ADDR}")]),
+    )?;
+    cmd::read(
+        std::process::Command::new("openssl")
+            .args(["x509", "-req", "-in", &at("server.csr")])
+            .args([
+                "-CA",
+                &at("ca.pem"),
+                "-CAkey",
+                &at("ca.key"),
+                "-CAcreateserial",
+            ])
+            .args(["-out", &at("server.pem"), "-days", "7"])
+            .args(["-extfile", &at("server.ext")]),
+    )?;
+    // Read by nginx's master (root); the workers only use it.
+    fs::set_permissions(tls_dir, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", tls_dir.display()))?;
+    Ok(())
+}
+
+/// The server's TLS listener on 443 (HTTP/1.1: what the agent offers
+/// HTTP/1.1 clients), beside its plain one: the same content and uploads.
+fn tls_server(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"
+        listen {ADDR}:443 ssl;
+        ssl_certificate {d}/tls/server.pem;
+        ssl_certificate_key {d}/tls/server.key;"#
+    )
+}
+
+fn config(dir: &Path, tls_server: &str) -> String {
     let d = dir.display();
     // One worker: the same fixed upstream cost in every scenario, leaving
     // the second core to the load generator and the agent. keepalive_requests
@@ -124,7 +207,7 @@ http {{
     keepalive_timeout 300s;
     default_type application/json;
     server {{
-        listen {ADDR}:80;
+        listen {ADDR}:80;{tls_server}
         root {d}/www;
         location /upload/ {{
             dav_methods PUT;

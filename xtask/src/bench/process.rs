@@ -2,10 +2,12 @@
 //! test kit's `ChildGuard`s; this is how it stops them and what it reads
 //! of them, in the report's units.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use lattice_tests::{ChildGuard, procfs};
+
+use super::interrupt::Interrupt;
 
 /// How long a child may take to stop after its stop signal.
 const GRACE: Duration = Duration::from_secs(10);
@@ -22,6 +24,43 @@ pub fn stop_gracefully(child: &mut ChildGuard, signal: i32) {
             child.name(),
             GRACE.as_secs()
         );
+    }
+}
+
+/// Polls `ready` every `every` until it says yes. Fails, with the end of
+/// the child's stderr, when the child exits first, when `limit` passes
+/// (naming what `ready` last said) or on Ctrl-C.
+pub fn wait_ready(
+    process: &mut ChildGuard,
+    limit: Duration,
+    every: Duration,
+    stop: &Interrupt,
+    mut ready: impl FnMut(&ChildGuard) -> Result<(), String>,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        stop.check()?;
+        if let Some(status) = process.try_wait() {
+            let said = ready(process).err().unwrap_or_default();
+            bail!(
+                "`{}` exited at start ({status}; {said}):\n{}",
+                process.name(),
+                log_tail(&process.stderr())
+            );
+        }
+        let not_yet = match ready(process) {
+            Ok(()) => return Ok(()),
+            Err(not_yet) => not_yet,
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "`{}` not ready within {}s ({not_yet}):\n{}",
+                process.name(),
+                limit.as_secs(),
+                log_tail(&process.stderr())
+            );
+        }
+        std::thread::sleep(every);
     }
 }
 

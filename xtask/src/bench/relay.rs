@@ -4,18 +4,15 @@
 //! program answers its `SO_ORIGINAL_DST`) and as the exempt UID (so its own
 //! upstream connects are not redirected).
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, process::Command, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use lattice_tests::{ChildGuard, netns::Netns};
 
 use super::{
     agent::{EXEMPT_UID, PROXY_PORT},
     interrupt::Interrupt,
-    process::{log_tail, stop_gracefully},
+    process::{log_tail, stop_gracefully, wait_ready},
 };
 use crate::cmd;
 
@@ -49,28 +46,8 @@ impl Relay {
             })
             .arg(PROXY_PORT.to_string())
             .build();
-        let name = cmd::display(&command);
-        let mut process = ChildGuard::spawn(command, name);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            stop.check()?;
-            if let Some(status) = process.try_wait() {
-                bail!(
-                    "lattice-bench-relay exited at start ({status}):\n{}",
-                    log_tail(&process.stderr())
-                );
-            }
-            if process.stdout().contains("listening") {
-                return Ok(Self { process });
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "lattice-bench-relay not listening within 10s:\n{}",
-                    log_tail(&process.stderr())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let process = start_listening(command, stop)?;
+        Ok(Self { process })
     }
 
     /// Stops it and returns how many connections it relayed.
@@ -91,4 +68,22 @@ impl Relay {
                 )
             })
     }
+}
+
+/// Starts `command` and waits (10 s at most) until it says "listening" on
+/// stdout: the kit's relay and echo server do once they accept.
+pub fn start_listening(command: Command, stop: &Interrupt) -> Result<ChildGuard> {
+    let name = cmd::display(&command);
+    let mut process = ChildGuard::spawn(command, name);
+    wait_ready(
+        &mut process,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        stop,
+        |process| match process.stdout().contains("listening") {
+            true => Ok(()),
+            false => Err("no \"listening\" on its stdout".to_owned()),
+        },
+    )?;
+    Ok(process)
 }

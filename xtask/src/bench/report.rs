@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::Scenario;
+use super::{Scenario, tcp::TcpRun};
 
 /// Every scenario's name, in the order they are measured and shown.
 pub const SCENARIOS: [&str; Scenario::ALL.len()] = {
@@ -185,6 +185,8 @@ pub struct Report {
     pub quick: bool,
     pub machine: Machine,
     pub runs: Vec<Run>,
+    /// The passthrough loads (TCP that is not HTTP).
+    pub passthrough: Vec<TcpRun>,
     /// Each proxy's cost, from `runs`.
     pub cost: Vec<Cost>,
     pub micro: Micro,
@@ -319,6 +321,76 @@ pub fn targets(runs: &[Run], cost: &[Cost], micro: &Micro) -> Vec<Target> {
     ]
 }
 
+/// What passing TCP through may cost lattice over the floor's byte relay
+/// (CPU per MiB and per connection), and the latency it may add over it.
+const PASSTHROUGH_CPU: f64 = 1.1;
+const PASSTHROUGH_ADDED_P50_US: f64 = 5.0;
+/// What HTTPS origination may cost per keep-alive request over plain HTTP.
+const TLS_CPU: f64 = 1.3;
+
+/// The traffic issue's targets: passthrough against the floor, HTTPS
+/// origination against plain HTTP.
+pub fn traffic_targets(cost: &[Cost], tcp: &[TcpRun]) -> Vec<Target> {
+    let row = |scenario: &str, load: &str| {
+        tcp.iter()
+            .find(|r| r.scenario == scenario && r.load == load)
+    };
+    let ratio = |load: &str, f: fn(&TcpRun) -> Option<f64>| {
+        let l = row("lattice", load).and_then(f);
+        let fl = row("floor", load).and_then(f);
+        (l.zip(fl).map(|(l, f)| l / f), l.zip(fl))
+    };
+    let (per_mib, mib) = ratio("stream", |r| r.cpu_us_per_mib);
+    let (per_conn, conn) = ratio("conns", |r| r.cpu_us_per_conn);
+    let p50 = |s| row(s, "pingpong").and_then(|r| r.p50_us);
+    let added = |s| p50(s).zip(p50("direct")).map(|(a, d)| a - d);
+    let (lattice_added, floor_added) = (added("lattice"), added("floor"));
+    let cpu16 = |s: &str| {
+        cost.iter()
+            .find(|k| k.scenario == s && k.workload == "keepalive" && k.concurrency == 16)
+            .and_then(|k| k.cpu_us_per_req)
+    };
+    let (tls_cpu, plain_cpu) = (cpu16("tls"), cpu16("lattice"));
+    vec![
+        Target::new(
+            "passthrough: proxy CPU per MiB, lattice / floor",
+            per_mib,
+            "max",
+            Some(PASSTHROUGH_CPU),
+            "x",
+        )
+        .detail(mib.map(|(l, f)| format!("lattice {l:.0} µs, floor {f:.0} µs"))),
+        Target::new(
+            "passthrough: proxy CPU per connection, lattice / floor",
+            per_conn,
+            "max",
+            Some(PASSTHROUGH_CPU),
+            "x",
+        )
+        .detail(conn.map(|(l, f)| format!("lattice {l:.1} µs, floor {f:.1} µs"))),
+        Target::new(
+            "passthrough: p50 lattice adds to a round trip over direct, c=1",
+            lattice_added,
+            "max",
+            floor_added.map(|f| f + PASSTHROUGH_ADDED_P50_US),
+            "µs",
+        )
+        .detail(floor_added.map(|f| format!("floor adds {f:.1} µs; limit = floor + 5 µs"))),
+        Target::new(
+            "tls: proxy CPU per keep-alive request at c=16, HTTPS origination / plain HTTP",
+            tls_cpu.zip(plain_cpu).map(|(t, p)| t / p),
+            "max",
+            Some(TLS_CPU),
+            "x",
+        )
+        .detail(
+            tls_cpu
+                .zip(plain_cpu)
+                .map(|(t, p)| format!("tls {t:.1} µs, lattice {p:.1} µs")),
+        ),
+    ]
+}
+
 /// The node-mode issue's targets, from lattice-bench-node's figures.
 pub fn node_targets(node: &Value) -> Vec<Target> {
     let f = |v: &Value| v.as_f64();
@@ -415,6 +487,32 @@ pub fn markdown(report: &Report) -> String {
                 cell(k.user_us_per_req, 1),
                 cell(k.added_p50_us, 0),
                 cell(k.added_p99_us, 0),
+            );
+        }
+    }
+    if !report.passthrough.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nPassthrough (TCP that is not HTTP, to an echo server; MiB counted both ways):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | load | conc. | p50 µs | p99 µs | MiB/s | conn/s | proxy CPU µs / MiB | proxy CPU µs / conn |"
+        );
+        let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+        for r in &report.passthrough {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.scenario,
+                r.load,
+                r.concurrency,
+                cell(r.p50_us, 1),
+                cell(r.p99_us, 1),
+                cell(r.mib_s, 0),
+                cell(r.conns_s, 0),
+                cell(r.cpu_us_per_mib, 0),
+                cell(r.cpu_us_per_conn, 1),
             );
         }
     }
@@ -573,6 +671,46 @@ mod tests {
     }
 
     #[test]
+    fn traffic_targets_compare_passthrough_with_the_floor_and_tls_with_http() {
+        let tcp = |scenario, load, p50, per_mib, per_conn| TcpRun {
+            scenario,
+            load,
+            p50_us: p50,
+            cpu_us_per_mib: per_mib,
+            cpu_us_per_conn: per_conn,
+            ..TcpRun::default()
+        };
+        let rows = [
+            tcp("direct", "pingpong", Some(20.0), None, None),
+            tcp("floor", "pingpong", Some(50.0), None, None),
+            tcp("lattice", "pingpong", Some(56.0), None, None),
+            tcp("floor", "stream", None, Some(1000.0), None),
+            tcp("lattice", "stream", None, Some(1050.0), None),
+            tcp("floor", "conns", None, None, Some(20.0)),
+            tcp("lattice", "conns", None, None, Some(30.0)),
+        ];
+        let mut runs = sample();
+        runs.push(Run {
+            scenario: "tls",
+            workload: "keepalive",
+            concurrency: Some(16),
+            agent_cpu_us_per_req: Some(25.0),
+            ..Run::default()
+        });
+        let t = traffic_targets(&cost(&runs), &rows);
+        assert!((t[0].measured.unwrap() - 1.05).abs() < 1e-9);
+        assert_eq!(t[0].met, Some(true));
+        assert_eq!(t[1].met, Some(false), "1.5 > 1.1");
+        // Lattice adds 36 µs, the floor 30: over floor + 5.
+        assert!((t[2].measured.unwrap() - 36.0).abs() < 1e-9);
+        assert_eq!(t[2].limit, Some(35.0));
+        assert_eq!(t[2].met, Some(false));
+        assert!((t[3].measured.unwrap() - 25.0 / 21.0).abs() < 1e-9);
+        assert_eq!(t[3].met, Some(true));
+        assert!(traffic_targets(&[], &[]).iter().all(|t| t.met.is_none()));
+    }
+
+    #[test]
     fn cost_is_against_direct_in_the_same_run() {
         let cost = cost(&sample());
         let lattice16 = cost
@@ -637,6 +775,7 @@ mod tests {
             machine: Machine::read(),
             targets: targets(&runs, &cost, &micro),
             runs,
+            passthrough: Vec::new(),
             cost,
             micro,
             node: None,
