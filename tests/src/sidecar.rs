@@ -11,6 +11,7 @@ use std::{
 use crate::{
     agent::agent_bin,
     procfs::{self, status_field},
+    spawn::copy_program,
     tempdir::TempDir,
 };
 
@@ -79,15 +80,7 @@ pub struct FileCapsAgent(TempDir);
 impl FileCapsAgent {
     pub fn new() -> Self {
         let guard = Self(TempDir::new("filecaps"));
-        // By `cp`, not fs::copy: a process another test thread forks while
-        // our write fd is open would hold it until its exec, and executing
-        // the copy would then fail with ETXTBSY.
-        let copied = Command::new("cp")
-            .arg(agent_bin())
-            .arg(guard.path())
-            .status()
-            .expect("run cp");
-        assert!(copied.success(), "cp agent: {copied}");
+        copy_program(&agent_bin(), &guard.path());
         let caps: Vec<String> = SIDECAR_CAPS.iter().map(|c| format!("cap_{c}")).collect();
         let out = Command::new("setcap")
             .arg(format!("{}=ep", caps.join(",")))

@@ -218,6 +218,14 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Copies the program `from` to `to`, to be run from there. By `cp`, not
+/// `fs::copy`: a process another test thread forks while this process holds
+/// the copy open for writing would keep that descriptor until its exec, and
+/// running the copy would then fail with ETXTBSY ("Text file busy").
+pub fn copy_program(from: &Path, to: &Path) {
+    run_ok(Command::new("cp").arg(from).arg(to));
+}
+
 /// What a finished process printed.
 #[derive(Debug, Clone)]
 pub struct Output {

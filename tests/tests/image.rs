@@ -48,7 +48,7 @@ use lattice_tests::{
     sidecar::{
         SIDECAR_CAPS, SIDECAR_UID, assert_unprivileged, container_start, file_caps, proxy_env,
     },
-    spawn::run_ok,
+    spawn::{copy_program, run_ok},
     target_dir, workspace,
 };
 
@@ -413,7 +413,7 @@ fn arm64_image_passes_its_self_check_under_qemu() {
     let qemu = run_ok(Command::new("sh").args(["-c", "command -v qemu-aarch64-static"]));
     let qemu = Path::new(qemu.trim());
     assert_eq!(elf_machine(qemu), EM_X86_64, "this test runs on x86_64");
-    fs::copy(qemu, rootfs.join("qemu-aarch64-static")).expect("copy qemu");
+    copy_program(qemu, &rootfs.join("qemu-aarch64-static"));
     let run = |args: &[&str]| {
         run_ok(
             Command::new("chroot")
