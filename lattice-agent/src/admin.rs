@@ -24,7 +24,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{credentials::WorkloadCredentials, metrics::Metrics};
+use lattice_cni::conf::ConfError;
+
+use crate::{
+    credentials::{CredentialsUnavailable, WorkloadCredentials},
+    error_chain,
+    metrics::Metrics,
+};
 
 /// What `/readyz` checks.
 #[derive(Debug)]
@@ -36,7 +42,7 @@ pub struct Readiness {
     /// Node mode: the first list of pods from the API has been processed.
     pods_listed: Option<AtomicBool>,
     /// Node mode with the CNI plugin: why it is not in the chain, if not.
-    cni: std::sync::Mutex<Option<String>>,
+    cni: std::sync::Mutex<Option<Arc<ConfError>>>,
     /// How the agent runs that its operators should know (e.g. unpinned):
     /// shown with either answer, never making it unready.
     warnings: std::sync::Mutex<Vec<String>>,
@@ -83,7 +89,7 @@ impl Readiness {
     }
 
     /// Whether the CNI plugin is in the runtime's chain (`Err`: why not).
-    pub fn set_cni(&self, state: Result<(), String>) {
+    pub fn set_cni(&self, state: Result<(), Arc<ConfError>>) {
         *self.cni.lock().unwrap_or_else(|p| p.into_inner()) = state.err();
     }
 
@@ -101,32 +107,48 @@ impl Readiness {
         warnings.iter().map(|w| format!("warning: {w}\n")).collect()
     }
 
-    /// `Ok` when ready, else the reasons (one per line).
-    pub fn check(&self) -> Result<(), String> {
+    /// `Ok` when ready, else every reason why not.
+    pub fn check(&self) -> Result<(), Vec<NotReady>> {
         let mut why = Vec::new();
         if !self.attached.load(Ordering::Acquire) {
-            why.push("interceptor not attached".to_owned());
+            why.push(NotReady::NotAttached);
         }
         if !self.listening.load(Ordering::Acquire) {
-            why.push("proxy not listening".to_owned());
+            why.push(NotReady::NotListening);
         }
         if let Some(listed) = &self.pods_listed
             && !listed.load(Ordering::Acquire)
         {
-            why.push("pods not listed from the Kubernetes API yet".to_owned());
+            why.push(NotReady::PodsNotListed);
         }
         if let Some(cni) = &*self.cni.lock().unwrap_or_else(|p| p.into_inner()) {
-            why.push(format!("CNI plugin not in the runtime's chain: {cni}"));
+            why.push(NotReady::CniNotChained(Arc::clone(cni)));
         }
         if let Some(Err(e)) = self.credentials.as_ref().map(|c| c.current()) {
-            why.push(format!("no credentials: {e}"));
+            why.push(NotReady::NoCredentials(e));
         }
-        if why.is_empty() {
-            Ok(())
-        } else {
-            Err(why.join("\n"))
-        }
+        if why.is_empty() { Ok(()) } else { Err(why) }
     }
+}
+
+/// Why the agent is not ready: each is one line of `/readyz`.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("interceptor not attached")]
+    NotAttached,
+    #[error("proxy not listening")]
+    NotListening,
+    #[error("pods not listed from the Kubernetes API yet")]
+    PodsNotListed,
+    #[error("CNI plugin not in the runtime's chain")]
+    CniNotChained(#[source] Arc<ConfError>),
+    #[error("no credentials")]
+    NoCredentials(#[source] CredentialsUnavailable),
+}
+
+/// `/readyz`'s lines for `why`.
+fn not_ready_lines(why: &[NotReady]) -> String {
+    why.iter().map(|w| error_chain(w) + "\n").collect()
 }
 
 /// The `/pods` listing (node mode): a JSON document, no secrets.
@@ -218,7 +240,11 @@ fn route(
             ),
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready\n{why}\n{}", readiness.warning_lines()),
+                format!(
+                    "not ready\n{}{}",
+                    not_ready_lines(&why),
+                    readiness.warning_lines()
+                ),
             ),
         },
         "/metrics" => {
@@ -258,4 +284,30 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_ready_names_every_reason_with_its_causes() {
+        let no_identity = std::io::Error::other("pod shop/a has no AWS identity");
+        let r = Readiness::single(WorkloadCredentials::Missing(Arc::new(no_identity)));
+        r.set_listening(true);
+        r.set_cni(Err(Arc::new(ConfError::NoConfig {
+            dir: "/etc/cni/net.d".into(),
+        })));
+        let why = r.check().unwrap_err();
+        assert_eq!(
+            not_ready_lines(&why),
+            "interceptor not attached\n\
+             CNI plugin not in the runtime's chain: no CNI configuration in /etc/cni/net.d \
+             yet (is the node's CNI installed?)\n\
+             no credentials: pod shop/a has no AWS identity\n"
+        );
+        r.set_attached(true);
+        r.set_cni(Ok(()));
+        assert_eq!(r.check().unwrap_err().len(), 1);
+    }
 }

@@ -340,9 +340,14 @@ pub enum Pin {
     Off,
 }
 
-fn parse_pin(value: &str) -> Result<Pin, String> {
+/// An empty `--pin`.
+#[derive(Debug, thiserror::Error)]
+#[error("a bpffs directory, or `none`")]
+pub struct EmptyPin;
+
+fn parse_pin(value: &str) -> Result<Pin, EmptyPin> {
     match value {
-        "" => Err("a bpffs directory, or `none`".to_owned()),
+        "" => Err(EmptyPin),
         "none" => Ok(Pin::Off),
         dir => Ok(Pin::Dir(PathBuf::from(dir))),
     }

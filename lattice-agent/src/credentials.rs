@@ -14,7 +14,7 @@ use std::{
 use aws_config::{BehaviorVersion, sts::AssumeRoleProvider};
 use aws_credential_types::{
     Credentials,
-    provider::{ProvideCredentials, SharedCredentialsProvider},
+    provider::{ProvideCredentials, SharedCredentialsProvider, error::CredentialsError},
 };
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use aws_types::region::Region;
@@ -107,14 +107,18 @@ impl ProvideCredentials for NoProvider {
 pub enum WorkloadCredentials {
     Cache(Arc<CredentialsCache>),
     /// No identity to sign with; every request gets 503 with this reason.
-    Missing(Arc<str>),
+    Missing(NoIdentity),
 }
+
+/// Why a workload has no identity to sign with (node mode: what its pod's
+/// spec gets wrong), shared by its requests.
+pub type NoIdentity = Arc<dyn std::error::Error + Send + Sync>;
 
 impl WorkloadCredentials {
     pub fn current(&self) -> Result<Arc<Credentials>, CredentialsUnavailable> {
         match self {
             Self::Cache(cache) => cache.current(),
-            Self::Missing(why) => Err(CredentialsUnavailable(why.to_string())),
+            Self::Missing(why) => Err(CredentialsUnavailable::NoIdentity(Arc::clone(why))),
         }
     }
 
@@ -131,17 +135,38 @@ impl WorkloadCredentials {
     }
 }
 
-/// Why there are no usable credentials; the text is the provider's error.
+/// Why there are no usable credentials. Cheap to make: the causes are
+/// shared, not copied, into each request's error.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct CredentialsUnavailable(pub String);
+pub enum CredentialsUnavailable {
+    #[error("credentials not loaded yet")]
+    NotLoaded,
+    /// The first fetch failed (and none succeeded since).
+    #[error(transparent)]
+    Fetch(Arc<FetchError>),
+    #[error("credentials expired; the provider has not answered the refresh yet")]
+    ExpiredPending,
+    #[error("credentials expired; refreshing failed")]
+    Expired(#[source] Arc<FetchError>),
+    #[error(transparent)]
+    NoIdentity(NoIdentity),
+}
+
+/// Why one fetch from the credential provider failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Provider(#[from] CredentialsError),
+    #[error("credential provider did not answer within {}s", .0.as_secs())]
+    Timeout(Duration),
+}
 
 #[derive(Debug, Default)]
 struct State {
     /// Shared with the requests signing with it: aws-config's credentials
     /// carry a property map that a clone would copy per request.
     current: Option<Arc<Credentials>>,
-    last_error: Option<String>,
+    last_error: Option<Arc<FetchError>>,
 }
 
 /// Cached credentials, kept fresh by a background task.
@@ -192,16 +217,14 @@ impl CredentialsCache {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         match &state.current {
             Some(c) if !expired(c, SystemTime::now()) => Ok(Arc::clone(c)),
-            Some(_) => Err(CredentialsUnavailable(match &state.last_error {
-                Some(e) => format!("credentials expired; refreshing failed: {e}"),
-                None => {
-                    "credentials expired; the provider has not answered the refresh yet".to_owned()
-                }
-            })),
-            None => Err(CredentialsUnavailable(match &state.last_error {
-                Some(e) => e.clone(),
-                None => "credentials not loaded yet".to_owned(),
-            })),
+            Some(_) => Err(match &state.last_error {
+                Some(e) => CredentialsUnavailable::Expired(Arc::clone(e)),
+                None => CredentialsUnavailable::ExpiredPending,
+            }),
+            None => Err(match &state.last_error {
+                Some(e) => CredentialsUnavailable::Fetch(Arc::clone(e)),
+                None => CredentialsUnavailable::NotLoaded,
+            }),
         }
     }
 
@@ -255,10 +278,10 @@ impl CredentialsCache {
         self.fetched.notify_waiters();
     }
 
-    fn store_error(&self, error: String) {
+    fn store_error(&self, error: FetchError) {
         {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-            state.last_error = Some(error);
+            state.last_error = Some(Arc::new(error));
         }
         self.fetched.notify_waiters();
     }
@@ -312,29 +335,32 @@ async fn refresh_loop(
                 backoff = BACKOFF_START;
                 delay
             }
-            Ok(Err(e)) => {
-                metrics.count_refresh(false);
-                let msg = error_chain(&e);
-                tracing::warn!(error = %msg, retry_in_s = backoff.as_secs(), "credential refresh failed");
-                cache.store_error(msg);
-                next_backoff(&mut backoff)
-            }
-            Err(_elapsed) => {
-                metrics.count_refresh(false);
-                let msg = format!(
-                    "credential provider did not answer within {}s",
-                    FETCH_TIMEOUT.as_secs()
-                );
-                tracing::warn!(error = %msg, retry_in_s = backoff.as_secs(), "credential refresh failed");
-                cache.store_error(msg);
-                next_backoff(&mut backoff)
-            }
+            Ok(Err(e)) => failed(&cache, &metrics, FetchError::Provider(e), &mut backoff),
+            Err(_elapsed) => failed(
+                &cache,
+                &metrics,
+                FetchError::Timeout(FETCH_TIMEOUT),
+                &mut backoff,
+            ),
         };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Records a failed fetch; returns when to try again.
+fn failed(
+    cache: &CredentialsCache,
+    metrics: &CredentialMetrics,
+    error: FetchError,
+    backoff: &mut Duration,
+) -> Duration {
+    metrics.count_refresh(false);
+    tracing::warn!(error = %error_chain(&error), retry_in_s = backoff.as_secs(), "credential refresh failed");
+    cache.store_error(error);
+    next_backoff(backoff)
 }
 
 fn next_backoff(backoff: &mut Duration) -> Duration {
@@ -371,7 +397,16 @@ mod tests {
         );
         let cache = CredentialsCache::fixed(c);
         let err = cache.current().unwrap_err();
-        assert!(err.0.contains("expired"), "{err}");
+        assert!(
+            matches!(err, CredentialsUnavailable::ExpiredPending),
+            "{err:?}"
+        );
+        cache.store_error(FetchError::Timeout(Duration::from_secs(60)));
+        assert_eq!(
+            error_chain(&cache.current().unwrap_err()),
+            "credentials expired; refreshing failed: \
+             credential provider did not answer within 60s"
+        );
         assert!(!cache.is_ready());
     }
 
@@ -401,13 +436,19 @@ mod tests {
             .wait_current(Duration::from_millis(100))
             .await
             .unwrap_err();
-        assert!(err.0.contains("not loaded yet"), "{err}");
+        assert_eq!(err.to_string(), "credentials not loaded yet");
         assert!(started.elapsed() < Duration::from_secs(2));
         // A failed first fetch answers at once: no wait on a known error.
-        empty.store_error("STS said no".into());
+        empty.store_error(FetchError::Provider(CredentialsError::provider_error(
+            "STS said no",
+        )));
         let started = std::time::Instant::now();
-        assert!(empty.wait_current(Duration::from_secs(5)).await.is_err());
+        let err = empty
+            .wait_current(Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(error_chain(&err).contains("STS said no"), "{err:?}");
     }
 
     #[test]

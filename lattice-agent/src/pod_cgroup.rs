@@ -31,10 +31,10 @@ const QOS_CLASSES: [&str; 2] = ["burstable", "besteffort"];
 #[derive(Debug, thiserror::Error)]
 pub enum PodCgroupError {
     #[error(
-        "--pod-uid {0:?}: not a pod UID (expected letters, digits, '-' or '_', \
+        "--pod-uid {uid:?}: not a pod UID (expected letters, digits, '-' or '_', \
          e.g. from the downward API's metadata.uid)"
     )]
-    InvalidUid(String),
+    InvalidUid { uid: String },
     #[error(
         "no cgroup directory for pod {pod_uid} under --cgroup-root {root}; searched:{}\n\
          (is --cgroup-root the host's cgroup v2 tree, e.g. a hostPath mount of \
@@ -114,7 +114,9 @@ impl PodUid {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
-            return Err(PodCgroupError::InvalidUid(raw.to_owned()));
+            return Err(PodCgroupError::InvalidUid {
+                uid: raw.to_owned(),
+            });
         }
         Ok(Self {
             dashed: raw.replace('_', "-"),
@@ -368,7 +370,7 @@ mod tests {
             assert!(
                 matches!(
                     find_pod_cgroup(&tree.0, bad, PRIVATE_NS),
-                    Err(PodCgroupError::InvalidUid(_))
+                    Err(PodCgroupError::InvalidUid { .. })
                 ),
                 "{bad:?}"
             );

@@ -30,6 +30,7 @@ use aya::{
     maps::{Array, LpmTrie, MapError, lpm_trie::Key},
     programs::{CgroupAttachMode, ProgramError, links::FdLink},
 };
+pub use checks::{CgroupDirError, PinDirError};
 pub use gate::NetnsGate;
 use ipnet::{Ipv4Net, Ipv6Net};
 use lattice_common::{
@@ -50,14 +51,25 @@ const AYA_LOGS: &str = "AYA_LOGS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("--cgroup {path}: {reason}")]
-    Cgroup { path: PathBuf, reason: String },
-    #[error("--pin {path}: {reason}")]
-    PinDir { path: PathBuf, reason: String },
-    #[error("missing capability {capability}: {detail}")]
+    #[error("--cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        problem: CgroupDirError,
+    },
+    #[error("--pin {}", path.display())]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        problem: PinDirError,
+    },
+    #[error("reading this process's capabilities")]
+    Capabilities(#[source] caps::errors::CapsError),
+    /// `needed_for`: what the kernel needs it for, and how to grant it.
+    #[error("missing capability {capability}: {needed_for}")]
     Capability {
         capability: &'static str,
-        detail: String,
+        needed_for: &'static str,
     },
     #[error("too many prefixes in --cidr: {count} {family} prefixes, at most {max}")]
     TooManyPrefixes {
@@ -90,8 +102,25 @@ pub enum BpfError {
         #[source]
         source: MapError,
     },
-    #[error("pinning {path}: {detail}")]
-    Pin { path: PathBuf, detail: String },
+    #[error("pinning {}", path.display())]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// Putting a pinned file (a staged map, the marker) in place.
+    #[error("pinning {}", path.display())]
+    PinFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("the table of enrolled network namespaces is full: it holds {capacity} (--max-pods)")]
@@ -247,7 +276,7 @@ impl Interceptor {
         };
         let cgroup = File::open(&cfg.cgroup).map_err(|e| BpfError::Cgroup {
             path: cfg.cgroup.clone(),
-            reason: e.to_string(),
+            problem: CgroupDirError::Open(e),
         })?;
         let attached = attach_all(&mut ebpf, &cgroup, cfg, survey.as_mut())?;
         // The programs read the new maps now: these take the old ones' pins.
@@ -917,12 +946,14 @@ fn pin_link<L>(link: L, path: &Path) -> Result<(), BpfError>
 where
     L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
 {
-    let pin_err = |detail: String| BpfError::Pin {
+    let link: FdLink = link.try_into().map_err(|source| BpfError::PinLink {
         path: path.to_owned(),
-        detail,
-    };
-    let link: FdLink = link.try_into().map_err(|e| pin_err(e.to_string()))?;
-    link.pin(path).map_err(|e| pin_err(e.to_string()))?;
+        source,
+    })?;
+    link.pin(path).map_err(|source| BpfError::Pin {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(())
 }
 

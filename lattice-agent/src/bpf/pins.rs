@@ -186,37 +186,30 @@ impl Survey {
             path: path.clone(),
             source: Box::new(source),
         })?;
-        map.pin(&path).map_err(|e| BpfError::Pin {
-            path,
-            detail: e.to_string(),
-        })
+        map.pin(&path)
+            .map_err(|source| BpfError::Pin { path, source })
     }
 
     /// Pins `map` beside the map pinned as `name`, to replace it with
     /// [`Survey::commit_map`] once the programs read it.
     pub fn stage_map(&self, name: &str, map: &Map) -> Result<(), BpfError> {
         let path = staged(&map_path(&self.dir, name));
-        map.pin(&path).map_err(|e| BpfError::Pin {
-            path,
-            detail: e.to_string(),
-        })
+        map.pin(&path)
+            .map_err(|source| BpfError::Pin { path, source })
     }
 
     /// Puts the map staged for `name` in place of the pinned one.
     pub fn commit_map(&self, name: &str) -> Result<(), BpfError> {
         let path = map_path(&self.dir, name);
-        std::fs::rename(staged(&path), &path).map_err(|e| BpfError::Pin {
-            path,
-            detail: e.to_string(),
-        })
+        std::fs::rename(staged(&path), &path).map_err(|source| BpfError::PinFile { path, source })
     }
 
     /// Points the marker at `text`.
     pub fn write_marker(&self, text: &str) -> Result<(), BpfError> {
         let path = self.dir.join(MARKER);
-        let pin_err = |e: io::Error| BpfError::Pin {
+        let pin_err = |source: io::Error| BpfError::PinFile {
             path: path.clone(),
-            detail: e.to_string(),
+            source,
         };
         let new = staged(&path);
         std::os::unix::fs::symlink(text, &new).map_err(pin_err)?;

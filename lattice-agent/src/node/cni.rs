@@ -37,7 +37,11 @@ use lattice_cni::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::{admin::Readiness, netns::NetNs};
+use crate::{
+    admin::Readiness,
+    error_chain,
+    netns::{NetNs, NetnsError},
+};
 
 /// How often the plugin's place in the chain is checked.
 const KEEP_EVERY: Duration = Duration::from_secs(2);
@@ -71,6 +75,39 @@ pub enum CniError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a plugin's call could not be resolved to a pod on this node; the
+/// plugin's answer names it.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("no network namespace came with the call")]
+    NoNetns,
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("pod {pod} (uid {uid}) is bound to node {node}, not to this node {this_node}")]
+    OtherNode {
+        pod: String,
+        uid: String,
+        node: String,
+        this_node: String,
+    },
+    #[error("pod {pod} (uid {uid}) not found in the Kubernetes API")]
+    PodNotFound { pod: String, uid: String },
+    #[error("looking up pod {pod}")]
+    Pod {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("looking up namespace {namespace}")]
+    Namespace {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("looking up {what}: the Kubernetes API did not answer within {LOOKUP_TIMEOUT:?}")]
+    Timeout { what: String },
 }
 
 /// Copies the plugin binary into the bin directory and, if the node's CNI
@@ -115,7 +152,7 @@ pub fn spawn_keeper(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last_error = None;
+        let mut last_error: Option<Arc<ConfError>> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -134,8 +171,12 @@ pub fn spawn_keeper(
     })
 }
 
-/// One check of the chain; logs a failure once until it changes.
-fn keep_chained(settings: &CniSettings, readiness: &Readiness, last_error: &mut Option<String>) {
+/// One check of the chain; logs a failure once until it reads otherwise.
+fn keep_chained(
+    settings: &CniSettings,
+    readiness: &Readiness,
+    last_error: &mut Option<Arc<ConfError>>,
+) {
     match conf::install(&settings.conf_dir, &settings.entry) {
         Ok(installed) => {
             if installed.changed {
@@ -147,12 +188,16 @@ fn keep_chained(settings: &CniSettings, readiness: &Readiness, last_error: &mut 
             readiness.set_cni(Ok(()));
         }
         Err(e) => {
-            let why = crate::error_chain(&e);
-            if last_error.as_deref() != Some(why.as_str()) {
+            let why = error_chain(&e);
+            if last_error
+                .as_deref()
+                .is_none_or(|last| error_chain(last) != why)
+            {
                 tracing::warn!(reason = %why, "CNI plugin not in the runtime's chain; new pods are enrolled only once the API shows them running");
             }
-            readiness.set_cni(Err(why.clone()));
-            *last_error = Some(why);
+            let e = Arc::new(e);
+            readiness.set_cni(Err(Arc::clone(&e)));
+            *last_error = Some(e);
         }
     }
 }
@@ -164,7 +209,7 @@ pub fn uninstall(settings: &CniSettings) {
         Ok(files) if files.is_empty() => {}
         Ok(files) => tracing::info!(?files, "CNI plugin taken out of the runtime's chain"),
         Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "could not take the CNI plugin out of the runtime's chain")
+            tracing::warn!(error = %error_chain(&e), "could not take the CNI plugin out of the runtime's chain")
         }
     }
 }
@@ -200,7 +245,7 @@ pub async fn leaving_for_good(client: &kube::Client) -> bool {
     match tokio::time::timeout(LOOKUP_TIMEOUT, check).await {
         Ok(Ok(leaving)) => leaving,
         Ok(Err(e)) => {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot tell whether the agent's DaemonSet is being deleted; the CNI plugin stays in the chain (if lattice is being uninstalled, remove the lattice-cni entry from the node's CNI configuration)");
+            tracing::warn!(error = %error_chain(&e), "cannot tell whether the agent's DaemonSet is being deleted; the CNI plugin stays in the chain (if lattice is being uninstalled, remove the lattice-cni entry from the node's CNI configuration)");
             false
         }
         Err(_) => {
@@ -284,7 +329,7 @@ async fn answer(
                 Err(_) => error_reply("the agent is stopping"),
             }
         }
-        Err(why) => error_reply(&why),
+        Err(why) => error_reply(&error_chain(&why)),
     };
     tokio::task::spawn_blocking(move || protocol::send(&stream, &reply, None))
         .await
@@ -309,12 +354,12 @@ async fn resolve(
     request: &Request,
     fd: Option<std::os::fd::OwnedFd>,
     lookup: &PodLookup,
-) -> Result<Resolved, String> {
+) -> Result<Resolved, LookupError> {
     if request.command == Command::Del {
         return Ok((None, None));
     }
-    let fd = fd.ok_or("no network namespace came with the call")?;
-    let netns = NetNs::from_fd(fd, &request.netns).map_err(|e| crate::error_chain(&e))?;
+    let fd = fd.ok_or(LookupError::NoNetns)?;
+    let netns = NetNs::from_fd(fd, &request.netns)?;
     let pod = find_pod(request, lookup).await?;
     let labels = namespace_labels(&request.pod_namespace, lookup).await?;
     Ok((Some((pod, labels)), Some(netns)))
@@ -325,7 +370,7 @@ async fn resolve(
 /// The pod must be bound to this node, and have the call's UID when it
 /// names one (runtimes need not pass `K8S_POD_UID`; a name alone could
 /// be another node's pod, whose identity this sandbox must never get).
-async fn find_pod(request: &Request, lookup: &PodLookup) -> Result<Pod, String> {
+async fn find_pod(request: &Request, lookup: &PodLookup) -> Result<Pod, LookupError> {
     let key = ObjectRef::new(&request.pod_name).within(&request.pod_namespace);
     let matches =
         |p: &Pod| request.pod_uid.is_empty() || p.metadata.uid.as_deref() == Some(&request.pod_uid);
@@ -335,12 +380,12 @@ async fn find_pod(request: &Request, lookup: &PodLookup) -> Result<Pod, String> 
         if node == Some(lookup.node_name.as_str()) {
             Ok(pod)
         } else {
-            Err(format!(
-                "pod {name} (uid {}) is bound to node {}, not to this node {}",
-                pod.metadata.uid.as_deref().unwrap_or("?"),
-                node.unwrap_or("(none)"),
-                lookup.node_name
-            ))
+            Err(LookupError::OtherNode {
+                pod: name.clone(),
+                uid: pod.metadata.uid.as_deref().unwrap_or("?").to_owned(),
+                node: node.unwrap_or("(none)").to_owned(),
+                this_node: lookup.node_name.clone(),
+            })
         }
     };
     if let Some(pod) = lookup.pods.get(&key).filter(|p| matches(p)) {
@@ -349,33 +394,61 @@ async fn find_pod(request: &Request, lookup: &PodLookup) -> Result<Pod, String> 
     let api = Api::<Pod>::namespaced(lookup.client.clone(), &request.pod_namespace);
     match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(&request.pod_name)).await {
         Ok(Ok(Some(pod))) if matches(&pod) => on_this_node(pod),
-        Ok(Ok(_)) => Err(format!(
-            "pod {name} (uid {}) not found in the Kubernetes API",
-            request.pod_uid
-        )),
-        Ok(Err(e)) => Err(format!("looking up pod {name}: {}", crate::error_chain(&e))),
-        Err(_) => Err(format!(
-            "looking up pod {name}: the Kubernetes API did not answer within {LOOKUP_TIMEOUT:?}"
-        )),
+        Ok(Ok(_)) => Err(LookupError::PodNotFound {
+            pod: name,
+            uid: request.pod_uid.clone(),
+        }),
+        Ok(Err(source)) => Err(LookupError::Pod { pod: name, source }),
+        Err(_) => Err(LookupError::Timeout {
+            what: format!("pod {name}"),
+        }),
     }
 }
 
 async fn namespace_labels(
     namespace: &str,
     lookup: &PodLookup,
-) -> Result<Option<BTreeMap<String, String>>, String> {
+) -> Result<Option<BTreeMap<String, String>>, LookupError> {
     if let Some(ns) = lookup.namespaces.get(&ObjectRef::new(namespace)) {
         return Ok(ns.metadata.labels.clone());
     }
     let api = Api::<Namespace>::all(lookup.client.clone());
     match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(namespace)).await {
         Ok(Ok(ns)) => Ok(ns.and_then(|ns| ns.metadata.labels)),
-        Ok(Err(e)) => Err(format!(
-            "looking up namespace {namespace}: {}",
-            crate::error_chain(&e)
-        )),
-        Err(_) => Err(format!(
-            "looking up namespace {namespace}: the Kubernetes API did not answer within {LOOKUP_TIMEOUT:?}"
-        )),
+        Ok(Err(source)) => Err(LookupError::Namespace {
+            namespace: namespace.to_owned(),
+            source,
+        }),
+        Err(_) => Err(LookupError::Timeout {
+            what: format!("namespace {namespace}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plugin's answer (the runtime's error for the pod) names the
+    /// pod and what went wrong.
+    #[test]
+    fn lookup_errors_read_as_the_plugin_answers() {
+        let other = LookupError::OtherNode {
+            pod: "shop/cart-0".into(),
+            uid: "u1".into(),
+            node: "node-b".into(),
+            this_node: "node-a".into(),
+        };
+        assert_eq!(
+            error_reply(&error_chain(&other)).error.as_deref(),
+            Some("pod shop/cart-0 (uid u1) is bound to node node-b, not to this node node-a")
+        );
+        let slow = LookupError::Timeout {
+            what: "namespace shop".into(),
+        };
+        assert_eq!(
+            error_chain(&slow),
+            "looking up namespace shop: the Kubernetes API did not answer within 4s"
+        );
     }
 }

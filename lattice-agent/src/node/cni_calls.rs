@@ -84,7 +84,7 @@ impl NodeAgent {
             Decision::Enroll(plan) => *plan,
             Decision::Ignore => return reply(false, None),
             Decision::Refuse(reason) => {
-                tracing::warn!(%reason, "not enrolling pod");
+                tracing::warn!(reason = %crate::error_chain(&reason), "not enrolling pod");
                 return reply(false, None);
             }
         };
@@ -110,10 +110,11 @@ impl NodeAgent {
             return reply(true, None);
         };
         match self.apply(&uid, effects, Some(netns), "CNI ADD") {
-            Some(Err(reason)) => reply(
+            Some(Err(error)) => reply(
                 false,
                 Some(format!(
-                    "lattice-agent could not enroll pod {name}: {reason}"
+                    "lattice-agent could not enroll pod {name}: {}",
+                    crate::error_chain(&*error)
                 )),
             ),
             _ => reply(true, None),

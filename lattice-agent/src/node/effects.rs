@@ -4,16 +4,18 @@
 //! agent starts or takes over, the gate brought in line with the pods that
 //! ask for signing.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use super::{
-    NodeAgent, PodEffects, enroll,
+    NodeAgent, PodEffects,
+    enroll::{self, EnrollError},
     events::{Kind, PodRef},
     handover::HandedPod,
+    identity::IdentityError,
     pod_spec::{self, Decision, IdentityPlan, PodPlan},
     state::{self, Effects, Leaving, Notice},
 };
-use crate::netns::NetNs;
+use crate::{error_chain, netns::NetNs};
 
 impl NodeAgent {
     /// Carries out a transition's effects (see [`Effects`]); an enrollment
@@ -26,7 +28,7 @@ impl NodeAgent {
         effects: PodEffects,
         given: Option<NetNs>,
         via: &'static str,
-    ) -> Option<Result<(), String>> {
+    ) -> Option<Result<(), Arc<EnrollError>>> {
         let Effects {
             gate,
             ungate,
@@ -82,7 +84,7 @@ impl NodeAgent {
                     "pod enrolled"
                 );
                 if let Some(why) = &enrolled.missing_identity {
-                    tracing::warn!(pod = %name, reason = %why, "pod enrolled without credentials: its requests get 503");
+                    tracing::warn!(pod = %name, reason = %error_chain(&**why), "pod enrolled without credentials: its requests get 503");
                 }
                 // Without usable credentials (an identity the pod spec
                 // gets wrong) every request gets 503: a Warning, naming
@@ -98,25 +100,29 @@ impl NodeAgent {
                     "Enroll",
                     enrolled_note(&enrolled.plan, enrolled.missing_identity.as_deref()),
                 );
-                for why in &enrolled.plan.options.warnings {
+                for problem in &enrolled.plan.options.warnings {
+                    let why = error_chain(problem);
                     tracing::warn!(pod = %name, reason = %why, "pod annotation ignored");
                     self.events.publish(
                         &state::pod_ref(&enrolled.plan),
                         Kind::Warning,
                         "BadAnnotation",
                         "Enroll",
-                        why.clone(),
+                        why,
                     );
                 }
                 (self.table.on_enrolled(uid, enrolled), Ok(()))
             }
             Err(failure) => {
                 self.ctx.metrics.count_enrollment(false);
-                let reason = crate::error_chain(&failure.error);
-                let effects =
-                    self.table
-                        .on_failed(uid, reason.clone(), failure.netns_cookie, Instant::now());
-                (effects, Err(reason))
+                let error = Arc::new(failure.error);
+                let effects = self.table.on_failed(
+                    uid,
+                    Arc::clone(&error),
+                    failure.netns_cookie,
+                    Instant::now(),
+                );
+                (effects, Err(error))
             }
         };
         // Recording an outcome never asks for another attempt.
@@ -144,16 +150,18 @@ impl NodeAgent {
                 );
             }
             Notice::Refused { pod, reason } => {
+                let reason = error_chain(&reason);
                 tracing::warn!(pod = %pod_name(&pod), %reason, "not enrolling pod");
                 self.events
                     .publish(&pod, Kind::Warning, "EnrollmentRefused", "Enroll", reason);
             }
             Notice::Failed {
                 pod,
-                reason,
+                error,
                 repeated,
                 retry_in,
             } => {
+                let reason = error_chain(&*error);
                 tracing::warn!(pod = %pod_name(&pod), %reason, via, retry_in_ms = retry_in.as_millis() as u64, "pod enrollment failed");
                 if !repeated {
                     self.events.publish(
@@ -219,10 +227,11 @@ fn pod_name(pod: &PodRef) -> String {
     format!("{}/{}", pod.namespace, pod.name)
 }
 
-fn enrolled_note(plan: &PodPlan, missing_identity: Option<&str>) -> String {
+fn enrolled_note(plan: &PodPlan, missing_identity: Option<&IdentityError>) -> String {
     match (&plan.identity, missing_identity) {
         (_, Some(why)) => format!(
-            "lattice-agent intercepts this pod's VPC Lattice traffic, but cannot sign it: {why}"
+            "lattice-agent intercepts this pod's VPC Lattice traffic, but cannot sign it: {}",
+            error_chain(why)
         ),
         (IdentityPlan::Irsa { role_arn, .. }, None) => {
             format!("lattice-agent signs this pod's requests to VPC Lattice as {role_arn} (IRSA)")
@@ -235,6 +244,6 @@ fn enrolled_note(plan: &PodPlan, missing_identity: Option<&str>) -> String {
         ) => format!(
             "lattice-agent signs this pod's requests to VPC Lattice with the EKS Pod Identity of service account {service_account}"
         ),
-        (IdentityPlan::Missing(why), None) => why.clone(),
+        (IdentityPlan::Missing(why), None) => error_chain(why),
     }
 }

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     bpf::{BpfError, NetnsGate, NetnsOrigDst, OrigDstMap},
-    credentials::WorkloadCredentials,
+    credentials::{NoIdentity, WorkloadCredentials},
     metrics::{Counts, Metrics, WorkloadLabels, WorkloadMetrics},
     netns::{NetNs, NetnsError, SocketFactory, local_addresses},
     pod_cgroup::{self, PodCgroupError},
@@ -345,10 +345,14 @@ fn serve(
         .map_err(|e| fail(EnrollError::Start(e)))?;
     let netns_cookie = listeners.netns_cookie;
 
-    let (creds, lease, region) = credentials(&ctx.identities, &plan, &ctx.kubelet_root);
-    let missing_identity = match &creds {
-        WorkloadCredentials::Missing(why) => Some(why.to_string()),
-        WorkloadCredentials::Cache(_) => None,
+    let (lease, region) = identity(&ctx.identities, &plan, &ctx.kubelet_root);
+    let (creds, lease, missing_identity) = match lease {
+        Ok(lease) => (lease.credentials(), Some(lease), None),
+        Err(why) => (
+            WorkloadCredentials::Missing(Arc::clone(&why) as NoIdentity),
+            None,
+            Some(why),
+        ),
     };
     let mut cfg = ctx.proxy.clone();
     cfg.signing.region = region.unwrap_or_default();
@@ -425,26 +429,22 @@ fn adopt_listeners(
     Ok(Some(listeners))
 }
 
-/// The pod's credentials, its identity lease, and its signing region.
-fn credentials(
+/// A lease on the pod's identity, or why it has none (shared: its
+/// requests, its row in `/pods` and its Event tell it); and its signing
+/// region.
+fn identity(
     identities: &IdentityStore,
     plan: &PodPlan,
     kubelet_root: &Path,
-) -> (WorkloadCredentials, Option<IdentityLease>, Option<String>) {
+) -> (Result<IdentityLease, Arc<IdentityError>>, Option<String>) {
     let region = match identities.region_of(plan) {
         Ok(r) => r,
-        Err(e @ IdentityError::NoRegion { .. }) => {
-            return (
-                WorkloadCredentials::Missing(e.to_string().into()),
-                None,
-                None,
-            );
-        }
+        Err(e) => return (Err(Arc::new(e)), None),
     };
-    match identities.lease(plan, &region, kubelet_root) {
-        Ok(lease) => (lease.credentials(), Some(lease), Some(region)),
-        Err(why) => (WorkloadCredentials::Missing(why.into()), None, Some(region)),
-    }
+    let lease = identities
+        .lease(plan, &region, kubelet_root)
+        .map_err(Arc::new);
+    (lease, Some(region))
 }
 
 /// A process in the pod's cgroup or below (containers have cgroups of

@@ -65,8 +65,49 @@ pub enum HandoverError {
         #[source]
         source: io::Error,
     },
-    #[error("control socket {}: {detail}", path.display())]
-    Protocol { path: PathBuf, detail: String },
+    #[error("control socket {}", path.display())]
+    Protocol {
+        path: PathBuf,
+        #[source]
+        problem: ProtocolError,
+    },
+}
+
+/// What the other agent sent (or this one would send) that the exchange
+/// does not allow.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("closed by the other agent")]
+    Closed,
+    #[error(transparent)]
+    Frame(FrameError),
+    #[error("{count} descriptors with a message that carries {max}")]
+    TooManyFds { count: usize, max: usize },
+    #[error("message of {len} bytes, longer than {MAX_FRAME}")]
+    TooLong { len: usize },
+    #[error("encoding a message")]
+    Encode(#[source] serde_json::Error),
+    #[error("not a message of the exchange: {}", String::from_utf8_lossy(line))]
+    Decode {
+        line: Vec<u8>,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+/// An answer to `next` that does not hold what it says.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("not an answer")]
+    Json(#[source] serde_json::Error),
+    #[error("{count} pods in one answer, at most {PODS_PER_BATCH}")]
+    TooManyPods { count: usize },
+    #[error("more descriptors announced than one answer carries")]
+    TooManyAnnounced,
+    #[error("{announced} sockets announced, {received} received")]
+    Mismatch { announced: usize, received: usize },
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,13 +148,12 @@ pub struct Batch {
 impl Batch {
     /// An answer from its line and the number of descriptors that came
     /// with it: at most [`PODS_PER_BATCH`] pods, each descriptor announced.
-    pub fn decode(line: &[u8], fds: usize) -> Result<Self, String> {
-        let batch: Self = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    pub fn decode(line: &[u8], fds: usize) -> Result<Self, BatchError> {
+        let batch: Self = serde_json::from_slice(line).map_err(BatchError::Json)?;
         if batch.pods.len() > PODS_PER_BATCH {
-            return Err(format!(
-                "{} pods in one answer, at most {PODS_PER_BATCH}",
-                batch.pods.len()
-            ));
+            return Err(BatchError::TooManyPods {
+                count: batch.pods.len(),
+            });
         }
         let wanted = batch
             .pods
@@ -122,9 +162,12 @@ impl Batch {
                 n.checked_add(p.sockets)?.checked_add(usize::from(p.netns))
             })
             .filter(|n| *n <= frame::MAX_FDS)
-            .ok_or_else(|| "more descriptors announced than one answer carries".to_owned())?;
+            .ok_or(BatchError::TooManyAnnounced)?;
         if wanted != fds {
-            return Err(format!("{wanted} sockets announced, {fds} received"));
+            return Err(BatchError::Mismatch {
+                announced: wanted,
+                received: fds,
+            });
         }
         Ok(batch)
     }
@@ -174,7 +217,7 @@ pub fn take_listeners(run_dir: &Path) -> Result<Option<(Predecessor, HandedOver)
     loop {
         conn.send(&Request::Next, &[])?;
         let (line, fds) = conn.receive_frame()?;
-        let batch = Batch::decode(&line, fds.len()).map_err(|e| conn.protocol(e))?;
+        let batch = Batch::decode(&line, fds.len()).map_err(|e| conn.protocol(e.into()))?;
         let mut fds = fds.into_iter();
         for pod in batch.pods {
             let listeners = fds
@@ -280,10 +323,10 @@ impl Conn {
         }
     }
 
-    fn protocol(&self, detail: String) -> HandoverError {
+    fn protocol(&self, problem: ProtocolError) -> HandoverError {
         HandoverError::Protocol {
             path: self.path.clone(),
-            detail,
+            problem,
         }
     }
 
@@ -295,12 +338,10 @@ impl Conn {
     }
 
     fn send(&mut self, message: &impl Serialize, fds: &[RawFd]) -> Result<(), HandoverError> {
-        let mut line = serde_json::to_vec(message).map_err(|e| self.protocol(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(message).map_err(|e| self.protocol(ProtocolError::Encode(e)))?;
         if line.len() > MAX_FRAME {
-            return Err(self.protocol(format!(
-                "message of {} bytes, longer than {MAX_FRAME}",
-                line.len()
-            )));
+            return Err(self.protocol(ProtocolError::TooLong { len: line.len() }));
         }
         line.push(b'\n');
         let cmsgs = [ControlMessage::ScmRights(fds)];
@@ -327,8 +368,8 @@ impl Conn {
     fn receive_frame(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoverError> {
         frame::read_frame(&self.stream, &mut self.lines, frame::MAX_FDS).map_err(|e| match e {
             FrameError::Io(source) => self.io(source),
-            FrameError::Closed => self.protocol("closed by the other agent".into()),
-            e => self.protocol(e.to_string()),
+            FrameError::Closed => self.protocol(ProtocolError::Closed),
+            e => self.protocol(ProtocolError::Frame(e)),
         })
     }
 
@@ -339,13 +380,17 @@ impl Conn {
     ) -> Result<(T, Vec<OwnedFd>), HandoverError> {
         let (line, fds) = self.receive_frame()?;
         if fds.len() > max_fds {
-            return Err(self.protocol(format!(
-                "{} descriptors with a message that carries {max_fds}",
-                fds.len()
-            )));
+            return Err(self.protocol(ProtocolError::TooManyFds {
+                count: fds.len(),
+                max: max_fds,
+            }));
         }
-        let value = serde_json::from_slice(&line)
-            .map_err(|e| self.protocol(format!("{e}: {}", String::from_utf8_lossy(&line))))?;
+        let value = serde_json::from_slice(&line).map_err(|source| {
+            self.protocol(ProtocolError::Decode {
+                line: line.clone(),
+                source,
+            })
+        })?;
         Ok((value, fds))
     }
 }
@@ -426,7 +471,7 @@ mod tests {
             std::thread::spawn(move || {
                 let (stream, _) = server.accept().unwrap();
                 *served.lock().unwrap() =
-                    Some(serve_successor(stream, &path, &old).map_err(|e| e.to_string()));
+                    Some(serve_successor(stream, &path, &old).map_err(|e| crate::error_chain(&e)));
             })
         };
         let (predecessor, taken) = take_listeners(dir.path())
@@ -477,10 +522,11 @@ mod tests {
     }
 
     fn assert_refused_early(err: &HandoverError, sent: usize) {
+        let text = crate::error_chain(err);
         assert!(
-            err.to_string()
-                .ends_with(": message longer than 65536 bytes"),
-            "{err}"
+            text.starts_with("control socket ")
+                && text.ends_with(": message longer than 65536 bytes"),
+            "{text}"
         );
         assert!(sent < 64 << 20, "{sent} bytes were read and buffered");
     }
@@ -517,7 +563,7 @@ mod tests {
         let ok = br#"{"pods":[{"uid":"a","sockets":2,"netns":true}],"last":true}"#;
         assert_eq!(Batch::decode(ok, 3).unwrap().pods.len(), 1);
         assert_eq!(
-            Batch::decode(ok, 2).unwrap_err(),
+            Batch::decode(ok, 2).unwrap_err().to_string(),
             "3 sockets announced, 2 received"
         );
         // Counts that overflow, or exceed what one message can carry.
@@ -526,7 +572,7 @@ mod tests {
             usize::MAX
         );
         assert_eq!(
-            Batch::decode(huge.as_bytes(), 0).unwrap_err(),
+            Batch::decode(huge.as_bytes(), 0).unwrap_err().to_string(),
             "more descriptors announced than one answer carries"
         );
         let many = serde_json::to_vec(&Batch {
@@ -541,8 +587,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            Batch::decode(&many, 0).unwrap_err(),
+            Batch::decode(&many, 0).unwrap_err().to_string(),
             "81 pods in one answer, at most 80"
+        );
+        let not_json = Batch::decode(b"{\"pods\":", 0).unwrap_err();
+        assert!(
+            crate::error_chain(&not_json).starts_with("not an answer: EOF while parsing"),
+            "{not_json:?}"
         );
     }
 }

@@ -46,7 +46,7 @@ use hyper_util::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::pod_spec::{IdentityPlan, PodPlan, ProjectedToken};
+use super::pod_spec::{IdentityPlan, MissingIdentity, PodPlan, ProjectedToken};
 use crate::{
     credentials::{CredentialsCache, WorkloadCredentials},
     metrics::{CredentialMetrics, IdentityLabel, Metrics},
@@ -111,11 +111,20 @@ impl TokenFiles {
         let paths = self.0.lock().unwrap_or_else(|p| p.into_inner());
         paths.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
             CredentialsError::not_loaded(match paths.first() {
-                Some(p) => format!("token file {} does not exist (yet)", p.display()),
-                None => "no pod holds this identity".to_owned(),
+                Some(p) => TokenFileError::Missing { path: p.clone() },
+                None => TokenFileError::NoPod,
             })
         })
     }
+}
+
+/// Why no token file can be read for an identity.
+#[derive(Debug, thiserror::Error)]
+enum TokenFileError {
+    #[error("token file {} does not exist (yet)", path.display())]
+    Missing { path: PathBuf },
+    #[error("no pod holds this identity")]
+    NoPod,
 }
 
 struct Identity {
@@ -160,10 +169,13 @@ impl Drop for IdentityLease {
     }
 }
 
+/// Why a pod has no identity to sign with.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("pod {pod}: no AWS region: set AWS_REGION in the pod or --region on the agent")]
     NoRegion { pod: String },
+    #[error(transparent)]
+    Missing(Box<MissingIdentity>),
 }
 
 /// Every identity in use on the node.
@@ -211,9 +223,11 @@ impl IdentityStore {
         plan: &PodPlan,
         region: &str,
         kubelet_root: &Path,
-    ) -> Result<IdentityLease, String> {
+    ) -> Result<IdentityLease, IdentityError> {
         let (key, token) = match &plan.identity {
-            IdentityPlan::Missing(why) => return Err(why.clone()),
+            IdentityPlan::Missing(why) => {
+                return Err(IdentityError::Missing(Box::new(why.clone())));
+            }
             IdentityPlan::Irsa {
                 service_account,
                 role_arn,
@@ -412,12 +426,13 @@ impl ContainerCredentials {
             .map_err(CredentialsError::provider_error)?
             .to_bytes();
         if !status.is_success() {
-            let text =
+            let answer =
                 String::from_utf8_lossy(&body[..body.len().min(256)]).replace(['\n', '\r'], " ");
-            return Err(CredentialsError::provider_error(format!(
-                "{} answered {status}: {text}",
-                self.uri
-            )));
+            return Err(CredentialsError::provider_error(EndpointError {
+                uri: self.uri.clone(),
+                status,
+                answer,
+            }));
         }
         let parsed: ContainerCredentialsResponse =
             serde_json::from_slice(&body).map_err(CredentialsError::unhandled)?;
@@ -444,10 +459,43 @@ impl ProvideCredentials for ContainerCredentials {
     }
 }
 
-fn parse_expiration(s: &str) -> Result<SystemTime, String> {
+/// A container-credentials endpoint's answer that is not a success.
+#[derive(Debug, thiserror::Error)]
+#[error("{uri} answered {status}: {answer}")]
+struct EndpointError {
+    uri: String,
+    status: http::StatusCode,
+    /// The start of its body, on one line.
+    answer: String,
+}
+
+/// An `Expiration` that is not a time.
+#[derive(Debug, thiserror::Error)]
+enum ExpirationError {
+    #[error("Expiration {value:?}")]
+    Parse {
+        value: String,
+        #[source]
+        source: aws_smithy_types::date_time::DateTimeParseError,
+    },
+    #[error("Expiration {value:?}")]
+    Range {
+        value: String,
+        #[source]
+        source: aws_smithy_types::date_time::ConversionError,
+    },
+}
+
+fn parse_expiration(s: &str) -> Result<SystemTime, ExpirationError> {
     let t = aws_smithy_types::DateTime::from_str(s, aws_smithy_types::date_time::Format::DateTime)
-        .map_err(|e| format!("Expiration {s:?}: {e}"))?;
-    SystemTime::try_from(t).map_err(|e| format!("Expiration {s:?}: {e}"))
+        .map_err(|source| ExpirationError::Parse {
+            value: s.to_owned(),
+            source,
+        })?;
+    SystemTime::try_from(t).map_err(|source| ExpirationError::Range {
+        value: s.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -591,8 +639,8 @@ mod tests {
             panic!()
         };
         cache_b.set_for_test(Credentials::new("AKIDPAY", "secret", None, None, "t"));
-        let err = creds_a.current().unwrap_err();
-        assert!(!err.0.contains("AKIDPAY"), "{err}");
+        let err = crate::error_chain(&creds_a.current().unwrap_err());
+        assert!(!err.contains("AKIDPAY"), "{err}");
         let WorkloadCredentials::Cache(cache_a) = &creds_a else {
             panic!()
         };
@@ -608,9 +656,16 @@ mod tests {
     fn missing_identity_and_region_are_reasons() {
         let store = store();
         let mut p = plan("c", "x", "arn:role/x");
-        p.identity = IdentityPlan::Missing("pod shop/pod-c has no AWS identity".into());
+        p.identity = IdentityPlan::Missing(MissingIdentity::Undeclared {
+            pod: "shop/pod-c".into(),
+            referenced: vec![],
+        });
         let err = store.lease(&p, "us-west-2", Path::new("/k")).err().unwrap();
-        assert!(err.contains("pod shop/pod-c"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("pod shop/pod-c has no AWS identity"),
+            "{err}"
+        );
         p.region = None;
         assert!(
             store

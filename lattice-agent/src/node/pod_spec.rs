@@ -33,7 +33,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 
-use crate::proxy::tls_rules::TlsRules;
+use crate::proxy::tls_rules::{TlsRuleError, TlsRules};
 
 /// The annotation (pods) and label (namespaces) that ask for signing.
 pub const INJECT: &str = "vpc-lattices-svcs.amazonaws.com/agent-inject";
@@ -60,8 +60,171 @@ pub enum Decision {
     /// Not asked for, or not (yet, or any more) running with an IP.
     Ignore,
     /// Asked for, but cannot be served; the reason is logged and reported.
-    Refuse(String),
+    Refuse(Refusal),
     Enroll(Box<PodPlan>),
+}
+
+/// Why a pod that asks for signing cannot be served. Equal when the pod
+/// is refused for the same reason (told once, not on every update).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "pod {pod} uses hostNetwork: it shares the node's network namespace, \
+         where intercepting its connections would intercept the node's"
+    )]
+    HostNetwork { pod: String },
+}
+
+/// Why a pod has no identity to sign with: what its spec gets wrong. The
+/// pod's own text is Debug-quoted, so it stays one escaped line in
+/// Events, logs and `/pods`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MissingIdentity {
+    #[error(
+        "pod {pod} has no AWS identity: no container sets {ROLE_ARN} and \
+         {WEB_IDENTITY_TOKEN_FILE} (IRSA) or {FULL_URI} and {AUTH_TOKEN_FILE} \
+         (EKS Pod Identity); node mode never signs with the node's credentials{}",
+        unresolved_note(referenced)
+    )]
+    Undeclared {
+        pod: String,
+        /// Identity variables set with `valueFrom`.
+        referenced: Vec<&'static str>,
+    },
+    #[error("pod {pod}: {ROLE_ARN} {arn:?} of container {container} is not an IAM role ARN")]
+    RoleArn {
+        pod: String,
+        container: String,
+        arn: String,
+        #[source]
+        problem: RoleArnProblem,
+    },
+    #[error("pod {pod}: {variable} {file:?} of container {container}")]
+    TokenFile {
+        pod: String,
+        container: String,
+        variable: &'static str,
+        file: String,
+        #[source]
+        problem: TokenProblem,
+    },
+    #[error("pod {pod}: {FULL_URI} {uri:?}")]
+    CredentialsUri {
+        pod: String,
+        uri: String,
+        #[source]
+        problem: UriProblem,
+    },
+    #[error(
+        "pod {pod}: containers {first} and {other} use different AWS identities; \
+         node mode signs a pod's requests with one"
+    )]
+    DifferentIdentities {
+        pod: String,
+        first: String,
+        other: String,
+    },
+}
+
+fn unresolved_note(referenced: &[&str]) -> String {
+    if referenced.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({} set with valueFrom, which the node agent cannot resolve)",
+            referenced.join(", ")
+        )
+    }
+}
+
+/// Why an `AWS_ROLE_ARN` is not an IAM role ARN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RoleArnProblem {
+    #[error("longer than 2048 characters")]
+    TooLong,
+    #[error("expected arn:<partition>:iam::<account>:role/<name>")]
+    NotAnArn,
+    #[error("the partition is not aws or aws-<name>")]
+    Partition,
+    #[error("not an ARN of IAM (arn:<partition>:iam::…)")]
+    NotIam,
+    #[error("the account is not 12 digits")]
+    Account,
+    #[error("not a role (…:role/<name>)")]
+    NotARole,
+    #[error("the role name is not 1 to 64 of A-Za-z0-9+=,.@_-")]
+    RoleName,
+    #[error("the role path holds a space, a control or a non-ASCII character")]
+    RolePath,
+}
+
+/// Why a token file is not a service-account token the kubelet projects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenProblem {
+    #[error("no volume is mounted there")]
+    NoVolume,
+    #[error("volume {volume} is mounted with subPath, which node mode does not follow")]
+    SubPath { volume: String },
+    #[error("volume {volume} is not in the pod's spec")]
+    NotInSpec { volume: String },
+    #[error(
+        "volume {volume} is not a projected volume (the EKS webhooks use projected \
+         service-account tokens)"
+    )]
+    NotProjected { volume: String },
+    #[error("outside its volume")]
+    OutsideVolume,
+    #[error("not a plain path to a file inside its volume")]
+    NotAPlainPath,
+    #[error(
+        "volume {volume} projects no serviceAccountToken at {path:?} (the EKS webhooks \
+         project the service account's token there)"
+    )]
+    NoServiceAccountToken { volume: String, path: String },
+}
+
+/// Why a container-credentials URI is not one the node agent calls.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UriProblem {
+    #[error("not a URI")]
+    NotAUri(#[source] Arc<http::uri::InvalidUri>),
+    #[error(
+        "node mode calls container-credentials endpoints over plain HTTP only \
+         (EKS Pod Identity: http://169.254.170.23/v1/credentials)"
+    )]
+    NotHttp,
+    #[error(
+        "host {host} is not the EKS Pod Identity Agent ({}); a pod-local endpoint \
+         cannot be reached from the node",
+        CONTAINER_CREDENTIALS_HOSTS.join(", ")
+    )]
+    Host { host: String },
+}
+
+/// The URI itself is compared where a problem is (in
+/// [`MissingIdentity::CredentialsUri`]); its parse error follows from it.
+impl PartialEq for UriProblem {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::NotAUri(_), Self::NotAUri(_)) | (Self::NotHttp, Self::NotHttp) => true,
+            (Self::Host { host: a }, Self::Host { host: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for UriProblem {}
+
+/// A problem with a pod's annotations, served around (the pod is served
+/// with the agent's settings instead).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationProblem {
+    #[error("pod {pod}: its own TLS rules are ignored; its requests use the agent's TLS rules")]
+    UpstreamTls {
+        pod: String,
+        #[source]
+        error: TlsRuleError,
+    },
 }
 
 /// Everything enrollment needs to know about a pod, from its API object.
@@ -86,7 +249,7 @@ pub struct PodOptions {
     pub upstream_tls: Option<Arc<TlsRules>>,
     /// Problems with its annotations, served around (each told in an
     /// Event).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<AnnotationProblem>,
 }
 
 impl PodPlan {
@@ -123,7 +286,7 @@ pub enum IdentityPlan {
         token: ProjectedToken,
     },
     /// Nothing to sign with: every request gets 503 with this reason.
-    Missing(String),
+    Missing(MissingIdentity),
 }
 
 impl IdentityPlan {
@@ -198,10 +361,9 @@ fn decide_with(
         return Decision::Ignore;
     };
     if spec.host_network == Some(true) {
-        return Decision::Refuse(format!(
-            "pod {namespace}/{name} uses hostNetwork: it shares the node's network namespace, \
-             where intercepting its connections would intercept the node's"
-        ));
+        return Decision::Refuse(Refusal::HostNetwork {
+            pod: format!("{namespace}/{name}"),
+        });
     }
     let status = pod.status.as_ref();
     if status
@@ -224,10 +386,11 @@ fn decide_with(
         .and_then(|rules| {
             match TlsRules::parse_list(rules, &format!("annotation {UPSTREAM_TLS}")) {
                 Ok(rules) => Some(Arc::new(rules)),
-                Err(e) => {
-                    warnings.push(format!(
-                        "pod {pod_name}: {e}; its requests use the agent's TLS rules instead"
-                    ));
+                Err(error) => {
+                    warnings.push(AnnotationProblem::UpstreamTls {
+                        pod: pod_name.clone(),
+                        error,
+                    });
                     None
                 }
             }
@@ -320,16 +483,19 @@ fn identity_plan(pod_name: &str, spec: &PodSpec) -> (IdentityPlan, Option<String
                 check_role_arn(arn),
                 projected_token(spec, env.container, file),
             ) {
-                // Debug-quoted: the pod's text stays one escaped line in
-                // Events, logs and `/pods`.
-                (Err(why), _) => IdentityPlan::Missing(format!(
-                    "pod {pod_name}: {ROLE_ARN} {arn:?} of container {} is not an IAM role ARN: {why}",
-                    env.container.name
-                )),
-                (_, Err(why)) => IdentityPlan::Missing(format!(
-                    "pod {pod_name}: {WEB_IDENTITY_TOKEN_FILE} {file:?} of container {}: {why}",
-                    env.container.name
-                )),
+                (Err(problem), _) => IdentityPlan::Missing(MissingIdentity::RoleArn {
+                    pod: pod_name.to_owned(),
+                    container: env.container.name.clone(),
+                    arn: arn.to_owned(),
+                    problem,
+                }),
+                (_, Err(problem)) => IdentityPlan::Missing(MissingIdentity::TokenFile {
+                    pod: pod_name.to_owned(),
+                    container: env.container.name.clone(),
+                    variable: WEB_IDENTITY_TOKEN_FILE,
+                    file: file.to_owned(),
+                    problem,
+                }),
                 (Ok(()), Ok(token)) => IdentityPlan::Irsa {
                     service_account: service_account.clone(),
                     role_arn: arn.to_owned(),
@@ -342,13 +508,18 @@ fn identity_plan(pod_name: &str, spec: &PodSpec) -> (IdentityPlan, Option<String
                 check_credentials_uri(uri),
                 projected_token(spec, env.container, file),
             ) {
-                (Err(why), _) => {
-                    IdentityPlan::Missing(format!("pod {pod_name}: {FULL_URI} {uri:?}: {why}"))
-                }
-                (_, Err(why)) => IdentityPlan::Missing(format!(
-                    "pod {pod_name}: {AUTH_TOKEN_FILE} {file:?} of container {}: {why}",
-                    env.container.name
-                )),
+                (Err(problem), _) => IdentityPlan::Missing(MissingIdentity::CredentialsUri {
+                    pod: pod_name.to_owned(),
+                    uri: uri.to_owned(),
+                    problem,
+                }),
+                (_, Err(problem)) => IdentityPlan::Missing(MissingIdentity::TokenFile {
+                    pod: pod_name.to_owned(),
+                    container: env.container.name.clone(),
+                    variable: AUTH_TOKEN_FILE,
+                    file: file.to_owned(),
+                    problem,
+                }),
                 (Ok(()), Ok(token)) => IdentityPlan::PodIdentity {
                     service_account: service_account.clone(),
                     uri: uri.to_owned(),
@@ -363,33 +534,25 @@ fn identity_plan(pod_name: &str, spec: &PodSpec) -> (IdentityPlan, Option<String
 
     let identity = match found.as_slice() {
         [] => {
-            let referenced: Vec<&str> = envs
+            let identity_variables = [ROLE_ARN, WEB_IDENTITY_TOKEN_FILE, FULL_URI, AUTH_TOKEN_FILE];
+            let referenced = envs
                 .iter()
-                .flat_map(|e| e.referenced.iter().copied())
-                .filter(|n| {
-                    [ROLE_ARN, WEB_IDENTITY_TOKEN_FILE, FULL_URI, AUTH_TOKEN_FILE].contains(n)
-                })
+                .flat_map(|e| e.referenced.iter())
+                .filter_map(|n| identity_variables.into_iter().find(|v| v == n))
                 .collect();
-            let mut why = format!(
-                "pod {pod_name} has no AWS identity: no container sets {ROLE_ARN} and \
-                 {WEB_IDENTITY_TOKEN_FILE} (IRSA) or {FULL_URI} and {AUTH_TOKEN_FILE} \
-                 (EKS Pod Identity); node mode never signs with the node's credentials"
-            );
-            if !referenced.is_empty() {
-                why.push_str(&format!(
-                    " ({} set with valueFrom, which the node agent cannot resolve)",
-                    referenced.join(", ")
-                ));
-            }
-            IdentityPlan::Missing(why)
+            IdentityPlan::Missing(MissingIdentity::Undeclared {
+                pod: pod_name.to_owned(),
+                referenced,
+            })
         }
         [(_, plan)] => plan.clone(),
         [(first, plan), rest @ ..] => match rest.iter().find(|(_, p)| p != plan) {
             None => plan.clone(),
-            Some((other, _)) => IdentityPlan::Missing(format!(
-                "pod {pod_name}: containers {first} and {other} use different AWS identities; \
-                 node mode signs a pod's requests with one"
-            )),
+            Some((other, _)) => IdentityPlan::Missing(MissingIdentity::DifferentIdentities {
+                pod: pod_name.to_owned(),
+                first: (*first).to_owned(),
+                other: (*other).to_owned(),
+            }),
         },
     };
     (identity, region)
@@ -401,7 +564,7 @@ fn projected_token(
     spec: &PodSpec,
     container: &Container,
     file: &str,
-) -> Result<ProjectedToken, String> {
+) -> Result<ProjectedToken, TokenProblem> {
     let file = Path::new(file);
     let mount = container
         .volume_mounts
@@ -409,38 +572,33 @@ fn projected_token(
         .flatten()
         .filter(|m| file.starts_with(&m.mount_path))
         .max_by_key(|m| m.mount_path.len())
-        .ok_or("no volume is mounted there")?;
+        .ok_or(TokenProblem::NoVolume)?;
+    let volume = || mount.name.clone();
     if mount.sub_path.as_deref().is_some_and(|s| !s.is_empty())
         || mount
             .sub_path_expr
             .as_deref()
             .is_some_and(|s| !s.is_empty())
     {
-        return Err(format!(
-            "volume {} is mounted with subPath, which node mode does not follow",
-            mount.name
-        ));
+        return Err(TokenProblem::SubPath { volume: volume() });
     }
-    let volume = spec
+    let in_spec = spec
         .volumes
         .iter()
         .flatten()
         .find(|v| v.name == mount.name)
-        .ok_or_else(|| format!("volume {} is not in the pod's spec", mount.name))?;
-    let Some(projected) = &volume.projected else {
-        return Err(format!(
-            "volume {} is not a projected volume (the EKS webhooks use projected service-account tokens)",
-            mount.name
-        ));
+        .ok_or_else(|| TokenProblem::NotInSpec { volume: volume() })?;
+    let Some(projected) = &in_spec.projected else {
+        return Err(TokenProblem::NotProjected { volume: volume() });
     };
     let relative = file
         .strip_prefix(&mount.mount_path)
-        .map_err(|_| "outside its volume".to_owned())?;
+        .map_err(|_| TokenProblem::OutsideVolume)?;
     let normal = relative
         .components()
         .all(|c| matches!(c, Component::Normal(_)));
     if relative.as_os_str().is_empty() || !normal {
-        return Err("not a plain path to a file inside its volume".to_owned());
+        return Err(TokenProblem::NotAPlainPath);
     }
     // Any other source (a ConfigMap, a Secret, the downward API) holds what
     // the pod's own objects say, which a pod sharing an identity with
@@ -452,12 +610,9 @@ fn projected_token(
         .flatten()
         .filter_map(|s| s.service_account_token.as_ref())
         .find(|t| Path::new(&t.path) == relative)
-        .ok_or_else(|| {
-            format!(
-                "volume {} projects no serviceAccountToken at {:?} (the EKS webhooks project the service account's token there)",
-                mount.name,
-                relative.display().to_string()
-            )
+        .ok_or_else(|| TokenProblem::NoServiceAccountToken {
+            volume: volume(),
+            path: relative.display().to_string(),
         })?;
     Ok(ProjectedToken {
         volume: mount.name.clone(),
@@ -471,12 +626,12 @@ fn projected_token(
 /// 1 to 64 of `A-Za-z0-9+=,.@_-` and a path of printable ASCII without
 /// space (which admits `"`, `}` and `\`: label values are escaped where
 /// they are written).
-fn check_role_arn(arn: &str) -> Result<(), &'static str> {
+fn check_role_arn(arn: &str) -> Result<(), RoleArnProblem> {
     const MAX_ARN: usize = 2048;
     const MAX_PATH: usize = 512;
     const MAX_NAME: usize = 64;
     if arn.len() > MAX_ARN {
-        return Err("longer than 2048 characters");
+        return Err(RoleArnProblem::TooLong);
     }
     let mut parts = arn.splitn(6, ':');
     let (Some("arn"), Some(partition), Some(service), Some(region), Some(account), Some(resource)) = (
@@ -487,23 +642,23 @@ fn check_role_arn(arn: &str) -> Result<(), &'static str> {
         parts.next(),
         parts.next(),
     ) else {
-        return Err("expected arn:<partition>:iam::<account>:role/<name>");
+        return Err(RoleArnProblem::NotAnArn);
     };
     let partition_ok = partition == "aws"
         || partition.strip_prefix("aws-").is_some_and(|rest| {
             !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
         });
     if !partition_ok {
-        return Err("the partition is not aws or aws-<name>");
+        return Err(RoleArnProblem::Partition);
     }
     if service != "iam" || !region.is_empty() {
-        return Err("not an ARN of IAM (arn:<partition>:iam::…)");
+        return Err(RoleArnProblem::NotIam);
     }
     if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("the account is not 12 digits");
+        return Err(RoleArnProblem::Account);
     }
     let Some(path_and_name) = resource.strip_prefix("role/") else {
-        return Err("not a role (…:role/<name>)");
+        return Err(RoleArnProblem::NotARole);
     };
     let (path, name) = match path_and_name.rsplit_once('/') {
         Some((path, name)) => (path, name),
@@ -514,25 +669,24 @@ fn check_role_arn(arn: &str) -> Result<(), &'static str> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b));
     if !name_ok {
-        return Err("the role name is not 1 to 64 of A-Za-z0-9+=,.@_-");
+        return Err(RoleArnProblem::RoleName);
     }
     if path.len() > MAX_PATH || !path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err("the role path holds a space, a control or a non-ASCII character");
+        return Err(RoleArnProblem::RolePath);
     }
     Ok(())
 }
 
-fn check_credentials_uri(uri: &str) -> Result<(), String> {
-    let parsed: http::Uri = uri.parse().map_err(|e| format!("not a URI: {e}"))?;
+fn check_credentials_uri(uri: &str) -> Result<(), UriProblem> {
+    let parsed: http::Uri = uri.parse().map_err(|e| UriProblem::NotAUri(Arc::new(e)))?;
     if parsed.scheme_str() != Some("http") {
-        return Err("node mode calls container-credentials endpoints over plain HTTP only (EKS Pod Identity: http://169.254.170.23/v1/credentials)".to_owned());
+        return Err(UriProblem::NotHttp);
     }
     let host = parsed.host().unwrap_or_default();
     if !CONTAINER_CREDENTIALS_HOSTS.contains(&host) {
-        return Err(format!(
-            "host {host} is not the EKS Pod Identity Agent ({}); a pod-local endpoint cannot be reached from the node",
-            CONTAINER_CREDENTIALS_HOSTS.join(", ")
-        ));
+        return Err(UriProblem::Host {
+            host: host.to_owned(),
+        });
     }
     Ok(())
 }
@@ -540,6 +694,7 @@ fn check_credentials_uri(uri: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error_chain;
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).expect("pod JSON")
@@ -650,7 +805,16 @@ mod tests {
         let p = plan(j).options;
         assert_eq!(p.upstream_tls, None);
         assert_eq!(p.warnings.len(), 1);
-        let why = &p.warnings[0];
+        let why = error_chain(&p.warnings[0]);
+        assert_eq!(
+            why,
+            format!(
+                "pod app1/app1-v1-abc: its own TLS rules are ignored; its requests use the \
+                 agent's TLS rules: annotation {UPSTREAM_TLS} \"https://svc\": unknown selector \
+                 \"https://svc\"; expected *, port:N, cidr:PREFIX or host:NAME, optionally \
+                 followed by => PORT"
+            )
+        );
         assert!(
             why.contains("app1/app1-v1-abc")
                 && why.contains(UPSTREAM_TLS)
@@ -707,6 +871,7 @@ mod tests {
         let Decision::Refuse(why) = decide(&pod(j), None) else {
             panic!()
         };
+        let why = error_chain(&why);
         assert!(
             why.contains("app1/app1-v1-abc") && why.contains("hostNetwork"),
             "{why}"
@@ -728,6 +893,7 @@ mod tests {
         let IdentityPlan::Missing(why) = plan(j).identity else {
             panic!()
         };
+        let why = error_chain(&why);
         assert!(
             why.contains("pod app1/app1-v1-abc has no AWS identity"),
             "{why}"
@@ -752,6 +918,7 @@ mod tests {
         let IdentityPlan::Missing(why) = plan(j.clone()).identity else {
             panic!()
         };
+        let why = error_chain(&why);
         assert!(
             why.contains("containers app1 and sidecar use different AWS identities"),
             "{why}"
@@ -780,14 +947,27 @@ mod tests {
             let IdentityPlan::Missing(why) = plan(j).identity else {
                 panic!("{file}")
             };
+            let why = error_chain(&why);
             assert!(why.contains(want), "{file}: {why}");
         }
+        // The variable, the pod's value, the container, then what is wrong.
+        let mut j = irsa_pod();
+        j["spec"]["containers"][0]["env"][2]["value"] = "/etc/token".into();
+        let IdentityPlan::Missing(why) = plan(j).identity else {
+            panic!()
+        };
+        assert_eq!(
+            error_chain(&why),
+            "pod app1/app1-v1-abc: AWS_WEB_IDENTITY_TOKEN_FILE \"/etc/token\" of container \
+             app1: no volume is mounted there"
+        );
         let mut j = irsa_pod();
         j["spec"]["volumes"][0] =
             serde_json::json!({"name": "aws-iam-token", "hostPath": {"path": "/"}});
         let IdentityPlan::Missing(why) = plan(j).identity else {
             panic!()
         };
+        let why = error_chain(&why);
         assert!(why.contains("not a projected volume"), "{why}");
     }
 
@@ -813,6 +993,7 @@ mod tests {
             let IdentityPlan::Missing(why) = plan(j).identity else {
                 panic!("{arn:?} was taken")
             };
+            let why = error_chain(&why);
             assert!(
                 why.contains("AWS_ROLE_ARN") && why.contains("not an IAM role ARN"),
                 "{arn:?}: {why}"
@@ -849,6 +1030,7 @@ mod tests {
         let IdentityPlan::Missing(why) = plan(j).identity else {
             panic!("a ConfigMap was taken for a token")
         };
+        let why = error_chain(&why);
         assert!(why.contains("serviceAccountToken"), "{why}");
 
         let mut j = irsa_pod();
@@ -857,6 +1039,7 @@ mod tests {
         let IdentityPlan::Missing(why) = plan(j).identity else {
             panic!("a file beside the token was taken for it")
         };
+        let why = error_chain(&why);
         assert!(why.contains("serviceAccountToken"), "{why}");
 
         // Beside other sources, the token's own path is what counts.
@@ -877,10 +1060,8 @@ mod tests {
             ),
             ("https://creds.example/v1", "plain HTTP only"),
         ] {
-            assert!(
-                check_credentials_uri(uri).unwrap_err().contains(want),
-                "{uri}"
-            );
+            let why = error_chain(&check_credentials_uri(uri).unwrap_err());
+            assert!(why.contains(want), "{uri}: {why}");
         }
         check_credentials_uri("http://169.254.170.23/v1/credentials").unwrap();
         check_credentials_uri("http://[fd00:ec2::23]/v1/credentials").unwrap();

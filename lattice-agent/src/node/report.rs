@@ -14,7 +14,7 @@ use super::{
     pod_spec::{IdentityPlan, PodPlan},
     state::Phase,
 };
-use crate::{admin::PodsReport, metrics::Counts, proxy::classify::Kind};
+use crate::{admin::PodsReport, error_chain, metrics::Counts, proxy::classify::Kind};
 
 /// `/pods`, shared with the admin server.
 #[derive(Default)]
@@ -35,6 +35,8 @@ struct PodRow {
     uid: String,
     /// `enrolled`, `enrolling`, `failed` (retried) or `refused`.
     state: &'static str,
+    /// Why it is not served, or served without an identity: the error
+    /// with its causes, on one line.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
     /// `irsa`, `pod-identity` or `none`.
@@ -83,7 +85,11 @@ impl NodeReport {
             .iter()
             .filter_map(|(uid, entry)| match &entry.phase {
                 Phase::Enrolled(pod) => Some(ReportRow {
-                    row: plan_row(&pod.plan, "enrolled", pod.missing_identity.clone()),
+                    row: plan_row(
+                        &pod.plan,
+                        "enrolled",
+                        pod.missing_identity.as_deref().map(|e| error_chain(e)),
+                    ),
                     counts: Some(pod.served.counts()),
                 }),
                 Phase::Enrolling { plan, .. } => Some(ReportRow {
@@ -91,7 +97,7 @@ impl NodeReport {
                     counts: None,
                 }),
                 Phase::Failed(failed) => Some(ReportRow {
-                    row: plan_row(&failed.plan, "failed", Some(failed.reason.clone())),
+                    row: plan_row(&failed.plan, "failed", Some(error_chain(&*failed.error))),
                     counts: None,
                 }),
                 Phase::Refused { pod, reason } => Some(ReportRow {
@@ -100,7 +106,7 @@ impl NodeReport {
                         name: pod.name.clone(),
                         uid: uid.to_owned(),
                         state: "refused",
-                        reason: Some(reason.clone()),
+                        reason: Some(error_chain(reason)),
                         identity: "none",
                         role_arn: None,
                         service_account: None,

@@ -45,10 +45,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use super::{events::PodRef, pod_spec::PodPlan};
+use super::{
+    enroll::EnrollError,
+    events::PodRef,
+    identity::IdentityError,
+    pod_spec::{PodPlan, Refusal},
+};
 
 /// First retry of a failed enrollment; doubles up to [`RETRY_MAX`].
 const RETRY_START: Duration = Duration::from_millis(200);
@@ -77,15 +83,16 @@ pub struct Enrolled<S> {
     /// a DEL for another sandbox of the pod leaves it be.
     pub sandbox: Option<String>,
     /// Why its requests get 503, when it has no usable identity.
-    pub missing_identity: Option<String>,
+    pub missing_identity: Option<Arc<IdentityError>>,
     pub served: S,
 }
 
 /// A failed enrollment, retried with backoff.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Failed {
     pub plan: PodPlan,
-    pub reason: String,
+    /// Why the last attempt failed (shared with its Event and `/pods`).
+    pub error: Arc<EnrollError>,
     pub attempts: u32,
     pub retry_at: Instant,
 }
@@ -103,7 +110,7 @@ pub enum Phase<S, H> {
     Enrolling {
         plan: PodPlan,
         attempts: u32,
-        last_reason: Option<String>,
+        last_error: Option<Arc<EnrollError>>,
         sandbox: Option<String>,
     },
     Enrolled(Enrolled<S>),
@@ -111,7 +118,7 @@ pub enum Phase<S, H> {
     /// Asks for signing, but cannot be served.
     Refused {
         pod: PodRef,
-        reason: String,
+        reason: Refusal,
     },
     /// The runtime deleted its sandbox (CNI DEL): not enrolled again from
     /// the API (which may still show it running) until a new sandbox is
@@ -153,7 +160,7 @@ pub enum Want {
     Nothing,
     Refuse {
         pod: PodRef,
-        reason: String,
+        reason: Refusal,
     },
     Enroll(PodPlan),
 }
@@ -182,7 +189,7 @@ pub enum Leaving {
 }
 
 /// What the caller tells (log lines, the pod's Events).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Notice {
     Unenrolled {
         pod: PodRef,
@@ -190,13 +197,13 @@ pub enum Notice {
     },
     Refused {
         pod: PodRef,
-        reason: String,
+        reason: Refusal,
     },
     /// `repeated`: for the same reason as the attempt before (one Event
     /// per reason, not one per retry).
     Failed {
         pod: PodRef,
-        reason: String,
+        error: Arc<EnrollError>,
         repeated: bool,
         retry_in: Duration,
     },
@@ -423,7 +430,7 @@ impl<S, H> PodTable<S, H> {
         entry.phase = Phase::Enrolling {
             plan: plan.clone(),
             attempts: 0,
-            last_reason: None,
+            last_error: None,
             sandbox: Some(sandbox.to_owned()),
         };
         self.pods.insert(uid.to_owned(), entry);
@@ -480,14 +487,14 @@ impl<S, H> PodTable<S, H> {
         }
     }
 
-    /// The attempt failed for `reason`; `netns_cookie` names the namespace
+    /// The attempt failed with `error`; `netns_cookie` names the namespace
     /// a process of the pod was found in, which stays in the gate (or goes
     /// into it) so the pod's connects are refused, not sent unsigned,
     /// until it is served.
     pub fn on_failed(
         &mut self,
         uid: &str,
-        reason: String,
+        error: Arc<EnrollError>,
         netns_cookie: Option<u64>,
         now: Instant,
     ) -> Effects<S, H> {
@@ -497,7 +504,7 @@ impl<S, H> PodTable<S, H> {
         let Phase::Enrolling {
             plan,
             attempts,
-            last_reason,
+            last_error,
             ..
         } = std::mem::replace(&mut entry.phase, Phase::SandboxDeleted)
         else {
@@ -509,13 +516,13 @@ impl<S, H> PodTable<S, H> {
         let retry_in = retry_delay(attempts);
         let notice = Notice::Failed {
             pod: pod_ref(&plan),
-            repeated: last_reason.as_deref() == Some(reason.as_str()),
-            reason: reason.clone(),
+            repeated: last_error.is_some_and(|last| same_reason(&last, &error)),
+            error: Arc::clone(&error),
             retry_in,
         };
         entry.phase = Phase::Failed(Failed {
             plan,
-            reason,
+            error,
             attempts,
             retry_at: now + retry_in,
         });
@@ -539,7 +546,7 @@ impl<S, H> PodTable<S, H> {
             .collect()
     }
 
-    fn refuse(&mut self, uid: &str, pod: PodRef, reason: String) -> Effects<S, H> {
+    fn refuse(&mut self, uid: &str, pod: PodRef, reason: Refusal) -> Effects<S, H> {
         if let Some(Entry {
             phase: Phase::Refused { reason: known, .. },
             ..
@@ -570,7 +577,7 @@ impl<S, H> PodTable<S, H> {
             .remove(uid)
             .unwrap_or_else(|| Entry::new(Phase::SandboxDeleted));
         let mut effects = Effects::default();
-        let (attempts, last_reason, handed) =
+        let (attempts, last_error, handed) =
             match std::mem::replace(&mut entry.phase, Phase::SandboxDeleted) {
                 Phase::Enrolled(mut enrolled) if seen == Seen::Elsewhere => {
                     // Served in a namespace none of its processes is in any
@@ -606,19 +613,19 @@ impl<S, H> PodTable<S, H> {
                     self.pods.insert(uid.to_owned(), entry);
                     return effects;
                 }
-                Phase::Failed(failed) => (failed.attempts, Some(failed.reason), None),
+                Phase::Failed(failed) => (failed.attempts, Some(failed.error), None),
                 Phase::Enrolling {
                     attempts,
-                    last_reason,
+                    last_error,
                     ..
-                } => (attempts, last_reason, None),
+                } => (attempts, last_error, None),
                 Phase::HandedOver { handed, .. } => (0, None, Some(handed)),
                 Phase::Refused { .. } | Phase::SandboxDeleted => (0, None, None),
             };
         entry.phase = Phase::Enrolling {
             plan: plan.clone(),
             attempts,
-            last_reason,
+            last_error,
             sandbox: None,
         };
         self.pods.insert(uid.to_owned(), entry);
@@ -650,6 +657,13 @@ impl<S, H> PodTable<S, H> {
     }
 }
 
+/// Whether two failures are one reason, told once: they read the same
+/// (the text is what the pod's Event says; causes such as I/O errors
+/// have no equality of their own).
+fn same_reason(a: &EnrollError, b: &EnrollError) -> bool {
+    crate::error_chain(a) == crate::error_chain(b)
+}
+
 /// How long after its `attempts`-th failure an enrollment is retried.
 pub fn retry_delay(attempts: u32) -> Duration {
     let factor = 1u32 << attempts.saturating_sub(1).min(16);
@@ -669,7 +683,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::node::pod_spec::IdentityPlan;
+    use crate::node::pod_spec::{IdentityPlan, MissingIdentity};
 
     /// What serves a pod here: a name, to see which proxy is stopped.
     type Table = PodTable<&'static str, &'static str>;
@@ -688,10 +702,22 @@ mod tests {
             } else {
                 vec![ip.parse::<IpAddr>().unwrap()]
             },
-            identity: IdentityPlan::Missing("none".into()),
+            identity: IdentityPlan::Missing(MissingIdentity::Undeclared {
+                pod: "shop/cart-0".into(),
+                referenced: vec![],
+            }),
             region: None,
             options: Default::default(),
         }
+    }
+
+    /// A failure whose text names `why`.
+    fn failure(why: &str) -> Arc<EnrollError> {
+        Arc::new(EnrollError::NoProcess { cgroup: why.into() })
+    }
+
+    fn hostnetwork(pod: &str) -> Refusal {
+        Refusal::HostNetwork { pod: pod.into() }
     }
 
     fn enrolled(
@@ -780,7 +806,7 @@ mod tests {
         assert_eq!(e.stop, Some("p1"));
         assert!(e.ungate.is_empty());
         assert!(e.attempt.is_some());
-        let e = t.on_failed(UID, "wrong netns".into(), Some(13), now);
+        let e = t.on_failed(UID, failure("wrong netns"), Some(13), now);
         assert_eq!(e.gate, [13]);
         assert!(matches!(
             e.notice,
@@ -809,7 +835,7 @@ mod tests {
         for (i, reason) in ["a", "a", "b"].into_iter().enumerate() {
             let e = t.on_api(UID, Want::Enroll(plan("10.0.0.1")), Seen::Unknown, at);
             assert!(e.attempt.is_some(), "attempt {i}");
-            let e = t.on_failed(UID, reason.into(), Some(11), at);
+            let e = t.on_failed(UID, failure(reason), Some(11), at);
             assert_eq!(e.gate.len(), usize::from(i == 0), "gated once");
             let Some(Notice::Failed {
                 repeated, retry_in, ..
@@ -848,10 +874,10 @@ mod tests {
         // A failed pod leaving takes the namespace it kept gated.
         let mut t = Table::default();
         let _ = t.on_api(UID, Want::Enroll(plan("10.0.0.1")), Seen::Unknown, now);
-        let _ = t.on_failed(UID, "x".into(), Some(21), now);
+        let _ = t.on_failed(UID, failure("x"), Some(21), now);
         let e = t.on_gone(UID, now);
         assert_eq!(e.ungate, [21]);
-        assert_eq!(e.notice, None);
+        assert!(e.notice.is_none());
     }
 
     #[test]
@@ -859,20 +885,20 @@ mod tests {
         let now = Instant::now();
         let mut t = table_with_enrolled(now);
         let pod = pod_ref(&plan(""));
-        let refuse = |reason: &str| Want::Refuse {
+        let refuse = |pod_name: &str| Want::Refuse {
             pod: pod.clone(),
-            reason: reason.into(),
+            reason: hostnetwork(pod_name),
         };
-        let e = t.on_api(UID, refuse("hostNetwork"), Seen::Served, now);
+        let e = t.on_api(UID, refuse("shop/cart-0"), Seen::Served, now);
         assert_eq!(e.ungate, [11]);
         assert_eq!(e.stop, Some("p1"));
         assert!(matches!(e.notice, Some(Notice::Refused { .. })));
         assert!(
-            t.on_api(UID, refuse("hostNetwork"), Seen::Unknown, now)
+            t.on_api(UID, refuse("shop/cart-0"), Seen::Unknown, now)
                 .is_empty()
         );
         assert!(
-            t.on_api(UID, refuse("other"), Seen::Unknown, now)
+            t.on_api(UID, refuse("shop/other"), Seen::Unknown, now)
                 .notice
                 .is_some()
         );
@@ -995,7 +1021,7 @@ mod tests {
         let e = t.on_api("uid-2", Want::Nothing, Seen::Unknown, now);
         assert_eq!(e.close, Some("sockets-2"));
         assert_eq!(e.ungate, [12]);
-        assert_eq!(e.notice, None);
+        assert!(e.notice.is_none());
         let e = t.on_gone("uid-3", now);
         assert_eq!(e.close, Some("sockets-3"));
         assert_eq!(t.gate_keep(), BTreeSet::from([11]));

@@ -94,7 +94,7 @@ where
             if e.is::<LengthLimitError>() {
                 RequestError::BodyTooLarge { limit }
             } else {
-                RequestError::ReadBody(e.to_string())
+                RequestError::ReadBody(e)
             }
         })?;
     let trailers: Option<HeaderMap> = collected.trailers().cloned();

@@ -8,7 +8,7 @@ use http::{
     uri::Authority,
 };
 
-use super::errors::RequestError;
+use super::errors::{BadRequest, RequestError};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -124,19 +124,16 @@ pub fn authority(parts: &Parts) -> Result<Authority, RequestError> {
     let mut hosts = parts.headers.get_all(HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
         (Some(h), None) => h,
-        (None, _) => return Err(RequestError::BadRequest("missing Host header".into())),
-        (Some(_), Some(_)) => {
-            return Err(RequestError::BadRequest("more than one Host header".into()));
-        }
+        (None, _) => return Err(BadRequest::MissingHost.into()),
+        (Some(_), Some(_)) => return Err(BadRequest::MultipleHosts.into()),
     };
-    let a = Authority::try_from(host.as_bytes())
-        .map_err(|_| RequestError::BadRequest("invalid Host header".into()))?;
+    let a = Authority::try_from(host.as_bytes()).map_err(BadRequest::InvalidHost)?;
     check(a)
 }
 
 fn check(a: Authority) -> Result<Authority, RequestError> {
     if a.as_str().contains('@') || a.host().is_empty() {
-        return Err(RequestError::BadRequest("invalid authority".into()));
+        return Err(BadRequest::InvalidAuthority.into());
     }
     Ok(a)
 }
@@ -236,7 +233,10 @@ mod tests {
         assert_eq!(authority(&p).unwrap().as_str(), "h2.example");
 
         let (p, ()) = Request::builder().uri("/x").body(()).unwrap().into_parts();
-        assert!(matches!(authority(&p), Err(RequestError::BadRequest(_))));
+        assert!(matches!(
+            authority(&p),
+            Err(RequestError::BadRequest(BadRequest::MissingHost))
+        ));
 
         let (p, ()) = Request::builder()
             .uri("/x")

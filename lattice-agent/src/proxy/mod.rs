@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::{
     body::{Guarded, ProxyBody, boxed},
-    errors::RequestError,
+    errors::{BadRequest, RequestError},
     server::ConnCtx,
     tls_rules::TlsRules,
     upstream::{TlsConfigs, Upstream, UpstreamConfig},
@@ -146,7 +146,7 @@ async fn handle(
     let (mut resp, own_error) = match forward(&shared, &conn, req).await {
         Ok(r) => (r.map(|b| boxed(Guarded::new(b, busy))), false),
         Err(e) => {
-            tracing::debug!(peer = %conn.peer, error = %e, "request not forwarded");
+            tracing::debug!(peer = %conn.peer, error = %crate::error_chain(&e), "request not forwarded");
             (
                 e.into_response().map(|b| boxed(Guarded::new(b, busy))),
                 true,
@@ -193,7 +193,7 @@ async fn forward(
         .creds
         .wait_current(crate::credentials::FIRST_FETCH_WAIT)
         .await
-        .map_err(|e| RequestError::NoCredentials(e.0))?;
+        .map_err(RequestError::NoCredentials)?;
 
     // Body: streamed, or buffered and hashed under --sign-payload.
     let (body, payload) = if cfg.sign_payload {
@@ -221,7 +221,7 @@ async fn forward(
         .sign(&to_sign, &creds, SystemTime::now())
         .map_err(|e| {
             shared.metrics.signing_failures.inc();
-            RequestError::Signing(e.to_string())
+            RequestError::Signing(e)
         })?;
     if cfg.log_signing
         && let Some(t) = sign::trace(&to_sign, &signed)
@@ -257,7 +257,7 @@ async fn forward(
             .authority(authority)
             .path_and_query(target)
             .build()
-            .map_err(|e| RequestError::BadRequest(format!("request target: {e}")))?;
+            .map_err(BadRequest::Target)?;
         parts.headers.remove(HOST);
         Either::Left(
             shared
@@ -267,14 +267,13 @@ async fn forward(
     } else {
         // Origin form, and the authority in `Host`.
         if let Some(target) = target {
-            parts.uri = Uri::try_from(target)
-                .map_err(|e| RequestError::BadRequest(format!("request target: {e}")))?;
+            parts.uri = Uri::try_from(target).map_err(|e| BadRequest::Target(e.into()))?;
         }
         parts.version = Version::HTTP_11;
         if parts.headers.get(HOST).map(HeaderValue::as_bytes) != Some(authority.as_str().as_bytes())
         {
             let host = HeaderValue::from_str(authority.as_str())
-                .map_err(|_| RequestError::BadRequest("invalid authority".into()))?;
+                .map_err(BadRequest::AuthorityNotAHeader)?;
             parts.headers.insert(HOST, host);
         }
         Either::Right(shared.upstream.send_h1(

@@ -310,7 +310,7 @@ async fn serve_connection(
         None => match shared.upstream.connect_tcp(dst).await {
             Ok(u) => u,
             Err(e) => {
-                tracing::debug!(%peer, %dst, error = %e, "passing the connection through: upstream unreachable; closing it");
+                tracing::debug!(%peer, %dst, error = %crate::error_chain(&e), "passing the connection through: upstream unreachable; closing it");
                 return;
             }
         },
@@ -339,7 +339,7 @@ async fn connect_for_greeting(
     match shared.upstream.connect_tcp(dst).await {
         Ok(u) => Some(u),
         Err(e) => {
-            tracing::debug!(%peer, %dst, error = %e, "silent client: could not connect to its destination");
+            tracing::debug!(%peer, %dst, error = %crate::error_chain(&e), "silent client: could not connect to its destination");
             None
         }
     }

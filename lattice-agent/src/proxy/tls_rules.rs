@@ -47,11 +47,31 @@ enum Selector {
 /// A rule that does not parse; `origin` names where it came from (the
 /// flag, or the annotation).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin} {rule:?}: {reason}")]
+#[error("{origin} {rule:?}")]
 pub struct TlsRuleError {
     pub origin: String,
     pub rule: String,
-    pub reason: String,
+    #[source]
+    pub problem: RuleProblem,
+}
+
+/// What is wrong with a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleProblem {
+    #[error("empty selector; {FORMS}")]
+    EmptySelector,
+    #[error("unknown selector {selector:?}; {FORMS}")]
+    UnknownSelector { selector: String },
+    #[error("{prefix:?} is not an IPv4 or IPv6 prefix (e.g. 10.0.0.0/16)")]
+    NotAPrefix {
+        prefix: String,
+        #[source]
+        source: ipnet::AddrParseError,
+    },
+    #[error("{port:?} is not a port (1-65535)")]
+    NotAPort { port: String },
+    #[error("{name:?} is not a host name (letters, digits, hyphens and dots; `*.` allowed first)")]
+    NotAHostName { name: String },
 }
 
 const FORMS: &str = "expected *, port:N, cidr:PREFIX or host:NAME, optionally followed by => PORT";
@@ -71,10 +91,10 @@ impl TlsRules {
         rules
             .iter()
             .map(|r| {
-                parse_rule(r.as_ref()).map_err(|reason| TlsRuleError {
+                parse_rule(r.as_ref()).map_err(|problem| TlsRuleError {
                     origin: origin.to_owned(),
-                    rule: r.as_ref().to_owned(),
-                    reason,
+                    rule: r.as_ref().trim().to_owned(),
+                    problem,
                 })
             })
             .collect::<Result<Vec<_>, _>>()
@@ -124,7 +144,7 @@ impl Selector {
     }
 }
 
-fn parse_rule(rule: &str) -> Result<TlsRule, String> {
+fn parse_rule(rule: &str) -> Result<TlsRule, RuleProblem> {
     let (selector, port) = match rule.split_once("=>") {
         Some((s, p)) => (s.trim(), Some(parse_port(p.trim())?)),
         None => (rule.trim(), None),
@@ -135,24 +155,31 @@ fn parse_rule(rule: &str) -> Result<TlsRule, String> {
         Some(("cidr", net)) => Selector::Cidr(
             net.trim()
                 .parse::<IpNet>()
-                .map_err(|_| format!("{net:?} is not an IPv4 or IPv6 prefix (e.g. 10.0.0.0/16)"))?
+                .map_err(|source| RuleProblem::NotAPrefix {
+                    prefix: net.trim().to_owned(),
+                    source,
+                })?
                 .trunc(),
         ),
         Some(("host", name)) => host_selector(name.trim())?,
-        _ if selector.is_empty() => return Err(format!("empty selector; {FORMS}")),
-        _ => return Err(format!("unknown selector {selector:?}; {FORMS}")),
+        _ if selector.is_empty() => return Err(RuleProblem::EmptySelector),
+        _ => {
+            return Err(RuleProblem::UnknownSelector {
+                selector: selector.to_owned(),
+            });
+        }
     };
     Ok(TlsRule { selector, port })
 }
 
-fn parse_port(p: &str) -> Result<u16, String> {
+fn parse_port(p: &str) -> Result<u16, RuleProblem> {
     match p.parse::<u16>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("{p:?} is not a port (1-65535)")),
+        _ => Err(RuleProblem::NotAPort { port: p.to_owned() }),
     }
 }
 
-fn host_selector(name: &str) -> Result<Selector, String> {
+fn host_selector(name: &str) -> Result<Selector, RuleProblem> {
     let (wildcard, rest) = match name.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, name),
@@ -165,9 +192,9 @@ fn host_selector(name: &str) -> Result<Selector, String> {
             && !l.ends_with('-')
     };
     if rest.is_empty() || rest.len() > 253 || !rest.split('.').all(valid_label) {
-        return Err(format!(
-            "{name:?} is not a host name (letters, digits, hyphens and dots; `*.` allowed first)"
-        ));
+        return Err(RuleProblem::NotAHostName {
+            name: name.to_owned(),
+        });
     }
     let rest = rest.to_ascii_lowercase();
     Ok(if wildcard {
@@ -270,7 +297,8 @@ mod tests {
             ("host:a..b", "not a host name"),
         ] {
             let e = TlsRules::parse(&[rule], FLAG).unwrap_err();
-            let text = e.to_string();
+            assert_eq!(e.to_string(), format!("{FLAG} {rule:?}"));
+            let text = crate::error_chain(&e);
             assert!(
                 text.starts_with(&format!("{FLAG} {rule:?}: ")) && text.contains(why),
                 "{rule:?}: {text}"

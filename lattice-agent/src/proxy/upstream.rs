@@ -27,7 +27,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -48,7 +48,11 @@ use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{body::ProxyBody, errors::RequestError, tls_rules::TlsRules};
+use super::{
+    body::ProxyBody,
+    errors::{RequestError, UpstreamError},
+    tls_rules::TlsRules,
+};
 use crate::{error_chain, netns::SocketFactory};
 
 /// Upstream protocol, following the client's.
@@ -67,9 +71,21 @@ pub struct TlsConfigs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
-    #[error("{path}: {reason}")]
-    CaFile { path: String, reason: String },
-    #[error("TLS configuration: {0}")]
+    #[error("{}", path.display())]
+    CaPem {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{}: a certificate", path.display())]
+    CaCertificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{}: no PEM certificates found", path.display())]
+    NoCertificates { path: PathBuf },
+    #[error("TLS configuration")]
     Rustls(#[from] rustls::Error),
 }
 
@@ -80,18 +96,24 @@ impl TlsConfigs {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = ca_file {
-            let ca_err = |reason: String| TlsConfigError::CaFile {
-                path: path.display().to_string(),
-                reason,
+            let pem_err = |source| TlsConfigError::CaPem {
+                path: path.to_owned(),
+                source,
             };
             let mut n = 0;
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_err(e.to_string()))? {
-                let cert = cert.map_err(|e| ca_err(e.to_string()))?;
-                roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+            for cert in CertificateDer::pem_file_iter(path).map_err(pem_err)? {
+                roots.add(cert.map_err(pem_err)?).map_err(|source| {
+                    TlsConfigError::CaCertificate {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })?;
                 n += 1;
             }
             if n == 0 {
-                return Err(ca_err("no PEM certificates found".into()));
+                return Err(TlsConfigError::NoCertificates {
+                    path: path.to_owned(),
+                });
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -205,7 +227,7 @@ impl Upstream {
         let Some((_, (_, worker))) = &sticky.home else {
             return Err(RequestError::Upstream {
                 dst,
-                reason: "no upstream for this connection".into(),
+                source: UpstreamError::NoConnection,
             });
         };
         loop {
@@ -222,7 +244,7 @@ impl Upstream {
                 }
                 return Err(RequestError::Upstream {
                     dst,
-                    reason: error_chain(&e),
+                    source: e.into(),
                 });
             }
             match sender.try_send_request(req).await {
@@ -235,7 +257,7 @@ impl Upstream {
                     _ => {
                         return Err(RequestError::Upstream {
                             dst,
-                            reason: error_chain(e.error()),
+                            source: e.into_error().into(),
                         });
                     }
                 },
@@ -250,7 +272,7 @@ impl Upstream {
         tokio::time::timeout(self.cfg.connect_timeout, dial_tcp(&self.cfg.sockets, dst))
             .await
             .map_err(|_| ConnectError::Timeout)?
-            .map_err(ConnectError::Io)
+            .map_err(|e| ConnectError::Unreachable(e.into()))
     }
 
     /// A new HTTP/1.1 connection to `dst` (`host`: the client's authority,
@@ -261,14 +283,14 @@ impl Upstream {
         let conn = connector
             .connect(host)
             .await
-            .map_err(|e| connect_error(dst, self.cfg.connect_timeout, &e))?;
+            .map_err(|e| connect_error(dst, self.cfg.connect_timeout, e))?;
         let (sender, connection) =
             self.h1
                 .handshake(conn)
                 .await
                 .map_err(|e| RequestError::Upstream {
                     dst,
-                    reason: error_chain(&e),
+                    source: e.into(),
                 })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -323,7 +345,7 @@ impl Upstream {
         client
             .request(req)
             .await
-            .map_err(|e| classify(dst, self.cfg.connect_timeout, &e))
+            .map_err(|e| classify(dst, self.cfg.connect_timeout, e))
     }
 }
 
@@ -440,70 +462,89 @@ impl IdleH1 {
     }
 }
 
-fn connect_error(dst: SocketAddr, connect_timeout: Duration, e: &ConnectError) -> RequestError {
+fn connect_error(dst: SocketAddr, connect_timeout: Duration, e: ConnectError) -> RequestError {
     match e {
         ConnectError::Timeout => RequestError::UpstreamConnectTimeout {
             dst,
             after: connect_timeout,
         },
-        ConnectError::Io(io) => RequestError::UpstreamUnreachable {
-            dst,
-            reason: io_reason(io),
-        },
+        ConnectError::Unreachable(source) => RequestError::UpstreamUnreachable { dst, source },
         ConnectError::Tls { to, name, failure } => RequestError::UpstreamTls {
-            dst: *to,
-            name: name.clone(),
-            failure: failure.clone(),
+            dst: to,
+            name,
+            failure,
         },
     }
 }
 
-/// Maps a client error to the client-facing error.
+/// Maps a client error to the client-facing error: a failed connect
+/// (found among its causes) as such, else the client's error.
 fn classify(
     dst: SocketAddr,
     connect_timeout: Duration,
-    e: &hyper_util::client::legacy::Error,
+    e: hyper_util::client::legacy::Error,
 ) -> RequestError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(s) = source {
         if let Some(ce) = s.downcast_ref::<ConnectError>() {
-            return connect_error(dst, connect_timeout, ce);
+            return connect_error(dst, connect_timeout, ce.clone());
         }
         source = s.source();
     }
     RequestError::Upstream {
         dst,
-        reason: error_chain(e),
+        source: e.into(),
     }
 }
 
-fn io_reason(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        io::ErrorKind::ConnectionReset => "connection reset".into(),
-        io::ErrorKind::HostUnreachable => "host unreachable".into(),
-        io::ErrorKind::NetworkUnreachable => "network unreachable".into(),
-        _ => format!("connect: {e}"),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
+/// Why a connection to an upstream failed. Its causes are shared, so the
+/// error can be taken out of the HTTP client's error, which holds it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
     #[error("connect timed out")]
     Timeout,
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("TLS with {to} ({name}): {failure}")]
+    #[error(transparent)]
+    Unreachable(#[from] Unreachable),
+    #[error("TLS with {to} ({name})")]
     Tls {
         /// Where the TLS connection went (the rule's port).
         to: SocketAddr,
         name: String,
+        #[source]
         failure: TlsFailure,
     },
 }
 
+/// Why a TCP connect to an upstream failed: the common cases by name (the
+/// OS error adds nothing to them), any other with its OS error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unreachable {
+    #[error("connection refused")]
+    Refused,
+    #[error("connection reset")]
+    Reset,
+    #[error("host unreachable")]
+    HostUnreachable,
+    #[error("network unreachable")]
+    NetworkUnreachable,
+    #[error("connect")]
+    Io(#[source] Arc<io::Error>),
+}
+
+impl From<io::Error> for Unreachable {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => Self::Refused,
+            io::ErrorKind::ConnectionReset => Self::Reset,
+            io::ErrorKind::HostUnreachable => Self::HostUnreachable,
+            io::ErrorKind::NetworkUnreachable => Self::NetworkUnreachable,
+            _ => Self::Io(Arc::new(e)),
+        }
+    }
+}
+
 /// Why a TLS handshake to an upstream failed, as the client is told.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TlsFailure {
     #[error("certificate expired")]
     Expired,
@@ -513,12 +554,26 @@ pub enum TlsFailure {
     WrongName(Vec<String>),
     #[error("certificate issued by an unknown CA (trusted: the webpki roots and --ca-file)")]
     UnknownIssuer,
-    #[error("the server chose {0} instead of h2 for an HTTP/2 request")]
-    NotH2(String),
+    #[error("the server chose {} instead of h2 for an HTTP/2 request", alpn_name(.alpn.as_deref()))]
+    NotH2 {
+        /// The protocol it chose (ALPN), if any.
+        alpn: Option<Vec<u8>>,
+    },
     #[error("not a valid TLS server name")]
     InvalidName,
-    #[error("{0}")]
-    Other(String),
+    /// Any other failure rustls names (its text says what).
+    #[error(transparent)]
+    Rustls(rustls::Error),
+    /// The handshake failed below TLS (the connection reset or closed).
+    #[error(transparent)]
+    Io(Arc<io::Error>),
+}
+
+fn alpn_name(alpn: Option<&[u8]>) -> String {
+    match alpn {
+        Some(p) => String::from_utf8_lossy(p).into_owned(),
+        None => "no protocol (ALPN)".to_owned(),
+    }
 }
 
 /// A certificate's name as rustls reports it (`DnsName("a.example")`,
@@ -544,13 +599,16 @@ fn presented_names(names: &[String]) -> String {
 
 impl TlsFailure {
     /// The failure of a handshake that ended with `e`.
-    fn of(e: &io::Error) -> Self {
+    fn of(e: io::Error) -> Self {
         use rustls::CertificateError as C;
         let rustls_error = e
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        let Some(rustls_error) = rustls_error else {
+            return Self::Io(Arc::new(e));
+        };
         match rustls_error {
-            Some(rustls::Error::InvalidCertificate(c)) => match c {
+            rustls::Error::InvalidCertificate(c) => match c {
                 C::Expired | C::ExpiredContext { .. } => Self::Expired,
                 C::NotValidYet | C::NotValidYetContext { .. } => Self::NotYetValid,
                 C::NotValidForName => Self::WrongName(Vec::new()),
@@ -558,10 +616,9 @@ impl TlsFailure {
                     Self::WrongName(presented.iter().map(|n| plain_name(n)).collect())
                 }
                 C::UnknownIssuer => Self::UnknownIssuer,
-                other => Self::Other(format!("certificate: {other}")),
+                _ => Self::Rustls(rustls_error.clone()),
             },
-            Some(other) => Self::Other(other.to_string()),
-            None => Self::Other(error_chain(e)),
+            other => Self::Rustls(other.clone()),
         }
     }
 }
@@ -606,7 +663,9 @@ impl Connector {
     async fn dial(&self, host: &str) -> Result<Conn, ConnectError> {
         let host = host_of(host);
         let Some(port) = self.rules.tls_port(self.dst, host) else {
-            let tcp = dial_tcp(&self.sockets, self.dst).await?;
+            let tcp = dial_tcp(&self.sockets, self.dst)
+                .await
+                .map_err(|e| ConnectError::Unreachable(e.into()))?;
             return Ok(Conn::Plain(TokioIo::new(tcp)));
         };
         let to = SocketAddr::new(self.dst.ip(), port);
@@ -617,19 +676,18 @@ impl Connector {
         };
         let name = ServerName::try_from(host.to_owned())
             .map_err(|_| tls_error(TlsFailure::InvalidName))?;
-        let tcp = dial_tcp(&self.sockets, to).await?;
+        let tcp = dial_tcp(&self.sockets, to)
+            .await
+            .map_err(|e| ConnectError::Unreachable(e.into()))?;
         let stream = TlsConnector::from(Arc::clone(&self.tls))
             .connect(name, tcp)
             .await
-            .map_err(|e| tls_error(TlsFailure::of(&e)))?;
+            .map_err(|e| tls_error(TlsFailure::of(e)))?;
         if self.proto == Protocol::Http2 {
             let (_, session) = stream.get_ref();
             if session.alpn_protocol() != Some(b"h2") {
-                let chosen = session.alpn_protocol().map_or_else(
-                    || "no protocol (ALPN)".to_owned(),
-                    |p| String::from_utf8_lossy(p).into_owned(),
-                );
-                return Err(tls_error(TlsFailure::NotH2(chosen)));
+                let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+                return Err(tls_error(TlsFailure::NotH2 { alpn }));
             }
         }
         Ok(Conn::Tls(Box::new(TokioIo::new(stream))))
@@ -748,6 +806,17 @@ mod tests {
         assert_eq!(
             TlsFailure::WrongName(vec!["a.example".into(), "b.example".into()]).to_string(),
             "certificate not valid for this name (it is for a.example, b.example)"
+        );
+        assert_eq!(
+            TlsFailure::NotH2 {
+                alpn: Some(b"http/1.1".to_vec())
+            }
+            .to_string(),
+            "the server chose http/1.1 instead of h2 for an HTTP/2 request"
+        );
+        assert_eq!(
+            TlsFailure::NotH2 { alpn: None }.to_string(),
+            "the server chose no protocol (ALPN) instead of h2 for an HTTP/2 request"
         );
         assert_eq!(host_of("[fd00::1]:80"), "fd00::1");
         assert_eq!(host_of("svc.example:8080"), "svc.example");
