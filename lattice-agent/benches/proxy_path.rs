@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-connection work of the proxy: finding a
 //! connection's original destination — from the eBPF map (lattice) and, on
-//! a map miss, from conntrack with SO_ORIGINAL_DST (the seed's iptables
+//! a map miss, from conntrack with SO_ORIGINAL_DST (the iptables setup's
 //! NAT). Signing, the per-request work, is in `benches/signing.rs`.
 //!
 //! The lookups need root: they load and attach the real programs to a
@@ -23,6 +23,7 @@ use lattice_agent::{
     bpf::{AgentExemption, InterceptConfig, Interceptor},
     nat_orig_dst::nat_original_destination,
 };
+use lattice_tests::{cgroup::cgroup2_mount, iptables::EgressProxyRules, spawn::run_ok};
 
 /// Address the eBPF programs intercept (→ the listener).
 const LATTICE_TARGET: &str = "169.254.171.33:80";
@@ -47,27 +48,22 @@ impl Sandbox {
         // Only this (the bench's main) thread and the commands it starts
         // enter the new namespace.
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        run(&["ip", "link", "set", "lo", "up"]);
-        run(&["ip", "addr", "add", "169.254.171.33/32", "dev", "lo"]);
-        run(&["ip", "addr", "add", "169.254.172.33/32", "dev", "lo"]);
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "169.254.171.33/32", "dev", "lo"],
+            &["addr", "add", "169.254.172.33/32", "dev", "lo"],
+        ] {
+            run_ok(Command::new("ip").args(args));
+        }
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().unwrap().port();
-        let port_s = port.to_string();
-        run(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "169.254.172.0/24",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port_s,
-        ]);
+        EgressProxyRules {
+            program: "iptables",
+            prefix: "169.254.172.0/24",
+            to_port: port,
+            exempt_uid: 101,
+        }
+        .apply_here();
 
         let mount = cgroup2_mount();
         let home = mount.join(
@@ -178,30 +174,6 @@ fn orig_dst(c: &mut Criterion) {
         });
     });
     group.finish();
-}
-
-fn run(argv: &[&str]) {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{argv:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn cgroup2_mount() -> PathBuf {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .expect("no cgroup2 mount")
 }
 
 criterion_group!(benches, orig_dst);

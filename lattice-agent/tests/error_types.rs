@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use lattice_tests::{rust_sources, workspace};
+
 use syn::visit::Visit;
 
 /// Field names that say the field holds an error's text.
@@ -35,17 +37,6 @@ const EXEMPT: [(&str, &str, &str); 1] = [(
     "the CNI spec's error object as the plugin prints it for the runtime: \
      its msg and details are the rendering, made once where the plugin fails",
 )];
-
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("readable source directory") {
-        let path = entry.expect("directory entry").path();
-        if path.is_dir() {
-            sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// Whether `attrs` derive `thiserror::Error` (or `Error`, imported from
 /// thiserror, as `use thiserror::Error` brings it in).
@@ -186,18 +177,16 @@ fn text_errors(source: &str, exempt: &[&str]) -> Vec<String> {
 
 #[test]
 fn no_error_type_holds_its_reason_as_text() {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace");
-    let mut files = Vec::new();
-    for krate in ["lattice-agent/src", "lattice-cni/src"] {
-        sources(&workspace.join(krate), &mut files);
-    }
+    let workspace = workspace();
+    let files: Vec<PathBuf> = ["lattice-agent/src", "lattice-cni/src"]
+        .iter()
+        .flat_map(|krate| rust_sources(&workspace.join(krate)))
+        .collect();
     assert!(files.len() > 40, "found the sources: {files:?}");
     let mut offenders = Vec::new();
     let mut error_types = 0;
     for file in &files {
-        let relative = file.strip_prefix(workspace).expect("in the workspace");
+        let relative = file.strip_prefix(&workspace).expect("in the workspace");
         let exempt: Vec<&str> = EXEMPT
             .iter()
             .filter(|(f, _, _)| relative == Path::new(f))

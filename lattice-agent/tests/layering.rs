@@ -4,21 +4,10 @@
 //! module can be used (and tested) without a command line, and no error
 //! below `config` depends on how a flag is spelled.
 
-use std::path::{Path, PathBuf};
+use lattice_tests::{rust_sources, workspace};
 
 /// Files allowed to see flags, relative to `src/`.
 const ABOVE_CONFIG: [&str; 3] = ["cli.rs", "config", "main.rs"];
-
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("readable source directory") {
-        let path = entry.expect("directory entry").path();
-        if path.is_dir() {
-            sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// The lines of `text` that bring flags in: a `use` of clap or of the
 /// `cli` module, or a path through either.
@@ -39,9 +28,8 @@ fn flag_imports(text: &str) -> Vec<String> {
 
 #[test]
 fn nothing_below_config_imports_the_command_line() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    sources(&src, &mut files);
+    let src = workspace().join("lattice-agent/src");
+    let files = rust_sources(&src);
     assert!(files.len() > 20, "found the agent's sources: {files:?}");
     let mut offenders = Vec::new();
     for file in files {

@@ -216,6 +216,19 @@ def read_body(rfile, headers):
     digest = hashlib.sha256()
     length = 0
     trailers = []
+
+    def consume(size, short):
+        # Reads `size` bytes into the digest; `short` names a body cut off.
+        nonlocal length
+        left = size
+        while left:
+            data = rfile.read(min(CHUNK, left))
+            if not data:
+                raise BodyError(short)
+            digest.update(data)
+            left -= len(data)
+        length += size
+
     te = headers.get("Transfer-Encoding", "")
     if "chunked" in te.lower():
         while True:
@@ -225,14 +238,7 @@ def read_body(rfile, headers):
             size = int(line.split(b";", 1)[0].strip(), 16)
             if size == 0:
                 break
-            left = size
-            while left:
-                data = rfile.read(min(CHUNK, left))
-                if not data:
-                    raise BodyError("chunk ended early")
-                digest.update(data)
-                length += len(data)
-                left -= len(data)
+            consume(size, "chunk ended early")
             if rfile.readline(16).strip():
                 raise BodyError("missing CRLF after chunk")
         while True:
@@ -241,14 +247,7 @@ def read_body(rfile, headers):
                 break
             trailers.append(line.split(b":", 1)[0].decode().strip().lower())
     else:
-        left = int(headers.get("Content-Length", "0") or 0)
-        while left:
-            data = rfile.read(min(CHUNK, left))
-            if not data:
-                raise BodyError("body ended early")
-            digest.update(data)
-            length += len(data)
-            left -= len(data)
+        consume(int(headers.get("Content-Length", "0") or 0), "body ended early")
     return length, digest.hexdigest(), trailers
 
 

@@ -54,26 +54,29 @@ pub fn cni_plugin_bin() -> PathBuf {
     path
 }
 
-/// The release agent as the image ships it (static musl, built by `cargo
-/// xtask image`, which `cargo xtask test` runs before the tests), for
-/// tests whose figures must be those of the binary users deploy:
+/// The optimised static agent of the image the tests check (musl, cargo
+/// profile [`crate::IMAGE_TEST_PROFILE`]; `cargo xtask test` builds it
+/// before the tests, and so does the first image test), for tests whose
+/// figures must be those of an optimised build like the one users deploy:
 /// `$LATTICE_RELEASE_AGENT_BIN`, else `<target>/<arch>-unknown-linux-musl/
-/// release/lattice-agent`. Panics when it is missing or older than the
-/// debug agent (a stale build would measure old code).
+/// quick-release/lattice-agent`. Panics when it is missing or older than
+/// its sources (a stale build would measure old code).
 pub fn release_agent_bin() -> PathBuf {
     let path = std::env::var_os("LATTICE_RELEASE_AGENT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             crate::target_dir()
                 .join(format!("{}-unknown-linux-musl", std::env::consts::ARCH))
-                .join("release/lattice-agent")
+                .join(crate::IMAGE_TEST_PROFILE)
+                .join("lattice-agent")
         });
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let Some(release) = modified(&path) else {
         panic!(
-            "release agent {} missing: build it with `cargo xtask image` \
-             (`cargo xtask test` does), or set LATTICE_RELEASE_AGENT_BIN",
-            path.display()
+            "optimised agent {} missing: `cargo xtask test` builds it (its image \
+             step, `cargo xtask image --profile {}`), or set LATTICE_RELEASE_AGENT_BIN",
+            path.display(),
+            crate::IMAGE_TEST_PROFILE
         );
     };
     // Stale when a source it is built from changed after it was built
@@ -86,9 +89,11 @@ pub fn release_agent_bin() -> PathBuf {
     if let Some((newest, changed)) = sources.filter_map(|p| newest_file(&p)).max() {
         assert!(
             release >= newest,
-            "release agent {} is older than {}: rebuild it with `cargo xtask image`",
+            "optimised agent {} is older than {}: rebuild it with `cargo xtask image \
+             --profile {}`",
             path.display(),
-            changed.display()
+            changed.display(),
+            crate::IMAGE_TEST_PROFILE
         );
     }
     path
@@ -185,4 +190,18 @@ impl Agent {
     pub fn kill(&mut self) -> ExitStatus {
         self.child.kill()
     }
+}
+
+/// The body of the agent's 503 when it has no credentials to sign with:
+/// one line that says so and names the provider's error.
+pub fn assert_no_credentials_text(text: &str) {
+    assert!(
+        text.starts_with("lattice-agent: no AWS credentials: "),
+        "{text}"
+    );
+    assert!(
+        text.contains("500") || text.contains("unavailable") || text.contains("provider"),
+        "503 should name the provider error: {text}"
+    );
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
 }

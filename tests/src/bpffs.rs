@@ -28,7 +28,7 @@ impl Bpffs {
         let path = std::env::temp_dir().join(format!("{}-bpffs", unique_name()));
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         let guard = Self { path };
-        crate::netns::run(
+        crate::spawn::run_ok(
             Command::new("mount")
                 .args(["-t", "bpf", "bpf"])
                 .arg(&guard.path),

@@ -1,32 +1,30 @@
 //! What the kernel says, via bpftool's JSON output: the agent's own
 //! account of what it attached is not evidence.
 
-use std::{path::Path, process::Command};
+use std::{
+    ffi::{OsStr, OsString},
+    path::Path,
+    process::Command,
+};
 
 use serde_json::Value;
 
-fn bpftool_json(args: &[&std::ffi::OsStr]) -> Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running bpftool (Debian package bpftool): {e}"));
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+use crate::{require_tool, spawn::run_ok};
+
+/// Runs bpftool with `args`; its stdout. Panics unless it exits 0.
+fn bpftool<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> String {
+    require_tool("bpftool", "bpftool");
+    run_ok(Command::new("bpftool").args(args))
+}
+
+fn bpftool_json(args: &[&OsStr]) -> Value {
+    let out = bpftool(std::iter::once(OsStr::new("-j")).chain(args.iter().copied()));
     // bpftool prints nothing at all (not `[]`) for some empty listings.
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+    if out.trim().is_empty() {
         return Value::Array(Vec::new());
     }
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool {args:?}: unparsable JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("bpftool {args:?}: unparsable JSON ({e}): {out}"))
 }
 
 /// `(attach_type, program name)` of every program attached directly to the
@@ -64,22 +62,17 @@ pub fn map_entries(pinned: &Path) -> usize {
 pub fn map_update(pinned: &Path, key: &[u8], value: &[u8]) {
     let hex =
         |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("0x{b:02x}")).collect() };
-    let out = Command::new("bpftool")
-        .args(["map", "update", "pinned"])
-        .arg(pinned)
-        .arg("key")
-        .args(hex(key))
-        .arg("value")
-        .args(hex(value))
-        .output()
-        .unwrap_or_else(|e| panic!("running bpftool (Debian package bpftool): {e}"));
-    assert!(
-        out.status.success(),
-        "bpftool map update {}: {}: {}",
-        pinned.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    let mut args = vec![
+        "map".into(),
+        "update".into(),
+        "pinned".into(),
+        pinned.into(),
+    ];
+    args.push("key".into());
+    args.extend(hex(key).into_iter().map(OsString::from));
+    args.push("value".into());
+    args.extend(hex(value).into_iter().map(OsString::from));
+    bpftool(args);
 }
 
 /// `(program name, program id)` of every program attached directly to the
@@ -100,6 +93,45 @@ pub fn prog_run_stats(id: u64) -> (u64, u64) {
     let json = bpftool_json(&["prog".as_ref(), "show".as_ref(), "id".as_ref(), id.as_ref()]);
     let field = |k: &str| json.get(k).and_then(Value::as_u64).unwrap_or(0);
     (field("run_time_ns"), field("run_cnt"))
+}
+
+/// What the interceptor attaches to a cgroup, as bpftool names the types.
+pub const INTERCEPTOR: [&str; 4] = [
+    "cgroup_getsockopt",
+    "cgroup_inet4_connect",
+    "cgroup_inet6_connect",
+    "cgroup_sock_ops",
+];
+
+/// The attach types bpftool lists for `cgroup`, sorted. (Only the types:
+/// program names are empty when the agent ran without CAP_PERFMON, because
+/// aya probes name support by loading a tracepoint program.)
+pub fn attach_types(cgroup: &Path) -> Vec<String> {
+    let mut types: Vec<String> = attached_programs(cgroup)
+        .into_iter()
+        .map(|(attach_type, _name)| attach_type)
+        .collect();
+    types.sort();
+    types
+}
+
+/// Waits (up to 5 s) until nothing is attached to `cgroup` any more and
+/// panics otherwise. The kernel releases a BPF link whose last reference
+/// was a removed pin from a workqueue, not synchronously.
+pub fn wait_detached(cgroup: &Path, context: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left = attach_types(cgroup);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still attached to {}: {left:?}\n{context}",
+            cgroup.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// `bpftool OBJECT show pinned PATH` (`link` or `map`), and a reader of
@@ -199,23 +231,13 @@ pub fn map_keys_u64(pinned: &Path) -> Vec<u64> {
 /// Creates a map pinned at `pinned` (`bpftool map create`), e.g. one laid
 /// out as an older agent's.
 pub fn map_create(pinned: &Path, map_type: &str, key: u32, value: u32, entries: u32, name: &str) {
-    let out = Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(pinned)
-        .args(["type", map_type, "key"])
-        .arg(key.to_string())
-        .arg("value")
-        .arg(value.to_string())
-        .arg("entries")
-        .arg(entries.to_string())
-        .args(["name", name])
-        .output()
-        .unwrap_or_else(|e| panic!("running bpftool (Debian package bpftool): {e}"));
-    assert!(
-        out.status.success(),
-        "bpftool map create {}: {}: {}",
-        pinned.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
+    let (key, value, entries) = (key.to_string(), value.to_string(), entries.to_string());
+    let mut args = vec![OsStr::new("map"), OsStr::new("create"), pinned.as_os_str()];
+    args.extend(
+        [
+            "type", map_type, "key", &key, "value", &value, "entries", &entries, "name", name,
+        ]
+        .map(OsStr::new),
     );
+    bpftool(args);
 }

@@ -96,6 +96,68 @@ impl Drop for Cgroup {
     }
 }
 
+/// A tree of cgroups the test owns: Drop kills every process in it and
+/// removes its directories, leaves first.
+pub struct CgroupTree {
+    root: PathBuf,
+    /// False when the root existed before (another guard's cgroup, such as
+    /// a pod's): then only what was created below it is removed.
+    owns_root: bool,
+}
+
+impl CgroupTree {
+    /// Creates the cgroup `root` (its parent must exist).
+    pub fn new(root: PathBuf) -> Self {
+        fs::create_dir(&root).unwrap_or_else(|e| panic!("mkdir {}: {e}", root.display()));
+        Self {
+            root,
+            owns_root: true,
+        }
+    }
+
+    /// The cgroups created below the existing cgroup `root` (e.g. a
+    /// fixture pod's), so its owner can remove `root` itself afterwards.
+    pub fn below(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            owns_root: false,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates `relative` (and its parents) below the root: real cgroups,
+    /// since mkdir on cgroupfs creates one.
+    pub fn mkdir(&self, relative: impl AsRef<Path>) -> PathBuf {
+        let path = self.root.join(relative);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        path
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        let trees = if self.owns_root {
+            vec![self.root.clone()]
+        } else {
+            fs::read_dir(&self.root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        };
+        for tree in trees {
+            if let Err(e) = remove_tree(&tree, Duration::from_secs(5)) {
+                eprintln!("lattice-tests: cgroup tree {}: {e}", tree.display());
+            }
+        }
+    }
+}
+
 /// True while any process is in the cgroup at `path` or below it (the
 /// `populated` key of `cgroup.events`). A cgroup that is gone is empty.
 pub fn is_populated(path: &Path) -> bool {

@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::spawn::{PodCommand, run_ok};
+
 pub struct Netns {
     name: String,
     path: PathBuf,
@@ -43,6 +45,12 @@ impl Netns {
 
     pub fn path(&self) -> &std::path::Path {
         &self.path
+    }
+
+    /// `program` in the namespace (in this process's cgroup, as root,
+    /// unless changed).
+    pub fn command(&self, program: impl AsRef<std::path::Path>) -> PodCommand {
+        PodCommand::host(program).netns(&self.path)
     }
 
     /// Runs a command inside the namespace and panics if it fails.
@@ -148,13 +156,12 @@ pub(crate) fn listen_tcp_in(netns: &Path, addr: SocketAddr) -> std::io::Result<T
 
 /// Runs a setup command, panicking with its stderr if it fails.
 pub(crate) fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    run_ok(cmd);
+}
+
+/// True while `ip netns list` lists `name`.
+pub fn listed(name: &str) -> bool {
+    let out = run_ok(Command::new("ip").args(["netns", "list"]));
+    out.lines()
+        .any(|l| l.split_whitespace().next() == Some(name))
 }

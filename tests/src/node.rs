@@ -53,10 +53,11 @@ use serde_json::{Value, json};
 pub use crate::pod::LATTICE_V4;
 pub use crate::random::random_uuid;
 use crate::{
-    cgroup::{self, cgroup2_mount},
+    cgroup::{self, CgroupTree, cgroup2_mount},
     netns::{self, Netns},
     random::{random_bytes, random_hex},
     spawn::{ChildGuard, PodCommand},
+    tempdir::TempDir,
     time::{unix_now, utc},
     unique_name,
 };
@@ -220,7 +221,7 @@ impl Node {
             name.len() <= 15,
             "node name {name} too long for an interface name"
         );
-        let temp = TempDir::new(std::env::temp_dir().join(format!("{name}-node")));
+        let temp = TempDir::at(std::env::temp_dir().join(format!("{name}-node")));
 
         // /var/lib/kubelet and its pods/ are 0750 root (kubelet
         // setupDataDirs), so only root or CAP_DAC_READ_SEARCH gets in.
@@ -302,6 +303,12 @@ impl Node {
     /// reading).
     pub fn cni_conf_dir(&self) -> &Path {
         &self.cni.conf_dir
+    }
+
+    /// The node's network configuration list (in [`Node::cni_conf_dir`]):
+    /// the runtime's network, where the agent chains lattice-cni.
+    pub fn cni_conflist(&self) -> &Path {
+        &self.cni.conflist
     }
 
     /// Adds an address on the node namespace's `lo`.
@@ -834,6 +841,8 @@ struct Cni {
     bin_dirs: Vec<PathBuf>,
     node_netns: PathBuf,
     conf_dir: PathBuf,
+    /// The node's network configuration list in `conf_dir`.
+    conflist: PathBuf,
     loopback_conf: Value,
 }
 
@@ -870,6 +879,7 @@ impl Cni {
             bin_dirs: vec![bin_dir, system_cni_bin_dir()],
             node_netns: PathBuf::from("/run/netns").join(node),
             conf_dir,
+            conflist: path,
             loopback_conf: json!({
                 "cniVersion": CNI_VERSION,
                 "name": "cni-loopback",
@@ -878,25 +888,12 @@ impl Cni {
         }
     }
 
-    /// The runtime's network: the first configuration file by name, read
-    /// at each call (containerd reloads it when it changes).
+    /// The runtime's network: the first configuration file by name (as
+    /// lattice-cni finds it), read at each call (containerd reloads it when
+    /// it changes).
     fn network(&self) -> Result<(Value, PathBuf), String> {
-        let mut files: Vec<PathBuf> = fs::read_dir(&self.conf_dir)
-            .map_err(|e| format!("read {}: {e}", self.conf_dir.display()))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("conf" | "conflist" | "json")
-                )
-            })
-            .collect();
-        files.sort();
-        let file = files
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("no CNI configuration in {}", self.conf_dir.display()))?;
+        let file =
+            lattice_cni::conf::runtime_config_file(&self.conf_dir).map_err(|e| e.to_string())?;
         let bytes = fs::read(&file).map_err(|e| format!("read {}: {e}", file.display()))?;
         let conf = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not JSON: {e}", file.display()))?;
@@ -1055,57 +1052,6 @@ fn system_cni_bin_dir() -> PathBuf {
                  apt-get install containernetworking-plugins (or set LATTICE_CNI_PATH)"
             )
         })
-}
-
-/// The node's cgroup tree: Drop kills everything in it and removes its
-/// directories leaves first.
-struct CgroupTree {
-    path: PathBuf,
-}
-
-impl CgroupTree {
-    fn new(path: PathBuf) -> Self {
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self { path }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for CgroupTree {
-    fn drop(&mut self) {
-        if let Err(e) = cgroup::remove_tree(&self.path, KILL_TIMEOUT) {
-            eprintln!("lattice-tests: cgroup tree {}: {e}", self.path.display());
-        }
-    }
-}
-
-/// A temporary directory removed (recursively) on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(path: PathBuf) -> Self {
-        mkdir_mode(&path, 0o755);
-        Self { path }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            eprintln!("lattice-tests: rm -r {}: {e}", self.path.display());
-        }
-    }
 }
 
 /// mkdir (the parent must exist, the directory must not) with exactly

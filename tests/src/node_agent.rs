@@ -108,12 +108,17 @@ pub fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
 }
 
 /// `pod` as the API shows it, annotated, with IRSA for service account
-/// `sa` (role `sa`, token `n`, [`REGION`]), applied; returns its object.
-pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
-    let obj = PodObject::new(pod, cluster.node.name())
+/// `sa` (role `sa`, token `n`, [`REGION`]); not applied yet.
+pub fn irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
+    PodObject::new(pod, cluster.node.name())
         .annotated()
         .service_account(sa)
-        .irsa(pod, &role_arn(sa), REGION, &irsa_token(n));
+        .irsa(pod, &role_arn(sa), REGION, &irsa_token(n))
+}
+
+/// [`irsa_pod`], applied; returns its object.
+pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> PodObject {
+    let obj = irsa_pod(cluster, pod, sa, n);
     cluster.apply(&obj);
     obj
 }
@@ -340,6 +345,48 @@ impl Cluster {
     /// Applies `pod`'s API object.
     pub fn apply(&self, pod: &PodObject) -> Value {
         self.api.apply_pod(pod.json.clone())
+    }
+
+    /// Waits up to 10 s for an Event `matches` accepts (`what` names it
+    /// in the failure); returns it.
+    pub fn wait_event_where(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = self.api.events().into_iter().find(&matches) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} event: {:?}",
+                self.api.events()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to 10 s for an Event with `reason` about the pod `uid`.
+    pub fn wait_event(&self, uid: &str, reason: &str) -> Value {
+        self.wait_event_where(&format!("{reason} for {uid}"), |e| {
+            e["reason"] == reason && e["regarding"]["uid"] == uid
+        })
+    }
+
+    /// `lattice-test-service --keep-alive` on port 80 of each of `addrs`,
+    /// added to the node's `lo`: services beside the verifier, listening.
+    pub fn keep_alive_services(&self, addrs: &[&str]) -> Vec<ChildGuard> {
+        addrs
+            .iter()
+            .map(|addr| {
+                self.node.add_lo_addr(&format!("{addr}/32"));
+                let mut service = self
+                    .node
+                    .command(crate::pod::test_bin("lattice-test-service"))
+                    .args(["--keep-alive", &format!("tcp:{addr}:80")])
+                    .spawn();
+                service.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
+                service
+            })
+            .collect()
     }
 }
 
@@ -864,13 +911,27 @@ impl PodObject {
                 "AWS_WEB_IDENTITY_TOKEN_FILE",
                 &format!("{IRSA_TOKEN_DIR}/token"),
             );
-        self.mount(IRSA_VOLUME, IRSA_TOKEN_DIR, "sts.amazonaws.com", "token")
+        self.mount(
+            IRSA_VOLUME,
+            IRSA_TOKEN_DIR,
+            service_account_token("sts.amazonaws.com", "token"),
+        )
     }
 
     /// What the EKS Pod Identity webhook adds (endpoint at the Pod Identity
     /// Agent's address), with the token file written on the node.
-    pub fn pod_identity(mut self, pod: &NodePod, region: &str, token: &str) -> Self {
+    pub fn pod_identity(self, pod: &NodePod, region: &str, token: &str) -> Self {
         pod.write_projected(POD_IDENTITY_VOLUME, POD_IDENTITY_TOKEN_FILE, token);
+        self.pod_identity_from(
+            region,
+            service_account_token("pods.eks.amazonaws.com", POD_IDENTITY_TOKEN_FILE),
+        )
+    }
+
+    /// The Pod Identity webhook's environment, with a token volume projected
+    /// from `source` (a `serviceAccountToken`, or anything else a pod may
+    /// put there); the token file is the test's to write.
+    pub fn pod_identity_from(mut self, region: &str, source: Value) -> Self {
         self = self
             .env("AWS_REGION", region)
             .env(
@@ -881,15 +942,11 @@ impl PodObject {
                 "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
                 &format!("{POD_IDENTITY_TOKEN_DIR}/{POD_IDENTITY_TOKEN_FILE}"),
             );
-        self.mount(
-            POD_IDENTITY_VOLUME,
-            POD_IDENTITY_TOKEN_DIR,
-            "pods.eks.amazonaws.com",
-            POD_IDENTITY_TOKEN_FILE,
-        )
+        self.mount(POD_IDENTITY_VOLUME, POD_IDENTITY_TOKEN_DIR, source)
     }
 
-    fn mount(mut self, volume: &str, dir: &str, audience: &str, file: &str) -> Self {
+    /// Mounts `volume` at `dir`, projected from `source`.
+    fn mount(mut self, volume: &str, dir: &str, source: Value) -> Self {
         self.container()["volumeMounts"]
             .as_array_mut()
             .expect("volumeMounts array")
@@ -897,13 +954,17 @@ impl PodObject {
         self.json["spec"]["volumes"]
             .as_array_mut()
             .expect("volumes array")
-            .push(json!({"name": volume, "projected": {"sources": [
-                {"serviceAccountToken": {"audience": audience, "expirationSeconds": 86400, "path": file}}
-            ]}}));
+            .push(json!({"name": volume, "projected": {"sources": [source]}}));
         self
     }
 
     fn container(&mut self) -> &mut Value {
         &mut self.json["spec"]["containers"][0]
     }
+}
+
+/// A projected volume source: the pod's service-account token for
+/// `audience`, as the file `path`.
+pub fn service_account_token(audience: &str, path: &str) -> Value {
+    json!({"serviceAccountToken": {"audience": audience, "expirationSeconds": 86400, "path": path}})
 }

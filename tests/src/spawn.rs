@@ -20,8 +20,8 @@ use std::{
 pub struct PodCommand {
     program: PathBuf,
     args: Vec<OsString>,
-    netns: PathBuf,
-    cgroup: PathBuf,
+    netns: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
     in_netns: bool,
     in_cgroup: bool,
     uid: Option<u32>,
@@ -29,17 +29,41 @@ pub struct PodCommand {
 }
 
 impl PodCommand {
-    pub(crate) fn new(program: impl AsRef<Path>, netns: &Path, cgroup: &Path) -> Self {
+    /// `program` in the network namespace at `netns` (a /run/netns path)
+    /// and the cgroup directory `cgroup`.
+    pub fn new(program: impl AsRef<Path>, netns: &Path, cgroup: &Path) -> Self {
+        Self::host(program).netns(netns).cgroup(cgroup)
+    }
+
+    /// `program` where this process is (its namespace and cgroup), until
+    /// [`PodCommand::netns`] or [`PodCommand::cgroup`] place it.
+    pub fn host(program: impl AsRef<Path>) -> Self {
         Self {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
-            netns: netns.to_owned(),
-            cgroup: cgroup.to_owned(),
-            in_netns: true,
-            in_cgroup: true,
+            netns: None,
+            cgroup: None,
+            in_netns: false,
+            in_cgroup: false,
             uid: None,
             envs: Vec::new(),
         }
+    }
+
+    /// Enter the network namespace at `path` (a /run/netns path).
+    pub fn netns(mut self, path: &Path) -> Self {
+        self.netns = Some(path.to_owned());
+        self.in_netns = true;
+        self
+    }
+
+    /// Join the cgroup directory `path`, also instead of the one the
+    /// command was made for (e.g. a node agent placed in a pod's container
+    /// cgroup, as a DaemonSet runs).
+    pub fn cgroup(mut self, path: impl AsRef<Path>) -> Self {
+        self.cgroup = Some(path.as_ref().to_owned());
+        self.in_cgroup = true;
+        self
     }
 
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
@@ -73,21 +97,13 @@ impl PodCommand {
 
     /// Join the pod cgroup (default true): only its members are intercepted.
     pub fn in_cgroup(mut self, yes: bool) -> Self {
-        self.in_cgroup = yes;
+        self.in_cgroup = yes && self.cgroup.is_some();
         self
     }
 
     /// Enter the pod network namespace (default true).
     pub fn in_netns(mut self, yes: bool) -> Self {
-        self.in_netns = yes;
-        self
-    }
-
-    /// Join this cgroup instead of the one the command was made for (e.g. a
-    /// node agent placed in a pod's container cgroup, as a DaemonSet runs).
-    pub fn cgroup(mut self, path: impl AsRef<Path>) -> Self {
-        self.cgroup = path.as_ref().to_owned();
-        self.in_cgroup = true;
+        self.in_netns = yes && self.netns.is_some();
         self
     }
 
@@ -97,25 +113,29 @@ impl PodCommand {
     /// child of a multi-threaded process may only make async-signal-safe
     /// calls, so `pre_exec` does nothing but raw syscalls on these fds.
     pub fn build(&self) -> Command {
-        let netns = self.in_netns.then(|| {
-            File::open(&self.netns)
-                .unwrap_or_else(|e| panic!("open netns {}: {e}", self.netns.display()))
+        let netns_path = self.netns.as_ref().filter(|_| self.in_netns);
+        let netns = netns_path.map(|path| {
+            File::open(path).unwrap_or_else(|e| panic!("open netns {}: {e}", path.display()))
         });
-        let procs = self.in_cgroup.then(|| {
-            let path = self.cgroup.join("cgroup.procs");
-            OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-        });
+        let procs = self
+            .cgroup
+            .as_ref()
+            .filter(|_| self.in_cgroup)
+            .map(|cgroup| {
+                let path = cgroup.join("cgroup.procs");
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+            });
         let uid = self.uid;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
-        if self.in_netns {
+        if let Some(path) = netns_path {
             // Tells lattice-test-client which namespace the kit made for it.
-            cmd.env("LATTICE_TEST_NETNS", &self.netns);
+            cmd.env("LATTICE_TEST_NETNS", path);
         }
         // SAFETY: the closure only calls async-signal-safe syscalls on fds
         // it owns and allocates nothing.
@@ -179,6 +199,31 @@ impl PodCommand {
             ),
         }
     }
+}
+
+/// Runs `cmd` to completion (stdin from /dev/null) and returns its stdout;
+/// panics with its stderr unless it exits 0. For set-up commands (`ip`,
+/// `iptables`, `openssl`) whose failure means the test cannot mean anything.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Copies the program `from` to `to`, to be run from there. By `cp`, not
+/// `fs::copy`: a process another test thread forks while this process holds
+/// the copy open for writing would keep that descriptor until its exec, and
+/// running the copy would then fail with ETXTBSY ("Text file busy").
+pub fn copy_program(from: &Path, to: &Path) {
+    run_ok(Command::new("cp").arg(from).arg(to));
 }
 
 /// What a finished process printed.
@@ -319,6 +364,53 @@ impl ChildGuard {
                 self.captured()
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until a line of `stream` contains `needle` and returns that
+    /// line from `needle` on (something else may have printed before it on
+    /// the same line, e.g. libtest's `test name ... `). Panics as
+    /// [`ChildGuard::wait_for`] does.
+    pub fn wait_line(&mut self, stream: Stream, needle: &str, timeout: Duration) -> String {
+        self.wait_for(stream, needle, timeout);
+        // A line is complete once its newline arrived: wait for that too.
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = match stream {
+                Stream::Stdout => self.stdout(),
+                Stream::Stderr => self.stderr(),
+            };
+            let start = text.find(needle).expect("seen above");
+            if let Some(len) = text[start..].find('\n') {
+                return text[start..start + len].to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{}` never ended its line {:?}:\n{}",
+                self.name,
+                &text[start..],
+                self.captured()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Closes the child's stdin, if the command piped it: processes that
+    /// stop gracefully at end of input (the verifier, the proxy child) stop.
+    pub fn close_stdin(&mut self) {
+        drop(self.child.stdin.take());
+    }
+
+    /// Sends `sig` and waits up to `grace` for the exit; then SIGKILL.
+    /// Returns the exit status and whether the process exited in time.
+    pub fn stop(&mut self, sig: i32, grace: Duration) -> (ExitStatus, bool) {
+        self.signal(sig);
+        match self.wait_timeout(grace) {
+            Some(status) => {
+                self.join_readers();
+                (status, true)
+            }
+            None => (self.kill(), false),
         }
     }
 

@@ -1,8 +1,11 @@
 //! Clocks and calendar dates for the kit: the API stand-in's timestamps,
-//! the kubelet-like projected volumes' directory names, and timestamps
-//! processes can compare with each other.
+//! the kubelet-like projected volumes' directory names, `x-amz-date`
+//! values, and timestamps processes can compare with each other. Calendar
+//! arithmetic is jiff's, the crate k8s-openapi uses for the API's times.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use jiff::{Timestamp, civil::DateTime, tz::Offset};
 
 /// Seconds since the epoch, now.
 pub fn unix_now() -> u64 {
@@ -23,51 +26,47 @@ pub fn monotonic_ns() -> u128 {
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
+fn timestamp(secs: u64) -> Timestamp {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| Timestamp::from_second(s).ok())
+        .unwrap_or_else(|| panic!("{secs} s after the epoch is out of range"))
+}
+
+/// Seconds since the epoch of a UTC date and time.
+fn utc_seconds(dt: DateTime) -> Option<u64> {
+    let ts = Offset::UTC.to_timestamp(dt).ok()?;
+    u64::try_from(ts.as_second()).ok()
+}
+
 /// UTC (year, month, day, hour, minute, second) of seconds since the epoch.
 pub fn utc(secs: u64) -> (i64, u32, u32, u64, u64, u64) {
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rest = secs % 86_400;
-    (y, m, d, rest / 3600, rest / 60 % 60, rest % 60)
+    let dt = Offset::UTC.to_datetime(timestamp(secs));
+    let unsigned = |v: i8| u8::try_from(v).expect("calendar fields are positive");
+    (
+        i64::from(dt.year()),
+        u32::from(unsigned(dt.month())),
+        u32::from(unsigned(dt.day())),
+        u64::from(unsigned(dt.hour())),
+        u64::from(unsigned(dt.minute())),
+        u64::from(unsigned(dt.second())),
+    )
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, the API's `metav1.Time` format.
 pub fn format_rfc3339(secs: u64) -> String {
-    let (y, mo, d, h, mi, s) = utc(secs);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+    timestamp(secs).strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SSZ` (fractions ignored).
 pub fn parse_rfc3339(text: &str) -> Option<u64> {
-    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<u32>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let days = days_from_civil(i64::from(y), mo, d);
-    u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + s)).ok()
+    let whole = text.get(..19)?;
+    utc_seconds(DateTime::strptime("%Y-%m-%dT%H:%M:%S", whole).ok()?)
 }
 
-/// (year, month, day) of a day count since 1970-01-01 (proleptic
-/// Gregorian; H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
-/// The inverse of [`civil_from_days`].
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = year - i64::from(month <= 2);
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Seconds since the epoch of an `x-amz-date` value, `YYYYMMDDTHHMMSSZ`.
+pub fn parse_amz_date(text: &str) -> Option<u64> {
+    utc_seconds(DateTime::strptime("%Y%m%dT%H%M%SZ", text).ok()?)
 }
 
 #[cfg(test)]
@@ -76,13 +75,18 @@ mod tests {
 
     #[test]
     fn civil_dates_round_trip() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_819), (2027, 1, 1));
+        assert_eq!(utc(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(utc(11_016 * 86_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(utc(20_819 * 86_400), (2027, 1, 1, 0, 0, 0));
         assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
         for secs in [0, 951_782_400, 1_796_187_661, 4_102_444_799] {
             assert_eq!(parse_rfc3339(&format_rfc3339(secs)), Some(secs));
         }
+        assert_eq!(parse_rfc3339("2000-02-29T00:00:00.250Z"), Some(951_782_400));
         assert_eq!(utc(1_796_187_661), (2026, 12, 2, 5, 1, 1));
+        assert_eq!(parse_amz_date("20000229T000000Z"), Some(951_782_400));
+        assert_eq!(parse_amz_date("20261202T050101Z"), Some(1_796_187_661));
+        assert_eq!(parse_amz_date("2026-12-02T05:01:01Z"), None);
     }
 }

@@ -10,6 +10,7 @@
 //! the signature and security token already redacted by the verifier.
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
@@ -17,6 +18,7 @@ use std::{
 
 use crate::{
     pod::Pod,
+    skip,
     spawn::{ChildGuard, PodCommand, Stream},
     venv, workspace,
 };
@@ -51,6 +53,15 @@ pub const UNUSED_KEY: Credentials = Credentials {
     access_key_id: "AKIDNOAGENTSIGNSWITH",
     secret_access_key: "lattice/unused/NOT+a+real+secret+0123456",
     session_token: None,
+    region: "us-west-2",
+};
+
+/// The loopback signing tests' static identity, with a session token: the
+/// proxy child signs with it and the loopback verifier accepts it.
+pub const TEST_CREDENTIALS: Credentials = Credentials {
+    access_key_id: "AKIDLATTICETEST",
+    secret_access_key: "lattice/test/SECRET+key0123456789abcdefgh",
+    session_token: Some("SESSION-TOKEN-lattice-test-0123456789"),
     region: "us-west-2",
 };
 
@@ -198,12 +209,29 @@ impl Verifier {
         // long as the child lives (ChildGuard holds it).
         command.stdin(Stdio::piped());
         let mut child = ChildGuard::spawn(command, format!("sigv4_verifier.py {addr}:{port}"));
-        child.wait_for(Stream::Stdout, "LISTENING", START_TIMEOUT);
+        // Port 0 picks one: the line names it.
+        let line = child.wait_line(Stream::Stdout, "LISTENING", START_TIMEOUT);
+        let port = line["LISTENING".len()..]
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("verifier's {line:?}: {e}"));
         Self {
             child,
             addr: addr.to_owned(),
             port,
         }
+    }
+
+    /// The verifier on 127.0.0.1 (a port of its own), for tests without
+    /// namespaces: accepting `creds` plus what `extra` adds.
+    pub fn start_loopback(python: &std::path::Path, creds: &Credentials, extra: &[&str]) -> Self {
+        Self::start_as(PodCommand::host(python), "127.0.0.1", 0, creds, extra)
+    }
+
+    /// Where it listens.
+    pub fn socket_addr(&self) -> SocketAddr {
+        let ip: std::net::IpAddr = self.addr.parse().expect("the verifier's address");
+        SocketAddr::new(ip, self.port)
     }
 
     /// `http://ADDR:PORT` (IPv6 in brackets).
@@ -326,9 +354,32 @@ pub fn script() -> PathBuf {
 /// The venv's python if it can import botocore, else Err naming what is
 /// missing and how to get it.
 pub fn python() -> Result<PathBuf, String> {
+    python_importing(&["botocore"]).map_err(|needs| format!("missing {needs}"))
+}
+
+/// The venv's python if it can import botocore (and, with `moto`, moto's
+/// server); else the test is skipped loudly, or fails under CI.
+pub fn python_or_skip(test: &str, moto: bool) -> Option<PathBuf> {
+    let modules: &[&str] = if moto {
+        &["botocore", "moto.server"]
+    } else {
+        &["botocore"]
+    };
+    match python_importing(modules) {
+        Ok(python) => Some(python),
+        Err(missing) => {
+            skip(test, &missing);
+            None
+        }
+    }
+}
+
+/// The venv's python if it can import every one of `modules`, else Err
+/// saying what is needed and how to get it.
+pub fn python_importing(modules: &[&str]) -> Result<PathBuf, String> {
     let python = venv().join("bin/python");
     let ok = Command::new(&python)
-        .args(["-c", "import botocore"])
+        .args(["-c", &format!("import {}", modules.join(", "))])
         .stdin(Stdio::null())
         .output()
         .is_ok_and(|o| o.status.success());
@@ -336,9 +387,10 @@ pub fn python() -> Result<PathBuf, String> {
         Ok(python)
     } else {
         Err(format!(
-            "no Python venv with botocore at {}: run `cargo xtask setup` \
-             (or set LATTICE_TEST_VENV to a venv with tests/requirements.txt)",
-            venv().display()
+            "a Python venv at {} with {}: run `cargo xtask setup` (or set \
+             LATTICE_TEST_VENV to a venv with tests/requirements.txt)",
+            venv().display(),
+            modules.join(", ")
         ))
     }
 }

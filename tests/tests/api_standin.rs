@@ -16,7 +16,7 @@ use std::{
 };
 
 use lattice_tests::{
-    ApiServer, ChildGuard, Output,
+    ApiServer, ChildGuard, Output, TempDir,
     apiserver::{namespace_manifest, pod_manifest},
     netns::Netns,
     require_root, unique_name,
@@ -26,23 +26,7 @@ use serde_json::{Value, json};
 const T: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------
-// Fixtures: a temp dir, kubectl, a raw HTTP client.
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(unique_name());
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+// Fixtures: kubectl, a raw HTTP client.
 
 /// kubectl with a kubeconfig for one stand-in and a discovery cache of its
 /// own (the cache is keyed by host:port, which later runs reuse).
@@ -63,8 +47,8 @@ impl Kubectl {
             "kubectl is missing from PATH: these tests need it (the test machines' image ships \
              the `kubectl` package)"
         );
-        let dir = TempDir::new();
-        server.write_kubeconfig(&dir.0.join("kubeconfig"));
+        let dir = TempDir::new("kubectl");
+        server.write_kubeconfig(&dir.path().join("kubeconfig"));
         Self { dir, netns: None }
     }
 
@@ -86,9 +70,9 @@ impl Kubectl {
             None => Command::new("kubectl"),
         };
         cmd.arg("--kubeconfig")
-            .arg(self.dir.0.join("kubeconfig"))
+            .arg(self.dir.path().join("kubeconfig"))
             .arg("--cache-dir")
-            .arg(self.dir.0.join("cache"))
+            .arg(self.dir.path().join("cache"))
             .args(args);
         cmd
     }
@@ -119,7 +103,7 @@ impl Kubectl {
     }
 
     fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.0.join(name);
+        let path = self.dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use lattice_tests::{
     Agent, ChildGuard, Pod,
-    node::{NodePod, PodSpec},
-    node_agent::{Cluster, NodeAgent, PodObject, app_request, sequential_gets, sts_url},
+    node::PodSpec,
+    node_agent::{Cluster, app_request, apply_irsa_pod, sequential_gets, start_agent},
     pod::LATTICE_V4,
     require_root,
     spawn::{PodCommand, Stream},
@@ -110,25 +110,12 @@ fn node_mode_at_one_pods_limit_new_requests_are_answered_and_another_pod_is_unaf
     }
     let cluster = Cluster::new();
     let _sts = cluster.lattice_service(&[]);
-    let mut services = Vec::new();
-    for addr in ["169.254.171.34", "169.254.171.35"] {
-        cluster.node.add_lo_addr(&format!("{addr}/32"));
-        services.push(started(
-            cluster
-                .node
-                .command(test_bin("lattice-test-service"))
-                .args(["--keep-alive", &format!("tcp:{addr}:80")]),
-        ));
-    }
+    let _services = cluster.keep_alive_services(&["169.254.171.34", "169.254.171.35"]);
     let busy = cluster.node.add_pod(PodSpec::new("shop", "busy-0"));
     let other = cluster.node.add_pod(PodSpec::new("shop", "other-0"));
-    irsa_pod(&cluster, &busy, "busy", 1);
-    irsa_pod(&cluster, &other, "other", 2);
-    let agent = NodeAgent::start(
-        &cluster,
-        cluster.agent_command([] as [&str; 0]),
-        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
-    );
+    apply_irsa_pod(&cluster, &busy, "busy", 1);
+    apply_irsa_pod(&cluster, &other, "other", 2);
+    let agent = start_agent(&cluster, &[]);
     for p in [&busy, &other] {
         agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(15));
     }
@@ -154,17 +141,4 @@ fn started(cmd: PodCommand) -> ChildGuard {
     let mut child = cmd.spawn();
     child.wait_for(Stream::Stdout, "listening", Duration::from_secs(10));
     child
-}
-
-fn irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) {
-    let obj = PodObject::new(pod, cluster.node.name())
-        .annotated()
-        .service_account(sa)
-        .irsa(
-            pod,
-            &format!("arn:aws:iam::123456789012:role/{sa}"),
-            "us-west-2",
-            &format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ7{n}In0.c2ln"),
-        );
-    cluster.apply(&obj);
 }

@@ -4,16 +4,9 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use lattice_tests::{Pod, require_root, test_bin};
+use lattice_tests::{Pod, netns, require_root, test_bin};
 
 const T: Duration = Duration::from_secs(30);
-
-fn netns_listed(name: &str) -> bool {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(name))
-}
 
 fn alive(pid: i32) -> bool {
     // A zombie still has /proc/PID; ours are always reaped by their guard.
@@ -28,7 +21,7 @@ fn pod_serves_its_addresses_and_cleans_up() {
     let pod = Pod::new();
     let name = pod.name().to_owned();
     let cgroup = pod.cgroup_path().to_owned();
-    assert!(netns_listed(&name), "netns {name} not listed");
+    assert!(netns::listed(&name), "netns {name} not listed");
     assert!(pod.netns_path().exists());
     assert!(cgroup.join("cgroup.procs").is_file());
 
@@ -117,7 +110,7 @@ fn pod_serves_its_addresses_and_cleans_up() {
     std::mem::forget(outside);
     std::mem::forget(proxy);
     drop(pod);
-    assert!(!netns_listed(&name), "netns {name} left behind");
+    assert!(!netns::listed(&name), "netns {name} left behind");
     assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
     std::thread::sleep(Duration::from_millis(100));
     for pid in pids {
@@ -180,7 +173,7 @@ fn pod_cleans_up_when_the_test_panics() {
     });
     assert!(result.is_err());
     let (name, cgroup, pid) = rx.recv().unwrap();
-    assert!(!netns_listed(&name), "netns {name} left behind");
+    assert!(!netns::listed(&name), "netns {name} left behind");
     assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
     assert!(!alive(pid), "process {pid} survived");
 }

@@ -1,5 +1,8 @@
-//! The OCI image (`cargo xtask image`), built once for all tests of this
-//! file with buildah (reused while newer than the agent binaries): an OCI
+//! The OCI image (`cargo xtask image`, its binaries built with the
+//! `quick-release` profile: the same Containerfile and steps as the image
+//! users get, without the release profile's fat LTO), built once for all
+//! tests of this file with buildah (reused while newer than the agent
+//! binaries): an OCI
 //! index of an amd64 and an arm64 (v8) image, each config naming its
 //! platform, the entrypoint and the non-root user 101, each image holding
 //! only the agent, carrying the file capabilities BPF and NET_ADMIN, and
@@ -20,13 +23,12 @@
 //! Needs root (chroot, setcap; buildah without a rootless setup) and
 //! buildah, skopeo, tar, getcap, qemu-aarch64-static (Debian packages,
 //! installed by `cargo xtask setup`). The first run builds the static
-//! release agent for both architectures: about 15 minutes on 2 cores
-//! (cached afterwards: the tests then take seconds).
+//! agent for both architectures (`cargo xtask test` does so in its image
+//! step; cached afterwards: the tests then take seconds).
 
 #[path = "../../xtask/src/image.rs"]
 #[allow(dead_code)] // --arch parsing: xtask's, tested there
 mod image;
-mod sidecar_support;
 
 use std::{
     collections::BTreeMap,
@@ -38,39 +40,17 @@ use std::{
 };
 
 use image::Arch;
-use lattice_tests::{Agent, Pod, require_root, target_dir, unique_name, workspace};
-use sidecar_support::{
-    INTERCEPTOR, SIDECAR_CAPS, SIDECAR_UID, assert_unprivileged, attach_types, container_start,
-    file_caps, proxy_env, require_tool, wait_http_ok,
+use lattice_tests::{
+    Agent, IMAGE_TEST_PROFILE, Pod, TempDir,
+    bpftool::{INTERCEPTOR, attach_types},
+    probe::wait_http_ok,
+    require_root, require_tool,
+    sidecar::{
+        SIDECAR_CAPS, SIDECAR_UID, assert_unprivileged, container_start, file_caps, proxy_env,
+    },
+    spawn::{copy_program, run_ok},
+    target_dir, workspace,
 };
-
-/// A scratch directory, removed on drop (also on panic).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("{}-image", unique_name()));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn output(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// True when the test may run (root; else skipped loudly, see
 /// `require_root`); fails (never skips) when a tool is missing.
@@ -104,9 +84,10 @@ fn archive() -> &'static Path {
     static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
         let archive =
-            image::build_image(&workspace(), &target_dir(), &Arch::ALL).expect("cargo xtask image");
+            image::build_image(&workspace(), &target_dir(), &Arch::ALL, IMAGE_TEST_PROFILE)
+                .expect("cargo xtask image --profile quick-release");
         assert!(
-            archive.ends_with("image/lattice-agent.oci.tar"),
+            archive.ends_with("image/quick-release/lattice-agent.oci.tar"),
             "{}",
             archive.display()
         );
@@ -125,7 +106,7 @@ fn skopeo_inspect(arch: Arch, extra: &[&str]) -> String {
     if let Some(variant) = arch.variant() {
         cmd.args(["--override-variant", variant]);
     }
-    output(cmd.arg("inspect").args(extra).arg(transport()))
+    run_ok(cmd.arg("inspect").args(extra).arg(transport()))
 }
 
 /// One platform's image unpacked: the OCI layout, then each of its layers
@@ -137,12 +118,12 @@ struct Unpacked {
 }
 
 fn unpack(arch: Arch) -> Unpacked {
-    let tmp = TempDir::new();
-    let layout = tmp.0.join("oci");
-    let rootfs = tmp.0.join("rootfs");
+    let tmp = TempDir::new("image");
+    let layout = tmp.path().join("oci");
+    let rootfs = tmp.path().join("rootfs");
     fs::create_dir_all(&layout).unwrap();
     fs::create_dir_all(&rootfs).unwrap();
-    output(
+    run_ok(
         Command::new("tar")
             .arg("-xf")
             .arg(archive())
@@ -155,7 +136,7 @@ fn unpack(arch: Arch) -> Unpacked {
     for digest in layers {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
         let blob = layout.join("blobs/sha256").join(hex);
-        output(
+        run_ok(
             Command::new("tar")
                 .args(["--xattrs", "--xattrs-include=security.capability"])
                 .arg("-xf")
@@ -262,7 +243,7 @@ fn index_holds_an_amd64_and_an_arm64_image() {
     if !ready("index_holds_an_amd64_and_an_arm64_image") {
         return;
     }
-    let index: serde_json::Value = serde_json::from_str(&output(Command::new("skopeo").args([
+    let index: serde_json::Value = serde_json::from_str(&run_ok(Command::new("skopeo").args([
         "inspect",
         "--raw",
         &transport(),
@@ -343,7 +324,7 @@ fn amd64_image_unpacks_and_runs_the_agent_under_chroot() {
 
     // The entrypoint runs in that root filesystem alone.
     let chroot = |args: &[&str]| {
-        output(
+        run_ok(
             Command::new("chroot")
                 .arg(&rootfs)
                 .arg("/lattice-agent")
@@ -429,12 +410,12 @@ fn arm64_image_passes_its_self_check_under_qemu() {
 
     // The emulator (itself static) joins the root filesystem, so the agent
     // runs with nothing but what the image holds.
-    let qemu = output(Command::new("sh").args(["-c", "command -v qemu-aarch64-static"]));
+    let qemu = run_ok(Command::new("sh").args(["-c", "command -v qemu-aarch64-static"]));
     let qemu = Path::new(qemu.trim());
     assert_eq!(elf_machine(qemu), EM_X86_64, "this test runs on x86_64");
-    fs::copy(qemu, rootfs.join("qemu-aarch64-static")).expect("copy qemu");
+    copy_program(qemu, &rootfs.join("qemu-aarch64-static"));
     let run = |args: &[&str]| {
-        output(
+        run_ok(
             Command::new("chroot")
                 .arg(&rootfs)
                 .args(["/qemu-aarch64-static", "/lattice-agent"])

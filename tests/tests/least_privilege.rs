@@ -32,15 +32,18 @@
 //! pods (tests/src) and a private bpffs mount; traffic stays in the pods'
 //! netns.
 
-mod sidecar_support;
-
 use std::{fs, net::SocketAddr, path::Path, time::Duration};
 
-use lattice_tests::{Agent, Bpffs, Pod, PodCommand, agent_bin, pod::LATTICE_V4, require_root};
-use sidecar_support::{
-    FileCapsAgent, INTERCEPTOR, SIDECAR_CAPS, SIDECAR_UID, assert_signed, assert_unprivileged,
-    attach_types, container_start, http_get, proxy_env, require_tool, serve_one_request,
-    setpriv_caps, wait_detached, wait_http_ok,
+use lattice_tests::{
+    Agent, Bpffs, Pod, PodCommand, agent_bin,
+    bpftool::{INTERCEPTOR, attach_types, wait_detached},
+    pod::LATTICE_V4,
+    probe::{http_get, serve_one_request, wait_http_ok},
+    require_root, require_tool,
+    sidecar::{
+        FileCapsAgent, SIDECAR_CAPS, SIDECAR_UID, assert_signed, assert_unprivileged,
+        container_start, proxy_env, setpriv_caps,
+    },
 };
 
 /// As UID 0.

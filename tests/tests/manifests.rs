@@ -10,39 +10,26 @@
 //! `kubectl` (with kustomize) and the venv (`cargo xtask setup`); without
 //! them the tests are skipped loudly, and under CI=true they fail.
 
-mod sidecar_support;
-
-use std::process::Command;
-
-use lattice_tests::workspace;
-use sidecar_support::manifest_tools;
+use lattice_tests::{
+    manifests::{self, manifest_tools},
+    sidecar::SIDECAR_CAPS,
+};
 
 fn check_manifests(test: &str, command: &str) {
     let Some(tools) = manifest_tools(test) else {
         return;
     };
-    let workspace = workspace();
-    let caps: Vec<String> = sidecar_support::SIDECAR_CAPS
-        .iter()
-        .map(|c| c.to_uppercase())
-        .collect();
-    let out = Command::new(&tools.python)
-        .arg(workspace.join("tests/manifests/check_manifests.py"))
-        .arg(command)
-        .arg("--workspace")
-        .arg(&workspace)
-        .arg("--validator")
-        .arg(&tools.validator)
-        .arg("--expected-caps")
-        .arg(caps.join(","))
-        .output()
-        .expect("run check_manifests.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stdout}");
-    assert!(
-        out.status.success(),
-        "check_manifests.py {command} failed:\n{stdout}\n{stderr}"
+    let caps: Vec<String> = SIDECAR_CAPS.iter().map(|c| c.to_uppercase()).collect();
+    let caps = caps.join(",");
+    manifests::check_manifests(
+        &tools,
+        command,
+        &[
+            "--validator".as_ref(),
+            tools.validator.as_os_str(),
+            "--expected-caps".as_ref(),
+            caps.as_ref(),
+        ],
     );
 }
 
@@ -77,18 +64,7 @@ fn node_manifests_grant_exactly_the_measured_privileges() {
     let Some(tools) = manifest_tools("node_manifests_grant_exactly_the_measured_privileges") else {
         return;
     };
-    let out = Command::new(&tools.python)
-        .arg(workspace().join("tests/manifests/check_manifests.py"))
-        .args(["node", "--workspace"])
-        .arg(workspace())
-        .output()
-        .expect("run check_manifests.py node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let v = manifests::check_manifests_json(&tools, "node");
     assert_eq!(
         v["kinds"],
         serde_json::json!([

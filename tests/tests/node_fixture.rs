@@ -17,18 +17,12 @@ use std::{
 use lattice_tests::{
     CgroupDriver, Node, NodePod, PodSpec, Qos,
     cgroup::cgroup2_mount,
+    netns,
     node::{LATTICE_V4, POD_GATEWAY, POD_IDENTITY_V4},
     require_root,
 };
 
 const T: Duration = Duration::from_secs(30);
-
-fn netns_listed(name: &str) -> bool {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(name))
-}
 
 fn netns_name(path: &Path) -> String {
     path.file_name().unwrap().to_string_lossy().into_owned()
@@ -525,13 +519,13 @@ fn dropping_a_pod_cleans_up_and_frees_its_address() {
     let netns = netns_name(pod.netns_path());
     let cgroup = pod.cgroup_path().to_owned();
     let kubelet_dir = pod.kubelet_dir().to_owned();
-    assert!(netns_listed(&netns));
+    assert!(netns::listed(&netns));
     assert_eq!(node.pod_count(), 2);
 
     // The pod's drop must cope with a process whose guard was leaked.
     std::mem::forget(app);
     drop(pod);
-    assert!(!netns_listed(&netns), "netns {netns} left");
+    assert!(!netns::listed(&netns), "netns {netns} left");
     assert!(!cgroup.exists(), "{} left", cgroup.display());
     assert!(cgroup.parent().unwrap().is_dir(), "QoS level removed");
     assert!(!kubelet_dir.exists(), "{} left", kubelet_dir.display());
@@ -560,7 +554,7 @@ struct Traces {
 impl Traces {
     fn assert_gone(&self) {
         for name in &self.netns {
-            assert!(!netns_listed(name), "netns {name} left");
+            assert!(!netns::listed(name), "netns {name} left");
             assert!(!Path::new("/run/netns").join(name).exists());
         }
         for path in &self.paths {
@@ -619,7 +613,7 @@ fn busy_node() -> (Node, Vec<NodePod>, Traces) {
         std::mem::forget(app);
     }
     for name in &traces.netns {
-        assert!(netns_listed(name), "netns {name} missing");
+        assert!(netns::listed(name), "netns {name} missing");
     }
     (node, pods, traces)
 }

@@ -20,9 +20,8 @@ use lattice_tests::{
     bpffs::{MountNs, SysFsBpf},
     node::{LATTICE_V4, NodePod, POD_GATEWAY, POD_IDENTITY_V4, PodSpec},
     node_agent::{
-        AgentPin, AgentStart, AppReply, Cluster, NodeAgent, POD_IDENTITY_TOKEN_DIR,
-        POD_IDENTITY_TOKEN_FILE, POD_IDENTITY_VOLUME, PodObject, app_request, app_request_as,
-        sts_url,
+        AgentPin, AgentStart, AppReply, Cluster, NodeAgent, POD_IDENTITY_TOKEN_FILE,
+        POD_IDENTITY_VOLUME, PodObject, app_request, app_request_as, sts_url,
     },
     require_root,
     spawn::Stream,
@@ -487,44 +486,20 @@ fn what_a_pod_controls_never_breaks_the_metrics_page() {
         "{row}"
     );
     assert_eq!(get_as(&injected, 1000, "/injected").status, 503);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cluster.api.events().iter().any(|e| {
+    cluster.wait_event_where("AWS_ROLE_ARN", |e| {
         e["regarding"]["uid"] == injected.uid()
             && e["note"]
                 .as_str()
                 .is_some_and(|n| n.contains("AWS_ROLE_ARN"))
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "no Event: {:?}",
-            cluster.api.events()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
-/// A Pod Identity pod whose token file is in a projected volume
-/// `volume` made of `source` (a `serviceAccountToken`, or anything else).
-fn pod_identity_object(pod: &NodePod, cluster: &Cluster, source: Value) -> PodObject {
-    let mut object = PodObject::new(pod, cluster.node.name())
+/// An annotated pod of the service account `shared`, as the Pod Identity
+/// webhook shapes it.
+fn shared_account_pod(pod: &NodePod, cluster: &Cluster) -> PodObject {
+    PodObject::new(pod, cluster.node.name())
         .annotated()
         .service_account("shared")
-        .env("AWS_REGION", REGION)
-        .env(
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            "http://169.254.170.23/v1/credentials",
-        )
-        .env(
-            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-            &format!("{POD_IDENTITY_TOKEN_DIR}/{POD_IDENTITY_TOKEN_FILE}"),
-        );
-    object.json["spec"]["containers"][0]["volumeMounts"] = json!([
-        {"name": POD_IDENTITY_VOLUME, "mountPath": POD_IDENTITY_TOKEN_DIR, "readOnly": true}
-    ]);
-    object.json["spec"]["volumes"] = json!([
-        {"name": POD_IDENTITY_VOLUME, "projected": {"sources": [source]}}
-    ]);
-    object
 }
 
 /// Item 8: two pods of one service account share a credential cache. The
@@ -556,9 +531,8 @@ fn a_sibling_with_a_config_map_for_a_token_cannot_break_credentials() {
 
     let attacker = cluster.node.add_pod(PodSpec::new("shop", "attacker-0"));
     attacker.write_projected(POD_IDENTITY_VOLUME, POD_IDENTITY_TOKEN_FILE, "not-a-token");
-    cluster.apply(&pod_identity_object(
-        &attacker,
-        &cluster,
+    cluster.apply(&shared_account_pod(&attacker, &cluster).pod_identity_from(
+        REGION,
         json!({"configMap": {"name": "fake-token", "items": [
             {"key": "t", "path": POD_IDENTITY_TOKEN_FILE}
         ]}}),
@@ -571,15 +545,10 @@ fn a_sibling_with_a_config_map_for_a_token_cannot_break_credentials() {
     std::thread::sleep(Duration::from_secs(1));
 
     let sibling = cluster.node.add_pod(PodSpec::new("shop", "sibling-0"));
-    sibling.write_projected(
-        POD_IDENTITY_VOLUME,
-        POD_IDENTITY_TOKEN_FILE,
-        "sibling-token",
-    );
-    cluster.apply(&pod_identity_object(
+    cluster.apply(&shared_account_pod(&sibling, &cluster).pod_identity(
         &sibling,
-        &cluster,
-        json!({"serviceAccountToken": {"audience": "pods.eks.amazonaws.com", "path": POD_IDENTITY_TOKEN_FILE}}),
+        REGION,
+        "sibling-token",
     ));
     agent.wait_pod(sibling.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     let deadline = Instant::now() + Duration::from_secs(10);

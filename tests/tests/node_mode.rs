@@ -221,13 +221,13 @@ fn enrollment_follows_annotations_and_namespace_labels() {
         "{row}"
     );
     agent.wait_log("not enrolling pod", ENROLL_TIMEOUT);
-    wait_event(&cluster, h.uid(), "EnrollmentRefused");
+    cluster.wait_event(h.uid(), "EnrollmentRefused");
 
     // Deleting the pod lets it go.
     cluster.api.delete_pod("labeled", "q-0");
     agent.wait_pod(q.uid(), None, ENROLL_TIMEOUT);
     unsigned(&lattice_get(&q, "/deleted"), "pod deleted from the API");
-    wait_event(&cluster, q.uid(), "Unenrolled");
+    cluster.wait_event(q.uid(), "Unenrolled");
 
     let signed_by_node = verifier
         .requests()
@@ -268,26 +268,6 @@ fn app_request_from_node(cluster: &Cluster) -> AppReply {
     }
 }
 
-fn wait_event(cluster: &Cluster, uid: &str, reason: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(e) = cluster
-            .api
-            .events()
-            .into_iter()
-            .find(|e| e["reason"] == reason && e["regarding"]["uid"] == uid)
-        {
-            return e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {reason} event for {uid}: {:?}",
-            cluster.api.events()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// An enrollment that cannot succeed yet (the API shows an IP the pod's
 /// network namespace does not hold) is reported, with the reason, on
 /// `/pods` and as one Event, and retried with backoff until it succeeds;
@@ -319,7 +299,7 @@ fn failed_enrollment_is_reported_and_retried() {
         reason.contains("does not hold the pod's IP") && reason.contains("169.254.99.99"),
         "{row}"
     );
-    let event = wait_event(&cluster, p.uid(), "EnrollmentFailed");
+    let event = cluster.wait_event(p.uid(), "EnrollmentFailed");
     assert!(
         event["note"].as_str().unwrap().contains("169.254.99.99"),
         "{event}"
@@ -386,7 +366,7 @@ fn a_pod_without_identity_gets_503_naming_it() {
         verifier.requests().is_empty(),
         "nothing reached the service"
     );
-    let event = wait_event(&cluster, p.uid(), "Enrolled");
+    let event = cluster.wait_event(p.uid(), "Enrolled");
     assert!(
         event["note"].as_str().unwrap().contains("cannot sign"),
         "{event}"
@@ -559,21 +539,7 @@ fn a_flooding_pod_does_not_starve_another() {
     }
     let cluster = Cluster::new();
     let _sts = cluster.lattice_service(&[]);
-    let mut services = Vec::new();
-    for addr in ["169.254.171.34", "169.254.171.35"] {
-        cluster.node.add_lo_addr(&format!("{addr}/32"));
-        let mut s = cluster
-            .node
-            .command(test_bin("lattice-test-service"))
-            .args(["--keep-alive", &format!("tcp:{addr}:80")])
-            .spawn();
-        s.wait_for(
-            lattice_tests::spawn::Stream::Stdout,
-            "listening",
-            Duration::from_secs(10),
-        );
-        services.push(s);
-    }
+    let _services = cluster.keep_alive_services(&["169.254.171.34", "169.254.171.35"]);
     let flooder = cluster.node.add_pod(PodSpec::new("shop", "flood-0"));
     let victim = cluster.node.add_pod(PodSpec::new("shop", "quiet-0"));
     apply_irsa_pod(&cluster, &flooder, "flood", 1);

@@ -29,8 +29,6 @@
 //! keeps the start set: without CAP_SETPCAP it cannot be
 //! narrowed, and with no_new_privs nothing can be regained from it.
 
-mod sidecar_support;
-
 use std::time::Duration;
 
 use lattice_tests::{
@@ -40,10 +38,11 @@ use lattice_tests::{
         Cluster, IRSA_VOLUME, NODE_CNI_CAPS, NODE_KEPT_CAPS, NODE_START_CAPS, NodeAgent, PodObject,
         app_request, sts_url,
     },
-    require_root,
+    procfs::{status_field, thread_statuses},
+    require_root, require_tool,
+    sidecar::setpriv_caps,
     spawn::PodCommand,
 };
-use sidecar_support::{require_tool, setpriv_caps, status_field, thread_statuses};
 
 /// Capability numbers (linux/capability.h) of the names used here.
 fn cap_bit(name: &str) -> u64 {
@@ -110,7 +109,7 @@ fn node_agent_serves_with_exactly_the_measured_set() {
     let (kept, none) = (mask(&NODE_KEPT_CAPS), mask(&[]));
     let worker = agent.wait_worker(None, Duration::from_secs(10));
     for (pid, effective, inheritable) in [(worker, &kept, &none), (agent.pid(), &none, &kept)] {
-        for status in thread_statuses(pid) {
+        for status in thread_statuses(pid).expect("read /proc/PID/task") {
             assert_eq!(
                 status_field(&status, "Uid"),
                 "101\t101\t101\t101",
@@ -279,7 +278,7 @@ fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
     let agent = NodeAgent::start(&cluster, with_cni(&start), &[]);
     let worker = agent.wait_worker(None, Duration::from_secs(10));
     for (pid, effective) in [(worker, mask(&kept)), (agent.pid(), mask(&[]))] {
-        for status in thread_statuses(pid) {
+        for status in thread_statuses(pid).expect("read /proc/PID/task") {
             assert_eq!(
                 status_field(&status, "Uid"),
                 "101\t101\t101\t101",
@@ -289,10 +288,7 @@ fn with_the_cni_plugin_it_keeps_dac_override_and_chown() {
             assert_eq!(status_field(&status, "CapPrm"), mask(&kept), "{status}");
         }
     }
-    let conflist = cluster
-        .node
-        .cni_conf_dir()
-        .join(format!("10-{}.conflist", cluster.node.name()));
+    let conflist = cluster.node.cni_conflist().to_owned();
     let chained = || {
         std::fs::read_to_string(&conflist)
             .unwrap()

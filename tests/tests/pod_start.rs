@@ -210,10 +210,7 @@ fn pods_calling_lattice_at_their_first_instruction_are_never_unsigned() {
 /// The node's configuration list, once the agent has chained the plugin
 /// last in it.
 fn chained_conflist(cluster: &Cluster) -> std::path::PathBuf {
-    let file = cluster
-        .node
-        .cni_conf_dir()
-        .join(format!("10-{}.conflist", cluster.node.name()));
+    let file = cluster.node.cni_conflist().to_owned();
     let list: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     let plugins = list["plugins"].as_array().expect("plugins");
     assert_eq!(

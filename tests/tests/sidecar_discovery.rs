@@ -14,8 +14,6 @@
 //!
 //! Needs root; traffic stays inside the fixture pod's network namespace.
 
-mod sidecar_support;
-
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -24,20 +22,25 @@ use std::{
 };
 
 use lattice_tests::{
-    Pod,
+    Pod, PodCommand,
     agent::{READY_LINE, READY_TIMEOUT, STOP_TIMEOUT},
     agent_bin,
-    cgroup::cgroup2_mount,
+    bpftool::{INTERCEPTOR, attach_types},
+    cgroup::{CgroupTree, cgroup2_mount},
+    manifests::{manifest_tools, rendered_sidecar},
     pod::LATTICE_V4,
-    require_root,
+    probe::{Connect, connect_with, drain, http_get, serve_one_request, wait_http_ok},
+    require_root, require_tool,
+    sidecar::{FileCapsAgent, assert_signed, assert_unprivileged, container_start, proxy_env},
     spawn::{ChildGuard, Stream},
     unique_name,
 };
-use sidecar_support::{
-    CgroupTree, Connect, FileCapsAgent, INTERCEPTOR, assert_signed, assert_unprivileged,
-    attach_types, connect_with, container_start, drain, http_get, manifest_tools, placed,
-    proxy_env, rendered_sidecar, require_tool, serve_one_request, wait_http_ok,
-};
+
+/// `program` started in the network namespace `netns` and the cgroup
+/// `cgroup`, as root.
+fn placed(program: impl AsRef<Path>, netns: &Path, cgroup: &Path) -> Command {
+    PodCommand::new(program, netns, cgroup).build()
+}
 
 /// The agent's default --proxy-port: nothing listens there with --intercept-only.
 const PROXY_PORT: u16 = 15080;
@@ -135,7 +138,7 @@ fn discover_and_redirect(layout_name: &str, host_cgroupns: bool) {
     // The fixture pod's cgroup plays the node's cgroup root; its netns has
     // 169.254.171.33 on lo.
     let node = Pod::new();
-    let tree = CgroupTree::new(node.cgroup_path());
+    let tree = CgroupTree::below(node.cgroup_path());
     // A neighbouring pod of the same layout that must stay untouched.
     let decoy = tree.mkdir(layout(layout_name, &pod_uid()));
     let pod = tree.mkdir(layout(layout_name, &uid));
@@ -248,7 +251,7 @@ fn unknown_pod_fails_listing_every_path_searched() {
         return;
     }
     let node = Pod::new();
-    let tree = CgroupTree::new(node.cgroup_path());
+    let tree = CgroupTree::below(node.cgroup_path());
     // Another pod exists; ours does not.
     tree.mkdir(layout("systemd/burstable", &pod_uid()));
     let uid = pod_uid();
@@ -365,7 +368,7 @@ fn sidecar_runs_as_the_manifests_say() {
 
     let pod_uid = pod_uid();
     let node = Pod::new();
-    let tree = CgroupTree::new(node.cgroup_path());
+    let tree = CgroupTree::below(node.cgroup_path());
     let pod = tree.mkdir(layout("systemd/burstable", &pod_uid));
     let sidecar_cg = tree.mkdir(layout("systemd/burstable", &pod_uid).join("lattice-agent"));
     let app_cg = tree.mkdir(layout("systemd/burstable", &pod_uid).join("app1-v1"));

@@ -15,8 +15,9 @@ use std::time::Duration;
 use lattice_tests::{
     Agent, ChildGuard, DEMO_CREDENTIALS, Pod,
     node::{LATTICE_V4 as NODE_LATTICE_V4, NodePod, PodSpec},
-    node_agent::{Cluster, NodeAgent, PodObject, app_request, sts_url},
+    node_agent::{Cluster, NodeAgent, app_request, irsa_pod, sts_url},
     pod::LATTICE_V4,
+    probe::grpc_curl_args,
     require_root,
     spawn::{PodCommand, Stream},
     test_bin,
@@ -140,15 +141,7 @@ fn http_and_https_listener_services_from_one_pod_and_h2c_over_tls() {
         &pod,
         HTTPS_SVC,
         "/grpc.Health/Check",
-        &[
-            "--http2-prior-knowledge",
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "--data-binary",
-            "ping",
-        ],
+        &grpc_curl_args("ping"),
     );
     assert_eq!(status, 200, "{body}");
     let grpc = signed_request(&https_backend, "/grpc.Health/Check");
@@ -263,7 +256,7 @@ fn node_mode_tls_rules_from_the_pods_annotation() {
     for p in [&tls_pod, &bad_pod] {
         agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(15));
     }
-    let event = wait_event(&cluster, bad_pod.uid(), "BadAnnotation");
+    let event = cluster.wait_event(bad_pod.uid(), "BadAnnotation");
     let note = event["note"].as_str().unwrap_or_default();
     assert!(
         note.contains("upstream-tls") && note.contains("https://bbbbbbb"),
@@ -328,35 +321,7 @@ fn node_mode_tls_rules_from_the_pods_annotation() {
 }
 
 fn apply(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize, rules: &str) {
-    let obj = PodObject::new(pod, cluster.node.name())
-        .annotated()
-        .annotation("vpc-lattices-svcs.amazonaws.com/upstream-tls", rules)
-        .service_account(sa)
-        .irsa(
-            pod,
-            &format!("arn:aws:iam::123456789012:role/{sa}"),
-            "us-west-2",
-            &format!("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ7{n}In0.c2ln"),
-        );
+    let obj = irsa_pod(cluster, pod, sa, n)
+        .annotation("vpc-lattices-svcs.amazonaws.com/upstream-tls", rules);
     cluster.apply(&obj);
-}
-
-fn wait_event(cluster: &Cluster, uid: &str, reason: &str) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(e) = cluster
-            .api
-            .events()
-            .into_iter()
-            .find(|e| e["reason"] == reason && e["regarding"]["uid"] == uid)
-        {
-            return e;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {reason} event for {uid}: {:?}",
-            cluster.api.events()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

@@ -35,6 +35,12 @@
 //! again while the archive is newer than the staged binaries and the
 //! Containerfile and holds the same platforms.
 //!
+//! The binaries are built with a cargo profile: `release` (fat LTO, what
+//! users ship) for `cargo xtask image`, `quick-release` for the image
+//! `cargo xtask test` builds and its tests check (same Containerfile, same
+//! steps, a fraction of the build time; `lattice_tests::IMAGE_TEST_PROFILE`).
+//! Each profile has its own archive.
+//!
 //! Self-contained (std + anyhow), so tests/tests/image.rs compiles this file
 //! too and builds the image the same way.
 
@@ -55,6 +61,19 @@ const ARCHIVE: &str = "lattice-agent.oci.tar";
 /// The image binary's file capabilities: the sidecar's minimal set (see
 /// tests/tests/least_privilege.rs), granted at exec to the non-root user.
 pub const FILE_CAPS: &str = "cap_bpf,cap_net_admin=ep";
+/// The profile of what users ship.
+pub const RELEASE_PROFILE: &str = "release";
+
+/// Where the image of `profile` is built: `<target>/image` for the
+/// release, `<target>/image/<profile>` for another profile.
+pub fn image_dir(target_dir: &Path, profile: &str) -> PathBuf {
+    let dir = target_dir.join("image");
+    if profile == RELEASE_PROFILE {
+        dir
+    } else {
+        dir.join(profile)
+    }
+}
 
 /// A platform of the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,11 +201,13 @@ impl FromStr for Platforms {
 }
 
 /// Builds (or reuses) the OCI archive holding an image for each of
-/// `arches` and returns its path.
+/// `arches`, its binaries built with the cargo profile `profile`, and
+/// returns its path.
 pub fn build_image(
     workspace: &Path,
     target_dir: &Path,
     arches: &[Arch],
+    profile: &str,
 ) -> anyhow::Result<PathBuf> {
     ensure!(!arches.is_empty(), "no platform to build");
     let mut tools = vec![
@@ -206,7 +227,7 @@ pub fn build_image(
             "`{tool}` not found: install the Debian package {package} (`cargo xtask setup` does)"
         );
     }
-    let out_dir = target_dir.join("image");
+    let out_dir = image_dir(target_dir, profile);
     let archive = out_dir.join(ARCHIVE);
     // Which platforms the archive holds, written after it.
     let platforms_stamp = out_dir.join(format!("{ARCHIVE}.platforms"));
@@ -219,7 +240,7 @@ pub fn build_image(
     );
 
     let mut staged = Vec::new();
-    for built in build_agents(workspace, target_dir, arches)? {
+    for built in build_agents(workspace, target_dir, arches, profile)? {
         // One build context a platform: context/<arch>/rootfs/lattice-agent
         // and rootfs/lattice-cni.
         let context = out_dir.join("context").join(built.arch.name());
@@ -341,7 +362,7 @@ impl std::fmt::Display for Linkage {
     }
 }
 
-/// The release agent and CNI plugin built for one platform.
+/// The agent and CNI plugin built for one platform.
 struct Built {
     arch: Arch,
     binary: PathBuf,
@@ -349,13 +370,14 @@ struct Built {
     linkage: Linkage,
 }
 
-/// Builds the release agent and CNI plugin for every arch in one cargo
-/// run: static musl where that target can be had, else (native arch only)
-/// glibc.
+/// Builds the agent and CNI plugin with `profile` for every arch in one
+/// cargo run: static musl where that target can be had, else (native arch
+/// only) glibc.
 fn build_agents(
     workspace: &Path,
     target_dir: &Path,
     arches: &[Arch],
+    profile: &str,
 ) -> anyhow::Result<Vec<Built>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
@@ -371,7 +393,8 @@ fn build_agents(
     }
     cmd.args([
         "build",
-        "--release",
+        "--profile",
+        profile,
         "--package",
         IMAGE,
         "--package",
@@ -398,11 +421,12 @@ fn build_agents(
             cross_compile_env(&mut cmd, arch, &target);
         }
         cmd.args(["--target", &target]);
-        let release = target_dir.join(&target).join("release");
+        // cargo names the output directory after the profile.
+        let out = target_dir.join(&target).join(profile);
         built.push(Built {
             arch,
-            binary: release.join(IMAGE),
-            plugin: release.join(PLUGIN),
+            binary: out.join(IMAGE),
+            plugin: out.join(PLUGIN),
             linkage,
         });
     }

@@ -63,6 +63,12 @@ enum Task {
         /// Platforms to build: amd64, arm64 or all.
         #[arg(long, default_value = "all")]
         arch: image::Platforms,
+        /// The cargo profile of its binaries: `release` (what users get) or
+        /// `quick-release` (the image `cargo xtask test` checks: no fat LTO,
+        /// in <target>/image/quick-release/).
+        #[arg(long, default_value = image::RELEASE_PROFILE,
+              value_parser = [image::RELEASE_PROFILE, lattice_tests::IMAGE_TEST_PROFILE])]
+        profile: String,
     },
     /// Print the "Reliability" table from the last `cargo xtask test` run's
     /// records (<target>/reliability/*.json).
@@ -104,8 +110,11 @@ fn main() {
 }
 
 fn run(task: Task) -> Result<()> {
+    let xtask_build = test::xtask_build();
     let ws = Workspace::locate()?;
+    let setup = test::Stopwatch::start();
     let ready = setup::run(&ws)?;
+    let setup = setup.stop();
     match task {
         Task::Setup => Ok(()),
         Task::BuildEbpf { release } => {
@@ -113,11 +122,11 @@ fn run(task: Task) -> Result<()> {
             println!("{}", object.display());
             Ok(())
         }
-        Task::Test { args } => test::run(&ws, &ready, &args),
+        Task::Test { args } => test::run(&ws, &ready, xtask_build, setup, &args),
         Task::Demo => demo::run(&ws, &ready),
         Task::Fuzz { time } => fuzz::run(&ws, &ready, time),
-        Task::Image { arch } => {
-            image::build_image(&ws.root, &ws.target_dir, &arch.arches())?;
+        Task::Image { arch, profile } => {
+            image::build_image(&ws.root, &ws.target_dir, &arch.arches(), &profile)?;
             Ok(())
         }
         Task::Reliability { update_readme } => {
@@ -203,7 +212,7 @@ mod tests {
 
         let arch = |args: &[&str]| {
             let cli = Cli::try_parse_from([&["xtask", "image"], args].concat())?;
-            let Task::Image { arch } = cli.command else {
+            let Task::Image { arch, .. } = cli.command else {
                 panic!("not the image task");
             };
             Ok::<_, clap::Error>(arch.arches())

@@ -41,6 +41,7 @@ use std::{
 use lattice_tests::{
     node::{LATTICE_V4, NodePod, PodSpec},
     node_agent::{Cluster, MOTO_PORT, NodeAgent, PodObject, sequential_gets, sts_url},
+    procfs,
     spawn::Stream,
     test_bin,
     verifier::{UNUSED_KEY, Verifier, python},
@@ -423,14 +424,9 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 fn rss_mib(pid: i32) -> Result<f64, String> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or("no VmRSS")?;
-    Ok(kib / 1024.0)
+    procfs::rss(pid)
+        .map(procfs::mib)
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))
 }
 
 /// Memory `pid` alone maps (`Private_Clean` + `Private_Dirty`): its RSS

@@ -2,17 +2,15 @@
 //! app's), signing with static credentials from the environment; or, for
 //! the floor, attaching its programs only (`--intercept-only`).
 
-use std::{
-    fs::File,
-    path::Path,
-    process::Stdio,
-    time::{Duration, Instant},
+use std::{path::Path, time::Duration};
+
+use anyhow::Result;
+use lattice_tests::{ChildGuard, netns::Netns};
+
+use super::{
+    interrupt::Interrupt,
+    process::{stop_gracefully, wait_ready},
 };
-
-use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::Signal;
-
-use super::{interrupt::Interrupt, netns::Netns, process::ChildGuard};
 use crate::cmd;
 
 pub const PROXY_PORT: u16 = 15080;
@@ -56,8 +54,7 @@ impl Agent {
         dir: &Path,
         stop: &Interrupt,
     ) -> Result<Self> {
-        let log = dir.join("agent.log");
-        let mut command = ns.command_in_cgroup(own_cgroup, &binary.to_string_lossy());
+        let mut command = ns.command(binary).cgroup(own_cgroup).build();
         command
             .args(["run", "--cgroup"])
             .arg(attach_to)
@@ -77,10 +74,7 @@ impl Agent {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_CONFIG_FILE", "/nonexistent")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            .env("LATTICE_LOG", "warn,lattice_agent=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).context("creating the agent's log")?);
+            .env("LATTICE_LOG", "warn,lattice_agent=info");
         match role {
             Role::Proxy { workers } => {
                 command.args(["--workers", &workers.to_string()]);
@@ -94,67 +88,61 @@ impl Agent {
                     .arg(dir.join("tls/ca.pem"));
             }
         }
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting `{}`", cmd::display(&command)))?;
-        let mut process = ChildGuard::new(child, "lattice-agent", Signal::SIGTERM, log);
+        let name = cmd::display(&command);
+        let mut process = ChildGuard::spawn(command, name);
 
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            stop.check()?;
-            if let Some(status) = process.exited() {
-                bail!(
-                    "lattice-agent exited at start ({status}):\n{}",
-                    process.log_tail()
-                );
-            }
-            if role == Role::InterceptOnly {
-                let log = std::fs::read_to_string(&process.log).unwrap_or_default();
-                if log.contains(INTERCEPT_ONLY_READY) {
-                    return Ok(Self { process });
+        wait_ready(
+            &mut process,
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            stop,
+            |process| {
+                if role == Role::InterceptOnly {
+                    return match process.stderr().contains(INTERCEPT_ONLY_READY) {
+                        true => Ok(()),
+                        false => Err(format!("no {INTERCEPT_ONLY_READY:?} in its log")),
+                    };
                 }
-                if Instant::now() > deadline {
-                    bail!(
-                        "lattice-agent --intercept-only not ready within 30s:\n{}",
-                        process.log_tail()
-                    );
+                let code = cmd::read(
+                    &mut ns
+                        .command("curl")
+                        .args([
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-w",
+                            "%{http_code}",
+                            "--max-time",
+                            "2",
+                            &format!("http://{ADMIN}/readyz"),
+                        ])
+                        .build(),
+                )
+                .unwrap_or_default();
+                match code.as_str() {
+                    "200" => Ok(()),
+                    _ => Err(format!("/readyz: {code:?}")),
                 }
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            let code = cmd::read(ns.command("curl").args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "2",
-                &format!("http://{ADMIN}/readyz"),
-            ]))
-            .unwrap_or_default();
-            if code == "200" {
-                return Ok(Self { process });
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "lattice-agent not ready within 30s (/readyz: {code:?}):\n{}",
-                    process.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            },
+        )?;
+        Ok(Self { process })
     }
 
     /// Sum of a counter family in /metrics (all label sets).
     pub fn counter(ns: &Netns, name: &str) -> Result<f64> {
-        let text = cmd::read(ns.command("curl").args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{ADMIN}/metrics"),
-        ]))?;
+        let text = cmd::read(
+            &mut ns
+                .command("curl")
+                .args(["-sS", "--max-time", "5", &format!("http://{ADMIN}/metrics")])
+                .build(),
+        )?;
         Ok(sum_counter(&text, name))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        stop_gracefully(&mut self.process, nix::libc::SIGTERM);
     }
 }
 

@@ -1,6 +1,6 @@
 //! `cargo xtask bench [--quick]`: lattice against direct traffic, against
-//! the floor of any user-space proxy on its path, and against the seed's
-//! iptables interception, side by side in one run on this machine.
+//! the floor of any user-space proxy on its path, and against the iptables
+//! setup's interception, side by side in one run on this machine.
 //!
 //! Each scenario gets its own network namespace (nginx on its `lo` at
 //! 169.254.171.33:80), cgroup tree and scratch directory, all removed at the
@@ -20,7 +20,7 @@
 //!   both hops, as the agent does, and forwards requests unchanged (no
 //!   signing, no header rules, no metrics): what hyper's HTTP/1 server and
 //!   client cost on this path. `lattice` above it is the agent's own work.
-//! - `iptables`: wrk → the seed's NAT REDIRECT rules → the same agent, its
+//! - `iptables`: wrk → the iptables setup's NAT REDIRECT rules → the same agent, its
 //!   programs attached to an empty cgroup so they see nothing; it finds the
 //!   original destination with SO_ORIGINAL_DST.
 //! - `tls`: `lattice` with HTTPS origination (`--upstream-tls-rule
@@ -39,7 +39,6 @@ mod cgroup;
 mod chart;
 mod interrupt;
 mod micro;
-mod netns;
 mod nginx;
 mod process;
 mod profile;
@@ -57,17 +56,22 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use lattice_tests::{
+    TempDir,
+    iptables::EgressProxyRules,
+    netns::{self, Netns},
+    unique_name,
+};
 
 use self::{
     agent::{Agent, Role},
-    cgroup::CgroupTree,
+    cgroup::Cgroups,
     interrupt::Interrupt,
-    netns::Netns,
     nginx::Nginx,
     process::ProcStats,
     relay::{Relay, RelayMode},
     report::{Machine, Report, Run},
-    scratch::{ScratchDir, unique_name},
+    scratch::scratch_dir,
 };
 use crate::{Workspace, cmd, setup::Ready};
 
@@ -205,7 +209,7 @@ struct Binaries {
 struct Created {
     names: Vec<String>,
     cgroups: Vec<PathBuf>,
-    pids: Vec<u32>,
+    pids: Vec<i32>,
 }
 
 /// What `cargo xtask bench` was asked for.
@@ -418,14 +422,14 @@ struct Pod {
     /// The passthrough loads' echo server, when they run here.
     _echo: Option<tcp::Echo>,
     http: bool,
-    cgroups: CgroupTree,
+    cgroups: Cgroups,
     ns: Netns,
     scripts: (PathBuf, PathBuf),
     /// Requests sent through it, to check against the agent's count.
     sent: u64,
     /// Connections at least opened through it, to check the relay's count.
     connections: u64,
-    dir: ScratchDir,
+    dir: TempDir,
 }
 
 impl Pod {
@@ -438,23 +442,24 @@ impl Pod {
         let scenario = worlds.scenario;
         let name = unique_name();
         eprintln!("bench: {} in namespace and cgroup {name}", scenario.name());
-        let dir = ScratchDir::new(&name)?;
+        let dir = scratch_dir(&name);
         created.names.push(name.clone());
-        let ns = Netns::new(&name, &[&format!("{}/32", nginx::ADDR)])?;
-        let cgroups = CgroupTree::new(&name)?;
+        let ns = Netns::new(&name);
+        ns.add_lo_addr(&format!("{}/32", nginx::ADDR));
+        let cgroups = Cgroups::new(&name);
         created.cgroups.push(cgroups.root().to_path_buf());
         let tls = scenario == Scenario::Tls;
         let nginx = Nginx::start(&ns, &cgroups.upstream(), dir.path(), tls, stop)?;
         created.pids.push(nginx.process.pid());
         let echo = worlds
             .tcp
-            .then(|| tcp::Echo::start(&binaries.tcp, &ns, &cgroups.upstream(), dir.path(), stop))
+            .then(|| tcp::Echo::start(&binaries.tcp, &ns, &cgroups.upstream(), stop))
             .transpose()?;
         if let Some(e) = &echo {
             created.pids.push(e.process.pid());
         }
         if scenario == Scenario::Iptables {
-            seed_nat_rules(&ns)?;
+            iptables_setup_rules(&ns)?;
         }
         let proxy = Role::Proxy { workers: 1 };
         let attach = match scenario {
@@ -492,7 +497,7 @@ impl Pod {
             Scenario::HttpFloor => Some(RelayMode::Http),
             _ => None,
         }
-        .map(|mode| Relay::start(&binaries.relay, mode, &ns, &cgroups.app(), dir.path(), stop))
+        .map(|mode| Relay::start(&binaries.relay, mode, &ns, &cgroups.app(), stop))
         .transpose()?;
         if let Some(r) = &relay {
             created.pids.push(r.process.pid());
@@ -502,7 +507,7 @@ impl Pod {
             (None, Some(a)) => Some(a.process.pid()),
             (None, None) => None,
         };
-        let stats = proxy_pid.map(ProcStats::new).transpose()?;
+        let stats = proxy_pid.map(ProcStats::new);
         let scripts = wrk::write_scripts(dir.path())?;
         Ok(Self {
             scenario,
@@ -652,16 +657,7 @@ impl Pod {
         let dir = svg.parent().context("the flame graph's directory")?;
         eprintln!("bench: profiling the agent (perf record) under keep-alive c=16");
         let recording = profile::Recording::start(pid, dir)?;
-        let w = wrk::run(
-            &self.ns,
-            &self.cgroups.app(),
-            &self.scripts.0,
-            16,
-            plan.duration,
-            stop,
-        )?;
-        self.sent += w.requests;
-        self.connections += 16;
+        let w = self.keepalive_c16(plan.duration, stop)?;
         recording.finish(
             svg,
             &format!(
@@ -670,6 +666,22 @@ impl Pod {
             ),
             stop,
         )
+    }
+
+    /// Keep-alive load at c=16 outside the figures (a warm-up, a profile),
+    /// counted for [`Self::check_proxy_saw_everything`].
+    fn keepalive_c16(&mut self, duration: Duration, stop: &Interrupt) -> Result<wrk::WrkResult> {
+        let w = wrk::run(
+            &self.ns,
+            &self.cgroups.app(),
+            &self.scripts.0,
+            16,
+            duration,
+            stop,
+        )?;
+        self.sent += w.requests;
+        self.connections += 16;
+        Ok(w)
     }
 
     /// The traffic really went through the proxy, and it always knew where
@@ -751,16 +763,7 @@ fn measure_all(
         }
     }
     for pod in pods.iter_mut().filter(|p| p.http) {
-        let w = wrk::run(
-            &pod.ns,
-            &pod.cgroups.app(),
-            &pod.scripts.0,
-            16,
-            plan.warmup,
-            stop,
-        )?;
-        pod.sent += w.requests;
-        pod.connections += 16;
+        pod.keepalive_c16(plan.warmup, stop)?;
     }
 
     for (workload, c) in WORKLOADS {
@@ -812,9 +815,11 @@ fn measure_passthrough(
     for (pod, worlds) in pods.iter().zip(scenarios) {
         if worlds.tcp {
             cmd::read(
-                pod.ns
+                &mut pod
+                    .ns
                     .command("sysctl")
-                    .args(["-q", "-w", "net.ipv4.tcp_tw_reuse=1"]),
+                    .args(["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])
+                    .build(),
             )
             .with_context(|| format!("sysctl in namespace {}", pod.ns.name()))?;
         }
@@ -890,52 +895,17 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
 }
 
-/// The seed's init-container rules (../shared/seeds), with the agent's port,
+/// The iptables setup's init-container rules, with the agent's port,
 /// inside the scenario's namespace only.
-fn seed_nat_rules(ns: &Netns) -> Result<()> {
-    let port = agent::PROXY_PORT.to_string();
-    let uid = agent::EXEMPT_UID.to_string();
-    let rules: [&[&str]; 4] = [
-        &["-t", "nat", "-N", "EGRESS_PROXY"],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "169.254.171.0/24",
-            "-j",
-            "EGRESS_PROXY",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "EGRESS_PROXY",
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            "RETURN",
-        ],
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "EGRESS_PROXY",
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port,
-        ],
-    ];
-    for rule in rules {
-        cmd::read(ns.command("iptables").args(rule))
+fn iptables_setup_rules(ns: &Netns) -> Result<()> {
+    let rules = EgressProxyRules {
+        program: "iptables",
+        prefix: "169.254.171.0/24",
+        to_port: agent::PROXY_PORT,
+        exempt_uid: agent::EXEMPT_UID,
+    };
+    for args in rules.args() {
+        cmd::read(&mut ns.command(rules.program).args(&args).build())
             .with_context(|| format!("iptables rule in namespace {}", ns.name()))?;
     }
     Ok(())
@@ -954,7 +924,7 @@ fn host_nat_rules() -> Vec<String> {
 fn check_clean(created: &Created, host_rules: &[String]) -> Result<()> {
     let mut left = Vec::new();
     for name in &created.names {
-        if Netns::exists(name) {
+        if netns::listed(name) {
             left.push(format!("network namespace {name}"));
         }
     }

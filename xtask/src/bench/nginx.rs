@@ -7,18 +7,15 @@
 //! certificate for its address from a CA made for the run (`tls/ca.pem`
 //! in the scratch directory, which the agent is given as `--ca-file`).
 
-use std::{
-    fs::{self, File},
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    process::Stdio,
-    time::{Duration, Instant},
+use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result};
+use lattice_tests::{ChildGuard, netns::Netns};
+
+use super::{
+    interrupt::Interrupt,
+    process::{stop_gracefully, wait_ready},
 };
-
-use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::Signal;
-
-use super::{interrupt::Interrupt, netns::Netns, process::ChildGuard};
 use crate::cmd;
 
 pub const ADDR: &str = "169.254.171.33";
@@ -62,49 +59,54 @@ impl Nginx {
         };
         let conf = dir.join("nginx.conf");
         fs::write(&conf, config(dir, &tls_server)).context("writing nginx.conf")?;
-        let log = dir.join("nginx.stderr");
-
-        let mut command = ns.command_in_cgroup(cgroup, "nginx");
+        let mut command = ns.command("nginx").cgroup(cgroup).build();
         command
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-p")
             .arg(dir)
             .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).context("creating nginx's log")?);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting `{}`", cmd::display(&command)))?;
-        // SIGQUIT: graceful stop of master and workers.
-        let mut process = ChildGuard::new(child, "nginx", Signal::SIGQUIT, log);
+            .arg(&conf);
+        let name = cmd::display(&command);
+        let process = ChildGuard::spawn(command, name);
+        let mut nginx = Self { process };
 
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            stop.check()?;
-            if let Some(status) = process.exited() {
-                bail!(
-                    "nginx exited at start ({status}):\n{}\n{}",
-                    process.log_tail(),
-                    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        wait_ready(
+            &mut nginx.process,
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            stop,
+            |_| {
+                let probe = cmd::read(
+                    &mut ns
+                        .command("curl")
+                        .args([
+                            "-sS",
+                            "--max-time",
+                            "2",
+                            &format!("http://{ADDR}/index.json"),
+                        ])
+                        .build(),
                 );
-            }
-            let probe = cmd::read(ns.command("curl").args([
-                "-sS",
-                "--max-time",
-                "2",
-                &format!("http://{ADDR}/index.json"),
-            ]));
-            if probe.as_deref().is_ok_and(|b| b == BODY) {
-                return Ok(Self { process });
-            }
-            if Instant::now() > deadline {
-                bail!("nginx did not answer within 10s: {probe:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                match probe {
+                    Ok(body) if body == BODY => Ok(()),
+                    other => Err(format!("answered {other:?}; error.log: {}", error_log(dir))),
+                }
+            },
+        )?;
+        Ok(nginx)
+    }
+}
+
+/// nginx's own log of what went wrong at start.
+fn error_log(dir: &Path) -> String {
+    fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: graceful stop of master and workers.
+        stop_gracefully(&mut self.process, nix::libc::SIGQUIT);
     }
 }
 

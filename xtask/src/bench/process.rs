@@ -1,153 +1,102 @@
-//! Long-running children (nginx, the agent) and what /proc says about them.
+//! The bench's long-running children (nginx, the agent, the relay) are the
+//! test kit's `ChildGuard`s; this is how it stops them and what it reads
+//! of them, in the report's units.
 
-use std::{
-    fs,
-    path::PathBuf,
-    process::Child,
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::{Pid, SysconfVar, sysconf},
-};
+use anyhow::{Result, bail};
+use lattice_tests::{ChildGuard, procfs};
 
-/// A child that is asked to stop (`stop_signal`), then killed, and always
-/// reaped on drop.
-pub struct ChildGuard {
-    child: Child,
-    name: &'static str,
-    stop_signal: Signal,
-    /// Its stderr, shown when something goes wrong.
-    pub log: PathBuf,
-}
+use super::interrupt::Interrupt;
 
-impl ChildGuard {
-    pub fn new(child: Child, name: &'static str, stop_signal: Signal, log: PathBuf) -> Self {
-        Self {
-            child,
-            name,
-            stop_signal,
-            log,
-        }
+/// How long a child may take to stop after its stop signal.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Sends `signal`, waits up to 10 s for the exit, then kills.
+pub fn stop_gracefully(child: &mut ChildGuard, signal: i32) {
+    if child.try_wait().is_some() {
+        return;
     }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `Some(status)` once the child has exited.
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// The last lines of its log, for error messages.
-    pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-
-    /// Stops it: the stop signal, up to `grace` to exit, then SIGKILL.
-    pub fn stop(&mut self, grace: Duration) {
-        if self.exited().is_some() {
-            return;
-        }
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, self.stop_signal);
-        let end = Instant::now() + grace;
-        while Instant::now() < end {
-            if self.exited().is_some() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+    let (_, in_time) = child.stop(signal, GRACE);
+    if !in_time {
         eprintln!(
-            "bench: {} did not stop within {}s; killing it",
-            self.name,
-            grace.as_secs()
+            "bench: `{}` did not stop within {}s; killed it",
+            child.name(),
+            GRACE.as_secs()
         );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(10));
+/// Polls `ready` every `every` until it says yes. Fails, with the end of
+/// the child's stderr, when the child exits first, when `limit` passes
+/// (naming what `ready` last said) or on Ctrl-C.
+pub fn wait_ready(
+    process: &mut ChildGuard,
+    limit: Duration,
+    every: Duration,
+    stop: &Interrupt,
+    mut ready: impl FnMut(&ChildGuard) -> Result<(), String>,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        stop.check()?;
+        if let Some(status) = process.try_wait() {
+            let said = ready(process).err().unwrap_or_default();
+            bail!(
+                "`{}` exited at start ({status}; {said}):\n{}",
+                process.name(),
+                log_tail(&process.stderr())
+            );
+        }
+        let not_yet = match ready(process) {
+            Ok(()) => return Ok(()),
+            Err(not_yet) => not_yet,
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "`{}` not ready within {}s ({not_yet}):\n{}",
+                process.name(),
+                limit.as_secs(),
+                log_tail(&process.stderr())
+            );
+        }
+        std::thread::sleep(every);
     }
+}
+
+/// The last lines of a child's output, for error messages.
+pub fn log_tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// Memory and CPU of one process, from /proc/<pid>.
 pub struct ProcStats {
-    pid: u32,
-    ticks_per_s: f64,
+    pid: i32,
 }
 
 impl ProcStats {
-    pub fn new(pid: u32) -> Result<Self> {
-        let ticks = sysconf(SysconfVar::CLK_TCK)
-            .context("sysconf(CLK_TCK)")?
-            .context("CLK_TCK unknown")?;
-        Ok(Self {
-            pid,
-            ticks_per_s: ticks as f64,
-        })
-    }
-
-    fn status_kib(&self, field: &str) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.pid);
-        let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        status
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(field)?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .with_context(|| format!("no {field} in {path}"))
+    pub fn new(pid: i32) -> Self {
+        Self { pid }
     }
 
     /// Resident set size now, MiB.
     pub fn rss_mib(&self) -> Result<f64> {
-        Ok(self.status_kib("VmRSS:")? as f64 / 1024.0)
+        Ok(procfs::mib(procfs::rss(self.pid)?))
     }
 
     /// Peak resident set size since the last [`Self::reset_peak`], MiB.
     pub fn peak_rss_mib(&self) -> Result<f64> {
-        Ok(self.status_kib("VmHWM:")? as f64 / 1024.0)
+        Ok(procfs::mib(procfs::peak_rss(self.pid)?))
     }
 
-    /// Restarts the peak (VmHWM) from the current RSS (proc(5), clear_refs 5).
+    /// Restarts the peak (VmHWM) from the current RSS.
     pub fn reset_peak(&self) -> Result<()> {
-        let path = format!("/proc/{}/clear_refs", self.pid);
-        fs::write(&path, "5").with_context(|| format!("writing {path}"))
+        Ok(procfs::reset_peak_rss(self.pid)?)
     }
 
     /// CPU time of all its threads, seconds: (user, system).
     pub fn cpu_seconds(&self) -> Result<(f64, f64)> {
-        let path = format!("/proc/{}/stat", self.pid);
-        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        // The command name may hold spaces and parentheses: fields are
-        // counted from the last ')'. After it come field 3 (state) onwards;
-        // utime and stime are fields 14 and 15.
-        let rest = stat
-            .rsplit_once(')')
-            .with_context(|| format!("malformed {path}"))?
-            .1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let tick = |i: usize| -> Result<f64> {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .map(|t| t as f64)
-                .with_context(|| format!("malformed {path}"))
-        };
-        Ok((tick(11)? / self.ticks_per_s, tick(12)? / self.ticks_per_s))
+        Ok(procfs::cpu_seconds(self.pid)?)
     }
 }

@@ -42,7 +42,7 @@ pub struct Recording {
 
 impl Recording {
     /// Starts sampling `pid` into `out/perf.data`.
-    pub fn start(pid: u32, out: &Path) -> Result<Self> {
+    pub fn start(pid: i32, out: &Path) -> Result<Self> {
         if !cmd::succeeds(Command::new("sh").args(["-c", "command -v perf"])) {
             bail!("`perf` not found: run `cargo xtask setup` as root (Debian's linux-perf)");
         }

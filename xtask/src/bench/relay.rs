@@ -4,21 +4,15 @@
 //! program answers its `SO_ORIGINAL_DST`) and as the exempt UID (so its own
 //! upstream connects are not redirected).
 
-use std::{
-    fs::{self, File},
-    path::Path,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{path::Path, process::Command, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::Signal;
+use anyhow::{Context as _, Result};
+use lattice_tests::{ChildGuard, netns::Netns};
 
 use super::{
     agent::{EXEMPT_UID, PROXY_PORT},
     interrupt::Interrupt,
-    netns::Netns,
-    process::ChildGuard,
+    process::{log_tail, stop_gracefully, wait_ready},
 };
 use crate::cmd;
 
@@ -31,7 +25,6 @@ pub enum RelayMode {
 
 pub struct Relay {
     pub process: ChildGuard,
-    out: std::path::PathBuf,
 }
 
 impl Relay {
@@ -41,56 +34,26 @@ impl Relay {
         mode: RelayMode,
         ns: &Netns,
         app_cgroup: &Path,
-        dir: &Path,
         stop: &Interrupt,
     ) -> Result<Self> {
-        let out = dir.join("relay.out");
-        let log = dir.join("relay.log");
-        let uid = EXEMPT_UID.to_string();
-        let mut command = ns.command_in_cgroup(app_cgroup, "setpriv");
-        command
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .arg("--clear-groups")
-            .arg(binary)
+        let command = ns
+            .command(binary)
+            .cgroup(app_cgroup)
+            .uid(EXEMPT_UID)
             .args(match mode {
                 RelayMode::Bytes => None,
                 RelayMode::Http => Some("--http"),
             })
             .arg(PROXY_PORT.to_string())
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).context("creating the relay's output")?)
-            .stderr(File::create(&log).context("creating the relay's log")?);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting `{}`", cmd::display(&command)))?;
-        let mut process = ChildGuard::new(child, "lattice-bench-relay", Signal::SIGTERM, log);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            stop.check()?;
-            if let Some(status) = process.exited() {
-                bail!(
-                    "lattice-bench-relay exited at start ({status}):\n{}",
-                    process.log_tail()
-                );
-            }
-            if fs::read_to_string(&out).is_ok_and(|o| o.contains("listening")) {
-                return Ok(Self { process, out });
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "lattice-bench-relay not listening within 10s:\n{}",
-                    process.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .build();
+        let process = start_listening(command, stop)?;
+        Ok(Self { process })
     }
 
     /// Stops it and returns how many connections it relayed.
     pub fn stop(&mut self) -> Result<u64> {
-        self.process.stop(Duration::from_secs(10));
-        let out = fs::read_to_string(&self.out).context("reading the relay's output")?;
+        stop_gracefully(&mut self.process, nix::libc::SIGTERM);
+        let out = self.process.stdout();
         out.lines()
             .find_map(|l| {
                 l.strip_prefix("relayed ")?
@@ -101,8 +64,26 @@ impl Relay {
             .with_context(|| {
                 format!(
                     "the relay did not report its count:\n{out}\n{}",
-                    self.process.log_tail()
+                    log_tail(&self.process.stderr())
                 )
             })
     }
+}
+
+/// Starts `command` and waits (10 s at most) until it says "listening" on
+/// stdout: the kit's relay and echo server do once they accept.
+pub fn start_listening(command: Command, stop: &Interrupt) -> Result<ChildGuard> {
+    let name = cmd::display(&command);
+    let mut process = ChildGuard::spawn(command, name);
+    wait_ready(
+        &mut process,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        stop,
+        |process| match process.stdout().contains("listening") {
+            true => Ok(()),
+            false => Err("no \"listening\" on its stdout".to_owned()),
+        },
+    )?;
+    Ok(process)
 }

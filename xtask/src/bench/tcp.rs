@@ -10,14 +10,14 @@ use std::{
     fs::{self, File},
     path::Path,
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::Signal;
+use lattice_tests::{ChildGuard, netns::Netns};
 use serde::{Deserialize, Serialize};
 
-use super::{interrupt::Interrupt, netns::Netns, nginx, process::ChildGuard};
+use super::{interrupt::Interrupt, nginx, relay};
 use crate::cmd;
 
 /// The echo server's port, on nginx's address.
@@ -55,45 +55,20 @@ pub struct Load {
     pub p99_us: Option<f64>,
 }
 
-/// The echo server in a scenario's namespace.
+/// The echo server in a scenario's namespace; killed on drop.
 pub struct Echo {
     pub process: ChildGuard,
 }
 
 impl Echo {
-    pub fn start(
-        binary: &Path,
-        ns: &Netns,
-        cgroup: &Path,
-        dir: &Path,
-        stop: &Interrupt,
-    ) -> Result<Self> {
-        let out = dir.join("echo.out");
-        let log = dir.join("echo.log");
-        let mut command = ns.command_in_cgroup(cgroup, &binary.to_string_lossy());
-        command
+    pub fn start(binary: &Path, ns: &Netns, cgroup: &Path, stop: &Interrupt) -> Result<Self> {
+        let command = ns
+            .command(binary)
+            .cgroup(cgroup)
             .args(["echo", &format!("{}:{PORT}", nginx::ADDR)])
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).context("creating the echo server's output")?)
-            .stderr(File::create(&log).context("creating the echo server's log")?);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting `{}`", cmd::display(&command)))?;
-        let mut process = ChildGuard::new(child, "lattice-bench-tcp echo", Signal::SIGTERM, log);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            stop.check()?;
-            if let Some(status) = process.exited() {
-                bail!("the echo server exited ({status}):\n{}", process.log_tail());
-            }
-            if fs::read_to_string(&out).is_ok_and(|o| o.contains("listening")) {
-                return Ok(Self { process });
-            }
-            if Instant::now() > deadline {
-                bail!("the echo server did not listen within 10s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .build();
+        let process = relay::start_listening(command, stop)?;
+        Ok(Self { process })
     }
 }
 
@@ -107,9 +82,8 @@ pub fn run(
     stop: &Interrupt,
     out_file: &Path,
 ) -> Result<Load> {
-    let mut command = ns.command_in_cgroup(app_cgroup, &binary.to_string_lossy());
+    let mut command = ns.command(binary).cgroup(app_cgroup).args(args).build();
     command
-        .args(args)
         .stdin(Stdio::null())
         .stdout(File::create(out_file).context("creating the load's output")?)
         .stderr(Stdio::inherit());

@@ -10,7 +10,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{interrupt::Interrupt, netns::Netns, nginx};
+use lattice_tests::netns::Netns;
+
+use super::{interrupt::Interrupt, nginx};
 use crate::cmd;
 
 pub const SIZE: u64 = 256 * 1024 * 1024;
@@ -32,7 +34,7 @@ pub fn run(ns: &Netns, app_cgroup: &Path, dir: &Path, stop: &Interrupt) -> Resul
         .and_then(|f| f.set_len(SIZE))
         .context("creating the upload file")?;
     let out_file = dir.join("upload.out");
-    let mut command = ns.command_in_cgroup(app_cgroup, "curl");
+    let mut command = ns.command("curl").cgroup(app_cgroup).build();
     command
         .args([
             "-sS",

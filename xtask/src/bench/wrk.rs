@@ -14,7 +14,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
-use super::{interrupt::Interrupt, netns::Netns, nginx};
+use lattice_tests::netns::Netns;
+
+use super::{interrupt::Interrupt, nginx};
 use crate::cmd;
 
 const MARK: &str = "LATTICE_BENCH ";
@@ -76,7 +78,7 @@ pub fn run(
 ) -> Result<WrkResult> {
     let threads = connections.min(2);
     let out_file = script.with_extension(format!("c{connections}.out"));
-    let mut command = ns.command_in_cgroup(app_cgroup, "wrk");
+    let mut command = ns.command("wrk").cgroup(app_cgroup).build();
     command
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))

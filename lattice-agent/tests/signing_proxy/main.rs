@@ -1,9 +1,11 @@
 //! The signing proxy end to end on loopback: client → proxy (child process,
 //! real `proxy::serve`) → independent botocore verifier
 //! (tests/python/sigv4_verifier.py) as the original destination. No eBPF, no
-//! root; nothing leaves 127.0.0.1 / ::1.
+//! root; nothing leaves 127.0.0.1 / ::1. The fixtures are the test kit's
+//! (`lattice_tests::{loopback, proxy_child, verifier}`); what the child
+//! process runs is in `signing_proxy/child.rs`.
 
-mod support;
+mod child;
 
 use std::time::{Duration, Instant};
 
@@ -11,54 +13,57 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::Frame;
-use sha2::{Digest as _, Sha256};
-use support::{
-    AK, BoxError, Creds, ProxyChild, REGION, SK, TOKEN, Verifier, closed_port, empty, full, get,
-    h1, h2, python, send_on, send1,
-    servers::{
-        AfterResponse, ConnUpstream, CredsMode, CredsServer, h2_replay_upstream, slow_upstream,
+use lattice_tests::{
+    agent::assert_no_credentials_text,
+    loopback::{
+        AfterResponse, Body, BoxError, ConnUpstream, CredsMode, CredsServer, Resp, closed_port,
+        collect, empty, full, get, h1, h2, h2_replay_upstream, send_on, send1, slow_upstream,
+        tls_upstream,
     },
+    proxy_child::{self, Creds, ProxyChild},
+    sigv4::ENCODING_CASES,
+    time::parse_amz_date,
+    tls::{TestCa, Validity},
+    verifier::{TEST_CREDENTIALS, Verifier, python_or_skip},
 };
+use sha2::{Digest as _, Sha256};
+
+const AK: &str = TEST_CREDENTIALS.access_key_id;
+const SK: &str = TEST_CREDENTIALS.secret_access_key;
+const TOKEN: &str = match TEST_CREDENTIALS.session_token {
+    Some(token) => token,
+    None => panic!("the test credentials carry a session token"),
+};
+const REGION: &str = TEST_CREDENTIALS.region;
 
 /// Entry point of the proxy child processes (a no-op in the normal run).
 #[test]
 fn child_proxy_entry() {
-    if std::env::var("LATTICE_TEST_CHILD").as_deref() == Ok("proxy") {
-        support::child::main();
+    if proxy_child::is_child() {
+        child::main();
     }
+}
+
+/// The botocore verifier on 127.0.0.1, accepting the test credentials and
+/// what `extra` adds.
+fn verifier(python: &std::path::Path, extra: &[&str]) -> Verifier {
+    Verifier::start_loopback(python, &TEST_CREDENTIALS, extra)
 }
 
 const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 
-fn assert_ok(r: &support::Resp) {
+fn assert_ok(r: &Resp) {
     assert_eq!(r.status, 200, "verifier said: {}", r.text());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_with_reserved_and_percent_encoded_characters() {
-    let Some(py) = python("get_with_reserved_and_percent_encoded_characters", false) else {
+    let Some(py) = python_or_skip("get_with_reserved_and_percent_encoded_characters", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
-    let p = ProxyChild::start(Some(v.addr), Creds::Static, &[]);
-    for (target, want_path, want_query) in [
-        ("/", "/", ""),
-        (
-            "/a%20b/c:d@e!$&'()*+,;=/%E2%82%AC",
-            "/a%20b/c:d@e!$&'()*+,;=/%E2%82%AC",
-            "",
-        ),
-        ("/x/./y/../z//w/", "/x/./y/../z//w/", ""),
-        // The query arrives in the app's order; only ambiguous pairs are
-        // re-encoded (`+`, lowercase hex, escaped unreserved, raw reserved).
-        ("/q?b=2&a=1", "/q", "b=2&a=1"),
-        (
-            "/q?sp=a+b&slash=a%2fb&tilde=%7e&empty&u=%E2%82%AC&r=:@!$'()*,;",
-            "/q",
-            "sp=a%20b&slash=a%2Fb&tilde=~&empty&u=%E2%82%AC&r=%3A%40%21%24%27%28%29%2A%2C%3B",
-        ),
-        ("/q?a=1&a=0&A=2", "/q", "a=1&a=0&A=2"),
-    ] {
+    let v = verifier(&py, &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Static, &[]);
+    for &(target, want_path, want_query) in ENCODING_CASES {
         let r = get(p.addr, HOST, target).await;
         assert_ok(&r);
         let j = r.json();
@@ -98,13 +103,13 @@ async fn get_with_reserved_and_percent_encoded_characters() {
 /// 64 MiB by itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn post_64_mib_streams_with_bounded_memory() {
-    let Some(py) = python("post_64_mib_streams_with_bounded_memory", false) else {
+    let Some(py) = python_or_skip("post_64_mib_streams_with_bounded_memory", false) else {
         return;
     };
     const SIZE: usize = 64 << 20;
     const CHUNK: usize = 64 << 10;
-    let v = Verifier::start(&py, &[]);
-    let p = ProxyChild::start(Some(v.addr), Creds::Static, &[]);
+    let v = verifier(&py, &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Static, &[]);
     let chunk = Bytes::from(
         (0..CHUNK)
             .map(|i| (i * 31 % 251) as u8)
@@ -141,11 +146,11 @@ async fn post_64_mib_streams_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chunked_upload_with_trailers() {
-    let Some(py) = python("chunked_upload_with_trailers", false) else {
+    let Some(py) = python_or_skip("chunked_upload_with_trailers", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
-    let p = ProxyChild::start(Some(v.addr), Creds::Static, &[]);
+    let v = verifier(&py, &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Static, &[]);
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", HeaderValue::from_static("abc"));
     let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = (0..10)
@@ -174,11 +179,11 @@ async fn chunked_upload_with_trailers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn head_request() {
-    let Some(py) = python("head_request", false) else {
+    let Some(py) = python_or_skip("head_request", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
-    let p = ProxyChild::start(Some(v.addr), Creds::Static, &[]);
+    let v = verifier(&py, &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Static, &[]);
     let mut s = h1(p.addr).await;
     for _ in 0..3 {
         // Same client connection: keep-alive across HEADs and GETs.
@@ -207,11 +212,11 @@ async fn head_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn h2c_request_signed_and_forwarded_over_h2() {
-    let Some(py) = python("h2c_request_signed_and_forwarded_over_h2", false) else {
+    let Some(py) = python_or_skip("h2c_request_signed_and_forwarded_over_h2", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
-    let upstream = h2_replay_upstream(v.addr).await;
+    let v = verifier(&py, &[]);
+    let upstream = h2_replay_upstream(v.socket_addr()).await;
     let p = ProxyChild::start(Some(upstream), Creds::Static, &[]);
     let mut s = h2(p.addr).await;
     let mut tasks = Vec::new();
@@ -226,7 +231,7 @@ async fn h2c_request_signed_and_forwarded_over_h2() {
         tasks.push(s.send_request(req));
     }
     for (i, t) in tasks.into_iter().enumerate() {
-        let r = support::collect(t.await.unwrap()).await;
+        let r = collect(t.await.unwrap()).await;
         assert_ok(&r);
         assert_eq!(r.headers["x-upstream-version"], "HTTP/2.0");
         let j = r.json();
@@ -286,11 +291,11 @@ async fn connection_without_original_destination_is_421() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_sent_signature_headers_are_replaced() {
-    let Some(py) = python("client_sent_signature_headers_are_replaced", false) else {
+    let Some(py) = python_or_skip("client_sent_signature_headers_are_replaced", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
-    let p = ProxyChild::start(Some(v.addr), Creds::Static, &[]);
+    let v = verifier(&py, &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Static, &[]);
     let req = Request::post("/fake")
         .header("host", HOST)
         .header(
@@ -317,12 +322,12 @@ async fn client_sent_signature_headers_are_replaced() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sign_payload_signs_the_body_hash_and_limits_size() {
-    let Some(py) = python("sign_payload_signs_the_body_hash_and_limits_size", false) else {
+    let Some(py) = python_or_skip("sign_payload_signs_the_body_hash_and_limits_size", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
+    let v = verifier(&py, &[]);
     let p = ProxyChild::start(
-        Some(v.addr),
+        Some(v.socket_addr()),
         Creds::Static,
         &[
             ("LATTICE_SIGN_PAYLOAD", "true"),
@@ -426,16 +431,16 @@ async fn oversized_and_malformed_requests() {
 /// token or Authorization value appears anywhere in the logs.
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_never_contain_credentials() {
-    let Some(py) = python("logs_never_contain_credentials", false) else {
+    let Some(py) = python_or_skip("logs_never_contain_credentials", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
-    let h2_up = h2_replay_upstream(v.addr).await;
+    let v = verifier(&py, &[]);
+    let h2_up = h2_replay_upstream(v.socket_addr()).await;
     let env = [
         ("LATTICE_LOG_SIGNING", "true"),
         ("LATTICE_TEST_LOG", "trace"),
     ];
-    let p = ProxyChild::start(Some(v.addr), Creds::Static, &env);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Static, &env);
     let p2 = ProxyChild::start(Some(h2_up), Creds::Static, &env);
     let fake_auth = "AWS4-HMAC-SHA256 Credential=CLIENTFAKE/x, Signature=clientsignature0123";
     assert_ok(
@@ -451,7 +456,7 @@ async fn logs_never_contain_credentials() {
         .await,
     );
     let mut s = h2(p2.addr).await;
-    let r = support::collect(
+    let r = collect(
         s.send_request(
             Request::get(format!("http://{HOST}/logged-h2"))
                 .version(http::Version::HTTP_2)
@@ -492,7 +497,7 @@ async fn logs_never_contain_credentials() {
 /// request fails or is signed with an expired key.
 #[tokio::test(flavor = "multi_thread")]
 async fn expiring_container_credentials_are_refreshed_without_failures() {
-    let Some(py) = python(
+    let Some(py) = python_or_skip(
         "expiring_container_credentials_are_refreshed_without_failures",
         false,
     ) else {
@@ -503,9 +508,9 @@ async fn expiring_container_credentials_are_refreshed_without_failures() {
     let creds = CredsServer::start(CredsMode::Serve, Duration::from_secs(4), keys.clone()).await;
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &creds.token).unwrap();
-    let v = Verifier::start(&py, &["--keys-file", keys.to_str().unwrap()]);
+    let v = verifier(&py, &["--keys-file", keys.to_str().unwrap()]);
     let env = container_env(&creds, &token_file);
-    let p = ProxyChild::start(Some(v.addr), Creds::Chain(&env), &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Chain(&env), &[]);
     wait_ready(&p).await;
 
     let deadline = Instant::now() + Duration::from_secs(9);
@@ -524,7 +529,7 @@ async fn expiring_container_credentials_are_refreshed_without_failures() {
         let j = r.json();
         seen.push((
             j["access_key"].as_str().unwrap().to_owned(),
-            support::amz_date_secs(j["amz_date"].as_str().unwrap()),
+            parse_amz_date(j["amz_date"].as_str().unwrap()).expect("an x-amz-date"),
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -543,7 +548,7 @@ async fn expiring_container_credentials_are_refreshed_without_failures() {
             i.expiry_unix
         );
     }
-    let metrics = support::get(p.admin, "admin", "/metrics").await.text();
+    let metrics = get(p.admin, "admin", "/metrics").await.text();
     assert!(
         metrics.contains("lattice_credential_refreshes_total{result=\"success\"}"),
         "{metrics}"
@@ -558,12 +563,12 @@ async fn expiring_container_credentials_are_refreshed_without_failures() {
 /// loopback (`AWS_ENDPOINT_URL_STS`); the verifier knows the key moto issued.
 #[tokio::test(flavor = "multi_thread")]
 async fn irsa_web_identity_with_moto_sts() {
-    let Some(py) = python("irsa_web_identity_with_moto_sts", true) else {
+    let Some(py) = python_or_skip("irsa_web_identity_with_moto_sts", true) else {
         return;
     };
     let moto_port = closed_port().port();
     let moto_port_s = moto_port.to_string();
-    let v = Verifier::start(&py, &["--moto-sts-port", &moto_port_s]);
+    let v = verifier(&py, &["--moto-sts-port", &moto_port_s]);
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("web-identity-token");
     std::fs::write(&token_file, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0ZXN0In0.c2ln").unwrap();
@@ -583,7 +588,7 @@ async fn irsa_web_identity_with_moto_sts() {
         ("AWS_ROLE_SESSION_NAME", "lattice-test".to_owned()),
         ("AWS_REGION", REGION.to_owned()),
     ];
-    let p = ProxyChild::start(Some(v.addr), Creds::Chain(&env), &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Chain(&env), &[]);
     wait_ready(&p).await;
     let r = get(p.addr, HOST, "/irsa").await;
     assert_ok(&r);
@@ -595,7 +600,7 @@ async fn irsa_web_identity_with_moto_sts() {
 /// ready; once the endpoint works, both recover without a restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_unavailable_at_start_then_recover() {
-    let Some(py) = python("credentials_unavailable_at_start_then_recover", false) else {
+    let Some(py) = python_or_skip("credentials_unavailable_at_start_then_recover", false) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -603,9 +608,9 @@ async fn credentials_unavailable_at_start_then_recover() {
     let creds = CredsServer::start(CredsMode::Fail, Duration::from_secs(3600), keys.clone()).await;
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &creds.token).unwrap();
-    let v = Verifier::start(&py, &["--keys-file", keys.to_str().unwrap()]);
+    let v = verifier(&py, &["--keys-file", keys.to_str().unwrap()]);
     let env = container_env(&creds, &token_file);
-    let p = ProxyChild::start(Some(v.addr), Creds::Chain(&env), &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Chain(&env), &[]);
 
     // Until the first attempt failed, the reason may still be "not loaded yet".
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -618,14 +623,7 @@ async fn credentials_unavailable_at_start_then_recover() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let text = r.text();
-    assert!(
-        text.starts_with("lattice-agent: no AWS credentials: "),
-        "{text}"
-    );
-    assert!(
-        text.contains("500") || text.contains("unavailable") || text.contains("provider"),
-        "503 should name the provider error: {text}"
-    );
+    assert_no_credentials_text(&text);
     assert_eq!(text.lines().count(), 1, "{text}");
     let ready = get(p.admin, "admin", "/readyz").await;
     assert_eq!(ready.status, 503);
@@ -659,7 +657,7 @@ async fn graceful_shutdown_drains_in_flight_requests() {
     let in_flight = tokio::spawn(async move { get(addr, HOST, "/slow").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = tokio::task::spawn_blocking(move || {
-        let s = p.guard.close_stdin_and_wait(Duration::from_secs(10));
+        let s = p.close_stdin_and_wait(Duration::from_secs(10));
         (s, p)
     })
     .await
@@ -679,11 +677,11 @@ async fn graceful_shutdown_drains_in_flight_requests() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_health() {
-    let Some(py) = python("metrics_and_health", false) else {
+    let Some(py) = python_or_skip("metrics_and_health", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
-    let p = ProxyChild::start(Some(v.addr), Creds::Static, &[]);
+    let v = verifier(&py, &[]);
+    let p = ProxyChild::start(Some(v.socket_addr()), Creds::Static, &[]);
     assert_ok(&get(p.addr, HOST, "/m").await);
     assert_eq!(get(p.admin, "admin", "/healthz").await.status, 200);
     assert_eq!(get(p.admin, "admin", "/readyz").await.status, 200);
@@ -734,13 +732,13 @@ async fn wait_ready(p: &ProxyChild) {
 /// (as Lattice's own 403s must).
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_403_passes_through_untouched() {
-    let Some(py) = python("upstream_403_passes_through_untouched", false) else {
+    let Some(py) = python_or_skip("upstream_403_passes_through_untouched", false) else {
         return;
     };
-    let v = Verifier::start(&py, &[]);
+    let v = verifier(&py, &[]);
     let wrong = format!("static:{AK}:not-the-secret:{TOKEN}");
     let p = ProxyChild::start(
-        Some(v.addr),
+        Some(v.socket_addr()),
         Creds::Static,
         &[("LATTICE_TEST_CREDS", wrong.as_str())],
     );
@@ -806,15 +804,10 @@ async fn trickled_request_head_is_cut_off_at_the_idle_timeout() {
 /// trust from `--ca-file`; HTTP/1.1 and h2 (ALPN) upstream.
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_tls_uses_host_for_sni_and_ca_file_for_trust() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((ca, leaf, key)) = support::servers::make_certs(dir.path(), &["svc.example"]) else {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "openssl missing; CI=true forbids skipping");
-        eprintln!("*** SKIPPED upstream TLS test: no openssl ***");
-        return;
-    };
-    let up = support::servers::tls_upstream(&leaf, &key).await;
-    let ca_s = ca.to_str().unwrap().to_owned();
+    let ca = TestCa::new("lattice test CA");
+    let leaf = ca.issue("svc", &["svc.example"], Validity::Current);
+    let up = tls_upstream(&leaf.cert, &leaf.key).await;
+    let ca_s = ca.ca_file().to_str().unwrap().to_owned();
     let env = [
         ("LATTICE_UPSTREAM_TLS", "true"),
         ("LATTICE_CA_FILE", ca_s.as_str()),
@@ -829,7 +822,7 @@ async fn upstream_tls_uses_host_for_sni_and_ca_file_for_trust() {
     );
 
     let mut s = h2(p.addr).await;
-    let r = support::collect(
+    let r = collect(
         s.send_request(
             Request::get("http://svc.example/tls-h2")
                 .version(http::Version::HTTP_2)
@@ -869,12 +862,12 @@ async fn upstream_tls_uses_host_for_sni_and_ca_file_for_trust() {
 /// assumed role's key, not the base key.
 #[tokio::test(flavor = "multi_thread")]
 async fn role_arn_assumes_a_role_on_top_of_the_chain() {
-    let Some(py) = python("role_arn_assumes_a_role_on_top_of_the_chain", true) else {
+    let Some(py) = python_or_skip("role_arn_assumes_a_role_on_top_of_the_chain", true) else {
         return;
     };
     let moto_port = closed_port().port();
     let moto_port_s = moto_port.to_string();
-    let v = Verifier::start(&py, &["--moto-sts-port", &moto_port_s]);
+    let v = verifier(&py, &["--moto-sts-port", &moto_port_s]);
     let env = [
         (
             "AWS_ENDPOINT_URL_STS",
@@ -885,7 +878,7 @@ async fn role_arn_assumes_a_role_on_top_of_the_chain() {
         ("AWS_REGION", REGION.to_owned()),
     ];
     let p = ProxyChild::start(
-        Some(v.addr),
+        Some(v.socket_addr()),
         Creds::Chain(&env),
         &[
             (
@@ -904,7 +897,7 @@ async fn role_arn_assumes_a_role_on_top_of_the_chain() {
 }
 
 /// `conn=<n>` of a [`ConnUpstream`] answer.
-fn upstream_conn(r: &support::Resp) -> u64 {
+fn upstream_conn(r: &Resp) -> u64 {
     assert_eq!(r.status, 200, "{}", r.text());
     let text = r.text();
     text.strip_prefix("conn=")
@@ -913,7 +906,7 @@ fn upstream_conn(r: &support::Resp) -> u64 {
         .unwrap_or_else(|| panic!("unexpected answer {text:?}"))
 }
 
-async fn get_on(s: &mut hyper::client::conn::http1::SendRequest<support::Body>, host: &str) -> u64 {
+async fn get_on(s: &mut hyper::client::conn::http1::SendRequest<Body>, host: &str) -> u64 {
     upstream_conn(
         &send_on(
             s,
