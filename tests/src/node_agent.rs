@@ -100,9 +100,15 @@ pub fn irsa_token(n: usize) -> String {
 
 /// `lattice-agent node` on `cluster` with `args`, its STS moto's.
 pub fn start_agent(cluster: &Cluster, args: &[&str]) -> NodeAgent {
+    start_agent_with(cluster, &agent_bin(), args)
+}
+
+/// [`start_agent`] with another agent binary (e.g.
+/// [`crate::agent::release_agent_bin`] for timed tests).
+pub fn start_agent_with(cluster: &Cluster, binary: &Path, args: &[&str]) -> NodeAgent {
     NodeAgent::start(
         cluster,
-        cluster.agent_command(args),
+        cluster.agent_command_with(binary, args),
         &[("AWS_ENDPOINT_URL_STS", &sts_url())],
     )
 }
@@ -128,6 +134,12 @@ pub fn apply_irsa_pod(cluster: &Cluster, pod: &NodePod, sa: &str, n: usize) -> P
 /// request, back to back, refused connects retried) or `load-keepalive`.
 /// Its summary comes from [`load_result`].
 pub fn start_load(pod: &NodePod, mode: &str, seconds: u64) -> ChildGuard {
+    start_load_with(pod, mode, seconds, &[])
+}
+
+/// [`start_load`] with `extra` arguments after the client's own (e.g.
+/// `timeline`: the times of each failure and recovery).
+pub fn start_load_with(pod: &NodePod, mode: &str, seconds: u64, extra: &[&str]) -> ChildGuard {
     pod.command(crate::pod::test_bin("lattice-test-client"))
         .uid(1000)
         .args([
@@ -136,16 +148,41 @@ pub fn start_load(pod: &NodePod, mode: &str, seconds: u64) -> ChildGuard {
             &seconds.to_string(),
             LATTICE_HOST,
         ])
+        .args(extra)
         .spawn()
 }
 
+/// The app's first call to the VPC Lattice service from `pod`
+/// (`lattice-test-client first-call`, as UID 1000, `Host:`
+/// [`LATTICE_HOST`]): a new connection and one GET of `path`, timed; its
+/// JSON (`outcome`: `reply`, `refused`...; `status`, `total_us`).
+pub fn first_call(pod: &NodePod, path: &str) -> Value {
+    let out = pod
+        .command(crate::pod::test_bin("lattice-test-client"))
+        .uid(1000)
+        .args([
+            "first-call",
+            &format!("{}:80", crate::node::LATTICE_V4),
+            LATTICE_HOST,
+            path,
+        ])
+        .run(Duration::from_secs(30));
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("{}: first-call output ({e}): {out}", pod.name()))
+}
+
 /// The summary a load prints when it ends (`ok`, `failed`, `refused`,
-/// `recovered_ns`, ...); panics if it does not end within `timeout`.
+/// `recovered_ns`, ...); panics, naming the load, if it does not end
+/// within `timeout` or fails.
 pub fn load_result(mut load: ChildGuard, timeout: Duration) -> Value {
-    let status = load.wait_timeout(timeout).expect("the load ends");
+    let name = load.name().to_owned();
+    let status = load
+        .wait_timeout(timeout)
+        .unwrap_or_else(|| panic!("{name}: the load did not end"));
     let out = load.output(status);
-    assert!(out.success(), "{out}");
-    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("load output ({e}): {out}"))
+    assert!(out.success(), "{name}: {out}");
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("{name}: load output ({e}): {out}"))
 }
 
 /// A counter of a load's summary.
@@ -158,12 +195,22 @@ pub fn load_count(summary: &Value, key: &str) -> u64 {
 /// Requests the service refused because they were not signed (each one
 /// printed).
 pub fn unsigned_requests(verifier: &crate::verifier::Verifier) -> u64 {
+    let refused = unsigned_under(verifier, "/");
+    for r in &refused {
+        eprintln!("not accepted: {r}");
+    }
+    refused.len() as u64
+}
+
+/// The requests with a path under `prefix` that the service refused
+/// because they were not signed, as the verifier recorded them.
+pub fn unsigned_under(verifier: &crate::verifier::Verifier, prefix: &str) -> Vec<String> {
     verifier
         .requests()
-        .iter()
-        .filter(|r| r.status != 200)
-        .inspect(|r| eprintln!("not accepted: {r:?}"))
-        .count() as u64
+        .into_iter()
+        .filter(|r| r.path.starts_with(prefix) && r.status != 200)
+        .map(|r| format!("{r:?}"))
+        .collect()
 }
 
 /// The app's GET of `path` on the VPC Lattice service, from `pod`.

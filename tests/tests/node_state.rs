@@ -18,23 +18,15 @@ use lattice_tests::{
     Bpffs,
     bpftool::{map_entries, map_update},
     node::{NodePod, PodSpec},
-    node_agent::{Cluster, INJECT, PodObject, apply_irsa_pod, lattice_get, role_arn, start_agent},
+    node_agent::{
+        Cluster, INJECT, PodObject, apply_irsa_pod, lattice_get, role_arn, start_agent,
+        unsigned_under,
+    },
     require_root,
-    verifier::Verifier,
 };
 use serde_json::json;
 
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Requests that reached the service and were not accepted (unsigned).
-fn unsigned(verifier: &Verifier) -> Vec<String> {
-    verifier
-        .requests()
-        .into_iter()
-        .filter(|r| r.status != 200)
-        .map(|r| format!("{r:?}"))
-        .collect()
-}
 
 /// The kubelet has recreated a pod's sandbox: the pod keeps its IP, and
 /// its status says so (the container restarted, the sandbox is ready
@@ -167,7 +159,7 @@ fn a_failed_re_enrollment_refuses_connects_instead_of_hanging() {
             agent.log()
         );
     }
-    assert_eq!(unsigned(&verifier), Vec::<String>::new());
+    assert_eq!(unsigned_under(&verifier, "/"), Vec::<String>::new());
 
     cluster.apply(&good);
     agent.wait_pod(p.uid(), Some("enrolled"), Duration::from_secs(40));

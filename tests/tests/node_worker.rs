@@ -25,13 +25,13 @@ use lattice_tests::{
     bpftool::attached_programs,
     node::{LATTICE_V4, NodePod, PodSpec, random_uuid},
     node_agent::{
-        Cluster, IRSA_VOLUME, LATTICE_HOST, NodeAgent, PodObject, apply_irsa_pod, lattice_get,
-        role_arn, sts_url,
+        Cluster, IRSA_VOLUME, LATTICE_HOST, NodeAgent, PodObject, apply_irsa_pod, first_call,
+        lattice_get, load_result, role_arn, start_agent_with, start_load_with, sts_url,
+        unsigned_requests,
     },
     reliability::Record,
     require_root, test_bin,
     time::monotonic_ns,
-    verifier::Verifier,
 };
 use serde_json::Value;
 
@@ -58,29 +58,6 @@ fn irsa_pods(cluster: &Cluster, prefix: &str, n: usize) -> Vec<NodePod> {
             pod
         })
         .collect()
-}
-
-/// The node agent `binary`, its STS moto's.
-fn start_agent(cluster: &Cluster, binary: &Path, args: &[&str]) -> NodeAgent {
-    NodeAgent::start(
-        cluster,
-        cluster.agent_command_with(binary, args),
-        &[("AWS_ENDPOINT_URL_STS", &sts_url())],
-    )
-}
-
-/// `lattice-test-client MODE` from `pod` for `seconds`, with its timeline.
-fn start_load(pod: &NodePod, mode: &str, seconds: u64) -> ChildGuard {
-    pod.command(test_bin("lattice-test-client"))
-        .uid(1000)
-        .args([
-            mode,
-            &format!("{LATTICE_V4}:80"),
-            &seconds.to_string(),
-            LATTICE_HOST,
-            "timeline",
-        ])
-        .spawn()
 }
 
 /// What one load client saw.
@@ -114,30 +91,29 @@ impl Load {
     }
 }
 
-fn finish(loads: Vec<(String, ChildGuard)>, timeout: Duration) -> Vec<Load> {
-    loads
-        .into_iter()
-        .map(|(name, mut child)| {
-            let status = child
-                .wait_timeout(timeout)
-                .unwrap_or_else(|| panic!("{name}: the load did not end"));
-            let out = child.output(status);
-            assert!(out.success(), "{name}: {out}");
-            let result = serde_json::from_str(out.stdout.trim())
-                .unwrap_or_else(|e| panic!("{name}: load output ({e}): {out}"));
-            Load { name, result }
+/// Each pod's two apps for `seconds`, with their timelines: one on
+/// kept-alive connections, one opening a connection per request.
+fn start_loads(pods: &[NodePod], seconds: u64) -> Vec<(String, ChildGuard)> {
+    pods.iter()
+        .flat_map(|pod| {
+            ["load-keepalive", "load"].map(|mode| {
+                (
+                    format!("{} {mode}", pod.name()),
+                    start_load_with(pod, mode, seconds, &["timeline"]),
+                )
+            })
         })
         .collect()
 }
 
-/// Requests the service refused as unsigned.
-fn unsigned(verifier: &Verifier) -> u64 {
-    verifier
-        .requests()
-        .iter()
-        .filter(|r| r.status != 200)
-        .inspect(|r| eprintln!("not accepted: {r:?}"))
-        .count() as u64
+fn finish(loads: Vec<(String, ChildGuard)>, timeout: Duration) -> Vec<Load> {
+    loads
+        .into_iter()
+        .map(|(name, child)| Load {
+            result: load_result(child, timeout),
+            name,
+        })
+        .collect()
 }
 
 fn percentile(values: &[f64], q: f64) -> f64 {
@@ -210,24 +186,14 @@ fn a_killed_worker_loses_only_its_in_flight_requests() {
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
     let pods = irsa_pods(&cluster, "w", PODS);
-    let agent = start_agent(&cluster, &release_agent_bin(), &[]);
+    let agent = start_agent_with(&cluster, &release_agent_bin(), &[]);
     for pod in &pods {
         agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     }
     let mut worker = agent.wait_worker(None, RESTART_TIMEOUT);
 
     let seconds = 4 + 2 * KILLS as u64;
-    let loads: Vec<(String, ChildGuard)> = pods
-        .iter()
-        .flat_map(|pod| {
-            ["load-keepalive", "load"].map(|mode| {
-                (
-                    format!("{} {mode}", pod.name()),
-                    start_load(pod, mode, seconds),
-                )
-            })
-        })
-        .collect();
+    let loads = start_loads(&pods, seconds);
     std::thread::sleep(Duration::from_secs(2));
     let mut kills = Vec::new();
     let mut restarts_ms = Vec::new();
@@ -255,7 +221,7 @@ fn a_killed_worker_loses_only_its_in_flight_requests() {
         ),
         attempted: total("ok") + total("failed") + total("refused"),
         failed: total("failed") + total("refused"),
-        unsigned: unsigned(&verifier),
+        unsigned: unsigned_requests(&verifier),
         recovery_ms: Some(p(0.99)),
         notes: format!(
             "lost only requests in flight on the killed worker: {} failed, {} sent again on a new \
@@ -364,24 +330,14 @@ fn a_pod_started_while_no_worker_runs_is_enrolled_by_the_next() {
     let new = agent.wait_worker(Some(worker), RESTART_TIMEOUT);
     assert_ne!(new, worker);
     let row = agent.wait_pod(&uid, Some("enrolled"), ENROLL_TIMEOUT);
-    let call = pod
-        .command(test_bin("lattice-test-client"))
-        .uid(1000)
-        .args([
-            "first-call",
-            &format!("{LATTICE_V4}:80"),
-            LATTICE_HOST,
-            "/late",
-        ])
-        .run(Duration::from_secs(30));
-    let call: Value = serde_json::from_str(call.stdout.trim()).unwrap();
+    let call = first_call(&pod, "/late");
     assert_eq!(
         (call["outcome"].as_str(), call["status"].as_u64()),
         (Some("reply"), Some(200)),
         "{call}\n{row:?}\n{}",
         agent.log()
     );
-    assert_eq!(unsigned(&verifier), 0);
+    assert_eq!(unsigned_requests(&verifier), 0);
     eprintln!(
         "CNI ADD answered {added:?} after it was sent, {:?} after the parent went on",
         (started + added).saturating_duration_since(resumed)
@@ -405,7 +361,7 @@ fn a_worker_crash_loop_makes_the_agent_exit_failing_closed() {
     let pod = irsa_pods(&cluster, "loop", 1).remove(0);
     let agent_bin = release_agent_bin();
     let limit = LIMIT.to_string();
-    let mut agent = start_agent(&cluster, &agent_bin, &["--worker-crash-limit", &limit]);
+    let mut agent = start_agent_with(&cluster, &agent_bin, &["--worker-crash-limit", &limit]);
     agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     let kubepods = cluster.node.cgroup_root().join("kubepods.slice");
     let attached = attached_programs(&kubepods);
@@ -455,22 +411,12 @@ fn a_worker_crash_loop_makes_the_agent_exit_failing_closed() {
     for pin in ["link_lattice_connect4", "map_ENROLLED_NETNS"] {
         assert!(cluster.pin_dir().join(pin).exists(), "{pin} not pinned");
     }
-    let call = pod
-        .command(test_bin("lattice-test-client"))
-        .uid(1000)
-        .args([
-            "first-call",
-            &format!("{LATTICE_V4}:80"),
-            LATTICE_HOST,
-            "/gone",
-        ])
-        .run(Duration::from_secs(30));
-    let call: Value = serde_json::from_str(call.stdout.trim()).unwrap();
+    let call = first_call(&pod, "/gone");
     assert_eq!(call["outcome"], "refused", "{call}");
 
     // The kubelet starts the container again.
     let restarted = monotonic_ns();
-    let agent = start_agent(&cluster, &agent_bin, &["--worker-crash-limit", &limit]);
+    let agent = start_agent_with(&cluster, &agent_bin, &["--worker-crash-limit", &limit]);
     agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     assert_eq!(lattice_get(&pod, "/back").status, 200, "{}", agent.log());
     let result = finish(vec![("load".to_owned(), load)], Duration::from_secs(40)).remove(0);
@@ -483,7 +429,7 @@ fn a_worker_crash_loop_makes_the_agent_exit_failing_closed() {
         load: "1 app, new connection per request, back to back, 12 s".into(),
         attempted: result.count("ok") + result.count("failed") + result.count("refused"),
         failed: result.count("failed") + result.count("refused"),
-        unsigned: unsigned(&verifier),
+        unsigned: unsigned_requests(&verifier),
         recovery_ms: recovered.map(|r| (r.saturating_sub(restarted)) as f64 / 1e6),
         notes: format!(
             "the agent exited {:.1} s after the first death (back-off 100 ms doubling); connects waited \
@@ -511,23 +457,13 @@ fn an_oom_killed_worker_is_replaced_like_a_killed_one() {
     let cluster = Cluster::new();
     let verifier = cluster.lattice_service(&[]);
     let pods = irsa_pods(&cluster, "oom", 2);
-    let agent = start_agent(&cluster, &release_agent_bin(), &[]);
+    let agent = start_agent_with(&cluster, &release_agent_bin(), &[]);
     for pod in &pods {
         agent.wait_pod(pod.uid(), Some("enrolled"), ENROLL_TIMEOUT);
     }
     let worker = agent.wait_worker(None, RESTART_TIMEOUT);
     let seconds = 8;
-    let loads: Vec<(String, ChildGuard)> = pods
-        .iter()
-        .flat_map(|pod| {
-            ["load-keepalive", "load"].map(|mode| {
-                (
-                    format!("{} {mode}", pod.name()),
-                    start_load(pod, mode, seconds),
-                )
-            })
-        })
-        .collect();
+    let loads = start_loads(&pods, seconds);
     std::thread::sleep(Duration::from_secs(1));
 
     let memcg = MemoryLimit::confine(worker);
@@ -570,7 +506,7 @@ fn an_oom_killed_worker_is_replaced_like_a_killed_one() {
         ),
         attempted: total("ok") + total("failed") + total("refused"),
         failed: total("failed") + total("refused"),
-        unsigned: unsigned(&verifier),
+        unsigned: unsigned_requests(&verifier),
         recovery_ms: Some(percentile(&to_served_ms, 1.0)),
         notes: format!(
             "{} OOM kill(s) in the worker's memory cgroup; {} failed, {} sent again on a new \

@@ -14,15 +14,14 @@ use std::{collections::VecDeque, time::Duration};
 
 use lattice_tests::{
     Bpffs,
-    node::{LATTICE_V4, NodePod, PodSpec, random_uuid},
-    node_agent::{Cluster, IRSA_VOLUME, NodeAgent, PodObject, sts_url},
+    node::{NodePod, PodSpec, random_uuid},
+    node_agent::{Cluster, IRSA_VOLUME, NodeAgent, PodObject, first_call, sts_url, unsigned_under},
     reliability::Record,
-    require_root, test_bin,
+    require_root,
     verifier::Verifier,
 };
 use serde_json::Value;
 
-const HOST: &str = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws";
 const ROLE: &str = "arn:aws:iam::123456789012:role/start";
 /// Pod starts with the plugin chained.
 const STARTS: usize = 200;
@@ -86,18 +85,7 @@ fn start_pods(cluster: &Cluster, prefix: &str, count: usize) -> Starts {
                 "token",
                 "token",
             ));
-        let out = pod
-            .command(test_bin("lattice-test-client"))
-            .uid(1000)
-            .args([
-                "first-call",
-                &format!("{LATTICE_V4}:80"),
-                HOST,
-                &format!("/{prefix}/{i}"),
-            ])
-            .run(Duration::from_secs(30));
-        let call: Value = serde_json::from_str(out.stdout.trim())
-            .unwrap_or_else(|e| panic!("{name}: first-call output ({e}): {out}"));
+        let call = first_call(&pod, &format!("/{prefix}/{i}"));
         let total = call["total_us"].as_u64().unwrap_or_default();
         match (call["outcome"].as_str(), call["status"].as_u64()) {
             (Some("reply"), Some(200)) => {
@@ -124,12 +112,7 @@ fn start_pods(cluster: &Cluster, prefix: &str, count: usize) -> Starts {
 
 /// Requests under `/<prefix>/` the verifier refused as unsigned.
 fn unsigned(verifier: &Verifier, prefix: &str) -> Vec<String> {
-    verifier
-        .requests()
-        .iter()
-        .filter(|r| r.path.starts_with(&format!("/{prefix}/")) && r.status != 200)
-        .map(|r| format!("{} {}", r.path, r.status))
-        .collect()
+    unsigned_under(verifier, &format!("/{prefix}/"))
 }
 
 #[test]
