@@ -12,7 +12,12 @@ pub fn status(pid: i32) -> io::Result<String> {
 pub fn thread_statuses(pid: i32) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
-        out.push(fs::read_to_string(entry?.path().join("status"))?);
+        match fs::read_to_string(entry?.path().join("status")) {
+            Ok(status) => out.push(status),
+            // A thread that ended between the listing and the read.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {}
+            Err(e) => return Err(e),
+        }
     }
     if out.is_empty() {
         return Err(io::Error::other(format!(

@@ -68,12 +68,22 @@ fn irsa_pod(cluster: &Cluster, name: &str) -> NodePod {
 }
 
 /// Requests the verifier saw under `path`.
+/// The requests for `path` the verifier recorded. It writes its record
+/// after answering, so a reply can come back before its record: wait up
+/// to 2 s for the first one.
 fn seen(verifier: &lattice_tests::Verifier, path: &str) -> Vec<lattice_tests::verifier::Received> {
-    verifier
-        .requests()
-        .into_iter()
-        .filter(|r| r.path == path)
-        .collect()
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let found: Vec<_> = verifier
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect();
+        if !found.is_empty() || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Item 1 of the hardening list: in node mode no UID inside an enrolled pod
