@@ -685,13 +685,21 @@ impl NodeAgent {
 
     /// SIGTERM and wait; panics if it does not exit within 30 s.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_within(Duration::from_secs(30))
+    }
+
+    /// SIGTERM and wait; panics if it does not exit within `timeout`.
+    pub fn stop_within(&mut self, timeout: Duration) -> ExitStatus {
         self.child.signal(libc::SIGTERM);
-        match self.child.wait_timeout(Duration::from_secs(30)) {
+        match self.child.wait_timeout(timeout) {
             Some(status) => {
                 self.child.output(status);
                 status
             }
-            None => panic!("node agent ignored SIGTERM:\n{}", self.log()),
+            None => panic!(
+                "node agent still runs {timeout:?} after SIGTERM:\n{}",
+                self.log()
+            ),
         }
     }
 

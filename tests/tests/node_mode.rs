@@ -22,7 +22,7 @@ use lattice_tests::{
     bpftool::{attached_programs, map_entries},
     node::{LATTICE_V4, POD_IDENTITY_V4, PodSpec},
     node_agent::{
-        AppReply, Cluster, INJECT, LATTICE_HOST, NodeAgent, POD_IDENTITY_TOKEN_FILE,
+        AgentStart, AppReply, Cluster, INJECT, LATTICE_HOST, NodeAgent, POD_IDENTITY_TOKEN_FILE,
         POD_IDENTITY_VOLUME, PodObject, REGION, app_request, apply_irsa_pod, irsa_token,
         lattice_get, role_arn, sequential_gets, start_agent, sts_url,
     },
@@ -669,4 +669,33 @@ fn list_requests(cluster: &Cluster) -> usize {
         .iter()
         .filter(|r| r.path() == "/api/v1/pods" && !r.is_watch())
         .count()
+}
+
+/// SIGTERM while the API has not answered the first list yet (the API
+/// down as the node drains): the agent exits at once instead of waiting
+/// for an answer that may never come until the kubelet kills it.
+#[test]
+fn an_agent_stopped_before_the_api_answers_exits_promptly() {
+    if !require_root("an_agent_stopped_before_the_api_answers_exits_promptly") {
+        return;
+    }
+    let cluster = Cluster::new();
+    let _lists = cluster.api.hold_lists();
+    let mut agent = NodeAgent::start_until(
+        &cluster,
+        cluster.agent_command(["--log", "info"]),
+        &AgentStart::default(),
+        "worker serving",
+    );
+    // The worker lists as it starts; the stand-in holds the answer.
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = Instant::now();
+    let status = agent.stop_within(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert!(
+        !agent.log().contains("lattice-agent ready"),
+        "the agent listed the pods: the check proves nothing\n{}",
+        agent.log()
+    );
+    eprintln!("stopped {:?} after SIGTERM", stopped.elapsed());
 }

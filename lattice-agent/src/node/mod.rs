@@ -183,7 +183,15 @@ impl NodeAgent {
         if let Err(e) = keeper.started() {
             tracing::warn!(error = %crate::error_chain(&e), "cannot tell the parent this worker serves");
         }
-        watches.listed.cancelled().await;
+        // Until the API answers, the handed-over pods are served; a stop
+        // meanwhile (the API down at shutdown) must not wait for it.
+        tokio::select! {
+            () = watches.listed.cancelled() => {}
+            () = shutdown.cancelled() => {
+                self.stop_all().await;
+                return;
+            }
+        }
         let mut wake = self.reconcile();
         // The parent tells the agent this one replaces, if any, that this
         // one serves every pod now.
