@@ -38,6 +38,7 @@ mod control;
 mod held;
 pub mod protocol;
 mod restarts;
+mod setup_pages;
 mod worker;
 
 use std::{
@@ -450,7 +451,11 @@ impl Keeper {
             Request::Started => {
                 running.started = true;
                 tracing::info!(pid = running.pid.as_raw(), "worker serving");
-                ack(conn)
+                let acked = ack(conn);
+                // Setting up, and starting a worker, ran code the loop
+                // does not run again until the next worker.
+                release_code_pages();
+                acked
             }
             Request::Hold(pod) => {
                 let wanted = pod.sockets.checked_add(usize::from(pod.netns));
@@ -497,6 +502,22 @@ impl Keeper {
                 }
                 ack(&mut running.conn)
             }
+        }
+    }
+}
+
+/// Drops the pages of this executable the parent mapped while setting up
+/// or starting a worker (see [`setup_pages`]).
+fn release_code_pages() {
+    match setup_pages::release() {
+        Ok(released) => tracing::debug!(
+            read_only_bytes = released.segments_bytes,
+            rss_before_kib = released.rss_before_kib,
+            rss_after_kib = released.rss_after_kib,
+            "dropped the executable's pages mapped while starting"
+        ),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot drop the executable's pages mapped while starting")
         }
     }
 }
