@@ -8,6 +8,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod image;
+mod lint;
 mod reliability;
 mod setup;
 mod test;

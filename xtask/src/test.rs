@@ -2,11 +2,20 @@
 //! after a failure (a formatting slip should not hide a failing test), and
 //! the summary names each step that failed and what each stage cost.
 //!
-//! Nothing is built twice: `build` compiles every binary and test target
-//! with the feature set `cargo test` uses (`--tests`), so `test` only runs
-//! them; xtask's own tests build with xtask's feature set (`test xtask`),
-//! reusing what `cargo xtask` compiled to start; the image the tests check
-//! is built with the quick-release profile (release without fat LTO).
+//! Nothing is built twice: `build` compiles every target with the feature
+//! set `cargo test` uses (`--all-targets`: dev-dependencies on), so `test`
+//! only runs them; xtask's own tests build with xtask's feature set
+//! (`xtask build`), reusing what `cargo xtask` compiled to start; the image
+//! the tests check is built with the quick-release profile (release
+//! without fat LTO).
+//!
+//! Clippy lints in the same pass: the workspace's own crates are compiled
+//! by `clippy-driver` (cargo's `RUSTC_WORKSPACE_WRAPPER`, as `cargo clippy`
+//! does it), which compiles as rustc does and lints on the way, so the
+//! dependencies are compiled once rather than once more for
+//! `cargo clippy`'s check. Every step runs with the same wrapper, so
+//! `cargo test` reuses the build. A lint warning fails the step once the
+//! build is done: it does not keep the tests from running.
 
 use std::{
     fmt, fs,
@@ -22,7 +31,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use crate::{
     Workspace, cmd, fuzz,
     image::{self, Arch},
-    reliability,
+    lint, reliability,
     setup::Ready,
 };
 
@@ -40,6 +49,9 @@ struct Step {
 enum Work {
     /// A cargo invocation with these arguments.
     Cargo(Vec<String>),
+    /// A cargo build with these arguments whose lint warnings fail the step
+    /// (after the build: see the module's comment).
+    LintedBuild(Vec<String>),
     /// The agents and the OCI image with the quick-release profile (`cargo
     /// xtask image --profile quick-release`): the image tests check them,
     /// and the timed node-mode tests run the image's static agent.
@@ -97,23 +109,16 @@ pub fn run(
 
 fn steps(test_args: &[String]) -> Vec<Step> {
     let strings = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
-    let mut clippy = strings(&["clippy", "--workspace", "--all-targets"]);
-    clippy.extend(strings(&[
-        "--exclude",
-        "lattice-ebpf",
-        "--",
-        "-D",
-        "warnings",
-    ]));
     // The integration tests run the agent and test binaries from target/;
-    // build them explicitly rather than rely on what `cargo test` builds,
-    // together with the test targets: the same feature set as `cargo test`
-    // (dev-dependencies on), so `test` reuses all of it.
-    let mut build = strings(&["build", "--workspace", "--bins", "--tests"]);
+    // build them explicitly rather than rely on what `cargo test` builds:
+    // every target (clippy's `--all-targets`), with the feature set of
+    // `cargo test` (dev-dependencies on), so `test` reuses all of it.
+    let mut build = strings(&["build", "--workspace", "--all-targets"]);
     build.extend(strings(&WORKSPACE_EXCLUDE));
     let mut test = strings(&["test", "--workspace", "--no-fail-fast"]);
     test.extend(strings(&WORKSPACE_EXCLUDE));
     test.extend(test_args.iter().cloned());
+    let xtask_build = strings(&["test", "--package", "xtask", "--no-run"]);
     let mut test_xtask = strings(&["test", "--package", "xtask"]);
     test_xtask.extend(test_args.iter().cloned());
     vec![
@@ -122,12 +127,8 @@ fn steps(test_args: &[String]) -> Vec<Step> {
             work: Work::Cargo(strings(&["fmt", "--all", "--check"])),
         },
         Step {
-            name: "clippy",
-            work: Work::Cargo(clippy),
-        },
-        Step {
             name: "build",
-            work: Work::Cargo(build),
+            work: Work::LintedBuild(build),
         },
         Step {
             name: "image",
@@ -136,6 +137,10 @@ fn steps(test_args: &[String]) -> Vec<Step> {
         Step {
             name: "test",
             work: Work::Cargo(test),
+        },
+        Step {
+            name: "xtask build",
+            work: Work::LintedBuild(xtask_build),
         },
         Step {
             name: "test xtask",
@@ -149,18 +154,22 @@ fn steps(test_args: &[String]) -> Vec<Step> {
 }
 
 /// One step: a cargo invocation from the workspace root, with bpf-linker
-/// on PATH (lattice-agent's build.rs needs it) and the venv for the test
-/// servers; or the image build; or the fuzz targets.
+/// on PATH (lattice-agent's build.rs needs it), the venv for the test
+/// servers and clippy as the workspace's compiler; or the image build; or
+/// the fuzz targets.
 fn run_step(ws: &Workspace, ready: &Ready, step: &Step) -> Result<()> {
+    let cargo = |args: &[String]| -> Result<Command> {
+        let mut cargo = Command::new("cargo");
+        cmd::without_cargo_run_env(&mut cargo)
+            .current_dir(&ws.root)
+            .args(args);
+        ready.apply(&mut cargo)?;
+        lint::apply(&mut cargo, &ws.root)?;
+        Ok(cargo)
+    };
     match &step.work {
-        Work::Cargo(args) => {
-            let mut cargo = Command::new("cargo");
-            cmd::without_cargo_run_env(&mut cargo)
-                .current_dir(&ws.root)
-                .args(args);
-            ready.apply(&mut cargo)?;
-            cmd::run(&mut cargo)
-        }
+        Work::Cargo(args) => cmd::run(&mut cargo(args)?),
+        Work::LintedBuild(args) => lint::build(&mut cargo(args)?),
         Work::Image => {
             image::build_image(&ws.root, &ws.target_dir, &Arch::ALL, IMAGE_TEST_PROFILE).map(drop)
         }
