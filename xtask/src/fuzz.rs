@@ -1,6 +1,8 @@
 //! `cargo xtask fuzz [--time S]`: builds the fuzz targets (the `fuzz/`
 //! crate, cargo-fuzz and libFuzzer on the nightly toolchain) and runs each
-//! for S seconds. What each target checks: docs/fuzzing.md.
+//! for S seconds, two at a time, each one's output in
+//! `<target dir>/fuzz/<target>.log` and its end shown as it finishes.
+//! What each target checks: docs/fuzzing.md.
 //!
 //! Per target, libFuzzer first runs every input of its corpus
 //! directories: `fuzz/regressions/<target>/` (inputs that once failed,
@@ -31,8 +33,9 @@ pub const TARGETS: [&str; 6] = [
     "handover_frame",
 ];
 
-/// Seconds per target in `cargo xtask test`: six targets in about a
-/// minute, after the inputs kept in the repository are replayed.
+/// Seconds per target in `cargo xtask test`: six targets, two at a time,
+/// in about half a minute, after the inputs kept in the repository are
+/// replayed.
 pub const TEST_SECONDS: u64 = 10;
 
 pub fn run(ws: &Workspace, ready: &Ready, seconds: u64) -> Result<()> {
@@ -44,7 +47,56 @@ pub fn run(ws: &Workspace, ready: &Ready, seconds: u64) -> Result<()> {
             .args(options(&target_dir)),
     )?;
     let mut failed = Vec::new();
-    for target in TARGETS {
+    for batch in TARGETS.chunks(AT_ONCE) {
+        let running = batch
+            .iter()
+            .map(|target| Running::start(ws, ready, &fuzz_dir, &target_dir, target, seconds))
+            .collect::<Result<Vec<_>>>()?;
+        for run in running {
+            let target = run.target;
+            if let Err(err) = run.finish(&fuzz_dir) {
+                eprintln!("{err:#}");
+                failed.push(target);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "fuzz target(s) failed: {} (the failing inputs are in fuzz/regressions/: \
+             fix the bug and commit them)",
+            failed.join(", ")
+        );
+    }
+    eprintln!("fuzz: every target ran {seconds} s without a failure");
+    Ok(())
+}
+
+/// Targets fuzzed at once: one per core of the two-core machines the
+/// tests run on (libFuzzer runs one process per target).
+const AT_ONCE: usize = 2;
+
+/// Lines of a failed target's log shown (the input's report and stack);
+/// a target that passes shows libFuzzer's final statistics.
+const TAIL_FAILED: usize = 80;
+
+/// One target being fuzzed; its output goes to a log file (targets run
+/// side by side), shown when it ends.
+struct Running {
+    target: &'static str,
+    child: std::process::Child,
+    log: PathBuf,
+    artifacts: PathBuf,
+}
+
+impl Running {
+    fn start(
+        ws: &Workspace,
+        ready: &Ready,
+        fuzz_dir: &Path,
+        target_dir: &Path,
+        target: &'static str,
+        seconds: u64,
+    ) -> Result<Self> {
         let corpus = ws.target_dir.join("fuzz-corpus").join(target);
         fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
         let mut dirs = vec![corpus];
@@ -57,35 +109,64 @@ pub fn run(ws: &Workspace, ready: &Ready, seconds: u64) -> Result<()> {
         let artifacts = target_dir.join("artifacts").join(target);
         fs::create_dir_all(&artifacts)
             .with_context(|| format!("creating {}", artifacts.display()))?;
+        let log = target_dir.join(format!("{target}.log"));
+        let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut run = cargo_fuzz(ws, ready)?;
         run.arg("run")
-            .args(options(&target_dir))
+            .args(options(target_dir))
             .arg(target)
             .args(&dirs)
             .arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
             // libFuzzer's own summary is enough; no per-input lines.
-            .arg("-print_final_stats=1");
-        eprintln!("fuzz: {target} for {seconds} s");
-        if let Err(err) = cmd::run(&mut run) {
-            let kept = keep_failures(&artifacts, &fuzz_dir.join("regressions").join(target))?;
-            eprintln!("fuzz: {target} FAILED: {err:#}");
-            for input in &kept {
-                eprintln!("fuzz: failing input kept as {}", input.display());
+            .arg("-print_final_stats=1")
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        eprintln!("fuzz: {target} for {seconds} s (log: {})", log.display());
+        eprintln!("$ {}", cmd::display(&run));
+        let child = run
+            .spawn()
+            .with_context(|| format!("starting `{}`", cmd::display(&run)))?;
+        Ok(Self {
+            target,
+            child,
+            log,
+            artifacts,
+        })
+    }
+
+    /// Waits for the target, shows the end of its log, and on a failure
+    /// keeps the failing inputs in `fuzz/regressions/<target>/`.
+    fn finish(mut self, fuzz_dir: &Path) -> Result<()> {
+        let status = self.child.wait().context("waiting for cargo fuzz")?;
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if status.success() {
+            for line in lines
+                .iter()
+                .filter(|l| l.starts_with("Done ") || l.starts_with("stat::"))
+            {
+                eprintln!("fuzz: {}: {line}", self.target);
             }
-            failed.push(target);
+            return Ok(());
         }
-    }
-    if !failed.is_empty() {
+        for line in &lines[lines.len().saturating_sub(TAIL_FAILED)..] {
+            eprintln!("fuzz: {}: {line}", self.target);
+        }
+        let kept = keep_failures(
+            &self.artifacts,
+            &fuzz_dir.join("regressions").join(self.target),
+        )?;
+        for input in &kept {
+            eprintln!("fuzz: failing input kept as {}", input.display());
+        }
         bail!(
-            "fuzz target(s) failed: {} (the failing inputs are in fuzz/regressions/: \
-             fix the bug and commit them)",
-            failed.join(", ")
-        );
+            "fuzz: {} FAILED ({status}); its whole log: {}",
+            self.target,
+            self.log.display()
+        )
     }
-    eprintln!("fuzz: every target ran {seconds} s without a failure");
-    Ok(())
 }
 
 /// `cargo +nightly fuzz`, from the repository root, with cargo-fuzz on
