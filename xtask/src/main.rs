@@ -114,7 +114,12 @@ fn run(task: Task) -> Result<()> {
     let xtask_build = test::xtask_build();
     let ws = Workspace::locate()?;
     let setup = test::Stopwatch::start();
-    let ready = setup::run(&ws)?;
+    // The tests' Python venv installs while `cargo xtask test` builds.
+    let venv = match task {
+        Task::Test { .. } => setup::Venv::Background,
+        _ => setup::Venv::Now,
+    };
+    let ready = setup::run(&ws, venv)?;
     let setup = setup.stop();
     match task {
         Task::Setup => Ok(()),

@@ -47,13 +47,42 @@ const REQUIREMENTS: &str = "tests/requirements.txt";
 
 /// What setup provides to the commands that follow it.
 pub struct Ready {
-    /// The Python venv with tests/requirements.txt installed.
+    /// The Python venv with tests/requirements.txt installed (see
+    /// [`Ready::wait_for_venv`]).
     pub venv: PathBuf,
     /// `$CARGO_HOME/bin`, where bpf-linker is linked.
     pub cargo_bin: PathBuf,
+    /// The venv's installation, when it runs beside what follows setup.
+    venv_job: std::sync::Mutex<Option<std::thread::JoinHandle<Result<bool>>>>,
+}
+
+/// When setup installs the Python venv.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Venv {
+    /// Before setup returns.
+    Now,
+    /// Beside what follows (`cargo xtask test` builds for minutes before
+    /// a test runs Python): [`Ready::wait_for_venv`] before using it.
+    Background,
 }
 
 impl Ready {
+    /// Waits for a venv installed in the background (at once otherwise).
+    pub fn wait_for_venv(&self) -> Result<()> {
+        let job = self
+            .venv_job
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match job {
+            Some(job) => match job.join() {
+                Ok(result) => result.map(drop).context("installing the Python test venv"),
+                Err(_) => bail!("installing the Python test venv panicked"),
+            },
+            None => Ok(()),
+        }
+    }
+
     /// PATH with `$CARGO_HOME/bin` first, so nested builds find bpf-linker
     /// even when the user's PATH lacks it.
     pub fn path(&self) -> Result<OsString> {
@@ -70,20 +99,33 @@ impl Ready {
     }
 }
 
-pub fn run(ws: &Workspace) -> Result<Ready> {
+pub fn run(ws: &Workspace, when: Venv) -> Result<Ready> {
     let mut changed = debian_packages()?;
     changed |= nightly_rust_src()?;
     changed |= bpf_linker(ws)?;
     changed |= cargo_auditable(ws)?;
     changed |= cargo_fuzz(ws)?;
     let venv = ws.target_dir.join("venv");
-    changed |= python_venv(&ws.root.join(REQUIREMENTS), &venv)?;
+    let requirements = ws.root.join(REQUIREMENTS);
+    let venv_job = match when {
+        Venv::Now => {
+            changed |= python_venv(&requirements, &venv)?;
+            None
+        }
+        Venv::Background => {
+            let venv = venv.clone();
+            Some(std::thread::spawn(move || {
+                python_venv(&requirements, &venv)
+            }))
+        }
+    };
     if changed {
         eprintln!("setup: ready");
     }
     Ok(Ready {
         venv,
         cargo_bin: ws.cargo_home.join("bin"),
+        venv_job: std::sync::Mutex::new(venv_job),
     })
 }
 

@@ -85,7 +85,14 @@ pub fn run(
         if step.name == "test" {
             reliability::clear(&ws.target_dir)?;
         }
-        if let Err(err) = run_step(ws, ready, &step) {
+        let result = if step.name == "test" {
+            ready
+                .wait_for_venv()
+                .and_then(|()| run_step(ws, ready, &step))
+        } else {
+            run_step(ws, ready, &step)
+        };
+        if let Err(err) = result {
             eprintln!("==> {} FAILED: {err:#}", step.name);
             failed.push(step.name);
         }
@@ -139,7 +146,7 @@ fn steps(test_args: &[String]) -> Vec<Step> {
             work: Work::Cargo(test),
         },
         Step {
-            name: "xtask build",
+            name: "xtask lint",
             work: Work::LintedBuild(xtask_build),
         },
         Step {
