@@ -33,18 +33,14 @@ pub fn release() -> std::io::Result<Released> {
             continue;
         };
         let len = range.end - range.start;
-        // MADV_RANDOM: a page faulted back in comes alone, without the
-        // neighbours the kernel would otherwise map around it (the parent
-        // runs a few scattered functions of a large executable).
         // SAFETY: the range lies in a read-only segment of this executable,
         // mapped privately from its file and never written (RELRO ranges
-        // are left out): these hints only change how its pages are mapped,
-        // and MADV_DONTNEED unmaps them, to be mapped again on the next
-        // access with the file's (identical) contents.
-        for advice in [libc::MADV_RANDOM, libc::MADV_DONTNEED] {
-            if unsafe { libc::madvise(range.start as *mut libc::c_void, len, advice) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        // are left out): MADV_DONTNEED only unmaps its pages, to be mapped
+        // again on the next access with the file's (identical) contents.
+        let rc =
+            unsafe { libc::madvise(range.start as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
         }
         segments_bytes += len;
     }
@@ -128,7 +124,7 @@ fn page_size() -> usize {
 }
 
 /// `VmRSS` of /proc/self/status, in KiB.
-pub fn rss_kib() -> Option<u64> {
+fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
