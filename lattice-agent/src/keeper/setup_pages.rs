@@ -2,18 +2,21 @@
 //! loading and attaching the eBPF programs, taking pods over from another
 //! agent) runs most of this executable's code once; every code page it
 //! touched stays mapped, and counted in the parent's RSS, although its loop
-//! needs a small part of them. [`release`] drops the executable's
-//! read-only pages from this process's page tables: they stay in the page
-//! cache (the worker runs the same file and maps them itself), and a page
-//! the parent needs again is mapped back from the file on its next access,
-//! unchanged. Only segments the program never writes are dropped: a
-//! read-only `PT_LOAD` holds exactly what the file holds, unless it was
-//! written before being made read-only (`PT_GNU_RELRO`), which is skipped.
+//! needs a small part of them. [`release`] drops the read-only pages of the
+//! executable and its shared libraries from this process's page tables:
+//! they stay in the page cache (the worker runs the same files and maps
+//! them itself), and a page the parent needs again is mapped back from the
+//! file on its next access, unchanged. Only segments the program never
+//! writes are dropped: a read-only `PT_LOAD` holds exactly what the file
+//! holds, unless it was written before being made read-only
+//! (`PT_GNU_RELRO`), which is skipped; so is the vDSO, which is no file.
+//! With glibc it also gives back the heap memory set-up freed, which glibc
+//! keeps for later allocations (musl's allocator returns it by itself).
 
 use std::ops::Range;
 
-/// What [`release`] dropped: the executable's read-only segments (bytes),
-/// and the process's RSS before and after (KiB, from /proc/self/status).
+/// What [`release`] dropped: the read-only segments (bytes), and the
+/// process's RSS before and after (KiB, from /proc/self/status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
     pub segments_bytes: usize,
@@ -21,9 +24,10 @@ pub struct Released {
     pub rss_after_kib: Option<u64>,
 }
 
-/// Drops this executable's read-only pages from the page tables (see the
-/// module's comment). Safe to call at any time, from any thread: other
-/// threads running that code fault it back in.
+/// Drops the read-only pages of the executable and its libraries from the
+/// page tables, and with glibc trims the heap (see the module's comment).
+/// Safe to call at any time, from any thread: other threads running that
+/// code fault it back in.
 pub fn release() -> std::io::Result<Released> {
     let rss_before_kib = rss_kib();
     let page = page_size();
@@ -44,6 +48,12 @@ pub fn release() -> std::io::Result<Released> {
         }
         segments_bytes += len;
     }
+    // SAFETY: malloc_trim has no preconditions; it only returns free heap
+    // memory to the kernel.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
     Ok(Released {
         segments_bytes,
         rss_before_kib,
@@ -51,15 +61,16 @@ pub fn release() -> std::io::Result<Released> {
     })
 }
 
-/// The address ranges of the main executable's read-only `PT_LOAD`
-/// segments that no `PT_GNU_RELRO` range overlaps.
+/// The address ranges of the read-only `PT_LOAD` segments of the
+/// executable and its shared libraries (the vDSO left out) that no
+/// `PT_GNU_RELRO` range overlaps.
 fn read_only_segments() -> Vec<Range<usize>> {
     let mut found = Segments::default();
     // SAFETY: the callback only reads the program headers it is given, for
     // the duration of the call, and writes into `found` through the
     // pointer passed alongside, which outlives the call.
     unsafe {
-        libc::dl_iterate_phdr(Some(main_program), (&raw mut found).cast());
+        libc::dl_iterate_phdr(Some(each_object), (&raw mut found).cast());
     }
     found
         .read_only
@@ -74,9 +85,9 @@ struct Segments {
     relro: Vec<Range<usize>>,
 }
 
-/// `dl_iterate_phdr`'s callback: the first object it visits is the main
-/// program; returning 1 stops there.
-unsafe extern "C" fn main_program(
+/// `dl_iterate_phdr`'s callback, for each loaded object (the executable
+/// first); returning 0 goes on to the next.
+unsafe extern "C" fn each_object(
     info: *mut libc::dl_phdr_info,
     _size: libc::size_t,
     data: *mut libc::c_void,
@@ -85,21 +96,32 @@ unsafe extern "C" fn main_program(
     // call, and `data` is the `Segments` given to it.
     let (info, found) = unsafe { (&*info, &mut *data.cast::<Segments>()) };
     if info.dlpi_phdr.is_null() {
-        return 1;
+        return 0;
     }
     // SAFETY: dlpi_phdr points to dlpi_phnum program headers.
     let headers =
         unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
+    let range = |vaddr: usize, memsz: usize| {
+        let start = (info.dlpi_addr as usize).wrapping_add(vaddr);
+        start..start.saturating_add(memsz)
+    };
+    // SAFETY: getauxval has no preconditions (0 when there is no vDSO).
+    let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    let is_vdso = headers.iter().any(|h| {
+        h.p_type == libc::PT_LOAD && range(h.p_vaddr as usize, h.p_memsz as usize).contains(&vdso)
+    });
+    if is_vdso {
+        return 0;
+    }
     for h in headers {
-        let start = (info.dlpi_addr as usize).wrapping_add(h.p_vaddr as usize);
-        let range = start..start.saturating_add(h.p_memsz as usize);
+        let segment = range(h.p_vaddr as usize, h.p_memsz as usize);
         match h.p_type {
-            libc::PT_LOAD if h.p_flags & libc::PF_W == 0 => found.read_only.push(range),
-            libc::PT_GNU_RELRO => found.relro.push(range),
+            libc::PT_LOAD if h.p_flags & libc::PF_W == 0 => found.read_only.push(segment),
+            libc::PT_GNU_RELRO => found.relro.push(segment),
             _ => {}
         }
     }
-    1
+    0
 }
 
 fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
@@ -149,16 +171,30 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_executables_text_and_no_relro() {
+    fn finds_the_executables_and_libcs_text_and_no_relro_nor_vdso() {
         let segments = read_only_segments();
-        let here = finds_the_executables_text_and_no_relro as *const () as usize;
+        let here = finds_the_executables_and_libcs_text_and_no_relro_nor_vdso as *const () as usize;
         assert!(
             segments.iter().any(|s| s.contains(&here)),
             "no read-only segment holds this function ({here:#x}): {segments:x?}"
         );
+        #[cfg(target_env = "gnu")]
+        {
+            let in_libc = libc::getpid as *const () as usize;
+            assert!(
+                segments.iter().any(|s| s.contains(&in_libc)),
+                "no read-only segment holds libc's getpid ({in_libc:#x}): {segments:x?}"
+            );
+        }
+        // SAFETY: getauxval has no preconditions.
+        let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+        assert!(
+            vdso == 0 || !segments.iter().any(|s| s.contains(&vdso)),
+            "the vDSO ({vdso:#x}) is among the segments: {segments:x?}"
+        );
         let mut found = Segments::default();
         // SAFETY: as in read_only_segments.
-        unsafe { libc::dl_iterate_phdr(Some(main_program), (&raw mut found).cast()) };
+        unsafe { libc::dl_iterate_phdr(Some(each_object), (&raw mut found).cast()) };
         for s in &segments {
             assert!(
                 !found.relro.iter().any(|r| overlaps(s, r)),
