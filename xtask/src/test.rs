@@ -5,9 +5,9 @@
 //! Nothing is built twice: `build` compiles every target with the feature
 //! set `cargo test` uses (`--all-targets`: dev-dependencies on), so `test`
 //! only runs them; xtask's own tests build with xtask's feature set
-//! (`xtask build`), reusing what `cargo xtask` compiled to start; the image
-//! the tests check is built with the quick-release profile (release
-//! without fat LTO).
+//! (`xtask lint`), reusing what `cargo xtask` compiled to start; the image
+//! the tests check is built with the quick-release profile (see
+//! Cargo.toml).
 //!
 //! Clippy lints in the same pass: the workspace's own crates are compiled
 //! by `clippy-driver` (cargo's `RUSTC_WORKSPACE_WRAPPER`, as `cargo clippy`
