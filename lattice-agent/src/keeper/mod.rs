@@ -51,6 +51,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lattice_cni::frame;
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
     sys::{
@@ -380,13 +381,7 @@ impl Keeper {
 
     fn handle(&mut self, running: &mut Running) -> Result<(), HandoverError> {
         let conn = &mut running.conn;
-        let (line, fds) = conn.receive_frame()?;
-        let request: Request = serde_json::from_slice(&line).map_err(|source| {
-            conn.protocol(ProtocolError::Decode {
-                line: line.clone(),
-                source,
-            })
-        })?;
+        let (request, fds): (Request, _) = conn.receive(frame::MAX_FDS)?;
         if !matches!(request, Request::Hold(_)) && !fds.is_empty() {
             return Err(conn.protocol(ProtocolError::UnexpectedFds { op: request.op() }));
         }

@@ -37,7 +37,7 @@ use std::{
     sync::Mutex,
 };
 
-use lattice_cni::frame::Lines;
+use lattice_cni::frame::{self, Lines};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -152,13 +152,7 @@ impl WorkerLink {
     pub fn shared(&self) -> Result<Shared, HandoverError> {
         let mut conn = self.conn();
         conn.send(&Request::Shared, &[])?;
-        let (line, fds) = conn.receive_frame()?;
-        let answer: SharedAnswer = serde_json::from_slice(&line).map_err(|source| {
-            conn.protocol(ProtocolError::Decode {
-                line: line.clone(),
-                source,
-            })
-        })?;
+        let (answer, fds): (SharedAnswer, _) = conn.receive(frame::MAX_FDS)?;
         if fds.len() != answer.descriptors() {
             return Err(conn.protocol(ProtocolError::SharedMismatch {
                 announced: answer.descriptors(),
