@@ -41,11 +41,27 @@ pub fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
 }
 
 fn kib(pid: i32, name: &str) -> io::Result<u64> {
-    let text = status(pid)?;
-    field(&text, name)
+    kib_field(&status(pid)?, name, &format!("/proc/{pid}/status"))
+}
+
+/// A `Name:   N kB` field of `text` (read from `path`, for the error).
+fn kib_field(text: &str, name: &str, path: &str) -> io::Result<u64> {
+    field(text, name)
         .and_then(|v| v.strip_suffix("kB"))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| io::Error::other(format!("no {name} in /proc/{pid}/status")))
+        .ok_or_else(|| io::Error::other(format!("no {name} in {path}")))
+}
+
+/// Memory only `pid` maps, bytes (`Private_Clean` + `Private_Dirty` of
+/// `/proc/<pid>/smaps_rollup`): its RSS less the pages another process
+/// maps too (the same executable's, say).
+pub fn private_memory(pid: i32) -> io::Result<u64> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = fs::read_to_string(&path)?;
+    Ok(
+        (kib_field(&text, "Private_Clean", &path)? + kib_field(&text, "Private_Dirty", &path)?)
+            * 1024,
+    )
 }
 
 /// Resident set size now, bytes (`VmRSS`).
@@ -112,5 +128,13 @@ mod tests {
         let (user, system) = cpu_seconds(me).unwrap();
         assert!(user >= 0.0 && system >= 0.0);
         assert!(!thread_statuses(me).unwrap().is_empty());
+        // Its heap and stack are its own: some private memory, never more
+        // than it maps in all (give or take what other tests' threads
+        // allocate or free between the two reads).
+        let private = private_memory(me).unwrap();
+        assert!(
+            private > 0 && private <= rss(me).unwrap() + (64 << 20),
+            "{private}"
+        );
     }
 }

@@ -82,10 +82,8 @@ pub fn run(
     for step in steps(test_args) {
         eprintln!("==> {}", step.name);
         let clock = Stopwatch::start();
-        if step.name == "test" {
-            reliability::clear(&ws.target_dir)?;
-        }
         let result = if step.name == "test" {
+            reliability::clear(&ws.target_dir)?;
             ready
                 .wait_for_venv()
                 .and_then(|()| run_step(ws, ready, &step))

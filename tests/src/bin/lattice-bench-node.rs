@@ -429,21 +429,13 @@ fn rss_mib(pid: i32) -> Result<f64, String> {
         .map_err(|e| format!("/proc/{pid}/status: {e}"))
 }
 
-/// Memory `pid` alone maps (`Private_Clean` + `Private_Dirty`): its RSS
-/// less the pages another process maps too. The node agent's parent and
-/// worker run the same executable: most of the parent's RSS is pages of
-/// it the worker maps as well, counted once on the node.
+/// Memory `pid` alone maps (see [`procfs::private_memory`]): the node
+/// agent's parent and worker run the same executable, and pages both map
+/// are counted once on the node.
 fn private_mib(pid: i32) -> Result<f64, String> {
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .map_err(|e| format!("/proc/{pid}/smaps_rollup: {e}"))?;
-    let field = |name: &str| -> Result<f64, String> {
-        rollup
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| format!("no {name} in /proc/{pid}/smaps_rollup"))
-    };
-    Ok((field("Private_Clean:")? + field("Private_Dirty:")?) / 1024.0)
+    procfs::private_memory(pid)
+        .map(procfs::mib)
+        .map_err(|e| format!("/proc/{pid}/smaps_rollup: {e}"))
 }
 
 struct Wrk {
